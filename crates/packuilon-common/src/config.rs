@@ -1,0 +1,617 @@
+//! `config.ini`: the original's file, keys and sections, loaded once and
+//! validated into typed structs.
+//!
+//! The file is INI as Python's `ConfigParser` reads it: keys are
+//! case-insensitive, `#` and `;` start comment lines, `key = value` and
+//! `key: value` both work. Every error names the file, the section and the
+//! key, so an operator can go straight to the line. Keys this version does
+//! not know are reported as warnings (the binary logs them), never errors:
+//! a config shared with the original or a later version still loads.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ini::{Ini, Properties};
+
+/// Where the original kept its configuration, and where operators expect it.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/packer-utils/config.ini";
+/// Environment variable that overrides [`DEFAULT_CONFIG_PATH`] (`--config` wins over it).
+pub const CONFIG_ENV: &str = "PACKER_UTILS_CONFIG";
+
+/// A problem with the configuration: which file, where in it, and what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub section: Option<String>,
+    pub key: Option<String>,
+    pub problem: String,
+}
+
+impl ConfigError {
+    pub fn new(file: &Path, section: Option<&str>, key: Option<&str>, problem: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.to_path_buf(),
+            section: section.map(str::to_string),
+            key: key.map(str::to_string),
+            problem: problem.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:", self.file.display())?;
+        if let Some(section) = &self.section {
+            write!(f, " [{section}]")?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, " {key}:")?;
+        }
+        write!(f, " {}", self.problem)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+pub type Result<T, E = ConfigError> = std::result::Result<T, E>;
+
+/// `[global]`: the queue and how to reach RabbitMQ.
+#[derive(Debug, Clone)]
+pub struct GlobalConfig {
+    /// QUEUE: the durable queue cdb2rabbit publishes to and rabbit2packer consumes.
+    pub queue: String,
+    pub rabbit: RabbitSettings,
+}
+
+/// How to reach the broker (`[global]` RABBIT_* keys).
+#[derive(Clone)]
+pub struct RabbitSettings {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    /// RABBIT_VHOST, default `/`.
+    pub vhost: String,
+    /// RABBIT_TLS: connect with `amqps`.
+    pub tls: bool,
+    /// RABBIT_CA_FILE: PEM bundle to verify the broker with (implies TLS).
+    pub ca_file: Option<PathBuf>,
+    /// RABBIT_RETRIES: connection attempts before giving up (original: 10).
+    pub retries: u32,
+    /// RABBIT_RETRY_DELAY: pause between attempts (original: 2 s).
+    pub retry_delay: Duration,
+}
+
+impl fmt::Debug for RabbitSettings {
+    // The password never reaches a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RabbitSettings")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("password", &"<hidden>")
+            .field("vhost", &self.vhost)
+            .field("tls", &self.tls)
+            .field("ca_file", &self.ca_file)
+            .field("retries", &self.retries)
+            .field("retry_delay", &self.retry_delay)
+            .finish()
+    }
+}
+
+/// `[cdb2rabbit]`.
+#[derive(Debug, Clone)]
+pub struct Cdb2RabbitConfig {
+    /// PROFILE_INFO_URL: the broker's `profiles-info.xml` (or `.xml.gz`).
+    pub profile_info_url: url::Url,
+    /// PROFILE_DIR_URL: base URL profile names are joined to (always ends in `/`).
+    pub profile_dir_url: url::Url,
+    /// PROFILE_MATCH: substring of the profile name; empty matches all.
+    pub profile_match: String,
+    /// CACHE_DIR: cached index, cached profiles and the run lock.
+    pub cache_dir: PathBuf,
+    /// CA_BUNDLE: extra PEM roots for HTTPS to the broker.
+    pub ca_bundle: Option<PathBuf>,
+    /// HTTP_TIMEOUT: per request (default 60 s).
+    pub http_timeout: Duration,
+    /// DOWNLOAD_CONCURRENCY: profile downloads at once (default 8).
+    pub download_concurrency: usize,
+}
+
+/// `[rabbit2packer]`.
+#[derive(Debug, Clone)]
+pub struct Rabbit2PackerConfig {
+    /// THREAD_COUNT: builds at once (>= 1).
+    pub thread_count: usize,
+    pub log_dir: PathBuf,
+    pub build_file_dir: PathBuf,
+    /// PACKER_AUTH_FILE: OpenStack RC file sourced for every packer run.
+    pub packer_auth_file: PathBuf,
+    /// PACKER_TEMPLATE_MAP: `template-map.json`.
+    pub packer_template_map: PathBuf,
+    /// IMAGES_CONFIG: `source-images.json`.
+    pub images_config: PathBuf,
+    /// PACKER_PATH, default `packer` (looked up in PATH).
+    pub packer_path: PathBuf,
+    /// STATE_DIR, default `/var/lib/packuilon`: the job journal and rejected messages.
+    pub state_dir: PathBuf,
+    /// LOG_KEEP: build logs kept per image and template (default 30).
+    pub log_keep: usize,
+    /// BUILD_TIMEOUT, default 6 h.
+    pub build_timeout: Duration,
+    /// STOP_TIMEOUT, default 5 min: how long a stop waits for packer to clean up.
+    pub stop_timeout: Duration,
+    pub rotation: RotationConfig,
+}
+
+/// The rename-old-images step (`[rabbit2packer]` keys it reads).
+#[derive(Debug, Clone)]
+pub struct RotationConfig {
+    /// PACKER_ADMIN_AUTH_FILE: admin RC file. `None` means rotation is off.
+    pub admin_auth_file: Option<PathBuf>,
+    /// ARCHIVE_NAME: `{name}`, `{date}` (YYYY-MM-DD), `{datetime}`.
+    pub archive_name: String,
+    /// HIDE_ARCHIVED: set `os_hidden` on archived images.
+    pub hide_archived: bool,
+    /// KEEP_ARCHIVES: delete archives of a name beyond the newest N.
+    pub keep_archives: Option<u32>,
+}
+
+/// Default of PACKER_ADMIN_AUTH_FILE (used when that file exists).
+pub const DEFAULT_ADMIN_AUTH_FILE: &str = "/etc/packer-utils/admin-auth.sh";
+/// Default of ARCHIVE_NAME: the original's archive name.
+pub const DEFAULT_ARCHIVE_NAME: &str = "archive-{name} {date}";
+
+impl Default for RotationConfig {
+    fn default() -> Self {
+        RotationConfig {
+            admin_auth_file: None,
+            archive_name: DEFAULT_ARCHIVE_NAME.to_string(),
+            hide_archived: false,
+            keep_archives: None,
+        }
+    }
+}
+
+/// A loaded `config.ini`, not yet validated: ask it for the sections you need.
+pub struct IniFile {
+    path: PathBuf,
+    ini: Ini,
+}
+
+impl fmt::Debug for IniFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IniFile").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+impl IniFile {
+    /// Reads and parses the file. A missing or unreadable file is an error naming it.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new(path, None, None, format!("cannot read: {e}")))?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses `text` as if read from `path` (for error messages).
+    pub fn parse(path: &Path, text: &str) -> Result<Self> {
+        let opt = ini::ParseOption {
+            // ConfigParser keeps quotes and backslashes as they are.
+            enabled_quote: false,
+            enabled_escape: false,
+            ..Default::default()
+        };
+        let ini = Ini::load_from_str_opt(text, opt)
+            .map_err(|e| ConfigError::new(path, None, None, format!("not a valid INI file: {e}")))?;
+        Ok(IniFile { path: path.to_path_buf(), ini })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn section(&self, name: &'static str) -> Section<'_> {
+        Section { file: &self.path, name, props: self.ini.section(Some(name)) }
+    }
+
+    /// `[global]`. `warnings` receives unknown keys.
+    pub fn global(&self, warnings: &mut Vec<String>) -> Result<GlobalConfig> {
+        let s = self.section("global");
+        s.require_present()?;
+        let queue = s.required_nonempty("QUEUE")?;
+        let host = s.required_nonempty("RABBIT_HOST")?;
+        let port = s.parse_required("RABBIT_PORT", "a TCP port number (1-65535)", |v| {
+            v.parse::<u16>().ok().filter(|p| *p != 0)
+        })?;
+        let user = s.required_nonempty("RABBIT_USER")?;
+        let password = s.required("RABBIT_PW")?;
+        let vhost = s.optional("RABBIT_VHOST").unwrap_or_else(|| "/".to_string());
+        let ca_file = s.optional_path("RABBIT_CA_FILE");
+        let tls = s.parse_optional("RABBIT_TLS", "true or false", parse_bool)?.unwrap_or(false) || ca_file.is_some();
+        if let Some(ca) = &ca_file {
+            s.must_exist("RABBIT_CA_FILE", ca)?;
+        }
+        let retries = s
+            .parse_optional("RABBIT_RETRIES", "a whole number >= 1", |v| v.parse::<u32>().ok().filter(|n| *n >= 1))?
+            .unwrap_or(10);
+        let retry_delay = s.duration_optional("RABBIT_RETRY_DELAY")?.unwrap_or(Duration::from_secs(2));
+        warnings.extend(s.unknown_keys(
+            &[
+                "QUEUE",
+                "RABBIT_HOST",
+                "RABBIT_PORT",
+                "RABBIT_USER",
+                "RABBIT_PW",
+                "RABBIT_VHOST",
+                "RABBIT_TLS",
+                "RABBIT_CA_FILE",
+                "RABBIT_RETRIES",
+                "RABBIT_RETRY_DELAY",
+            ],
+            // Later versions of the original kept mail addresses here.
+            |k| k.to_ascii_uppercase().contains("MAIL"),
+        ));
+        Ok(GlobalConfig {
+            queue,
+            rabbit: RabbitSettings { host, port, user, password, vhost, tls, ca_file, retries, retry_delay },
+        })
+    }
+
+    /// `[cdb2rabbit]`. `warnings` receives unknown keys.
+    pub fn cdb2rabbit(&self, warnings: &mut Vec<String>) -> Result<Cdb2RabbitConfig> {
+        let s = self.section("cdb2rabbit");
+        s.require_present()?;
+        let profile_info_url = s.url("PROFILE_INFO_URL")?;
+        let mut profile_dir_url = s.url("PROFILE_DIR_URL")?;
+        // Joining "a.json" to ".../profiles" would replace the last segment.
+        if !profile_dir_url.path().ends_with('/') {
+            let p = format!("{}/", profile_dir_url.path());
+            profile_dir_url.set_path(&p);
+        }
+        let profile_match = s.required("PROFILE_MATCH")?;
+        let cache_dir = PathBuf::from(s.required_nonempty("CACHE_DIR")?);
+        let ca_bundle = s.optional_path("CA_BUNDLE");
+        if let Some(ca) = &ca_bundle {
+            s.must_exist("CA_BUNDLE", ca)?;
+        }
+        let http_timeout = s.duration_optional("HTTP_TIMEOUT")?.unwrap_or(Duration::from_secs(60));
+        let download_concurrency = s
+            .parse_optional("DOWNLOAD_CONCURRENCY", "a whole number >= 1", positive_usize)?
+            .unwrap_or(8);
+        warnings.extend(s.unknown_keys(
+            &[
+                "PROFILE_INFO_URL",
+                "PROFILE_DIR_URL",
+                "PROFILE_MATCH",
+                "CACHE_DIR",
+                "CA_BUNDLE",
+                "HTTP_TIMEOUT",
+                "DOWNLOAD_CONCURRENCY",
+            ],
+            |_| false,
+        ));
+        Ok(Cdb2RabbitConfig {
+            profile_info_url,
+            profile_dir_url,
+            profile_match,
+            cache_dir,
+            ca_bundle,
+            http_timeout,
+            download_concurrency,
+        })
+    }
+
+    /// `[rabbit2packer]`. `warnings` receives unknown keys. Paths named by
+    /// required keys must exist (the daemon checks their contents itself).
+    pub fn rabbit2packer(&self, warnings: &mut Vec<String>) -> Result<Rabbit2PackerConfig> {
+        let s = self.section("rabbit2packer");
+        s.require_present()?;
+        let thread_count = s.parse_required("THREAD_COUNT", "a whole number >= 1", positive_usize)?;
+        let log_dir = PathBuf::from(s.required_nonempty("LOG_DIR")?);
+        let build_file_dir = PathBuf::from(s.required_nonempty("BUILD_FILE_DIR")?);
+        let packer_auth_file = PathBuf::from(s.required_nonempty("PACKER_AUTH_FILE")?);
+        s.must_exist("PACKER_AUTH_FILE", &packer_auth_file)?;
+        let packer_template_map = PathBuf::from(s.required_nonempty("PACKER_TEMPLATE_MAP")?);
+        s.must_exist("PACKER_TEMPLATE_MAP", &packer_template_map)?;
+        let images_config = PathBuf::from(s.required_nonempty("IMAGES_CONFIG")?);
+        s.must_exist("IMAGES_CONFIG", &images_config)?;
+        let packer_path = s.optional_path("PACKER_PATH").unwrap_or_else(|| PathBuf::from("packer"));
+        let state_dir = s.optional_path("STATE_DIR").unwrap_or_else(|| PathBuf::from("/var/lib/packuilon"));
+        let log_keep = s.parse_optional("LOG_KEEP", "a whole number >= 1", positive_usize)?.unwrap_or(30);
+        let build_timeout = s.duration_optional("BUILD_TIMEOUT")?.unwrap_or(Duration::from_secs(6 * 3600));
+        let stop_timeout = s.duration_optional("STOP_TIMEOUT")?.unwrap_or(Duration::from_secs(300));
+        let rotation = rotation_from(&s)?;
+        warnings.extend(s.unknown_keys(
+            &[
+                "THREAD_COUNT",
+                "LOG_DIR",
+                "BUILD_FILE_DIR",
+                "PACKER_AUTH_FILE",
+                "PACKER_TEMPLATE_MAP",
+                "IMAGES_CONFIG",
+                "PACKER_PATH",
+                "STATE_DIR",
+                "LOG_KEEP",
+                "BUILD_TIMEOUT",
+                "STOP_TIMEOUT",
+                "PACKER_ADMIN_AUTH_FILE",
+                "ARCHIVE_NAME",
+                "HIDE_ARCHIVED",
+                "KEEP_ARCHIVES",
+            ],
+            |_| false,
+        ));
+        Ok(Rabbit2PackerConfig {
+            thread_count,
+            log_dir,
+            build_file_dir,
+            packer_auth_file,
+            packer_template_map,
+            images_config,
+            packer_path,
+            state_dir,
+            log_keep,
+            build_timeout,
+            stop_timeout,
+            rotation,
+        })
+    }
+
+    /// Only the rotation keys of `[rabbit2packer]` (for `rename-old-images`,
+    /// which does not need the rest of the section). A missing section gives
+    /// the defaults.
+    pub fn rotation(&self) -> Result<RotationConfig> {
+        rotation_from(&self.section("rabbit2packer"))
+    }
+}
+
+fn rotation_from(s: &Section<'_>) -> Result<RotationConfig> {
+    let admin_auth_file = match s.optional_path("PACKER_ADMIN_AUTH_FILE") {
+        Some(p) => {
+            s.must_exist("PACKER_ADMIN_AUTH_FILE", &p)?;
+            Some(p)
+        }
+        None => Some(PathBuf::from(DEFAULT_ADMIN_AUTH_FILE)).filter(|p| p.exists()),
+    };
+    let archive_name = s.optional("ARCHIVE_NAME").unwrap_or_else(|| DEFAULT_ARCHIVE_NAME.to_string());
+    check_archive_name(&archive_name).map_err(|p| s.err("ARCHIVE_NAME", p))?;
+    let hide_archived = s.parse_optional("HIDE_ARCHIVED", "true or false", parse_bool)?.unwrap_or(false);
+    let keep_archives = s.parse_optional("KEEP_ARCHIVES", "a whole number >= 1", |v| {
+        v.parse::<u32>().ok().filter(|n| *n >= 1)
+    })?;
+    Ok(RotationConfig { admin_auth_file, archive_name, hide_archived, keep_archives })
+}
+
+/// ARCHIVE_NAME must say which image it archived (`{name}`) and may use only
+/// the placeholders we fill in.
+fn check_archive_name(template: &str) -> std::result::Result<(), String> {
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        let Some(close) = rest[open..].find('}') else {
+            return Err(format!("unclosed '{{' in {template:?}"));
+        };
+        let placeholder = &rest[open + 1..open + close];
+        if !matches!(placeholder, "name" | "date" | "datetime") {
+            return Err(format!("unknown placeholder {{{placeholder}}} in {template:?}; use {{name}}, {{date}}, {{datetime}}"));
+        }
+        rest = &rest[open + close + 1..];
+    }
+    if !template.contains("{name}") {
+        return Err(format!("{template:?} must contain {{name}}"));
+    }
+    if template == "{name}" {
+        return Err("archive names must differ from the image name".to_string());
+    }
+    Ok(())
+}
+
+/// Resolves the config path: `--config` > `$PACKER_UTILS_CONFIG` > default.
+pub fn resolve_path(cli: Option<PathBuf>) -> PathBuf {
+    cli.or_else(|| std::env::var_os(CONFIG_ENV).filter(|v| !v.is_empty()).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH))
+}
+
+/// `true/false`, `yes/no`, `on/off`, `1/0`, as ConfigParser's getboolean.
+pub fn parse_bool(v: &str) -> Option<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "1" | "yes" | "true" | "on" => Some(true),
+        "0" | "no" | "false" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+/// Seconds (`90`, `0.5`) or a duration with units (`90s`, `5m`, `6h`, `1h 30m`).
+pub fn parse_duration(v: &str) -> Option<Duration> {
+    if let Ok(secs) = v.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    }
+    humantime::parse_duration(v).ok()
+}
+
+fn positive_usize(v: &str) -> Option<usize> {
+    v.parse::<usize>().ok().filter(|n| *n >= 1)
+}
+
+/// One section being read: values are trimmed; empty optional values count as unset.
+struct Section<'a> {
+    file: &'a Path,
+    name: &'static str,
+    props: Option<&'a Properties>,
+}
+
+impl Section<'_> {
+    fn err(&self, key: &str, problem: impl Into<String>) -> ConfigError {
+        ConfigError::new(self.file, Some(self.name), Some(key), problem)
+    }
+
+    fn require_present(&self) -> Result<()> {
+        if self.props.is_none() {
+            return Err(ConfigError::new(self.file, Some(self.name), None, "section is missing"));
+        }
+        Ok(())
+    }
+
+    fn raw(&self, key: &str) -> Option<&str> {
+        self.props.and_then(|p| p.get(key)).map(str::trim)
+    }
+
+    fn required(&self, key: &str) -> Result<String> {
+        self.raw(key).map(str::to_string).ok_or_else(|| self.err(key, "missing (this key is required)"))
+    }
+
+    fn required_nonempty(&self, key: &str) -> Result<String> {
+        let v = self.required(key)?;
+        if v.is_empty() {
+            return Err(self.err(key, "is empty (a value is required)"));
+        }
+        Ok(v)
+    }
+
+    fn optional(&self, key: &str) -> Option<String> {
+        self.raw(key).filter(|v| !v.is_empty()).map(str::to_string)
+    }
+
+    fn optional_path(&self, key: &str) -> Option<PathBuf> {
+        self.optional(key).map(PathBuf::from)
+    }
+
+    fn parse_required<T>(&self, key: &str, what: &str, parse: impl Fn(&str) -> Option<T>) -> Result<T> {
+        let v = self.required_nonempty(key)?;
+        parse(&v).ok_or_else(|| self.err(key, format!("must be {what}, got {v:?}")))
+    }
+
+    fn parse_optional<T>(&self, key: &str, what: &str, parse: impl Fn(&str) -> Option<T>) -> Result<Option<T>> {
+        match self.optional(key) {
+            None => Ok(None),
+            Some(v) => parse(&v).map(Some).ok_or_else(|| self.err(key, format!("must be {what}, got {v:?}"))),
+        }
+    }
+
+    fn duration_optional(&self, key: &str) -> Result<Option<Duration>> {
+        self.parse_optional(key, "a duration in seconds or with units (e.g. 90, 2.5, 5m, 6h)", parse_duration)
+    }
+
+    fn url(&self, key: &str) -> Result<url::Url> {
+        let v = self.required_nonempty(key)?;
+        let u = url::Url::parse(&v).map_err(|e| self.err(key, format!("not a valid URL ({e}): {v:?}")))?;
+        if !matches!(u.scheme(), "http" | "https" | "file") {
+            return Err(self.err(key, format!("URL scheme must be http, https or file: {v:?}")));
+        }
+        Ok(u)
+    }
+
+    fn must_exist(&self, key: &str, path: &Path) -> Result<()> {
+        match std::fs::metadata(path) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.err(key, format!("{}: {e}", path.display()))),
+        }
+    }
+
+    fn unknown_keys(&self, known: &[&str], tolerated: impl Fn(&str) -> bool) -> Vec<String> {
+        let Some(props) = self.props else { return Vec::new() };
+        props
+            .iter()
+            .map(|(k, _)| k)
+            .filter(|k| !known.iter().any(|n| n.eq_ignore_ascii_case(k)) && !tolerated(k))
+            .map(|k| format!("{}: [{}] {}: unknown key, ignored", self.file.display(), self.name, k.to_ascii_uppercase()))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "\
+# the original's file
+[global]
+queue = build-queue
+RABBIT_HOST: localhost
+rabbit_port = 5672
+RABBIT_USER = guest
+; comment
+RABBIT_PW = p#ss;word
+ADMIN_MAIL = ops@example.org
+
+[cdb2rabbit]
+PROFILE_INFO_URL = http://aquilon.example.org/profiles/profiles-info.xml
+PROFILE_DIR_URL = http://aquilon.example.org/profiles
+PROFILE_MATCH =
+CACHE_DIR = /etc/packer-utils/profiles/
+";
+
+    fn load(text: &str) -> IniFile {
+        IniFile::parse(Path::new("/etc/packer-utils/config.ini"), text).unwrap()
+    }
+
+    #[test]
+    fn reads_the_originals_file() {
+        let f = load(GOOD);
+        let mut w = Vec::new();
+        let g = f.global(&mut w).unwrap();
+        assert_eq!(g.queue, "build-queue");
+        assert_eq!(g.rabbit.host, "localhost");
+        assert_eq!(g.rabbit.port, 5672);
+        assert_eq!(g.rabbit.password, "p#ss;word");
+        assert_eq!(g.rabbit.vhost, "/");
+        assert_eq!(g.rabbit.retries, 10);
+        assert_eq!(g.rabbit.retry_delay, Duration::from_secs(2));
+        let c = f.cdb2rabbit(&mut w).unwrap();
+        assert_eq!(c.profile_match, "");
+        assert_eq!(c.profile_dir_url.as_str(), "http://aquilon.example.org/profiles/");
+        assert_eq!(c.download_concurrency, 8);
+        assert!(w.is_empty(), "{w:?}");
+    }
+
+    #[test]
+    fn missing_key_names_file_section_and_key() {
+        let f = load(&GOOD.replace("RABBIT_HOST: localhost\n", ""));
+        let e = f.global(&mut Vec::new()).unwrap_err();
+        assert_eq!(e.to_string(), "/etc/packer-utils/config.ini: [global] RABBIT_HOST: missing (this key is required)");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let f = load(&GOOD.replace("rabbit_port = 5672", "rabbit_port = 56x72"));
+        let e = f.global(&mut Vec::new()).unwrap_err();
+        assert!(e.to_string().contains("[global] RABBIT_PORT: must be a TCP port"), "{e}");
+        let f = load(&format!("{GOOD}DOWNLOAD_CONCURRENCY = 0\n"));
+        let e = f.cdb2rabbit(&mut Vec::new()).unwrap_err();
+        assert!(e.to_string().contains("[cdb2rabbit] DOWNLOAD_CONCURRENCY"), "{e}");
+    }
+
+    #[test]
+    fn missing_section_is_named() {
+        let f = load("[global]\n");
+        let e = f.cdb2rabbit(&mut Vec::new()).unwrap_err();
+        assert_eq!(e.to_string(), "/etc/packer-utils/config.ini: [cdb2rabbit] section is missing");
+    }
+
+    #[test]
+    fn unknown_keys_are_warnings() {
+        let f = load(&format!("{GOOD}PROFILE_MACTH = ci\n"));
+        let mut w = Vec::new();
+        f.cdb2rabbit(&mut w).unwrap();
+        assert_eq!(w.len(), 1);
+        assert!(w[0].contains("[cdb2rabbit] PROFILE_MACTH: unknown key"), "{w:?}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("2"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_duration("0.25"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("6h"), Some(Duration::from_secs(21600)));
+        assert_eq!(parse_duration("-1"), None);
+        assert_eq!(parse_duration("soon"), None);
+    }
+
+    #[test]
+    fn archive_names() {
+        assert!(check_archive_name(DEFAULT_ARCHIVE_NAME).is_ok());
+        assert!(check_archive_name("old {name} {datetime}").is_ok());
+        assert!(check_archive_name("archive {date}").is_err());
+        assert!(check_archive_name("{name} {when}").is_err());
+        assert!(check_archive_name("{name}").is_err());
+    }
+}

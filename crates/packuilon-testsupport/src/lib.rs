@@ -1,0 +1,24 @@
+//! Test harness for Packuilon's suites and benchmarks. Everything here is
+//! real: a real RabbitMQ (the shared node `make test` starts, or a private
+//! node a test may stop and kill), a real HTTP server for profiles, real
+//! temp dirs. Each test gets its own queue names, ports and directories and
+//! cleans up what it declares.
+
+pub mod broker;
+pub mod http;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// A name no other test (in this or another process) uses: `prefix-pid-n-rand`.
+pub fn unique_name(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let rand = &uuid::Uuid::new_v4().simple().to_string()[..8];
+    format!("{prefix}-{}-{n}-{rand}", std::process::id())
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released; good enough for tests
+/// that start a server on it at once).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().unwrap().port()
+}
