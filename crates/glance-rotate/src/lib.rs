@@ -18,7 +18,10 @@ pub enum Target {
     ImageId(String),
     /// The newest active image with exactly this name, created at or after
     /// `created_after` (RFC 3339) when given.
-    Name { name: String, created_after: Option<String> },
+    Name {
+        name: String,
+        created_after: Option<String>,
+    },
 }
 
 /// How to rotate.

@@ -182,7 +182,9 @@ pub struct IniFile {
 
 impl fmt::Debug for IniFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IniFile").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("IniFile")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -204,7 +206,10 @@ impl IniFile {
         };
         let ini = Ini::load_from_str_opt(text, opt)
             .map_err(|e| ConfigError::new(path, None, None, format!("not a valid INI file: {e}")))?;
-        Ok(IniFile { path: path.to_path_buf(), ini })
+        Ok(IniFile {
+            path: path.to_path_buf(),
+            ini,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -212,7 +217,11 @@ impl IniFile {
     }
 
     fn section(&self, name: &'static str) -> Section<'_> {
-        Section { file: &self.path, name, props: self.ini.section(Some(name)) }
+        Section {
+            file: &self.path,
+            name,
+            props: self.ini.section(Some(name)),
+        }
     }
 
     /// `[global]`. `warnings` receives unknown keys.
@@ -228,14 +237,21 @@ impl IniFile {
         let password = s.required("RABBIT_PW")?;
         let vhost = s.optional("RABBIT_VHOST").unwrap_or_else(|| "/".to_string());
         let ca_file = s.optional_path("RABBIT_CA_FILE");
-        let tls = s.parse_optional("RABBIT_TLS", "true or false", parse_bool)?.unwrap_or(false) || ca_file.is_some();
+        let tls = s
+            .parse_optional("RABBIT_TLS", "true or false", parse_bool)?
+            .unwrap_or(false)
+            || ca_file.is_some();
         if let Some(ca) = &ca_file {
             s.must_exist("RABBIT_CA_FILE", ca)?;
         }
         let retries = s
-            .parse_optional("RABBIT_RETRIES", "a whole number >= 1", |v| v.parse::<u32>().ok().filter(|n| *n >= 1))?
+            .parse_optional("RABBIT_RETRIES", "a whole number >= 1", |v| {
+                v.parse::<u32>().ok().filter(|n| *n >= 1)
+            })?
             .unwrap_or(10);
-        let retry_delay = s.duration_optional("RABBIT_RETRY_DELAY")?.unwrap_or(Duration::from_secs(2));
+        let retry_delay = s
+            .duration_optional("RABBIT_RETRY_DELAY")?
+            .unwrap_or(Duration::from_secs(2));
         warnings.extend(s.unknown_keys(
             &[
                 "QUEUE",
@@ -254,7 +270,17 @@ impl IniFile {
         ));
         Ok(GlobalConfig {
             queue,
-            rabbit: RabbitSettings { host, port, user, password, vhost, tls, ca_file, retries, retry_delay },
+            rabbit: RabbitSettings {
+                host,
+                port,
+                user,
+                password,
+                vhost,
+                tls,
+                ca_file,
+                retries,
+                retry_delay,
+            },
         })
     }
 
@@ -316,10 +342,18 @@ impl IniFile {
         s.must_exist("PACKER_TEMPLATE_MAP", &packer_template_map)?;
         let images_config = PathBuf::from(s.required_nonempty("IMAGES_CONFIG")?);
         s.must_exist("IMAGES_CONFIG", &images_config)?;
-        let packer_path = s.optional_path("PACKER_PATH").unwrap_or_else(|| PathBuf::from("packer"));
-        let state_dir = s.optional_path("STATE_DIR").unwrap_or_else(|| PathBuf::from("/var/lib/packuilon"));
-        let log_keep = s.parse_optional("LOG_KEEP", "a whole number >= 1", positive_usize)?.unwrap_or(30);
-        let build_timeout = s.duration_optional("BUILD_TIMEOUT")?.unwrap_or(Duration::from_secs(6 * 3600));
+        let packer_path = s
+            .optional_path("PACKER_PATH")
+            .unwrap_or_else(|| PathBuf::from("packer"));
+        let state_dir = s
+            .optional_path("STATE_DIR")
+            .unwrap_or_else(|| PathBuf::from("/var/lib/packuilon"));
+        let log_keep = s
+            .parse_optional("LOG_KEEP", "a whole number >= 1", positive_usize)?
+            .unwrap_or(30);
+        let build_timeout = s
+            .duration_optional("BUILD_TIMEOUT")?
+            .unwrap_or(Duration::from_secs(6 * 3600));
         let stop_timeout = s.duration_optional("STOP_TIMEOUT")?.unwrap_or(Duration::from_secs(300));
         let rotation = rotation_from(&s)?;
         warnings.extend(s.unknown_keys(
@@ -374,13 +408,22 @@ fn rotation_from(s: &Section<'_>) -> Result<RotationConfig> {
         }
         None => Some(PathBuf::from(DEFAULT_ADMIN_AUTH_FILE)).filter(|p| p.exists()),
     };
-    let archive_name = s.optional("ARCHIVE_NAME").unwrap_or_else(|| DEFAULT_ARCHIVE_NAME.to_string());
+    let archive_name = s
+        .optional("ARCHIVE_NAME")
+        .unwrap_or_else(|| DEFAULT_ARCHIVE_NAME.to_string());
     check_archive_name(&archive_name).map_err(|p| s.err("ARCHIVE_NAME", p))?;
-    let hide_archived = s.parse_optional("HIDE_ARCHIVED", "true or false", parse_bool)?.unwrap_or(false);
+    let hide_archived = s
+        .parse_optional("HIDE_ARCHIVED", "true or false", parse_bool)?
+        .unwrap_or(false);
     let keep_archives = s.parse_optional("KEEP_ARCHIVES", "a whole number >= 1", |v| {
         v.parse::<u32>().ok().filter(|n| *n >= 1)
     })?;
-    Ok(RotationConfig { admin_auth_file, archive_name, hide_archived, keep_archives })
+    Ok(RotationConfig {
+        admin_auth_file,
+        archive_name,
+        hide_archived,
+        keep_archives,
+    })
 }
 
 /// ARCHIVE_NAME must say which image it archived (`{name}`) and may use only
@@ -393,7 +436,9 @@ fn check_archive_name(template: &str) -> std::result::Result<(), String> {
         };
         let placeholder = &rest[open + 1..open + close];
         if !matches!(placeholder, "name" | "date" | "datetime") {
-            return Err(format!("unknown placeholder {{{placeholder}}} in {template:?}; use {{name}}, {{date}}, {{datetime}}"));
+            return Err(format!(
+                "unknown placeholder {{{placeholder}}} in {template:?}; use {{name}}, {{date}}, {{datetime}}"
+            ));
         }
         rest = &rest[open + close + 1..];
     }
@@ -408,8 +453,12 @@ fn check_archive_name(template: &str) -> std::result::Result<(), String> {
 
 /// Resolves the config path: `--config` > `$PACKER_UTILS_CONFIG` > default.
 pub fn resolve_path(cli: Option<PathBuf>) -> PathBuf {
-    cli.or_else(|| std::env::var_os(CONFIG_ENV).filter(|v| !v.is_empty()).map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH))
+    cli.or_else(|| {
+        std::env::var_os(CONFIG_ENV)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    })
+    .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH))
 }
 
 /// `true/false`, `yes/no`, `on/off`, `1/0`, as ConfigParser's getboolean.
@@ -457,7 +506,9 @@ impl Section<'_> {
     }
 
     fn required(&self, key: &str) -> Result<String> {
-        self.raw(key).map(str::to_string).ok_or_else(|| self.err(key, "missing (this key is required)"))
+        self.raw(key)
+            .map(str::to_string)
+            .ok_or_else(|| self.err(key, "missing (this key is required)"))
     }
 
     fn required_nonempty(&self, key: &str) -> Result<String> {
@@ -484,12 +535,18 @@ impl Section<'_> {
     fn parse_optional<T>(&self, key: &str, what: &str, parse: impl Fn(&str) -> Option<T>) -> Result<Option<T>> {
         match self.optional(key) {
             None => Ok(None),
-            Some(v) => parse(&v).map(Some).ok_or_else(|| self.err(key, format!("must be {what}, got {v:?}"))),
+            Some(v) => parse(&v)
+                .map(Some)
+                .ok_or_else(|| self.err(key, format!("must be {what}, got {v:?}"))),
         }
     }
 
     fn duration_optional(&self, key: &str) -> Result<Option<Duration>> {
-        self.parse_optional(key, "a duration in seconds or with units (e.g. 90, 2.5, 5m, 6h)", parse_duration)
+        self.parse_optional(
+            key,
+            "a duration in seconds or with units (e.g. 90, 2.5, 5m, 6h)",
+            parse_duration,
+        )
     }
 
     fn url(&self, key: &str) -> Result<url::Url> {
@@ -514,7 +571,14 @@ impl Section<'_> {
             .iter()
             .map(|(k, _)| k)
             .filter(|k| !known.iter().any(|n| n.eq_ignore_ascii_case(k)) && !tolerated(k))
-            .map(|k| format!("{}: [{}] {}: unknown key, ignored", self.file.display(), self.name, k.to_ascii_uppercase()))
+            .map(|k| {
+                format!(
+                    "{}: [{}] {}: unknown key, ignored",
+                    self.file.display(),
+                    self.name,
+                    k.to_ascii_uppercase()
+                )
+            })
             .collect()
     }
 }
@@ -568,14 +632,20 @@ CACHE_DIR = /etc/packer-utils/profiles/
     fn missing_key_names_file_section_and_key() {
         let f = load(&GOOD.replace("RABBIT_HOST: localhost\n", ""));
         let e = f.global(&mut Vec::new()).unwrap_err();
-        assert_eq!(e.to_string(), "/etc/packer-utils/config.ini: [global] RABBIT_HOST: missing (this key is required)");
+        assert_eq!(
+            e.to_string(),
+            "/etc/packer-utils/config.ini: [global] RABBIT_HOST: missing (this key is required)"
+        );
     }
 
     #[test]
     fn bad_values_are_named() {
         let f = load(&GOOD.replace("rabbit_port = 5672", "rabbit_port = 56x72"));
         let e = f.global(&mut Vec::new()).unwrap_err();
-        assert!(e.to_string().contains("[global] RABBIT_PORT: must be a TCP port"), "{e}");
+        assert!(
+            e.to_string().contains("[global] RABBIT_PORT: must be a TCP port"),
+            "{e}"
+        );
         let f = load(&format!("{GOOD}DOWNLOAD_CONCURRENCY = 0\n"));
         let e = f.cdb2rabbit(&mut Vec::new()).unwrap_err();
         assert!(e.to_string().contains("[cdb2rabbit] DOWNLOAD_CONCURRENCY"), "{e}");
@@ -585,7 +655,10 @@ CACHE_DIR = /etc/packer-utils/profiles/
     fn missing_section_is_named() {
         let f = load("[global]\n");
         let e = f.cdb2rabbit(&mut Vec::new()).unwrap_err();
-        assert_eq!(e.to_string(), "/etc/packer-utils/config.ini: [cdb2rabbit] section is missing");
+        assert_eq!(
+            e.to_string(),
+            "/etc/packer-utils/config.ini: [cdb2rabbit] section is missing"
+        );
     }
 
     #[test]

@@ -66,7 +66,9 @@ pub fn init(ident: &'static str, target: Option<LogTarget>) -> LogTarget {
             };
             match syslog::unix(formatter) {
                 Ok(logger) => {
-                    let layer = SyslogLayer { logger: Mutex::new(logger) };
+                    let layer = SyslogLayer {
+                        logger: Mutex::new(logger),
+                    };
                     tracing_subscriber::registry().with(layer.with_filter(filter())).init();
                     return LogTarget::Syslog;
                 }

@@ -82,7 +82,14 @@ impl ImageNames {
             },
             Some(_) => return Err(ProfileError::NotAString { field: BRANCH_NAME }),
         };
-        Ok(ImageNames { personality, archetype, os, os_version, arch, branch })
+        Ok(ImageNames {
+            personality,
+            archetype,
+            os,
+            os_version,
+            arch,
+            branch,
+        })
     }
 
     /// `<personality>-<os><ver>-<arch>`: template map key, file names, log lines.
@@ -155,11 +162,16 @@ fn safe(field: &'static str, value: &str) -> Result<String, ProfileError> {
     let ok = !value.is_empty()
         && value.len() <= 128
         && !value.starts_with(['.', '-'])
-        && value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+'));
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '+'));
     if ok {
         Ok(value.to_string())
     } else {
-        Err(ProfileError::Unsafe { field, value: value.to_string() })
+        Err(ProfileError::Unsafe {
+            field,
+            value: value.to_string(),
+        })
     }
 }
 
@@ -215,14 +227,26 @@ mod tests {
     fn missing_field_is_named() {
         let mut p = profile("x", json!({"name": "prod", "type": "domain"}));
         p["system"]["os"].as_object_mut().unwrap().remove("architecture");
-        assert_eq!(ImageNames::from_json(&p), Err(ProfileError::Missing("system.os.architecture")));
+        assert_eq!(
+            ImageNames::from_json(&p),
+            Err(ProfileError::Missing("system.os.architecture"))
+        );
     }
 
     #[test]
     fn hostile_names_are_refused() {
         for bad in ["../../etc", "a/b", "", ".hidden", "a b", "x\0y"] {
             let e = ImageNames::from_json(&profile(bad, json!(null))).unwrap_err();
-            assert!(matches!(e, ProfileError::Unsafe { field: "system.personality.name", .. }), "{bad:?}: {e}");
+            assert!(
+                matches!(
+                    e,
+                    ProfileError::Unsafe {
+                        field: "system.personality.name",
+                        ..
+                    }
+                ),
+                "{bad:?}: {e}"
+            );
         }
     }
 }

@@ -16,7 +16,11 @@ use crate::config::RabbitSettings;
 #[derive(Debug, thiserror::Error)]
 pub enum RabbitError {
     #[error("cannot reach RabbitMQ at {endpoint} after {attempts} attempt(s): {last}")]
-    Unreachable { endpoint: String, attempts: u32, last: lapin::Error },
+    Unreachable {
+        endpoint: String,
+        attempts: u32,
+        last: lapin::Error,
+    },
     #[error("cannot read RABBIT_CA_FILE {file}: {source}")]
     CaFile { file: String, source: std::io::Error },
     #[error("RabbitMQ at {endpoint}: {source}")]
@@ -26,7 +30,12 @@ pub enum RabbitError {
 /// `host:port/vhost`, for messages.
 pub fn endpoint(settings: &RabbitSettings) -> String {
     let scheme = if settings.tls { "amqps" } else { "amqp" };
-    format!("{scheme}://{}:{}{}", settings.host, settings.port, vhost_display(&settings.vhost))
+    format!(
+        "{scheme}://{}:{}{}",
+        settings.host,
+        settings.port,
+        vhost_display(&settings.vhost)
+    )
 }
 
 fn vhost_display(vhost: &str) -> String {
@@ -41,14 +50,25 @@ fn vhost_display(vhost: &str) -> String {
 /// user, password or vhost needs escaping.
 pub fn uri(settings: &RabbitSettings, heartbeat: Option<u16>) -> AMQPUri {
     AMQPUri {
-        scheme: if settings.tls { AMQPScheme::AMQPS } else { AMQPScheme::AMQP },
+        scheme: if settings.tls {
+            AMQPScheme::AMQPS
+        } else {
+            AMQPScheme::AMQP
+        },
         authority: AMQPAuthority {
-            userinfo: AMQPUserInfo { username: settings.user.clone(), password: settings.password.clone() },
+            userinfo: AMQPUserInfo {
+                username: settings.user.clone(),
+                password: settings.password.clone(),
+            },
             host: settings.host.clone(),
             port: settings.port,
         },
         vhost: settings.vhost.clone(),
-        query: AMQPQueryString { heartbeat, connection_timeout: Some(10_000), ..Default::default() },
+        query: AMQPQueryString {
+            heartbeat,
+            connection_timeout: Some(10_000),
+            ..Default::default()
+        },
     }
 }
 
@@ -65,11 +85,16 @@ pub async fn connect_once(settings: &RabbitSettings, connection_name: &str) -> R
         None => OwnedTLSConfig::default(),
     };
     let props = ConnectionProperties::default().with_connection_name(connection_name.into());
-    let runtime = lapin::runtime::default_runtime()
-        .map_err(|source| RabbitError::Amqp { endpoint: endpoint(settings), source })?;
+    let runtime = lapin::runtime::default_runtime().map_err(|source| RabbitError::Amqp {
+        endpoint: endpoint(settings),
+        source,
+    })?;
     Connection::connect_uri_with_config(uri(settings, Some(30)), props, tls, runtime)
         .await
-        .map_err(|source| RabbitError::Amqp { endpoint: endpoint(settings), source })
+        .map_err(|source| RabbitError::Amqp {
+            endpoint: endpoint(settings),
+            source,
+        })
 }
 
 /// Connects, trying RABBIT_RETRIES times RABBIT_RETRY_DELAY apart (the
@@ -90,7 +115,11 @@ pub async fn connect(settings: &RabbitSettings, connection_name: &str) -> Result
                 attempt += 1;
             }
             Err(RabbitError::Amqp { source, .. }) => {
-                return Err(RabbitError::Unreachable { endpoint: endpoint(settings), attempts, last: source })
+                return Err(RabbitError::Unreachable {
+                    endpoint: endpoint(settings),
+                    attempts,
+                    last: source,
+                })
             }
             Err(other) => return Err(other),
         }
@@ -100,7 +129,14 @@ pub async fn connect(settings: &RabbitSettings, connection_name: &str) -> Result
 /// Declares the build queue as the original did: durable, no arguments.
 pub async fn declare_queue(channel: &Channel, queue: &str) -> Result<Queue, lapin::Error> {
     channel
-        .queue_declare(queue.into(), QueueDeclareOptions { durable: true, ..Default::default() }, FieldTable::default())
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
         .await
 }
 

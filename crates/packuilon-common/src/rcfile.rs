@@ -14,7 +14,11 @@ pub enum RcFileError {
     #[error("{file}: cannot source with bash: {source}")]
     Spawn { file: String, source: std::io::Error },
     #[error("{file}: sourcing it with bash failed (exit status {status}): {stderr}")]
-    Failed { file: String, status: String, stderr: String },
+    Failed {
+        file: String,
+        status: String,
+        stderr: String,
+    },
 }
 
 /// Sources `file` with bash (stdin from /dev/null, so a password prompt
@@ -28,12 +32,26 @@ pub fn source(file: &Path) -> Result<BTreeMap<String, String>, RcFileError> {
         .arg(file)
         .stdin(Stdio::null())
         .output()
-        .map_err(|source| RcFileError::Spawn { file: name.clone(), source })?;
+        .map_err(|source| RcFileError::Spawn {
+            file: name.clone(),
+            source,
+        })?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let stderr = stderr.trim();
-        let tail: String = stderr.chars().rev().take(500).collect::<Vec<_>>().into_iter().rev().collect();
-        return Err(RcFileError::Failed { file: name, status: out.status.to_string(), stderr: tail });
+        let tail: String = stderr
+            .chars()
+            .rev()
+            .take(500)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        return Err(RcFileError::Failed {
+            file: name,
+            status: out.status.to_string(),
+            stderr: tail,
+        });
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let mut records = text.split('\0');
@@ -76,7 +94,10 @@ mod tests {
         )
         .unwrap();
         let env = source(&rc).unwrap();
-        assert_eq!(env.get("OS_AUTH_URL").map(String::as_str), Some("http://127.0.0.1:5000/v3"));
+        assert_eq!(
+            env.get("OS_AUTH_URL").map(String::as_str),
+            Some("http://127.0.0.1:5000/v3")
+        );
         assert_eq!(env.get("OS_PASSWORD").map(String::as_str), Some("s3cr=t "));
         assert!(!env.contains_key("NOT_EXPORTED"));
         assert!(!env.contains_key("OS_PASSWORD_INPUT"));

@@ -20,8 +20,14 @@ pub struct BrokerAddr {
 impl BrokerAddr {
     /// The shared node every test may use (with its own queue names).
     pub fn shared() -> BrokerAddr {
-        let port = std::env::var("PACKUILON_TEST_AMQP_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(5672);
-        BrokerAddr { host: "127.0.0.1".into(), port }
+        let port = std::env::var("PACKUILON_TEST_AMQP_PORT")
+            .ok()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(5672);
+        BrokerAddr {
+            host: "127.0.0.1".into(),
+            port,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -62,7 +68,10 @@ impl BrokerAddr {
         let q = ch
             .queue_declare(
                 queue.into(),
-                lapin::options::QueueDeclareOptions { passive: true, ..Default::default() },
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
                 Default::default(),
             )
             .await?;
@@ -88,11 +97,17 @@ pub struct TestQueue {
 
 impl TestQueue {
     pub fn new(prefix: &str) -> TestQueue {
-        TestQueue { name: crate::unique_name(prefix), broker: BrokerAddr::shared() }
+        TestQueue {
+            name: crate::unique_name(prefix),
+            broker: BrokerAddr::shared(),
+        }
     }
 
     pub fn on(broker: &BrokerAddr, prefix: &str) -> TestQueue {
-        TestQueue { name: crate::unique_name(prefix), broker: broker.clone() }
+        TestQueue {
+            name: crate::unique_name(prefix),
+            broker: broker.clone(),
+        }
     }
 }
 
@@ -102,8 +117,15 @@ impl Drop for TestQueue {
         let name = self.name.clone();
         // Drop may run inside a runtime: clean up from a thread of our own.
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
-            rt.block_on(async { tokio::time::timeout(Duration::from_secs(5), broker.delete_queue(&name)).await.ok() })
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
+            rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(5), broker.delete_queue(&name))
+                    .await
+                    .ok()
+            })
         })
         .join();
     }
@@ -135,7 +157,14 @@ impl PrivateBroker {
         std::fs::write(dir.path().join("rabbitmq.conf"), "loopback_users = none\n")?;
         std::fs::write(dir.path().join("rabbitmq-env.conf"), "")?;
         std::fs::write(dir.path().join("enabled_plugins"), "[].\n")?;
-        let b = PrivateBroker { addr: BrokerAddr { host: "127.0.0.1".into(), port }, node, dir };
+        let b = PrivateBroker {
+            addr: BrokerAddr {
+                host: "127.0.0.1".into(),
+                port,
+            },
+            node,
+            dir,
+        };
         b.launch()?;
         Ok(b)
     }
@@ -170,7 +199,12 @@ impl PrivateBroker {
     pub fn launch(&self) -> Result<()> {
         let mut cmd = Command::new(SERVER);
         self.env(&mut cmd);
-        let status = cmd.arg("-detached").stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).status()?;
+        let status = cmd
+            .arg("-detached")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()?;
         if !status.success() {
             bail!("rabbitmq-server -detached failed: {status}");
         }
@@ -182,7 +216,11 @@ impl PrivateBroker {
                 break;
             }
             if Instant::now() > deadline {
-                bail!("private RabbitMQ {} did not start: {}", self.node, String::from_utf8_lossy(&out.stderr));
+                bail!(
+                    "private RabbitMQ {} did not start: {}",
+                    self.node,
+                    String::from_utf8_lossy(&out.stderr)
+                );
             }
             std::thread::sleep(Duration::from_millis(200));
         }

@@ -64,7 +64,12 @@ impl ProfileServer {
                 })
             })
             .collect();
-        ProfileServer { base: format!("http://127.0.0.1:{port}/"), server, shared, workers }
+        ProfileServer {
+            base: format!("http://127.0.0.1:{port}/"),
+            server,
+            shared,
+            workers,
+        }
     }
 
     /// Absolute URL of `path` (relative to the served root).
@@ -74,7 +79,11 @@ impl ProfileServer {
 
     /// Sets a fault for one path (relative, as in the URL, e.g. `profiles/a.json`).
     pub fn set_fault(&self, path: &str, fault: Fault) {
-        self.shared.faults.lock().unwrap().insert(path.trim_start_matches('/').to_string(), fault);
+        self.shared
+            .faults
+            .lock()
+            .unwrap()
+            .insert(path.trim_start_matches('/').to_string(), fault);
     }
 
     pub fn clear_faults(&self) {
@@ -104,7 +113,13 @@ impl Drop for ProfileServer {
 }
 
 fn handle(shared: &Shared, req: tiny_http::Request) {
-    let raw = req.url().split('?').next().unwrap_or("").trim_start_matches('/').to_string();
+    let raw = req
+        .url()
+        .split('?')
+        .next()
+        .unwrap_or("")
+        .trim_start_matches('/')
+        .to_string();
     let path = percent_decode(&raw);
     shared.log.lock().unwrap().push(path.clone());
     let fault = shared.faults.lock().unwrap().get(&path).cloned();

@@ -20,5 +20,9 @@ pub fn unique_name(prefix: &str) -> String {
 /// A free TCP port on 127.0.0.1 (bound then released; good enough for tests
 /// that start a server on it at once).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0").local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind 127.0.0.1:0")
+        .local_addr()
+        .unwrap()
+        .port()
 }
