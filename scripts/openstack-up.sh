@@ -159,12 +159,13 @@ if [ -z "$fresh" ] && alive "$K_PID" && alive "$G_PID"; then
   fi
 fi
 
-# On failure, stop what this run started (logs stay in $LOGS).
+# On failure or interruption after this run started a process, stop the
+# deployment (logs stay in $LOGS).
 started=()
 cleanup_on_error() {
   local rc=$?
   if [ "$rc" -ne 0 ] && [ ${#started[@]} -gt 0 ]; then
-    err "stopping what this run started: ${started[*]}"
+    err "stopping $DIR (this run had started: ${started[*]})"
     "$here/openstack-down.sh" "$DIR" >&2 || true
   fi
 }
