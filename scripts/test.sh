@@ -1,12 +1,44 @@
 #!/usr/bin/env bash
-# `make test`: installs and starts what the tests need (RabbitMQ, Packer,
-# Keystone, Glance), builds the binaries, runs every test, stops the private
-# Keystone and Glance it started.
+# `make test` (what CI runs): installs and starts what the tests need, builds
+# the binaries, runs every test, and stops what it started.
+#   - RabbitMQ: the shared node on 127.0.0.1:5672 (left running, as a
+#     developer's machine would have it); tests that restart a broker start
+#     private nodes of their own.
+#   - Keystone + Glance: one private deployment for this run, on free
+#     loopback ports, state in a temp dir, stopped and removed at the end.
+#     Tests find it through PACKUILON_TEST_OPENRC.
+#   - Packer: Debian's packer (null builder; no cloud needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+t0=$SECONDS
 
 scripts/install-packages.sh
 scripts/rabbitmq-up.sh
 
-cargo build --workspace --bins
-cargo test --workspace --no-fail-fast
+free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+os_state=$(mktemp -d /tmp/packuilon-test-openstack.XXXXXX)
+cleanup() {
+  scripts/openstack-down.sh "$os_state" >/dev/null 2>&1 || true
+  rm -rf "$os_state"
+}
+trap cleanup EXIT
+kport=$(free_port); gport=$(free_port)
+while [ "$gport" = "$kport" ]; do gport=$(free_port); done
+# Bring Keystone and Glance up in the background while cargo builds.
+scripts/openstack-up.sh "$os_state" "$kport" "$gport" > "$os_state.up.log" 2>&1 &
+os_pid=$!
+
+cargo build --workspace --bins --tests
+
+if ! wait "$os_pid"; then
+  cat "$os_state.up.log" >&2
+  echo "test: Keystone/Glance did not start" >&2
+  exit 1
+fi
+rm -f "$os_state.up.log"
+export PACKUILON_TEST_OPENRC="$os_state/admin-openrc.sh"
+
+status=0
+cargo test --workspace --no-fail-fast || status=$?
+echo "test: finished in $((SECONDS - t0)) s (exit $status)"
+exit $status
