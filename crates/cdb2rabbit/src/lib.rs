@@ -1,1 +1,19 @@
-//! placeholder
+//! cdb2rabbit: finds the Quattor profiles that changed on the Aquilon broker
+//! and publishes them to the RabbitMQ build queue, losing none.
+//!
+//! The data flows through one module per concept:
+//! - [`index`]: `profiles-info.xml` (the broker's index and the cached copy of it);
+//! - [`fetch`]: HTTP(S) downloads with limits, gzip and bounded concurrency;
+//! - [`publish`]: confirmed, mandatory, persistent publishes;
+//! - [`cache`]: CACHE_DIR (cached index, cached profiles, run lock), atomic writes;
+//! - [`run`]: one run, and the rule that only confirmed publishes advance the cache.
+//!
+//! Not here: building images (rabbit2packer) or anything about Glance.
+
+pub mod cache;
+pub mod fetch;
+pub mod index;
+pub mod publish;
+pub mod run;
+
+pub use run::{run, Mode, Options, Summary};

@@ -1,0 +1,263 @@
+//! CACHE_DIR: what cdb2rabbit remembers between runs, in the original's layout
+//! so an existing cache directory keeps working.
+//!
+//! - `cached_info.xml`: the index as of the last run, in the broker's format;
+//!   a profile's mtime there advances only once the profile was processed
+//!   (published and confirmed, or found unchanged).
+//! - `<name>`: the last published JSON of each profile (namespaced names are
+//!   subdirectories), to tell a real change from a recompile.
+//! - `.cdb2rabbit.lock`: the exclusive run lock (cron, the timer and the
+//!   cdispd hook may overlap).
+//!
+//! Writes are atomic (temp file in the same directory, rename). The index is
+//! also fsynced (file and directory) before and after its rename. Profile
+//! copies are not fsynced one by one: [`CacheDir::sync`] flushes them all with
+//! one `syncfs` before the index is committed. Losing a copy in a crash only
+//! costs an extra publish; the index is what decides that nothing is skipped,
+//! and it only advances after the broker confirmed the publish.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use crate::index::{self, Index, IndexError};
+
+/// The cached index, as the original named it.
+pub const CACHED_INDEX: &str = "cached_info.xml";
+/// The run lock (a dot file: [`index::check_name`] keeps profiles away from it).
+pub const LOCK_FILE: &str = ".cdb2rabbit.lock";
+const TEMP_PREFIX: &str = ".cdb2rabbit-tmp-";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: cached index is unusable ({source}); remove it to record a new baseline")]
+    BadIndex { path: PathBuf, source: IndexError },
+    #[error("{path}: another cdb2rabbit run still holds the lock after {waited:?}")]
+    LockTimeout { path: PathBuf, waited: Duration },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CacheError + '_ {
+    move |source| CacheError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The cache directory.
+#[derive(Debug, Clone)]
+pub struct CacheDir {
+    root: PathBuf,
+}
+
+/// Held while a run works on the cache; released when dropped (or when the
+/// process dies, so a crashed run never wedges the next one).
+#[derive(Debug)]
+pub struct RunLock {
+    _file: File,
+}
+
+impl CacheDir {
+    pub fn new(root: impl Into<PathBuf>) -> CacheDir {
+        CacheDir { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn index_path(&self) -> PathBuf {
+        self.root.join(CACHED_INDEX)
+    }
+
+    /// Where the cached copy of `name` lives. `name` must have passed [`index::check_name`].
+    pub fn profile_path(&self, name: &str) -> PathBuf {
+        debug_assert!(index::check_name(name).is_ok());
+        self.root.join(name)
+    }
+
+    /// Takes the exclusive run lock, creating CACHE_DIR if needed. Waits at
+    /// most `wait` for another run to finish; `on_wait` is called once if it
+    /// has to wait at all.
+    pub fn lock(&self, wait: Duration, on_wait: impl FnOnce()) -> Result<RunLock, CacheError> {
+        std::fs::create_dir_all(&self.root).map_err(io(&self.root))?;
+        let path = self.root.join(LOCK_FILE);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io(&path))?;
+        match file.try_lock() {
+            Ok(()) => return Ok(RunLock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => {}
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(&path)(e)),
+        }
+        on_wait();
+        // The blocking lock runs on a thread of its own so the wait can be
+        // bounded; on timeout that thread is left blocked and dies with the process.
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let result = file.lock().map(|()| file);
+            let _ = tx.send(result);
+        });
+        match rx.recv_timeout(wait) {
+            Ok(Ok(file)) => Ok(RunLock { _file: file }),
+            Ok(Err(e)) => Err(io(&path)(e)),
+            Err(_) => Err(CacheError::LockTimeout { path, waited: wait }),
+        }
+    }
+
+    /// The cached index, or `None` on the first run.
+    pub fn read_index(&self) -> Result<Option<Index>, CacheError> {
+        let path = self.index_path();
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io(&path)(e)),
+        };
+        index::parse(bytes)
+            .map(Some)
+            .map_err(|source| CacheError::BadIndex { path, source })
+    }
+
+    /// Replaces the cached index with `entries`, durably.
+    pub fn write_index<'a>(&self, entries: impl IntoIterator<Item = (&'a str, u64)>) -> Result<(), CacheError> {
+        let path = self.index_path();
+        self.write_atomic(&path, true, |w| index::write_cached(w, entries))
+    }
+
+    /// The cached copy of a profile, `None` when there is none.
+    pub fn read_profile(&self, name: &str) -> Result<Option<Vec<u8>>, CacheError> {
+        let path = self.profile_path(name);
+        match std::fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    /// Replaces the cached copy of a profile (atomic; made durable by [`CacheDir::sync`]).
+    pub fn write_profile(&self, name: &str, body: &[u8]) -> Result<(), CacheError> {
+        let path = self.profile_path(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(io(parent))?;
+        }
+        self.write_atomic(&path, false, |w| w.write_all(body))
+    }
+
+    /// Removes the cached copy of a profile that left the index (missing is fine).
+    pub fn remove_profile(&self, name: &str) -> Result<(), CacheError> {
+        let path = self.profile_path(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    /// Flushes every profile copy written so far to disk (one `syncfs` for them all).
+    pub fn sync(&self) -> Result<(), CacheError> {
+        let dir = File::open(&self.root).map_err(io(&self.root))?;
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: syncfs only reads the descriptor, which `dir` keeps open.
+            if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+                return Err(io(&self.root)(std::io::Error::last_os_error()));
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        dir.sync_all().map_err(io(&self.root))?;
+        Ok(())
+    }
+
+    fn write_atomic(
+        &self,
+        path: &Path,
+        durable: bool,
+        fill: impl FnOnce(&mut BufWriter<&File>) -> std::io::Result<()>,
+    ) -> Result<(), CacheError> {
+        let dir = path.parent().unwrap_or(&self.root);
+        let tmp = tempfile::Builder::new()
+            .prefix(TEMP_PREFIX)
+            .tempfile_in(dir)
+            .map_err(io(dir))?;
+        {
+            let mut w = BufWriter::new(tmp.as_file());
+            fill(&mut w).map_err(io(tmp.path()))?;
+            w.flush().map_err(io(tmp.path()))?;
+        }
+        if durable {
+            tmp.as_file().sync_all().map_err(io(tmp.path()))?;
+        }
+        // NamedTempFile is created 0600; the cache is as readable as the original's.
+        set_mode(tmp.as_file(), 0o644).map_err(io(tmp.path()))?;
+        tmp.persist(path).map_err(|e| io(path)(e.error))?;
+        if durable {
+            File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(unix)]
+fn set_mode(file: &File, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    file.set_permissions(std::fs::Permissions::from_mode(mode))
+}
+
+#[cfg(not(unix))]
+fn set_mode(_: &File, _: u32) -> std::io::Result<()> {
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profile_copies_go_in_namespace_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CacheDir::new(dir.path());
+        cache.write_profile("ns/sub/a.json", b"{}").unwrap();
+        assert_eq!(std::fs::read(dir.path().join("ns/sub/a.json")).unwrap(), b"{}");
+        assert_eq!(cache.read_profile("ns/sub/a.json").unwrap().unwrap(), b"{}");
+        assert_eq!(cache.read_profile("b.json").unwrap(), None);
+        cache.remove_profile("ns/sub/a.json").unwrap();
+        cache.remove_profile("ns/sub/a.json").unwrap();
+        cache.sync().unwrap();
+        // No temp files left behind.
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("ns/sub")).unwrap().collect();
+        assert!(left.is_empty());
+    }
+
+    #[test]
+    fn index_round_trips_and_absence_is_first_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CacheDir::new(dir.path().join("new"));
+        let _lock = cache.lock(Duration::from_secs(1), || {}).unwrap();
+        assert!(cache.read_index().unwrap().is_none());
+        cache.write_index([("a.json", 7u64)]).unwrap();
+        let idx = cache.read_index().unwrap().unwrap();
+        assert_eq!(idx.entries[0].mtime, 7);
+    }
+
+    #[test]
+    fn second_lock_waits_and_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CacheDir::new(dir.path());
+        let held = cache.lock(Duration::from_secs(1), || {}).unwrap();
+        let mut waited = false;
+        let err = cache
+            .lock(Duration::from_millis(200), || waited = true)
+            .unwrap_err();
+        assert!(waited);
+        assert!(matches!(err, CacheError::LockTimeout { .. }), "{err}");
+        drop(held);
+        cache.lock(Duration::from_secs(1), || {}).unwrap();
+    }
+}

@@ -1,0 +1,452 @@
+//! `profiles-info.xml`: the Aquilon broker's index of compiled profiles, and
+//! the same document as cdb2rabbit caches it (`CACHE_DIR/cached_info.xml`).
+//!
+//! The broker writes `<profiles>` holding one `<profile mtime='N'>NAME</profile>`
+//! per profile, in no particular order. The document is parsed as XML (never
+//! line by line), gzip is recognised by its magic bytes whatever the file is
+//! called, and a document that is not well-formed or ends before
+//! `</profiles>` is refused as a whole. Problems that concern one entry only
+//! (no mtime, a non-numeric one, a hostile or duplicated name) are kept
+//! beside the good entries, so the caller can fail that profile alone and
+//! still process the others.
+//!
+//! [`write_cached`] produces the broker's own format, so a cache directory
+//! shared with the original tool (or read by people) stays familiar.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+
+use quick_xml::events::Event;
+use quick_xml::Reader;
+
+/// Largest index accepted, after decompression. A 100,000-profile index is
+/// about 6 MB; this only stops a runaway or hostile document.
+pub const INDEX_LIMIT: u64 = 256 * 1024 * 1024;
+
+/// The whole document is unusable: nothing of it may be trusted.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error("not valid gzip: {0}")]
+    Gzip(std::io::Error),
+    #[error("larger than {INDEX_LIMIT} bytes once decompressed")]
+    TooLarge,
+    #[error("not well-formed XML at byte {position}: {message}")]
+    Xml { position: u64, message: String },
+    #[error("the document ends before </profiles> (truncated?)")]
+    Truncated,
+    #[error("root element is <{0}>, expected <profiles>")]
+    WrongRoot(String),
+    #[error("unexpected element <{element}> inside <profile> at byte {position}")]
+    Nested { element: String, position: u64 },
+}
+
+/// One profile of the index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Path relative to the profiles directory, with its suffix (`.json`, `.json.gz`, ...).
+    pub name: String,
+    /// As the generator wrote it: seconds (Aquilon) or milliseconds (panc). Only compared for equality.
+    pub mtime: u64,
+}
+
+/// An entry that cannot be processed. The run fails that profile alone.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EntryError {
+    #[error("index entry {name:?} has no mtime attribute")]
+    NoMtime { name: String },
+    #[error("index entry {name:?} has a non-numeric mtime {mtime:?}")]
+    BadMtime { name: String, mtime: String },
+    #[error("index entry {name:?} is listed more than once")]
+    Duplicate { name: String },
+    #[error("index entry {name:?}: {problem}")]
+    HostileName { name: String, problem: &'static str },
+}
+
+impl EntryError {
+    /// The profile the problem is about (its cached state is left alone).
+    pub fn name(&self) -> &str {
+        match self {
+            EntryError::NoMtime { name }
+            | EntryError::BadMtime { name, .. }
+            | EntryError::Duplicate { name }
+            | EntryError::HostileName { name, .. } => name,
+        }
+    }
+}
+
+/// A parsed index: the usable entries (unique names, in document order) and
+/// the entries that were not usable.
+#[derive(Debug, Default, Clone)]
+pub struct Index {
+    pub entries: Vec<Entry>,
+    pub problems: Vec<EntryError>,
+}
+
+impl Index {
+    /// name -> mtime of the usable entries.
+    pub fn mtimes(&self) -> HashMap<&str, u64> {
+        self.entries.iter().map(|e| (e.name.as_str(), e.mtime)).collect()
+    }
+}
+
+/// Decompresses `bytes` when they start with the gzip magic, up to `limit`
+/// bytes of output. JSON and XML never start with 0x1f, so sniffing is safe.
+pub fn gunzip_if_gzip(bytes: Vec<u8>, limit: u64) -> Result<Vec<u8>, GunzipError> {
+    if !bytes.starts_with(&[0x1f, 0x8b]) {
+        return Ok(bytes);
+    }
+    let mut out = Vec::with_capacity(bytes.len() * 4);
+    flate2::read::MultiGzDecoder::new(bytes.as_slice())
+        .take(limit + 1)
+        .read_to_end(&mut out)
+        .map_err(GunzipError::Corrupt)?;
+    if out.len() as u64 > limit {
+        return Err(GunzipError::TooLarge);
+    }
+    Ok(out)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GunzipError {
+    #[error("not valid gzip: {0}")]
+    Corrupt(std::io::Error),
+    #[error("too large once decompressed")]
+    TooLarge,
+}
+
+/// Parses an index (plain or gzip).
+pub fn parse(bytes: Vec<u8>) -> Result<Index, IndexError> {
+    let bytes = gunzip_if_gzip(bytes, INDEX_LIMIT).map_err(|e| match e {
+        GunzipError::Corrupt(e) => IndexError::Gzip(e),
+        GunzipError::TooLarge => IndexError::TooLarge,
+    })?;
+    if bytes.len() as u64 > INDEX_LIMIT {
+        return Err(IndexError::TooLarge);
+    }
+    parse_xml(&bytes)
+}
+
+/// Where the parser is in the document.
+enum State {
+    BeforeRoot,
+    InRoot,
+    /// Inside `<profile>`: the mtime attribute (None when absent), the name so far.
+    InProfile {
+        mtime: Option<String>,
+        name: String,
+    },
+    /// Inside some other element below the root, `depth` levels deep (ignored, as a
+    /// later broker might add elements we do not know).
+    InOther {
+        depth: usize,
+    },
+    AfterRoot,
+}
+
+fn parse_xml(bytes: &[u8]) -> Result<Index, IndexError> {
+    let mut reader = Reader::from_reader(bytes);
+    reader.config_mut().check_end_names = true;
+    let xml_err = |reader: &Reader<&[u8]>, e: &dyn std::fmt::Display| IndexError::Xml {
+        position: reader.error_position(),
+        message: e.to_string(),
+    };
+    let mut state = State::BeforeRoot;
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut problems = Vec::new();
+    // Positions in `entries` by name, to find duplicates in one pass.
+    let mut seen: HashMap<String, Option<usize>> = HashMap::new();
+    loop {
+        let event = reader.read_event().map_err(|e| xml_err(&reader, &e))?;
+        match (&mut state, event) {
+            (_, Event::Eof) => break,
+            (State::BeforeRoot, Event::Start(e)) => {
+                if e.name().as_ref() != b"profiles" {
+                    return Err(IndexError::WrongRoot(String::from_utf8_lossy(e.name().as_ref()).into_owned()));
+                }
+                state = State::InRoot;
+            }
+            (State::BeforeRoot, Event::Empty(e)) => {
+                if e.name().as_ref() != b"profiles" {
+                    return Err(IndexError::WrongRoot(String::from_utf8_lossy(e.name().as_ref()).into_owned()));
+                }
+                state = State::AfterRoot;
+            }
+            (State::InRoot, Event::Start(e)) if e.name().as_ref() == b"profile" => {
+                let mtime = match e.try_get_attribute("mtime").map_err(|err| xml_err(&reader, &err))? {
+                    Some(a) => Some(
+                        a.unescape_value()
+                            .map_err(|err| xml_err(&reader, &err))?
+                            .into_owned(),
+                    ),
+                    None => None,
+                };
+                state = State::InProfile {
+                    mtime,
+                    name: String::new(),
+                };
+            }
+            (State::InRoot, Event::Empty(e)) if e.name().as_ref() == b"profile" => {
+                problems.push(EntryError::HostileName {
+                    name: String::new(),
+                    problem: "empty profile name",
+                });
+            }
+            (State::InRoot, Event::Start(_)) => state = State::InOther { depth: 1 },
+            (State::InRoot, Event::End(_)) => state = State::AfterRoot,
+            (State::InProfile { name, .. }, Event::Text(t)) => {
+                name.push_str(&t.xml_content().map_err(|err| xml_err(&reader, &err))?);
+            }
+            (State::InProfile { name, .. }, Event::CData(t)) => {
+                name.push_str(&t.xml_content().map_err(|err| xml_err(&reader, &err))?);
+            }
+            (State::InProfile { name, .. }, Event::GeneralRef(r)) => {
+                let resolved = match r.resolve_char_ref().map_err(|err| xml_err(&reader, &err))? {
+                    Some(c) => c.to_string(),
+                    None => {
+                        let entity = r.decode().map_err(|err| xml_err(&reader, &err))?;
+                        quick_xml::escape::resolve_xml_entity(&entity)
+                            .ok_or_else(|| IndexError::Xml {
+                                position: reader.buffer_position(),
+                                message: format!("unknown entity &{entity};"),
+                            })?
+                            .to_string()
+                    }
+                };
+                name.push_str(&resolved);
+            }
+            (State::InProfile { .. }, Event::Start(e) | Event::Empty(e)) => {
+                return Err(IndexError::Nested {
+                    element: String::from_utf8_lossy(e.name().as_ref()).into_owned(),
+                    position: reader.buffer_position(),
+                })
+            }
+            (State::InProfile { mtime, name }, Event::End(_)) => {
+                let name = std::mem::take(name).trim().to_string();
+                let mtime = mtime.take();
+                state = State::InRoot;
+                if let Err(problem) = check_name(&name) {
+                    problems.push(EntryError::HostileName { name, problem });
+                    continue;
+                }
+                let mtime = match mtime {
+                    None => {
+                        problems.push(EntryError::NoMtime { name });
+                        continue;
+                    }
+                    Some(m) => match m.trim().parse::<u64>() {
+                        Ok(v) => v,
+                        Err(_) => {
+                            problems.push(EntryError::BadMtime { name, mtime: m });
+                            continue;
+                        }
+                    },
+                };
+                match seen.get_mut(&name) {
+                    None => {
+                        seen.insert(name.clone(), Some(entries.len()));
+                        entries.push(Entry { name, mtime });
+                    }
+                    Some(slot) => {
+                        // Which of the two is right cannot be known: fail the profile.
+                        if let Some(i) = slot.take() {
+                            entries[i].name.clear();
+                            problems.push(EntryError::Duplicate { name });
+                        }
+                    }
+                }
+            }
+            (State::InOther { depth }, Event::Start(_)) => *depth += 1,
+            (State::InOther { depth }, Event::End(_)) => {
+                *depth -= 1;
+                if *depth == 0 {
+                    state = State::InRoot;
+                }
+            }
+            (State::AfterRoot, Event::Start(e) | Event::Empty(e)) => {
+                return Err(IndexError::Xml {
+                    position: reader.buffer_position(),
+                    message: format!(
+                        "second root element <{}>",
+                        String::from_utf8_lossy(e.name().as_ref())
+                    ),
+                })
+            }
+            (State::BeforeRoot | State::AfterRoot, Event::Text(t)) => {
+                if !t.iter().all(u8::is_ascii_whitespace) {
+                    return Err(IndexError::Xml {
+                        position: reader.buffer_position(),
+                        message: "text outside the root element".into(),
+                    });
+                }
+            }
+            // Declarations, comments, processing instructions, whitespace between entries.
+            _ => {}
+        }
+    }
+    if !matches!(state, State::AfterRoot) {
+        return Err(IndexError::Truncated);
+    }
+    // Duplicates were blanked in place, keeping the rest in document order.
+    entries.retain(|e| !e.name.is_empty());
+    Ok(Index { entries, problems })
+}
+
+/// Why a profile name cannot be used as a path below CACHE_DIR and the
+/// profiles URL. Names are relative paths with `/` between namespaces.
+pub fn check_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("empty profile name");
+    }
+    if name.starts_with('/') {
+        return Err("absolute profile name");
+    }
+    if name.contains('\0') {
+        return Err("NUL in profile name");
+    }
+    if name.contains('\\') {
+        return Err("backslash in profile name");
+    }
+    if name.chars().any(char::is_control) {
+        return Err("control character in profile name");
+    }
+    for segment in name.split('/') {
+        if segment.is_empty() {
+            return Err("empty path segment in profile name");
+        }
+        if segment == "." || segment == ".." {
+            return Err("'.' or '..' segment in profile name");
+        }
+        // Keeps profiles clear of cdb2rabbit's own files (the lock, temp files).
+        if segment.starts_with('.') {
+            return Err("path segment starting with '.' in profile name");
+        }
+    }
+    if name == crate::cache::CACHED_INDEX {
+        return Err("profile name collides with the cached index file");
+    }
+    Ok(())
+}
+
+/// Writes `entries` in the broker's own format (one entry a line).
+pub fn write_cached<'a, W: Write>(out: &mut W, entries: impl IntoIterator<Item = (&'a str, u64)>) -> std::io::Result<()> {
+    out.write_all(b"<?xml version='1.0' encoding='utf-8'?>\n<profiles>\n")?;
+    for (name, mtime) in entries {
+        writeln!(
+            out,
+            "<profile mtime='{mtime}'>{}</profile>",
+            quick_xml::escape::escape(name)
+        )?;
+    }
+    out.write_all(b"</profiles>")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BROKER: &str = "<?xml version='1.0' encoding='utf-8'?>\n<profiles>\n\
+        <profile mtime='1486571445'>ci-host1.example.org.json</profile>\n\
+        <profile mtime='1486571446'>ns/sub/host2.example.org.json.gz</profile>\n\
+        </profiles>";
+
+    #[test]
+    fn reads_the_brokers_format() {
+        let idx = parse(BROKER.as_bytes().to_vec()).unwrap();
+        assert_eq!(
+            idx.entries,
+            vec![
+                Entry {
+                    name: "ci-host1.example.org.json".into(),
+                    mtime: 1486571445
+                },
+                Entry {
+                    name: "ns/sub/host2.example.org.json.gz".into(),
+                    mtime: 1486571446
+                },
+            ]
+        );
+        assert!(idx.problems.is_empty());
+    }
+
+    #[test]
+    fn layout_and_quoting_do_not_matter() {
+        let doc = r#"<profiles><profile
+            mtime="12">a&amp;b.json</profile><!-- c --><profile mtime='13'><![CDATA[c.json]]></profile></profiles>"#;
+        let idx = parse(doc.as_bytes().to_vec()).unwrap();
+        let names: Vec<_> = idx.entries.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["a&b.json", "c.json"]);
+    }
+
+    #[test]
+    fn gzip_is_recognised_by_magic() {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        enc.write_all(BROKER.as_bytes()).unwrap();
+        let idx = parse(enc.finish().unwrap()).unwrap();
+        assert_eq!(idx.entries.len(), 2);
+    }
+
+    #[test]
+    fn truncated_or_invalid_documents_are_refused() {
+        for cut in [12, 20, 40] {
+            let doc = &BROKER[..BROKER.len() - cut];
+            let err = parse(doc.as_bytes().to_vec()).unwrap_err();
+            assert!(matches!(err, IndexError::Truncated | IndexError::Xml { .. }), "{err}");
+        }
+        let doc = &BROKER[..BROKER.len() - 12];
+        assert!(matches!(parse(doc.as_bytes().to_vec()), Err(IndexError::Truncated)));
+        assert!(matches!(
+            parse(b"<profiles><profile mtime='1'>a</profil></profiles>".to_vec()),
+            Err(IndexError::Xml { .. })
+        ));
+        assert!(matches!(parse(b"<html>nope</html>".to_vec()), Err(IndexError::WrongRoot(_))));
+        assert!(matches!(parse(Vec::new()), Err(IndexError::Truncated)));
+    }
+
+    #[test]
+    fn bad_entries_are_named_and_others_kept() {
+        let doc = "<profiles><profile>nomtime.json</profile><profile mtime='soon'>bad.json</profile>\
+            <profile mtime='1'>dup.json</profile><profile mtime='2'>dup.json</profile><profile mtime='3'>dup.json</profile>\
+            <profile mtime='1'>../etc/passwd</profile><profile mtime='1'>/abs.json</profile>\
+            <profile mtime='1'>a//b.json</profile><profile mtime='1'>a\\b.json</profile>\
+            <profile mtime='1'>good.json</profile></profiles>";
+        let idx = parse(doc.as_bytes().to_vec()).unwrap();
+        assert_eq!(
+            idx.entries,
+            vec![Entry {
+                name: "good.json".into(),
+                mtime: 1
+            }]
+        );
+        let named: Vec<_> = idx.problems.iter().map(|p| p.name().to_string()).collect();
+        assert_eq!(
+            named,
+            ["nomtime.json", "bad.json", "dup.json", "../etc/passwd", "/abs.json", "a//b.json", "a\\b.json"]
+        );
+        assert_eq!(
+            idx.problems[1].to_string(),
+            "index entry \"bad.json\" has a non-numeric mtime \"soon\""
+        );
+    }
+
+    #[test]
+    fn hostile_names() {
+        for bad in ["", "/x", "a/../b", "..", "a/./b", "a/", "a\0b", "a\\b", ".cdb2rabbit.lock", "cached_info.xml"] {
+            assert!(check_name(bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["a.json", "ns/a.json.gz", "host-1.example.org.xml", "a..b.json"] {
+            assert!(check_name(good).is_ok(), "{good:?} refused");
+        }
+    }
+
+    #[test]
+    fn cached_format_round_trips() {
+        let mut out = Vec::new();
+        write_cached(&mut out, [("a&b<c>.json", 5u64), ("ns/d.json", 1486571445)]).unwrap();
+        let text = String::from_utf8(out.clone()).unwrap();
+        assert!(text.starts_with("<?xml version='1.0' encoding='utf-8'?>\n<profiles>\n<profile mtime='5'>"));
+        let idx = parse(out).unwrap();
+        assert_eq!(idx.entries[0].name, "a&b<c>.json");
+        assert_eq!(idx.entries[1].mtime, 1486571445);
+    }
+}

@@ -1,0 +1,445 @@
+//! One cdb2rabbit run: index -> candidates -> downloads -> publishes ->
+//! cache, losing nothing.
+//!
+//! The rule that makes a run safe to fail at any point: a profile's mtime in
+//! the cached index advances only when the profile was processed (published
+//! and confirmed by the broker, or found unchanged). A profile that failed
+//! (download, JSON, publish, a bad index entry) keeps its old cached mtime or
+//! stays absent, so the next run picks it up again. The cached index is
+//! written once, atomically, at the end, and not at all when the index or the
+//! broker could not be reached.
+//!
+//! Downloads run DOWNLOAD_CONCURRENCY at a time; each changed profile is
+//! published as soon as it is downloaded and its confirm is awaited
+//! alongside the next downloads, so the run costs about as much as the
+//! downloads themselves. The broker is contacted only when something is to
+//! be published.
+//!
+//! Profiles that left the index are dropped from the cached index and their
+//! cached copies removed, so the cache does not grow with every retired
+//! host; if such a profile comes back it is published again (an extra build,
+//! never a missed one).
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use packuilon_common::config::{Cdb2RabbitConfig, GlobalConfig};
+use packuilon_common::EXIT_FAILED;
+use serde_json::Value;
+use tracing::{error, info, warn};
+
+use crate::cache::{CacheDir, CacheError};
+use crate::fetch::{profile_url, FetchError, Fetcher, PROFILE_LIMIT};
+use crate::index::{self, IndexError, INDEX_LIMIT};
+use crate::publish::{Confirmed, PublishError, Publisher};
+
+/// Publishes awaiting their confirm at once; bounds the bodies held in memory.
+const MAX_IN_FLIGHT: usize = 256;
+
+/// Which profiles a run publishes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// Matching profiles that are new or whose mtime changed (the cron run).
+    Changed,
+    /// `--all`: every matching profile, whatever the cache says.
+    All,
+    /// `--profile NAME...`: these profiles, whatever the cache and PROFILE_MATCH say.
+    Named(Vec<String>),
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub mode: Mode,
+    /// Report what would be published; touch neither the broker nor the cache.
+    pub dry_run: bool,
+    /// How long to wait for another run's lock.
+    pub lock_wait: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            mode: Mode::Changed,
+            dry_run: false,
+            lock_wait: Duration::from_secs(600),
+        }
+    }
+}
+
+/// A failure that stops the whole run (nothing is written to the cache).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error(transparent)]
+    Fetch(FetchError),
+    #[error("{url}: {source}")]
+    Index { url: String, source: IndexError },
+    #[error("{0}; cache left untouched, the next run retries")]
+    Broker(PublishError),
+}
+
+/// Why one profile failed (it is retried by the next run).
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error(transparent)]
+    Entry(#[from] index::EntryError),
+    #[error("profile {0:?} is not in the index")]
+    NotInIndex(String),
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    #[error("{url}: not valid JSON: {message}")]
+    NotJson { url: String, message: String },
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+    #[error("cached copy of {name}: {source}")]
+    Cache { name: String, source: CacheError },
+}
+
+/// What a run did; [`Summary::exit_status`] is the process's exit status.
+#[derive(Debug, Default)]
+pub struct Summary {
+    /// First run: the index was recorded as the baseline, nothing published.
+    pub baseline: bool,
+    /// Confirmed by the broker, with their message ids.
+    pub published: Vec<Confirmed>,
+    /// Downloaded and equal (as JSON) to the cached copy.
+    pub unchanged: Vec<String>,
+    /// `--dry-run`: what would have been published.
+    pub would_publish: Vec<String>,
+    /// Failed profiles and why; retried next run.
+    pub failed: Vec<(String, String)>,
+}
+
+impl Summary {
+    pub fn exit_status(&self) -> i32 {
+        if self.failed.is_empty() {
+            0
+        } else {
+            EXIT_FAILED
+        }
+    }
+
+    fn fail(&mut self, name: &str, err: &ProfileError) {
+        error!("{err}");
+        self.failed.push((name.to_string(), err.to_string()));
+    }
+}
+
+enum Verdict {
+    Unchanged,
+    Changed(Vec<u8>),
+}
+
+/// Runs once. `Err` means the run stopped before publishing anything more
+/// and left the cache untouched.
+pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Options) -> Result<Summary, RunError> {
+    info!("Starting");
+    let cache = CacheDir::new(&config.cache_dir);
+    // A dry run only reads: it takes no lock, so it never creates CACHE_DIR.
+    let _lock = if options.dry_run {
+        None
+    } else {
+        Some(cache.lock(options.lock_wait, || {
+            info!(
+                "Another cdb2rabbit run holds {}; waiting for it (at most {:?})",
+                cache.root().join(crate::cache::LOCK_FILE).display(),
+                options.lock_wait
+            )
+        })?)
+    };
+    let fetcher = Fetcher::new(config).map_err(RunError::Fetch)?;
+    let raw = fetcher
+        .get(&config.profile_info_url, INDEX_LIMIT)
+        .await
+        .map_err(RunError::Fetch)?;
+    let index = index::parse(raw).map_err(|source| RunError::Index {
+        url: config.profile_info_url.to_string(),
+        source,
+    })?;
+    let cached = cache.read_index()?;
+    let first_run = cached.is_none();
+    let cached: HashMap<String, u64> = cached
+        .map(|c| c.entries.into_iter().map(|e| (e.name, e.mtime)).collect())
+        .unwrap_or_default();
+
+    let mut summary = Summary::default();
+    for problem in &index.problems {
+        summary.fail(problem.name(), &ProfileError::Entry(problem.clone()));
+    }
+
+    if first_run && options.mode == Mode::Changed {
+        info!("Cached info file does not exist, creating one and exiting");
+        summary.baseline = true;
+        if !options.dry_run {
+            cache.write_index(index.entries.iter().map(|e| (e.name.as_str(), e.mtime)))?;
+        }
+        return Ok(summary);
+    }
+
+    let candidates = select_candidates(&index, &cached, config, &options.mode, &mut summary);
+    let mut processed = Pipeline {
+        global,
+        config,
+        cache: &cache,
+        fetcher: &fetcher,
+        dry_run: options.dry_run,
+        force: options.mode != Mode::Changed,
+        summary,
+        wrote_copies: false,
+    };
+    processed.run(&candidates).await?;
+    let Pipeline {
+        mut summary,
+        wrote_copies,
+        ..
+    } = processed;
+
+    if options.dry_run {
+        return Ok(summary);
+    }
+    let failed: HashSet<&str> = summary.failed.iter().map(|(n, _)| n.as_str()).collect();
+    // With --profile, other profiles were not looked at: their cached state stays
+    // as it was (or becomes the baseline on a first run).
+    let only: Option<HashSet<&str>> = match &options.mode {
+        Mode::Named(names) if !first_run => Some(names.iter().map(String::as_str).collect()),
+        _ => None,
+    };
+    let in_index: HashSet<&str> = index
+        .entries
+        .iter()
+        .map(|e| e.name.as_str())
+        .chain(index.problems.iter().map(|p| p.name()))
+        .collect();
+    let mut kept: HashSet<&str> = HashSet::new();
+    let mut new_index: Vec<(&str, u64)> = Vec::with_capacity(index.entries.len());
+    for entry in &index.entries {
+        let name = entry.name.as_str();
+        let keep_old = failed.contains(name) || only.as_ref().is_some_and(|o| !o.contains(name));
+        if keep_old {
+            if let Some(old) = cached.get(name) {
+                new_index.push((name, *old));
+            }
+        } else {
+            new_index.push((name, entry.mtime));
+        }
+    }
+    for problem in &index.problems {
+        let name = problem.name();
+        if let Some(old) = cached.get(name) {
+            if kept.insert(name) {
+                new_index.push((name, *old));
+            }
+        }
+    }
+    for name in cached.keys() {
+        if !in_index.contains(name.as_str()) && index::check_name(name).is_ok() {
+            info!("Profile left the index, forgetting it: {name}");
+            if let Err(e) = cache.remove_profile(name) {
+                warn!("{e}");
+            }
+        }
+    }
+    if wrote_copies {
+        cache.sync()?;
+    }
+    info!("Updating cached profile_info");
+    cache.write_index(new_index)?;
+    if summary.failed.is_empty() {
+        info!("Exiting normally");
+    } else {
+        summary.failed.sort();
+        error!(
+            "{} profile(s) failed and will be retried by the next run: {}",
+            summary.failed.len(),
+            summary
+                .failed
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(summary)
+}
+
+/// The profiles this run downloads, as (name, mtime) from the index.
+fn select_candidates<'a>(
+    index: &'a index::Index,
+    cached: &HashMap<String, u64>,
+    config: &Cdb2RabbitConfig,
+    mode: &Mode,
+    summary: &mut Summary,
+) -> Vec<(&'a str, u64)> {
+    let matching = |name: &str| name.contains(config.profile_match.as_str());
+    let candidates: Vec<(&str, u64)> = match mode {
+        Mode::Changed => index
+            .entries
+            .iter()
+            .filter(|e| matching(&e.name) && cached.get(&e.name) != Some(&e.mtime))
+            .map(|e| (e.name.as_str(), e.mtime))
+            .collect(),
+        Mode::All => index
+            .entries
+            .iter()
+            .filter(|e| matching(&e.name))
+            .map(|e| (e.name.as_str(), e.mtime))
+            .collect(),
+        Mode::Named(names) => {
+            let mtimes = index.mtimes();
+            let problems: HashSet<&str> = index.problems.iter().map(|p| p.name()).collect();
+            let mut seen = HashSet::new();
+            let mut out = Vec::new();
+            for name in names {
+                if !seen.insert(name.as_str()) {
+                    continue;
+                }
+                match mtimes.get_key_value(name.as_str()) {
+                    Some((n, m)) => out.push((*n, *m)),
+                    // Already reported as a bad entry.
+                    None if problems.contains(name.as_str()) => {}
+                    None => summary.fail(name, &ProfileError::NotInIndex(name.clone())),
+                }
+            }
+            out
+        }
+    };
+    for (name, _) in &candidates {
+        info!("CI profile rebuilt: {name}");
+    }
+    candidates
+}
+
+/// Downloads, compares, publishes and records, for one run.
+struct Pipeline<'a> {
+    global: &'a GlobalConfig,
+    config: &'a Cdb2RabbitConfig,
+    cache: &'a CacheDir,
+    fetcher: &'a Fetcher,
+    dry_run: bool,
+    /// `--all` / `--profile`: publish even when the JSON equals the cached copy.
+    force: bool,
+    summary: Summary,
+    wrote_copies: bool,
+}
+
+impl Pipeline<'_> {
+    async fn run(&mut self, candidates: &[(&str, u64)]) -> Result<(), RunError> {
+        let (fetcher, cache, base) = (self.fetcher, self.cache, &self.config.profile_dir_url);
+        let force = self.force;
+        let mut downloads = futures::stream::iter(candidates.iter().copied())
+            .map(|(name, mtime)| async move {
+                info!("Downloading profile {name}");
+                (name, mtime, examine(fetcher, cache, base, name, force).await)
+            })
+            .buffer_unordered(self.config.download_concurrency);
+        let mut publisher: Option<Publisher> = None;
+        let mut in_flight = FuturesUnordered::new();
+        let mut downloads_done = candidates.is_empty();
+        loop {
+            tokio::select! {
+                // Confirms first: they free memory and let downloads continue.
+                biased;
+                Some((name, result, body)) = in_flight.next(), if !in_flight.is_empty() => {
+                    self.confirmed(name, result, body).await;
+                }
+                next = downloads.next(), if !downloads_done && in_flight.len() < MAX_IN_FLIGHT => {
+                    let Some((name, mtime, verdict)) = next else {
+                        downloads_done = true;
+                        continue;
+                    };
+                    match verdict {
+                        Err(e) => self.summary.fail(name, &e),
+                        Ok(Verdict::Unchanged) => {
+                            info!("Profile has not updated: {name}");
+                            self.summary.unchanged.push(name.to_string());
+                        }
+                        Ok(Verdict::Changed(body)) => {
+                            info!("Profile has updated: {name}");
+                            if self.dry_run {
+                                println!("would publish: {name}");
+                                self.summary.would_publish.push(name.to_string());
+                                continue;
+                            }
+                            let publisher = match &mut publisher {
+                                Some(p) => p,
+                                None => publisher.insert(Publisher::connect(self.global).await.map_err(RunError::Broker)?),
+                            };
+                            info!(profile = name, "Pushing message to queue for build");
+                            match publisher.publish(name, mtime, &body).await {
+                                Ok(pending) => {
+                                    let name = pending.profile.clone();
+                                    in_flight.push(async move { (name, pending.confirmed().await, body) });
+                                }
+                                Err(e) => self.summary.fail(name, &e.into()),
+                            }
+                        }
+                    }
+                }
+                else => break,
+            }
+        }
+        if let Some(p) = publisher {
+            p.close().await;
+        }
+        Ok(())
+    }
+
+    /// The broker answered: only now may the cached copy be replaced.
+    async fn confirmed(&mut self, name: String, result: Result<Confirmed, PublishError>, body: Vec<u8>) {
+        match result {
+            Err(e) => self.summary.fail(&name, &e.into()),
+            Ok(done) => {
+                info!(
+                    "Broker confirmed profile {} (message id {})",
+                    done.profile, done.message_id
+                );
+                let cache = self.cache.clone();
+                let written = tokio::task::spawn_blocking(move || cache.write_profile(&name, &body))
+                    .await
+                    .unwrap_or_else(|e| panic!("writing a cached profile panicked: {e}"));
+                self.wrote_copies = true;
+                match written {
+                    Ok(()) => self.summary.published.push(done),
+                    // Published, but the next comparison would use a stale copy:
+                    // fail it so the next run publishes it again (a duplicate, not a loss).
+                    Err(source) => self.summary.fail(&done.profile, &ProfileError::Cache { name: done.profile.clone(), source }),
+                }
+            }
+        }
+    }
+}
+
+/// Downloads one profile and compares it, as JSON, with its cached copy
+/// (unless `force`: a manual rebuild is published whatever the copy says).
+async fn examine(
+    fetcher: &Fetcher,
+    cache: &CacheDir,
+    base: &url::Url,
+    name: &str,
+    force: bool,
+) -> Result<Verdict, ProfileError> {
+    let url = profile_url(base, name)?;
+    let body = fetcher.get(&url, PROFILE_LIMIT).await?;
+    let new: Value = serde_json::from_slice(&body).map_err(|e| ProfileError::NotJson {
+        url: url.to_string(),
+        message: e.to_string(),
+    })?;
+    if force {
+        return Ok(Verdict::Changed(body));
+    }
+    let old = cache.read_profile(name).map_err(|source| ProfileError::Cache {
+        name: name.to_string(),
+        source,
+    })?;
+    let unchanged = old
+        .and_then(|bytes| index::gunzip_if_gzip(bytes, PROFILE_LIMIT).ok())
+        .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
+        .is_some_and(|old| old == new);
+    Ok(if unchanged {
+        Verdict::Unchanged
+    } else {
+        Verdict::Changed(body)
+    })
+}
