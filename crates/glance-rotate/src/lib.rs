@@ -2,14 +2,35 @@
 //! images of exactly the same name (and owner) are archived and their
 //! members move to the new image.
 //!
+//! - [`credentials`]: `OS_*` variables (an RC file or the environment) into typed credentials.
+//! - [`keystone`]: tokens (reused until shortly before expiry) and the image endpoint.
+//! - [`glance`]: the Glance v2 calls a rotation needs.
+//! - [`rotate`]: the plan (what is to be done, read-only) and its execution.
+//!
 //! API contract used by rabbit2packer (keep it stable):
 //! - [`Target`]: which new image to rotate for.
 //! - [`RotateOptions`]: from `[rabbit2packer]` rotation keys.
 //! - [`rotate_with_rc`]: sources an admin RC file, authenticates, rotates.
+//!
+//! Not here: deciding when to rotate (rabbit2packer does, after a build) and
+//! retrying a failed rotation later (rabbit2packer's job, with backoff).
 
+pub mod credentials;
+pub mod glance;
+pub mod keystone;
+pub mod rotate;
+
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use packuilon_common::config::RotationConfig;
+use packuilon_common::rcfile::RcFileError;
+
+pub use credentials::{Credentials, CredentialsError};
+pub use glance::Glance;
+pub use keystone::Session;
+pub use rotate::{plan, rotate, Plan};
 
 /// Which image is the new one.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +65,12 @@ impl From<&RotationConfig> for RotateOptions {
     }
 }
 
+impl Default for RotateOptions {
+    fn default() -> Self {
+        RotateOptions::from(&RotationConfig::default())
+    }
+}
+
 /// What a rotation did (or, with `dry_run`, would do).
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Report {
@@ -56,17 +83,97 @@ pub struct Report {
     pub deleted: Vec<String>,
     /// Nothing to rotate (e.g. no image of that name found).
     pub skipped: Option<String>,
+    /// Images of that name not touched, and why: (image id, reason).
+    pub left_alone: Vec<(String, String)>,
+    /// Archives KEEP_ARCHIVES would delete but kept: (image id, reason).
+    pub kept: Vec<(String, String)>,
+    /// The new image was private and was made `shared` to receive members.
+    pub shared_new_image: bool,
+    /// This report is a plan: nothing was changed.
+    pub dry_run: bool,
+    /// HTTP requests made (Keystone and Glance).
+    pub http_requests: u64,
 }
 
 /// Why a rotation failed: names the HTTP status and Glance's message, never a secret.
 #[derive(Debug, thiserror::Error)]
 pub enum RotateError {
+    /// The credentials are incomplete or unusable (a configuration problem).
+    #[error("credentials: {0}")]
+    Credentials(String),
+    /// The admin RC file could not be sourced.
+    #[error(transparent)]
+    RcFile(#[from] RcFileError),
+    /// A request failed: no answer (`status` None) or an error status.
+    #[error("{service} {method} {url}: {}{message}", status.map(|s| format!("HTTP {s}: ")).unwrap_or_default())]
+    Http {
+        service: &'static str,
+        method: String,
+        url: String,
+        status: Option<u16>,
+        message: String,
+    },
+    /// The new image is not usable (not found, not active, no name).
+    #[error("{0}")]
+    NewImage(String),
     #[error("{0}")]
     Other(String),
 }
 
+impl RotateError {
+    pub(crate) fn http(service: &'static str, method: &str, url: &str, status: Option<u16>, message: String) -> Self {
+        RotateError::Http {
+            service,
+            method: method.to_string(),
+            url: url.to_string(),
+            status,
+            message,
+        }
+    }
+
+    /// The HTTP status of a failed request, if one was answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            RotateError::Http { status, .. } => *status,
+            _ => None,
+        }
+    }
+
+    /// A configuration problem (fix the RC file or config), not a failure of the services.
+    pub fn is_config(&self) -> bool {
+        matches!(self, RotateError::Credentials(_) | RotateError::RcFile(_))
+    }
+}
+
+impl From<CredentialsError> for RotateError {
+    fn from(e: CredentialsError) -> Self {
+        RotateError::Credentials(e.to_string())
+    }
+}
+
+/// `OS_*` variables from `admin_rc` (sourced by bash) over the process environment's.
+pub fn credentials_from_rc(admin_rc: &Path) -> Result<Credentials, RotateError> {
+    let mut env: BTreeMap<String, String> = Credentials::process_env();
+    env.extend(
+        packuilon_common::rcfile::source(admin_rc)?
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("OS_")),
+    );
+    Credentials::from_env(&env).map_err(|e| RotateError::Credentials(format!("{}: {e}", admin_rc.display())))
+}
+
+/// Authenticates with `creds` and rotates (see [`rotate::rotate`]).
+pub async fn rotate_with_credentials(
+    creds: Credentials,
+    target: Target,
+    opts: &RotateOptions,
+) -> Result<Report, RotateError> {
+    let glance = Glance::new(Arc::new(Session::new(creds)?));
+    rotate(&glance, target, opts).await
+}
+
 /// Sources `admin_rc` with bash, authenticates with Keystone and rotates.
 pub async fn rotate_with_rc(admin_rc: &Path, target: Target, opts: &RotateOptions) -> Result<Report, RotateError> {
-    let _ = (admin_rc, target, opts);
-    Err(RotateError::Other("rotation not implemented yet".into()))
+    let creds = credentials_from_rc(admin_rc)?;
+    rotate_with_credentials(creds, target, opts).await
 }

@@ -1,1 +1,145 @@
-fn main() {}
+//! `rename-old-images`: archives the older Glance images of a name and moves
+//! their members to the new image. The original's call form still works:
+//! `rename-old-images sl7x-x86_64 inventory AQ` (the words are the name).
+//!
+//! Exit status: 0 done (or nothing to do), 1 the rotation failed (the HTTP
+//! status and Glance's message are logged), 2 bad arguments or configuration.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use glance_rotate::{credentials_from_rc, Credentials, RotateOptions, Target};
+use packuilon_common::config::{self, IniFile, RotationConfig};
+use packuilon_common::logging::{self, LogTarget};
+use packuilon_common::{EXIT_CONFIG, EXIT_FAILED};
+
+/// Archive older Glance images of a name and move their members to the new image.
+///
+/// Credentials: --auth-file, else [rabbit2packer] PACKER_ADMIN_AUTH_FILE of the
+/// config (default /etc/packer-utils/admin-auth.sh when it exists), else the OS_*
+/// variables of the environment. Rotation keys come from the config's
+/// [rabbit2packer] section: ARCHIVE_NAME, HIDE_ARCHIVED, KEEP_ARCHIVES.
+#[derive(Debug, Parser)]
+#[command(name = "rename-old-images", version)]
+struct Cli {
+    /// config.ini (default: $PACKER_UTILS_CONFIG, else /etc/packer-utils/config.ini; a missing default is fine).
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// OpenStack RC file to source with bash (admin credentials).
+    #[arg(long, value_name = "RC")]
+    auth_file: Option<PathBuf>,
+    /// The new image's ID (instead of a name).
+    #[arg(long, value_name = "ID", conflicts_with = "name")]
+    image_id: Option<String>,
+    /// Print the plan, change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Where log lines go (default: stderr on a terminal, journald under systemd, syslog otherwise).
+    #[arg(long, value_enum, value_name = "TARGET")]
+    log: Option<LogTarget>,
+    /// The image name; several words are joined with spaces. The new image is
+    /// the newest active image of exactly that name.
+    #[arg(value_name = "WORD", required_unless_present = "image_id")]
+    name: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_CONFIG } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code as u8);
+        }
+    };
+    logging::init("rename-old-images", cli.log);
+    let (creds, opts, target) = match setup(&cli) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILED as u8);
+        }
+    };
+    match rt.block_on(glance_rotate::rotate_with_credentials(creds, target, &opts)) {
+        Ok(report) => {
+            tracing::info!(
+                "{}: {} image(s) archived, {} member(s) moved, {} archive(s) deleted, {} HTTP requests{}",
+                if report.name.is_empty() {
+                    "rotation"
+                } else {
+                    report.name.as_str()
+                },
+                report.archived.len(),
+                report.members_moved.len(),
+                report.deleted.len(),
+                report.http_requests,
+                if report.dry_run {
+                    " (dry run: nothing changed)"
+                } else {
+                    ""
+                }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) if e.is_config() => {
+            tracing::error!("{e}");
+            ExitCode::from(EXIT_CONFIG as u8)
+        }
+        Err(e) => {
+            tracing::error!("rotation failed: {e}");
+            ExitCode::from(EXIT_FAILED as u8)
+        }
+    }
+}
+
+/// Credentials, options and target from the arguments and config; errors here mean exit 2.
+fn setup(cli: &Cli) -> anyhow::Result<(Credentials, RotateOptions, Target)> {
+    let explicit = cli.config.is_some() || std::env::var_os(config::CONFIG_ENV).is_some_and(|v| !v.is_empty());
+    let path = config::resolve_path(cli.config.clone());
+    let rotation = if explicit || path.exists() {
+        IniFile::load(&path)?.rotation()?
+    } else {
+        RotationConfig::default()
+    };
+    let rc = cli.auth_file.clone().or_else(|| rotation.admin_auth_file.clone());
+    let creds = match &rc {
+        Some(rc) => {
+            if !rc.exists() {
+                anyhow::bail!("{}: auth file does not exist", rc.display());
+            }
+            credentials_from_rc(rc)?
+        }
+        None => Credentials::from_env(&Credentials::process_env())
+            .context("no auth file (--auth-file or PACKER_ADMIN_AUTH_FILE) and the environment has no credentials")?,
+    };
+    let mut opts = RotateOptions::from(&rotation);
+    opts.dry_run = cli.dry_run;
+    let target = match &cli.image_id {
+        Some(id) if id.trim().is_empty() => anyhow::bail!("--image-id: empty"),
+        Some(id) => Target::ImageId(id.trim().to_string()),
+        None => {
+            let name = cli.name.join(" ");
+            if name.trim().is_empty() {
+                anyhow::bail!("the image name is empty");
+            }
+            Target::Name {
+                name,
+                created_after: None,
+            }
+        }
+    };
+    Ok((creds, opts, target))
+}

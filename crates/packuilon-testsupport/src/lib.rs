@@ -6,6 +6,7 @@
 
 pub mod broker;
 pub mod http;
+pub mod openstack;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
