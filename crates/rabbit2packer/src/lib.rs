@@ -1,1 +1,25 @@
-//! placeholder
+//! rabbit2packer: consumes profile change requests from RabbitMQ and builds
+//! each image with Packer, exactly once per change, losing no request.
+//!
+//! Follow the data: a delivery ([`consumer`]) becomes a job in the durable
+//! [`journal`] (acked only after the commit); the [`scheduler`] keeps per
+//! image at most one running and one waiting job and hands ready ones to
+//! THREAD_COUNT workers; a [`job`] takes the [`catalog`]'s templates for the
+//! image, [`render`]s each to a build file, [`runner`] runs packer in its own
+//! process group while [`build_log`] writes the log operators know, then the
+//! image is rotated (glance-rotate). [`history`] reads the journal for
+//! `status` and `history`; [`daemon`] ties the life cycle together.
+//!
+//! Not here: profile names and `$METADATA` (packuilon-common::profile),
+//! config.ini (packuilon-common::config), Glance (glance-rotate).
+
+pub mod build_log;
+pub mod catalog;
+pub mod consumer;
+pub mod daemon;
+pub mod history;
+pub mod job;
+pub mod journal;
+pub mod render;
+pub mod runner;
+pub mod scheduler;

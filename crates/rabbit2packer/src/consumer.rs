@@ -1,0 +1,224 @@
+//! Taking requests off the queue: `basic_consume` (the broker pushes; the
+//! original polled every 2 s per thread), manual acks, a bounded prefetch.
+//!
+//! Each delivery is journaled first and acked after the commit, so a
+//! message is never lost and RabbitMQ's consumer timeout (30 min) never
+//! meets a build. A message that cannot name an image is saved whole to
+//! `STATE_DIR/rejected/` and acked; nothing else stops. When the broker
+//! goes away the consumer reconnects with backoff while builds go on.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use packuilon_common::config::GlobalConfig;
+use packuilon_common::profile::ImageNames;
+use packuilon_common::rabbit;
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+use crate::journal::NewJob;
+use crate::scheduler::{Accepted, Scheduler};
+
+/// Unacked deliveries the broker may push ahead of the journal.
+pub const PREFETCH: u16 = 64;
+/// The longest pause between reconnection attempts.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Consumes until `stop` fires. `on_consuming` is called each time a
+/// consumer is (re)established (the daemon tells systemd READY=1 the first time).
+pub async fn run(
+    global: &GlobalConfig,
+    state_dir: &Path,
+    scheduler: Arc<Scheduler>,
+    stop: CancellationToken,
+    mut on_consuming: impl FnMut(),
+) {
+    let endpoint = rabbit::endpoint(&global.rabbit);
+    let mut attempt = 0u32;
+    loop {
+        if stop.is_cancelled() {
+            return;
+        }
+        match consume(global, state_dir, &scheduler, &stop, &mut on_consuming, &mut attempt).await {
+            Ok(()) => return,
+            Err(e) => {
+                let pause = rabbit::backoff(attempt, MAX_BACKOFF);
+                tracing::warn!("RabbitMQ at {endpoint}: {e}; reconnecting to channel in {pause:?}");
+                attempt = attempt.saturating_add(1);
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
+        }
+    }
+}
+
+async fn consume(
+    global: &GlobalConfig,
+    state_dir: &Path,
+    scheduler: &Scheduler,
+    stop: &CancellationToken,
+    on_consuming: &mut impl FnMut(),
+    attempt: &mut u32,
+) -> Result<(), lapin::Error> {
+    let conn = tokio::select! {
+        c = rabbit::connect_once(&global.rabbit, "rabbit2packer") => c.map_err(|e| match e {
+            rabbit::RabbitError::Amqp { source, .. } => source,
+            other => lapin::Error::from(std::io::Error::other(other.to_string())),
+        })?,
+        _ = stop.cancelled() => return Ok(()),
+    };
+    let channel = conn.create_channel().await?;
+    channel.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
+    rabbit::declare_queue(&channel, &global.queue).await?;
+    let mut consumer = channel
+        .basic_consume(
+            global.queue.as_str().into(),
+            "rabbit2packer".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    tracing::info!("Consuming from queue {}", global.queue);
+    *attempt = 0;
+    on_consuming();
+    loop {
+        let delivery = tokio::select! {
+            d = consumer.next() => d,
+            _ = stop.cancelled() => {
+                // Unacked deliveries go back to the queue; journaled ones are acked already.
+                let _ = channel.close(200, "rabbit2packer stopping".into()).await;
+                let _ = conn.close(200, "rabbit2packer stopping".into()).await;
+                return Ok(());
+            }
+        };
+        let delivery = match delivery {
+            Some(Ok(d)) => d,
+            Some(Err(e)) => return Err(e),
+            None => {
+                return Err(lapin::Error::from(std::io::Error::other(
+                    "consumer cancelled by the broker",
+                )))
+            }
+        };
+        match handle(
+            state_dir,
+            scheduler,
+            &delivery.data,
+            &delivery.properties,
+            delivery.redelivered,
+        ) {
+            Ok(()) => {
+                delivery.ack(BasicAckOptions::default()).await?;
+            }
+            Err(e) => {
+                // The journal could not commit: the message stays the broker's.
+                tracing::error!("{e}; message returned to the queue");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = stop.cancelled() => {}
+                }
+                delivery
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await?;
+            }
+        }
+    }
+}
+
+/// Journals (or rejects) one delivery. Ok means: ack it.
+pub fn handle(
+    state_dir: &Path,
+    scheduler: &Scheduler,
+    body: &[u8],
+    props: &lapin::BasicProperties,
+    redelivered: bool,
+) -> Result<(), crate::journal::JournalError> {
+    let message_id = props.message_id().as_ref().map(|m| m.to_string());
+    let sha = hex::encode(Sha256::digest(body));
+    let shown_id = message_id.clone().unwrap_or_else(|| format!("(none; sha256 {sha})"));
+    let names = match ImageNames::from_slice(body) {
+        Ok(n) => n,
+        Err(e) => {
+            let saved = save_rejected(state_dir, message_id.as_deref(), &sha, body);
+            let saved = match saved {
+                Ok(p) => format!("saved whole to {}", p.display()),
+                Err(err) => format!("could not be saved to {}/rejected: {err}", state_dir.display()),
+            };
+            tracing::error!("could not decode profile, malformed json? Continuing: message {shown_id}: {e}; {saved}");
+            return Ok(());
+        }
+    };
+    let profile = profile_name(props, body);
+    let job = NewJob {
+        message_id,
+        body_sha256: sha,
+        profile,
+        image_key: names.image_key(),
+        body: body.to_vec(),
+    };
+    let key = job.image_key.clone();
+    match scheduler.accept(job, redelivered)? {
+        Accepted::New { id, superseded } => match superseded {
+            Some(old) => tracing::info!("Job {id} for {key} queued (message {shown_id}); supersedes waiting job {old}"),
+            None => tracing::info!("Job {id} for {key} queued (message {shown_id})"),
+        },
+        Accepted::Duplicate(id) => {
+            tracing::info!("Message {shown_id} is already job {id}: acked, not built again")
+        }
+    }
+    Ok(())
+}
+
+/// The profile's name: the `profile` header when the publisher set one,
+/// else `<hostname>.<domainname>` from the profile.
+fn profile_name(props: &lapin::BasicProperties, body: &[u8]) -> Option<String> {
+    if let Some(h) = props.headers() {
+        for (k, v) in h.inner() {
+            if k.as_str() == "profile" {
+                match v {
+                    AMQPValue::LongString(s) => return Some(s.to_string()),
+                    AMQPValue::ShortString(s) => return Some(s.to_string()),
+                    _ => {}
+                }
+            }
+        }
+    }
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let net = v.get("system")?.get("network")?;
+    let host = net.get("hostname")?.as_str()?;
+    Some(match net.get("domainname").and_then(|d| d.as_str()) {
+        Some(d) if !d.is_empty() => format!("{host}.{d}"),
+        _ => host.to_string(),
+    })
+}
+
+/// `STATE_DIR/rejected/<epoch>-<message id or sha256>.msg`, the body as received.
+fn save_rejected(state_dir: &Path, message_id: Option<&str>, sha: &str, body: &[u8]) -> std::io::Result<PathBuf> {
+    let dir = state_dir.join("rejected");
+    std::fs::create_dir_all(&dir)?;
+    let id: String = message_id
+        .unwrap_or(sha)
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(100)
+        .collect();
+    let epoch = chrono::Utc::now().timestamp();
+    let path = dir.join(format!("{epoch}-{id}.msg"));
+    crate::render::write_atomic(&path, body)?;
+    Ok(path)
+}

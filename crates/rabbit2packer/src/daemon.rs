@@ -1,0 +1,285 @@
+//! The daemon's life: validate everything once at start-up (exit 2 with one
+//! error naming file and key), recover the journal (kill packer groups a
+//! crashed run left, run again what was interrupted, waiting or running),
+//! start THREAD_COUNT workers and the consumer, tell systemd READY=1 once
+//! consuming. SIGHUP re-reads the catalog. SIGTERM/SIGINT: stop consuming,
+//! SIGTERM to every packer group, wait up to STOP_TIMEOUT, record unfinished
+//! jobs as interrupted (they run at the next start), exit 0.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use packuilon_common::config::{GlobalConfig, IniFile, Rabbit2PackerConfig};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::{Catalog, LiveCatalog};
+use crate::job::{self, Context};
+use crate::journal::{JobState, Journal};
+use crate::runner::{self, Spawner};
+use crate::scheduler::Scheduler;
+
+/// Why the daemon could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Bad configuration: exit 2.
+    #[error("{0}")]
+    Config(String),
+    /// Anything else: exit 1.
+    #[error("{0}")]
+    Runtime(String),
+}
+
+impl DaemonError {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            DaemonError::Config(_) => packuilon_common::EXIT_CONFIG,
+            DaemonError::Runtime(_) => packuilon_common::EXIT_FAILED,
+        }
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub config_file: PathBuf,
+    pub global: GlobalConfig,
+    pub r2p: Rabbit2PackerConfig,
+}
+
+/// Reads config.ini (`[global]`, `[rabbit2packer]`); warnings are logged.
+pub fn load_settings(config_file: &Path) -> Result<Settings, DaemonError> {
+    let ini = IniFile::load(config_file).map_err(|e| DaemonError::Config(e.to_string()))?;
+    let mut warnings = Vec::new();
+    let global = ini
+        .global(&mut warnings)
+        .map_err(|e| DaemonError::Config(e.to_string()))?;
+    let r2p = ini
+        .rabbit2packer(&mut warnings)
+        .map_err(|e| DaemonError::Config(e.to_string()))?;
+    for w in warnings {
+        tracing::warn!("{w}");
+    }
+    Ok(Settings {
+        config_file: config_file.to_path_buf(),
+        global,
+        r2p,
+    })
+}
+
+/// Everything start-up checks beyond the keys themselves: directories
+/// (created when missing), the packer binary, the RC file, the catalog.
+pub fn validate(s: &Settings) -> Result<Catalog, DaemonError> {
+    let file = s.config_file.display();
+    let err = |key: &str, problem: String| DaemonError::Config(format!("{file}: [rabbit2packer] {key}: {problem}"));
+    for (key, dir) in [
+        ("STATE_DIR", &s.r2p.state_dir),
+        ("LOG_DIR", &s.r2p.log_dir),
+        ("BUILD_FILE_DIR", &s.r2p.build_file_dir),
+    ] {
+        std::fs::create_dir_all(dir).map_err(|e| err(key, format!("{}: {e}", dir.display())))?;
+        let probe = tempfile::tempfile_in(dir);
+        probe.map_err(|e| err(key, format!("{} is not writable: {e}", dir.display())))?;
+    }
+    find_program(&s.r2p.packer_path).ok_or_else(|| {
+        err(
+            "PACKER_PATH",
+            format!(
+                "{} is not an executable file (nor found in PATH)",
+                s.r2p.packer_path.display()
+            ),
+        )
+    })?;
+    packuilon_common::rcfile::source(&s.r2p.packer_auth_file).map_err(|e| err("PACKER_AUTH_FILE", e.to_string()))?;
+    Catalog::load(&s.r2p.packer_template_map, &s.r2p.images_config).map_err(|e| DaemonError::Config(e.to_string()))
+}
+
+fn find_program(p: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |c: &Path| {
+        std::fs::metadata(c)
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    if p.components().count() > 1 {
+        return executable(p).then(|| p.to_path_buf());
+    }
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(p))
+        .find(|c| executable(c))
+}
+
+fn notify(state: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(false, state) {
+        tracing::warn!("sd_notify: {e}");
+    }
+}
+
+/// Runs the daemon until SIGTERM/SIGINT.
+pub async fn run(config_file: &Path) -> Result<(), DaemonError> {
+    let settings = load_settings(config_file)?;
+    let catalog = validate(&settings)?;
+    tracing::info!("Starting");
+    let cfg = settings.r2p.clone();
+
+    let journal = Arc::new(Journal::open(&cfg.state_dir).map_err(|e| DaemonError::Runtime(e.to_string()))?);
+    let recovery = journal.recover().map_err(|e| DaemonError::Runtime(e.to_string()))?;
+    for g in &recovery.groups {
+        let n = runner::kill_leftover_group(g.pgid, &g.boot_id, cfg.stop_timeout).await;
+        if n > 0 {
+            tracing::warn!(
+                "packer process group {} (build {}) outlived the previous rabbit2packer: {n} process(es) stopped",
+                g.pgid,
+                g.build_id
+            );
+        }
+    }
+    for id in &recovery.rebuilt {
+        tracing::warn!("Job {id} was running when rabbit2packer stopped: it will be built again");
+    }
+    if !recovery.jobs.is_empty() {
+        tracing::info!("{} job(s) from the journal will run", recovery.jobs.len());
+    }
+
+    let scheduler = Arc::new(Scheduler::new(journal.clone()));
+    scheduler.restore(recovery.jobs);
+
+    let stop_builds = CancellationToken::new();
+    let ctx = Arc::new(Context {
+        config: cfg.clone(),
+        journal: journal.clone(),
+        catalog: Arc::new(LiveCatalog::new(catalog)),
+        spawner: Spawner::start()
+            .map_err(|e| DaemonError::Runtime(format!("cannot start the packer-spawner thread: {e}")))?,
+        stop: stop_builds.clone(),
+        boot_id: runner::boot_id(),
+        rotation_backoff: vec![
+            Duration::from_secs(5),
+            Duration::from_secs(30),
+            Duration::from_secs(120),
+        ],
+    });
+
+    let stop_workers = CancellationToken::new();
+    let mut workers = tokio::task::JoinSet::new();
+    for n in 1..=cfg.thread_count {
+        let thread = format!("Thread-{n}");
+        tracing::info!("Starting {thread}");
+        workers.spawn(worker(thread, ctx.clone(), scheduler.clone(), stop_workers.clone()));
+    }
+
+    let mut sigterm = signal(SignalKind::terminate()).map_err(|e| DaemonError::Runtime(e.to_string()))?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(|e| DaemonError::Runtime(e.to_string()))?;
+    let mut sighup = signal(SignalKind::hangup()).map_err(|e| DaemonError::Runtime(e.to_string()))?;
+
+    let stop_consuming = CancellationToken::new();
+    let consumer = {
+        let global = settings.global.clone();
+        let state_dir = cfg.state_dir.clone();
+        let scheduler = scheduler.clone();
+        let stop = stop_consuming.clone();
+        tokio::spawn(async move {
+            let mut first = true;
+            crate::consumer::run(&global, &state_dir, scheduler, stop, move || {
+                if std::mem::take(&mut first) {
+                    notify(&[sd_notify::NotifyState::Ready]);
+                }
+            })
+            .await
+        })
+    };
+
+    let signal_name = loop {
+        tokio::select! {
+            _ = sigterm.recv() => break "SIGTERM",
+            _ = sigint.recv() => break "SIGINT",
+            _ = sighup.recv() => {
+                tracing::info!("SIGHUP: checking the template map, source images and templates");
+                ctx.catalog.refresh();
+            }
+        }
+    };
+    tracing::info!(
+        "{signal_name} received: stopping (builds get SIGTERM; waiting up to {:?})",
+        cfg.stop_timeout
+    );
+    notify(&[sd_notify::NotifyState::Stopping]);
+    stop_consuming.cancel();
+    stop_workers.cancel();
+    stop_builds.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), consumer).await;
+    // Each runner waits STOP_TIMEOUT for packer and then kills its group.
+    let all_done = async { while workers.join_next().await.is_some() {} };
+    if tokio::time::timeout(cfg.stop_timeout + Duration::from_secs(10), all_done)
+        .await
+        .is_err()
+    {
+        tracing::error!("builds still running after STOP_TIMEOUT; marking them interrupted");
+    }
+    match journal.interrupt_running() {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!("{n} job(s) marked interrupted"),
+        Err(e) => tracing::error!("{e}"),
+    }
+    tracing::info!("Exiting normally");
+    Ok(())
+}
+
+/// One worker (`Thread-N`): takes ready jobs until the daemon stops. A job
+/// runs in a task of its own, so a panic fails that job alone.
+async fn worker(thread: String, ctx: Arc<Context>, scheduler: Arc<Scheduler>, stop: CancellationToken) {
+    loop {
+        let job = tokio::select! {
+            j = scheduler.next() => j,
+            _ = stop.cancelled() => return,
+        };
+        tracing::info!("{thread} processing {}", job.image_key);
+        if let Err(e) = ctx.journal.set_running(job.id, &thread) {
+            tracing::error!("{thread}: {e}");
+        }
+        let handle = {
+            let (ctx, thread, job) = (ctx.clone(), thread.clone(), job.clone());
+            tokio::spawn(async move { job::execute(&ctx, &thread, &job).await })
+        };
+        let finished = match handle.await {
+            Ok(f) => f,
+            Err(e) => {
+                let what = if e.is_panic() {
+                    let p = e.into_panic();
+                    let msg = p
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| p.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    format!("internal error (panic): {msg}")
+                } else {
+                    format!("internal error: {e}")
+                };
+                tracing::error!("{thread}: job {} for {} failed: {what}", job.id, job.image_key);
+                job::Finished {
+                    state: JobState::Failed,
+                    error: Some(what),
+                }
+            }
+        };
+        if let Err(e) = ctx.journal.finish(job.id, finished.state, finished.error.as_deref()) {
+            tracing::error!("{thread}: {e}");
+        }
+        match finished.state {
+            JobState::Succeeded => tracing::info!("{thread}: job {} for {} succeeded", job.id, job.image_key),
+            JobState::Interrupted => tracing::warn!(
+                "{thread}: job {} for {} interrupted; it runs again at the next start",
+                job.id,
+                job.image_key
+            ),
+            _ => tracing::error!(
+                "{thread}: job {} for {} failed: {}",
+                job.id,
+                job.image_key,
+                finished.error.as_deref().unwrap_or("")
+            ),
+        }
+        scheduler.done(&job.image_key);
+    }
+}

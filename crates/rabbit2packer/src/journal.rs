@@ -1,0 +1,648 @@
+//! The job journal: every request and every build, in SQLite under STATE_DIR.
+//!
+//! It is what makes the daemon lossless. A delivery is acked only after its
+//! job is committed here (WAL, `synchronous=FULL`: committed means on disk),
+//! so RabbitMQ's consumer timeout never meets a multi-hour build and a
+//! restart finds every request it ever accepted. Each state change of a job
+//! and of each template build is written as it happens (the pueue way), so
+//! `status` and `history` — other processes reading the same file — always
+//! see the truth, and a restart after `kill -9` knows what was running and
+//! which packer process groups may still be alive.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use serde::Serialize;
+
+/// The journal's file name inside STATE_DIR.
+pub const FILE_NAME: &str = "rabbit2packer.sqlite";
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("job journal {file}: {source}")]
+    Sql { file: String, source: rusqlite::Error },
+    #[error("job journal {file}: {problem}")]
+    Other { file: String, problem: String },
+}
+
+pub type Result<T, E = JournalError> = std::result::Result<T, E>;
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Waiting,
+    Running,
+    Succeeded,
+    Failed,
+    Superseded,
+    Interrupted,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Waiting => "waiting",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Superseded => "superseded",
+            JobState::Interrupted => "interrupted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobState> {
+        Some(match s {
+            "waiting" => JobState::Waiting,
+            "running" => JobState::Running,
+            "succeeded" => JobState::Succeeded,
+            "failed" => JobState::Failed,
+            "superseded" => JobState::Superseded,
+            "interrupted" => JobState::Interrupted,
+            _ => return None,
+        })
+    }
+}
+
+/// A request as it arrives, before it has an id.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub message_id: Option<String>,
+    /// sha256 of the body, hex: the identity of messages without an id.
+    pub body_sha256: String,
+    pub profile: Option<String>,
+    pub image_key: String,
+    pub body: Vec<u8>,
+}
+
+/// What the scheduler needs to run a job.
+#[derive(Debug, Clone)]
+pub struct JobRef {
+    pub id: i64,
+    pub image_key: String,
+    pub body: std::sync::Arc<Vec<u8>>,
+}
+
+/// One template build of a job, as recorded.
+#[derive(Debug, Clone, Serialize)]
+pub struct BuildRecord {
+    pub template: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub exit_code: Option<i64>,
+    pub log_path: Option<String>,
+    pub artifact_id: Option<String>,
+    pub rotation: Option<String>,
+    pub error: Option<String>,
+}
+
+/// One job, as `status` and `history` show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobRecord {
+    pub id: i64,
+    pub image_key: String,
+    pub profile: Option<String>,
+    pub message_id: Option<String>,
+    pub state: JobState,
+    /// `built, rotation failed` when the image was built but its rotation was not done.
+    pub outcome: String,
+    pub received_at: Option<String>,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub superseded_by: Option<i64>,
+    pub attempts: i64,
+    pub worker: Option<String>,
+    pub error: Option<String>,
+    pub builds: Vec<BuildRecord>,
+}
+
+/// A packer process group recorded as running when the daemon last stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeftoverGroup {
+    pub build_id: i64,
+    pub pgid: i32,
+    pub boot_id: String,
+}
+
+/// What a restart finds in the journal.
+#[derive(Debug, Default)]
+pub struct Recovery {
+    /// Jobs to run, oldest first, at most one per image key.
+    pub jobs: Vec<JobRef>,
+    /// Jobs that were running when the daemon died (rebuilt).
+    pub rebuilt: Vec<i64>,
+    /// Process groups of packer runs that never finished.
+    pub groups: Vec<LeftoverGroup>,
+}
+
+/// Outcome of recording a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    New(i64),
+    /// Already journaled as this job: ack it, build nothing.
+    Duplicate(i64),
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    message_id TEXT,
+    body_sha256 TEXT NOT NULL,
+    profile TEXT,
+    image_key TEXT NOT NULL,
+    body BLOB NOT NULL,
+    state TEXT NOT NULL,
+    superseded_by INTEGER,
+    received_at TEXT NOT NULL,
+    started_at TEXT,
+    finished_at TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    worker TEXT,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_message_id ON jobs(message_id);
+CREATE INDEX IF NOT EXISTS jobs_sha ON jobs(body_sha256);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE INDEX IF NOT EXISTS jobs_image ON jobs(image_key, id);
+CREATE TABLE IF NOT EXISTS builds (
+    id INTEGER PRIMARY KEY,
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    template TEXT NOT NULL,
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    exit_code INTEGER,
+    log_path TEXT,
+    build_file TEXT,
+    artifact_id TEXT,
+    rotation TEXT,
+    error TEXT,
+    pgid INTEGER,
+    boot_id TEXT
+);
+CREATE INDEX IF NOT EXISTS builds_job ON builds(job_id);
+CREATE INDEX IF NOT EXISTS builds_pgid ON builds(pgid) WHERE pgid IS NOT NULL;
+";
+
+/// Time stamps as operators read them (UTC, RFC 3339, seconds).
+pub fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// The journal, opened for writing by the daemon. Calls are short
+/// transactions; one connection behind a mutex is plenty.
+pub struct Journal {
+    file: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal").field("file", &self.file).finish()
+    }
+}
+
+impl Journal {
+    /// Opens (creating) STATE_DIR/rabbit2packer.sqlite for the daemon.
+    pub fn open(state_dir: &Path) -> Result<Journal> {
+        let file = state_dir.join(FILE_NAME);
+        let err = |source| JournalError::Sql {
+            file: file.display().to_string(),
+            source,
+        };
+        let conn = Connection::open(&file).map_err(err)?;
+        conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(JournalError::Other {
+                file: file.display().to_string(),
+                problem: format!("cannot switch to WAL (journal_mode is {mode})"),
+            });
+        }
+        // FULL: a commit is fsynced before the delivery it records is acked.
+        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
+            .map_err(err)?;
+        conn.execute_batch(SCHEMA).map_err(err)?;
+        Ok(Journal {
+            file,
+            conn: Mutex::new(conn),
+        })
+    }
+
+    /// Opens the journal read-only (for `status` and `history` while the daemon runs).
+    pub fn open_read_only(state_dir: &Path) -> Result<Journal> {
+        let file = state_dir.join(FILE_NAME);
+        let err = |source| JournalError::Sql {
+            file: file.display().to_string(),
+            source,
+        };
+        if !file.exists() {
+            return Err(JournalError::Other {
+                file: file.display().to_string(),
+                problem: "does not exist (has the daemon run with this STATE_DIR?)".into(),
+            });
+        }
+        let conn = Connection::open_with_flags(&file, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(err)?;
+        conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
+        Ok(Journal {
+            file,
+            conn: Mutex::new(conn),
+        })
+    }
+
+    pub fn file(&self) -> &Path {
+        &self.file
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T> {
+        // A panic elsewhere while holding the lock leaves the connection usable.
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut conn).map_err(|source| JournalError::Sql {
+            file: self.file.display().to_string(),
+            source,
+        })
+    }
+
+    /// Records a delivery as a waiting job, unless it is one already journaled:
+    /// the same message id, or (for messages without one, as the original
+    /// cdb2rabbit sends) a redelivery whose body was journaled before.
+    /// `supersede` is the image's waiting job that the new one replaces.
+    pub fn insert(&self, job: &NewJob, redelivered: bool, supersede: Option<i64>) -> Result<Inserted> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            let existing: Option<i64> = match &job.message_id {
+                Some(mid) => tx
+                    .query_row(
+                        "SELECT id FROM jobs WHERE message_id = ?1 ORDER BY id DESC LIMIT 1",
+                        [mid],
+                        |r| r.get(0),
+                    )
+                    .optional()?,
+                // Without an id, identical bodies may be genuine new requests (a
+                // profile changed back): only a redelivery is taken as a copy.
+                None if redelivered => tx
+                    .query_row(
+                        "SELECT id FROM jobs WHERE body_sha256 = ?1 AND message_id IS NULL ORDER BY id DESC LIMIT 1",
+                        [&job.body_sha256],
+                        |r| r.get(0),
+                    )
+                    .optional()?,
+                None => None,
+            };
+            if let Some(id) = existing {
+                return Ok(Inserted::Duplicate(id));
+            }
+            tx.execute(
+                "INSERT INTO jobs (message_id, body_sha256, profile, image_key, body, state, received_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'waiting', ?6)",
+                params![
+                    job.message_id,
+                    job.body_sha256,
+                    job.profile,
+                    job.image_key,
+                    job.body,
+                    now()
+                ],
+            )?;
+            let id = tx.last_insert_rowid();
+            if let Some(old) = supersede {
+                tx.execute(
+                    "UPDATE jobs SET state = 'superseded', superseded_by = ?1, finished_at = ?2
+                     WHERE id = ?3 AND state = 'waiting'",
+                    params![id, now(), old],
+                )?;
+            }
+            tx.commit()?;
+            Ok(Inserted::New(id))
+        })
+    }
+
+    /// A worker took the job.
+    pub fn set_running(&self, id: i64, worker: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE jobs SET state = 'running', started_at = ?1, finished_at = NULL, worker = ?2,
+                 attempts = attempts + 1, error = NULL WHERE id = ?3",
+                params![now(), worker, id],
+            )
+            .map(drop)
+        })
+    }
+
+    /// The job's final state (succeeded, failed, interrupted).
+    pub fn finish(&self, id: i64, state: JobState, error: Option<&str>) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE jobs SET state = ?1, finished_at = ?2, error = ?3 WHERE id = ?4",
+                params![state.as_str(), now(), error, id],
+            )
+            .map(drop)
+        })
+    }
+
+    /// A template build starts: returns its id.
+    pub fn start_build(&self, job_id: i64, template: &str, log_path: &Path, build_file: &Path) -> Result<i64> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO builds (job_id, template, started_at, log_path, build_file) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    job_id,
+                    template,
+                    now(),
+                    log_path.display().to_string(),
+                    build_file.display().to_string()
+                ],
+            )?;
+            Ok(c.last_insert_rowid())
+        })
+    }
+
+    /// Records the build's packer process group (killed at the next start if still alive).
+    pub fn set_build_pgid(&self, build_id: i64, pgid: i32, boot_id: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE builds SET pgid = ?1, boot_id = ?2 WHERE id = ?3",
+                params![pgid, boot_id, build_id],
+            )
+            .map(drop)
+        })
+    }
+
+    /// A template build ended (the process group is gone).
+    pub fn finish_build(
+        &self,
+        build_id: i64,
+        exit_code: Option<i32>,
+        artifact_id: Option<&str>,
+        error: Option<&str>,
+    ) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE builds SET finished_at = ?1, exit_code = ?2, artifact_id = ?3, error = ?4, pgid = NULL
+                 WHERE id = ?5",
+                params![now(), exit_code, artifact_id, error, build_id],
+            )
+            .map(drop)
+        })
+    }
+
+    /// The rotation result of a build (`done: ...`, `skipped: ...`, `failed: ...`).
+    pub fn set_rotation(&self, build_id: i64, rotation: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE builds SET rotation = ?1 WHERE id = ?2",
+                params![rotation, build_id],
+            )
+            .map(drop)
+        })
+    }
+
+    /// At start-up: jobs running when the daemon died, interrupted and
+    /// waiting ones go back to waiting; of several for one image only the
+    /// newest stays, the others superseded by it. Returns them to schedule,
+    /// and the process groups of builds that never finished.
+    pub fn recover(&self) -> Result<Recovery> {
+        self.with(|conn| {
+            let tx = conn.transaction()?;
+            let mut rec = Recovery::default();
+            {
+                let mut st =
+                    tx.prepare("SELECT b.id, b.pgid, COALESCE(b.boot_id, '') FROM builds b WHERE b.pgid IS NOT NULL")?;
+                rec.groups = st
+                    .query_map([], |r| {
+                        Ok(LeftoverGroup {
+                            build_id: r.get(0)?,
+                            pgid: r.get(1)?,
+                            boot_id: r.get(2)?,
+                        })
+                    })?
+                    .collect::<rusqlite::Result<_>>()?;
+            }
+            tx.execute(
+                "UPDATE builds SET finished_at = ?1, pgid = NULL,
+                 error = COALESCE(error, 'rabbit2packer stopped during this build')
+                 WHERE finished_at IS NULL",
+                [now()],
+            )?;
+            {
+                let mut st = tx.prepare("SELECT id FROM jobs WHERE state = 'running' ORDER BY id")?;
+                rec.rebuilt = st.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
+            }
+            tx.execute(
+                "UPDATE jobs SET state = 'waiting', worker = NULL WHERE state IN ('running', 'interrupted')",
+                [],
+            )?;
+            let pending: Vec<(i64, String, Vec<u8>)> = {
+                let mut st = tx.prepare("SELECT id, image_key, body FROM jobs WHERE state = 'waiting' ORDER BY id")?;
+                let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            let mut newest: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+            for (i, (_, key, _)) in pending.iter().enumerate() {
+                newest.insert(key.clone(), i);
+            }
+            for (i, (id, key, body)) in pending.into_iter().enumerate() {
+                let keep = newest[&key];
+                if keep == i {
+                    rec.jobs.push(JobRef {
+                        id,
+                        image_key: key,
+                        body: std::sync::Arc::new(body),
+                    });
+                } else {
+                    // `pending` is in id order, so `keep` is already final.
+                    let newer: i64 = tx.query_row(
+                        "SELECT id FROM jobs WHERE image_key = ?1 AND state = 'waiting' ORDER BY id DESC LIMIT 1",
+                        [&key],
+                        |r| r.get(0),
+                    )?;
+                    tx.execute(
+                        "UPDATE jobs SET state = 'superseded', superseded_by = ?1, finished_at = ?2 WHERE id = ?3",
+                        params![newer, now(), id],
+                    )?;
+                }
+            }
+            tx.commit()?;
+            Ok(rec)
+        })
+    }
+
+    /// Marks every job still running as interrupted (the end of a stop).
+    pub fn interrupt_running(&self) -> Result<usize> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE jobs SET state = 'interrupted', finished_at = ?1,
+                 error = COALESCE(error, 'interrupted: rabbit2packer stopped') WHERE state = 'running'",
+                [now()],
+            )
+        })
+    }
+
+    /// Running and waiting jobs, oldest first.
+    pub fn active(&self) -> Result<Vec<JobRecord>> {
+        self.jobs_where("state IN ('running', 'waiting') ORDER BY id", params![])
+    }
+
+    /// The newest `limit` finished or superseded jobs (of `image` when given), newest first.
+    pub fn history(&self, image: Option<&str>, limit: usize) -> Result<Vec<JobRecord>> {
+        let limit = limit as i64;
+        match image {
+            Some(img) => self.jobs_where(
+                "state NOT IN ('running', 'waiting') AND image_key = ?1 ORDER BY id DESC LIMIT ?2",
+                params![img, limit],
+            ),
+            None => self.jobs_where(
+                "state NOT IN ('running', 'waiting') ORDER BY id DESC LIMIT ?1",
+                params![limit],
+            ),
+        }
+    }
+
+    /// One job by id.
+    pub fn job(&self, id: i64) -> Result<Option<JobRecord>> {
+        Ok(self.jobs_where("id = ?1", params![id])?.into_iter().next())
+    }
+
+    /// Every job (tests and benchmarks).
+    pub fn all(&self) -> Result<Vec<JobRecord>> {
+        self.jobs_where("1 ORDER BY id", params![])
+    }
+
+    fn jobs_where(&self, clause: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<JobRecord>> {
+        self.with(|c| {
+            let sql = format!(
+                "SELECT id, image_key, profile, message_id, state, received_at, started_at, finished_at,
+                        superseded_by, attempts, worker, error
+                 FROM jobs WHERE {clause}"
+            );
+            let mut st = c.prepare(&sql)?;
+            let mut jobs: Vec<JobRecord> = st
+                .query_map(args, |r| {
+                    let state: String = r.get(4)?;
+                    Ok(JobRecord {
+                        id: r.get(0)?,
+                        image_key: r.get(1)?,
+                        profile: r.get(2)?,
+                        message_id: r.get(3)?,
+                        state: JobState::parse(&state).unwrap_or(JobState::Failed),
+                        outcome: String::new(),
+                        received_at: r.get(5)?,
+                        started_at: r.get(6)?,
+                        finished_at: r.get(7)?,
+                        superseded_by: r.get(8)?,
+                        attempts: r.get(9)?,
+                        worker: r.get(10)?,
+                        error: r.get(11)?,
+                        builds: Vec::new(),
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut bst = c.prepare(
+                "SELECT template, started_at, finished_at, exit_code, log_path, artifact_id, rotation, error
+                 FROM builds WHERE job_id = ?1 ORDER BY id",
+            )?;
+            for job in &mut jobs {
+                job.builds = bst
+                    .query_map([job.id], |r| {
+                        Ok(BuildRecord {
+                            template: r.get(0)?,
+                            started_at: r.get(1)?,
+                            finished_at: r.get(2)?,
+                            exit_code: r.get(3)?,
+                            log_path: r.get(4)?,
+                            artifact_id: r.get(5)?,
+                            rotation: r.get(6)?,
+                            error: r.get(7)?,
+                        })
+                    })?
+                    .collect::<rusqlite::Result<_>>()?;
+                job.outcome = outcome(job);
+            }
+            Ok(jobs)
+        })
+    }
+}
+
+/// The one-word summary history shows: the state, or `built, rotation failed`.
+fn outcome(job: &JobRecord) -> String {
+    if job.state == JobState::Succeeded
+        && job
+            .builds
+            .iter()
+            .any(|b| b.rotation.as_deref().is_some_and(|r| r.starts_with("failed")))
+    {
+        return "built, rotation failed".to_string();
+    }
+    job.state.as_str().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_job(key: &str, mid: Option<&str>, body: &str) -> NewJob {
+        NewJob {
+            message_id: mid.map(str::to_string),
+            body_sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(body.as_bytes())),
+            profile: Some("p.example.org".into()),
+            image_key: key.into(),
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn message_id_and_redelivered_body_are_deduplicated() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let Inserted::New(a) = j.insert(&new_job("k", Some("m1"), "{}"), false, None).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            j.insert(&new_job("k", Some("m1"), "{}"), false, None).unwrap(),
+            Inserted::Duplicate(a)
+        );
+        let Inserted::New(b) = j.insert(&new_job("k", None, "{1}"), false, None).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            j.insert(&new_job("k", None, "{1}"), true, None).unwrap(),
+            Inserted::Duplicate(b)
+        );
+        // A fresh (not redelivered) message with the same body is a new request.
+        assert!(matches!(
+            j.insert(&new_job("k", None, "{1}"), false, None).unwrap(),
+            Inserted::New(_)
+        ));
+    }
+
+    #[test]
+    fn recovery_requeues_running_and_keeps_newest_per_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let ids: Vec<i64> = ["a", "a", "b"]
+            .iter()
+            .enumerate()
+            .map(
+                |(i, k)| match j.insert(&new_job(k, Some(&i.to_string()), "{}"), false, None).unwrap() {
+                    Inserted::New(id) => id,
+                    Inserted::Duplicate(_) => panic!(),
+                },
+            )
+            .collect();
+        j.set_running(ids[0], "Thread-1").unwrap();
+        let b = j
+            .start_build(ids[0], "t.json", Path::new("/l"), Path::new("/f"))
+            .unwrap();
+        j.set_build_pgid(b, 4242, "boot").unwrap();
+        let rec = j.recover().unwrap();
+        assert_eq!(rec.rebuilt, vec![ids[0]]);
+        assert_eq!(rec.groups.len(), 1);
+        assert_eq!(rec.jobs.iter().map(|r| r.id).collect::<Vec<_>>(), vec![ids[1], ids[2]]);
+        let old = j.job(ids[0]).unwrap().unwrap();
+        assert_eq!(old.state, JobState::Superseded);
+        assert_eq!(old.superseded_by, Some(ids[1]));
+    }
+}

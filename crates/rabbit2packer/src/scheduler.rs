@@ -1,0 +1,203 @@
+//! Which job runs when: per image key at most one running job and one
+//! waiting job; a newer request for an image replaces its waiting job (the
+//! replaced one is recorded as superseded by it), so twenty messages for one
+//! image during a build give one more build, with the newest profile.
+//! Different images build in parallel, up to THREAD_COUNT workers.
+//!
+//! Workers sleep on a channel of ready image keys; an image is in that
+//! channel at most once, and only while it has a waiting job and nothing
+//! running. No polling: a request wakes a free worker at once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+
+use crate::journal::{Inserted, JobRef, Journal, JournalError, NewJob};
+
+#[derive(Debug, Default)]
+struct Slot {
+    running: Option<i64>,
+    waiting: Option<JobRef>,
+    /// The key is in the ready channel.
+    queued: bool,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    slots: HashMap<String, Slot>,
+}
+
+/// What became of an accepted delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepted {
+    /// A new waiting job; `superseded` is the waiting job it replaced.
+    New { id: i64, superseded: Option<i64> },
+    /// Already journaled: nothing to build.
+    Duplicate(i64),
+}
+
+/// The per-image slots and the ready queue.
+#[derive(Debug)]
+pub struct Scheduler {
+    journal: Arc<Journal>,
+    state: Mutex<State>,
+    ready_tx: mpsc::UnboundedSender<String>,
+    ready_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<String>>,
+}
+
+impl Scheduler {
+    pub fn new(journal: Arc<Journal>) -> Scheduler {
+        let (ready_tx, ready_rx) = mpsc::unbounded_channel();
+        Scheduler {
+            journal,
+            state: Mutex::new(State::default()),
+            ready_tx,
+            ready_rx: tokio::sync::Mutex::new(ready_rx),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Journals a delivery (under the scheduler's lock, so the journal and
+    /// the slots agree on which job is waiting) and schedules it. Returns
+    /// once the job is committed: the caller may ack then.
+    pub fn accept(&self, job: NewJob, redelivered: bool) -> Result<Accepted, JournalError> {
+        let mut state = self.lock();
+        let slot = state.slots.entry(job.image_key.clone()).or_default();
+        let supersede = slot.waiting.as_ref().map(|w| w.id);
+        let id = match self.journal.insert(&job, redelivered, supersede)? {
+            Inserted::Duplicate(id) => return Ok(Accepted::Duplicate(id)),
+            Inserted::New(id) => id,
+        };
+        let key = job.image_key.clone();
+        slot.waiting = Some(JobRef {
+            id,
+            image_key: job.image_key,
+            body: Arc::new(job.body),
+        });
+        self.make_ready(slot, key);
+        Ok(Accepted::New {
+            id,
+            superseded: supersede,
+        })
+    }
+
+    /// Schedules jobs found in the journal at start-up (already waiting there).
+    pub fn restore(&self, jobs: Vec<JobRef>) {
+        let mut state = self.lock();
+        for job in jobs {
+            let key = job.image_key.clone();
+            let slot = state.slots.entry(key.clone()).or_default();
+            slot.waiting = Some(job);
+            self.make_ready(slot, key);
+        }
+    }
+
+    fn make_ready(&self, slot: &mut Slot, key: String) {
+        if slot.running.is_none() && slot.waiting.is_some() && !slot.queued {
+            slot.queued = true;
+            // The receiver lives as long as the scheduler.
+            let _ = self.ready_tx.send(key);
+        }
+    }
+
+    /// Waits for a job to run and marks it running (in memory; the worker
+    /// records it in the journal).
+    pub async fn next(&self) -> JobRef {
+        loop {
+            let key = {
+                let mut rx = self.ready_rx.lock().await;
+                match rx.recv().await {
+                    Some(k) => k,
+                    // Cannot happen: the scheduler holds a sender.
+                    None => std::future::pending().await,
+                }
+            };
+            let mut state = self.lock();
+            let Some(slot) = state.slots.get_mut(&key) else {
+                continue;
+            };
+            slot.queued = false;
+            if slot.running.is_some() {
+                continue;
+            }
+            if let Some(job) = slot.waiting.take() {
+                slot.running = Some(job.id);
+                return job;
+            }
+        }
+    }
+
+    /// The image's running job ended: its waiting job (if any) becomes ready.
+    pub fn done(&self, image_key: &str) {
+        let mut state = self.lock();
+        let remove = {
+            let Some(slot) = state.slots.get_mut(image_key) else {
+                return;
+            };
+            slot.running = None;
+            self.make_ready(slot, image_key.to_string());
+            slot.waiting.is_none()
+        };
+        if remove {
+            // Thousands of images come and go: keep only the busy ones.
+            state.slots.remove(image_key);
+        }
+    }
+
+    /// Jobs waiting now (for tests and the benchmark).
+    pub fn waiting_count(&self) -> usize {
+        self.lock().slots.values().filter(|s| s.waiting.is_some()).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(key: &str, n: u32) -> NewJob {
+        NewJob {
+            message_id: Some(format!("{key}-{n}")),
+            body_sha256: format!("{n}"),
+            profile: None,
+            image_key: key.into(),
+            body: format!("{{\"n\": {n}}}").into_bytes(),
+        }
+    }
+
+    #[tokio::test]
+    async fn newer_request_replaces_the_waiting_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Arc::new(Journal::open(dir.path()).unwrap());
+        let s = Scheduler::new(j.clone());
+        let Accepted::New { id: first, .. } = s.accept(job("a", 1), false).unwrap() else {
+            panic!()
+        };
+        let running = s.next().await;
+        assert_eq!(running.id, first);
+        let Accepted::New { id: second, .. } = s.accept(job("a", 2), false).unwrap() else {
+            panic!()
+        };
+        let r = s.accept(job("a", 3), false).unwrap();
+        assert_eq!(
+            r,
+            Accepted::New {
+                id: second + 1,
+                superseded: Some(second)
+            }
+        );
+        let rec = j.job(second).unwrap().unwrap();
+        assert_eq!(rec.state, crate::journal::JobState::Superseded);
+        assert_eq!(rec.superseded_by, Some(second + 1));
+        // Nothing else for "a" until the running one is done.
+        s.accept(job("b", 1), false).unwrap();
+        assert_eq!(s.next().await.image_key, "b");
+        s.done("a");
+        let next = s.next().await;
+        assert_eq!((next.image_key.as_str(), next.id), ("a", second + 1));
+        assert_eq!(&*next.body, b"{\"n\": 3}");
+    }
+}
