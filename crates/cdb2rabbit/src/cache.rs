@@ -252,9 +252,7 @@ mod tests {
         let cache = CacheDir::new(dir.path());
         let held = cache.lock(Duration::from_secs(1), || {}).unwrap();
         let mut waited = false;
-        let err = cache
-            .lock(Duration::from_millis(200), || waited = true)
-            .unwrap_err();
+        let err = cache.lock(Duration::from_millis(200), || waited = true).unwrap_err();
         assert!(waited);
         assert!(matches!(err, CacheError::LockTimeout { .. }), "{err}");
         drop(held);

@@ -88,8 +88,14 @@ impl Fetcher {
             self.get_http(url, limit).await?
         };
         gunzip_if_gzip(raw, limit).map_err(|e| match e {
-            GunzipError::Corrupt(source) => FetchError::Gzip { url: url.clone(), source },
-            GunzipError::TooLarge => FetchError::TooLarge { url: url.clone(), limit },
+            GunzipError::Corrupt(source) => FetchError::Gzip {
+                url: url.clone(),
+                source,
+            },
+            GunzipError::TooLarge => FetchError::TooLarge {
+                url: url.clone(),
+                limit,
+            },
         })
     }
 
@@ -101,15 +107,24 @@ impl Fetcher {
                     timeout: self.timeout,
                 }
             } else {
-                FetchError::Http { url: url.clone(), source }
+                FetchError::Http {
+                    url: url.clone(),
+                    source,
+                }
             }
         };
         let mut resp = self.client.get(url.clone()).send().await.map_err(http)?;
         let status = resp.status();
         if !status.is_success() {
-            return Err(FetchError::Status { url: url.clone(), status });
+            return Err(FetchError::Status {
+                url: url.clone(),
+                status,
+            });
         }
-        let too_large = || FetchError::TooLarge { url: url.clone(), limit };
+        let too_large = || FetchError::TooLarge {
+            url: url.clone(),
+            limit,
+        };
         // Content-Length is only a hint (and absent when gzip is undone on the fly).
         let hint = resp.content_length().unwrap_or(0);
         if hint > limit {
@@ -127,7 +142,10 @@ impl Fetcher {
 
     async fn read_file(&self, url: &Url, limit: u64) -> Result<Vec<u8>, FetchError> {
         use tokio::io::AsyncReadExt;
-        let file_err = |source| FetchError::File { url: url.clone(), source };
+        let file_err = |source| FetchError::File {
+            url: url.clone(),
+            source,
+        };
         let path = url.to_file_path().map_err(|()| {
             file_err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
@@ -138,7 +156,10 @@ impl Fetcher {
         let mut body = Vec::new();
         file.take(limit + 1).read_to_end(&mut body).await.map_err(file_err)?;
         if body.len() as u64 > limit {
-            return Err(FetchError::TooLarge { url: url.clone(), limit });
+            return Err(FetchError::TooLarge {
+                url: url.clone(),
+                limit,
+            });
         }
         Ok(body)
     }
@@ -180,6 +201,9 @@ mod tests {
             "http://aq.example.org/profiles/we%3Fird%23x%25.json"
         );
         let root = Url::parse("http://aq.example.org/").unwrap();
-        assert_eq!(profile_url(&root, "a.json").unwrap().as_str(), "http://aq.example.org/a.json");
+        assert_eq!(
+            profile_url(&root, "a.json").unwrap().as_str(),
+            "http://aq.example.org/a.json"
+        );
     }
 }

@@ -161,23 +161,23 @@ fn parse_xml(bytes: &[u8]) -> Result<Index, IndexError> {
             (_, Event::Eof) => break,
             (State::BeforeRoot, Event::Start(e)) => {
                 if e.name().as_ref() != b"profiles" {
-                    return Err(IndexError::WrongRoot(String::from_utf8_lossy(e.name().as_ref()).into_owned()));
+                    return Err(IndexError::WrongRoot(
+                        String::from_utf8_lossy(e.name().as_ref()).into_owned(),
+                    ));
                 }
                 state = State::InRoot;
             }
             (State::BeforeRoot, Event::Empty(e)) => {
                 if e.name().as_ref() != b"profiles" {
-                    return Err(IndexError::WrongRoot(String::from_utf8_lossy(e.name().as_ref()).into_owned()));
+                    return Err(IndexError::WrongRoot(
+                        String::from_utf8_lossy(e.name().as_ref()).into_owned(),
+                    ));
                 }
                 state = State::AfterRoot;
             }
             (State::InRoot, Event::Start(e)) if e.name().as_ref() == b"profile" => {
                 let mtime = match e.try_get_attribute("mtime").map_err(|err| xml_err(&reader, &err))? {
-                    Some(a) => Some(
-                        a.unescape_value()
-                            .map_err(|err| xml_err(&reader, &err))?
-                            .into_owned(),
-                    ),
+                    Some(a) => Some(a.unescape_value().map_err(|err| xml_err(&reader, &err))?.into_owned()),
                     None => None,
                 };
                 state = State::InProfile {
@@ -265,19 +265,14 @@ fn parse_xml(bytes: &[u8]) -> Result<Index, IndexError> {
             (State::AfterRoot, Event::Start(e) | Event::Empty(e)) => {
                 return Err(IndexError::Xml {
                     position: reader.buffer_position(),
-                    message: format!(
-                        "second root element <{}>",
-                        String::from_utf8_lossy(e.name().as_ref())
-                    ),
+                    message: format!("second root element <{}>", String::from_utf8_lossy(e.name().as_ref())),
                 })
             }
-            (State::BeforeRoot | State::AfterRoot, Event::Text(t)) => {
-                if !t.iter().all(u8::is_ascii_whitespace) {
-                    return Err(IndexError::Xml {
-                        position: reader.buffer_position(),
-                        message: "text outside the root element".into(),
-                    });
-                }
+            (State::BeforeRoot | State::AfterRoot, Event::Text(t)) if !t.iter().all(u8::is_ascii_whitespace) => {
+                return Err(IndexError::Xml {
+                    position: reader.buffer_position(),
+                    message: "text outside the root element".into(),
+                });
             }
             // Declarations, comments, processing instructions, whitespace between entries.
             _ => {}
@@ -328,7 +323,10 @@ pub fn check_name(name: &str) -> Result<(), &'static str> {
 }
 
 /// Writes `entries` in the broker's own format (one entry a line).
-pub fn write_cached<'a, W: Write>(out: &mut W, entries: impl IntoIterator<Item = (&'a str, u64)>) -> std::io::Result<()> {
+pub fn write_cached<'a, W: Write>(
+    out: &mut W,
+    entries: impl IntoIterator<Item = (&'a str, u64)>,
+) -> std::io::Result<()> {
     out.write_all(b"<?xml version='1.0' encoding='utf-8'?>\n<profiles>\n")?;
     for (name, mtime) in entries {
         writeln!(
@@ -399,7 +397,10 @@ mod tests {
             parse(b"<profiles><profile mtime='1'>a</profil></profiles>".to_vec()),
             Err(IndexError::Xml { .. })
         ));
-        assert!(matches!(parse(b"<html>nope</html>".to_vec()), Err(IndexError::WrongRoot(_))));
+        assert!(matches!(
+            parse(b"<html>nope</html>".to_vec()),
+            Err(IndexError::WrongRoot(_))
+        ));
         assert!(matches!(parse(Vec::new()), Err(IndexError::Truncated)));
     }
 
@@ -421,7 +422,15 @@ mod tests {
         let named: Vec<_> = idx.problems.iter().map(|p| p.name().to_string()).collect();
         assert_eq!(
             named,
-            ["nomtime.json", "bad.json", "dup.json", "../etc/passwd", "/abs.json", "a//b.json", "a\\b.json"]
+            [
+                "nomtime.json",
+                "bad.json",
+                "dup.json",
+                "../etc/passwd",
+                "/abs.json",
+                "a//b.json",
+                "a\\b.json"
+            ]
         );
         assert_eq!(
             idx.problems[1].to_string(),
@@ -431,7 +440,18 @@ mod tests {
 
     #[test]
     fn hostile_names() {
-        for bad in ["", "/x", "a/../b", "..", "a/./b", "a/", "a\0b", "a\\b", ".cdb2rabbit.lock", "cached_info.xml"] {
+        for bad in [
+            "",
+            "/x",
+            "a/../b",
+            "..",
+            "a/./b",
+            "a/",
+            "a\0b",
+            "a\\b",
+            ".cdb2rabbit.lock",
+            "cached_info.xml",
+        ] {
             assert!(check_name(bad).is_err(), "{bad:?} accepted");
         }
         for good in ["a.json", "ns/a.json.gz", "host-1.example.org.xml", "a..b.json"] {

@@ -18,7 +18,10 @@ use cdb2rabbit::{Mode, Options};
 /// Finds the Quattor profiles that changed on the Aquilon broker and
 /// publishes them to the RabbitMQ build queue (confirmed, none lost).
 #[derive(Debug, Parser)]
-#[command(version, after_help = "Exit status: 0 all processed; 1 something failed (retried next run); 2 configuration error.")]
+#[command(
+    version,
+    after_help = "Exit status: 0 all processed; 1 something failed (retried next run); 2 configuration error."
+)]
 struct Cli {
     /// config.ini to read [default: $PACKER_UTILS_CONFIG or /etc/packer-utils/config.ini]
     #[arg(long, value_name = "PATH")]

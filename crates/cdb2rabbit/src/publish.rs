@@ -13,9 +13,9 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{Confirmation, PublisherConfirm};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection};
+use lapin::{Confirmation, PublisherConfirm};
 use packuilon_common::config::GlobalConfig;
 use packuilon_common::rabbit::{self, RabbitError};
 
@@ -83,10 +83,7 @@ impl Publisher {
             }
         };
         let connection = rabbit::connect(&global.rabbit, "cdb2rabbit").await?;
-        let channel = connection
-            .create_channel()
-            .await
-            .map_err(setup("opening a channel"))?;
+        let channel = connection.create_channel().await.map_err(setup("opening a channel"))?;
         rabbit::declare_queue(&channel, &global.queue)
             .await
             .map_err(setup("declaring the queue"))?;

@@ -404,7 +404,13 @@ impl Pipeline<'_> {
                     Ok(()) => self.summary.published.push(done),
                     // Published, but the next comparison would use a stale copy:
                     // fail it so the next run publishes it again (a duplicate, not a loss).
-                    Err(source) => self.summary.fail(&done.profile, &ProfileError::Cache { name: done.profile.clone(), source }),
+                    Err(source) => self.summary.fail(
+                        &done.profile,
+                        &ProfileError::Cache {
+                            name: done.profile.clone(),
+                            source,
+                        },
+                    ),
                 }
             }
         }

@@ -1,0 +1,623 @@
+//! cdb2rabbit end to end: the real binary, a real HTTP server serving an
+//! Aquilon-like profiles directory, the real RabbitMQ. Each test has its own
+//! site directory, cache directory, HTTP port and queue.
+
+mod support;
+
+use std::time::Duration;
+
+use packuilon_testsupport::http::Fault;
+use support::{profile, Site};
+
+#[test]
+fn first_run_records_the_baseline_and_publishes_nothing() {
+    let site = Site::new("ci-");
+    site.put("ci-a.example.org.json", &profile("a", 1), 100);
+    site.put("other.example.org.json", &profile("b", 1), 200);
+    let out = site.run(&[]);
+    out.assert_status(0);
+    out.assert_logs_in_order(&["Starting", "Cached info file does not exist, creating one and exiting"]);
+    assert!(site.published().is_empty());
+    assert_eq!(
+        site.cached_mtimes(),
+        support::mt([("ci-a.example.org.json", 100), ("other.example.org.json", 200)])
+    );
+    // The broker was never contacted: the queue does not exist.
+    assert!(!site.queue_exists());
+}
+
+#[test]
+fn a_changed_profile_is_published_once_and_only_once() {
+    let site = Site::new("ci-");
+    site.put("ci-a.example.org.json", &profile("a", 1), 100);
+    site.put("ci-b.example.org.json", &profile("b", 1), 100);
+    site.run(&[]).assert_status(0);
+
+    let body = site.put("ci-a.example.org.json", &profile("a", 2), 101);
+    let out = site.run(&[]);
+    out.assert_status(0);
+    out.assert_logs_in_order(&[
+        "Starting",
+        "CI profile rebuilt: ci-a.example.org.json",
+        "Downloading profile ci-a.example.org.json",
+        "Profile has updated: ci-a.example.org.json",
+        "Pushing message to queue for build",
+        "Updating cached profile_info",
+        "Exiting normally",
+    ]);
+    assert!(!out.stderr.contains("ci-b.example.org.json"), "{}", out.stderr);
+
+    let msgs = site.published();
+    assert_eq!(msgs.len(), 1);
+    let m = &msgs[0];
+    assert_eq!(m.body, body, "the body is the profile exactly as served");
+    assert_eq!(m.content_type.as_deref(), Some("application/json"));
+    assert_eq!(m.app_id.as_deref(), Some("cdb2rabbit"));
+    assert_eq!(m.delivery_mode, Some(2), "persistent");
+    assert!(m.timestamp.is_some_and(|t| t > 1_600_000_000));
+    let id = m.message_id.clone().expect("message id");
+    assert!(out.stderr.contains(&format!("message id {id}")), "{}", out.stderr);
+    assert_eq!(m.profile_header.as_deref(), Some("ci-a.example.org.json"));
+    assert_eq!(site.cached_copy("ci-a.example.org.json").as_deref(), Some(&body[..]));
+    assert_eq!(site.cached_mtime("ci-a.example.org.json"), Some(101));
+
+    let again = site.run(&[]);
+    again.assert_status(0);
+    assert!(site.published().is_empty(), "published twice");
+    assert!(!again.stderr.contains("Downloading"), "{}", again.stderr);
+}
+
+#[test]
+fn a_new_profile_after_the_baseline_is_published() {
+    let site = Site::new("ci-");
+    site.put("ci-a.example.org.json", &profile("a", 1), 100);
+    site.run(&[]).assert_status(0);
+    site.put("ci-new.example.org.json", &profile("new", 1), 5);
+    site.run(&[]).assert_status(0);
+    assert_eq!(site.published_names(), ["ci-new.example.org.json"]);
+}
+
+#[test]
+fn an_mtime_change_with_identical_json_is_not_published() {
+    let site = Site::new("ci-");
+    site.put("ci-a.example.org.json", &profile("a", 1), 100);
+    site.run(&[]).assert_status(0);
+    site.put("ci-a.example.org.json", &profile("a", 2), 101);
+    site.run(&[]).assert_status(0);
+    assert_eq!(site.published().len(), 1);
+
+    // Recompiled: new mtime, same content laid out differently (key order, whitespace).
+    let v = profile("a", 2);
+    let mut reordered = serde_json::Map::new();
+    for (k, val) in v.as_object().unwrap().iter().rev() {
+        reordered.insert(k.clone(), val.clone());
+    }
+    let text = serde_json::to_string_pretty(&serde_json::Value::Object(reordered)).unwrap();
+    site.put_raw("ci-a.example.org.json", text.as_bytes(), 102);
+    let out = site.run(&[]);
+    out.assert_status(0);
+    out.assert_logs_in_order(&["Profile has not updated: ci-a.example.org.json", "Exiting normally"]);
+    assert!(site.published().is_empty());
+    assert_eq!(site.cached_mtime("ci-a.example.org.json"), Some(102));
+}
+
+#[test]
+fn profile_match_selects_which_profiles_are_published() {
+    let site = Site::new("ci-");
+    site.put("ci-a.example.org.json", &profile("a", 1), 100);
+    site.put("web.example.org.json", &profile("w", 1), 100);
+    site.run(&[]).assert_status(0);
+    site.put("ci-a.example.org.json", &profile("a", 2), 101);
+    site.put("web.example.org.json", &profile("w", 2), 101);
+    site.run(&[]).assert_status(0);
+    assert_eq!(site.published_names(), ["ci-a.example.org.json"]);
+    // The other profile's change is recorded all the same.
+    assert_eq!(site.cached_mtime("web.example.org.json"), Some(101));
+    assert!(site.cached_copy("web.example.org.json").is_none());
+}
+
+#[test]
+fn blank_profile_match_publishes_every_changed_profile() {
+    let site = Site::new("");
+    site.put("ci-a.example.org.json", &profile("a", 1), 100);
+    site.put("web.example.org.json", &profile("w", 1), 100);
+    site.run(&[]).assert_status(0);
+    site.put("ci-a.example.org.json", &profile("a", 2), 101);
+    site.put("web.example.org.json", &profile("w", 2), 101);
+    site.run(&[]).assert_status(0);
+    assert_eq!(
+        site.published_names(),
+        ["ci-a.example.org.json", "web.example.org.json"]
+    );
+}
+
+#[test]
+fn namespaced_profiles_are_fetched_and_cached_under_their_path() {
+    let site = Site::new("ci-").with_dir_url_slash(false);
+    site.put("ns/sub/ci-a.example.org.json", &profile("a", 1), 100);
+    site.run(&[]).assert_status(0);
+    let body = site.put("ns/sub/ci-a.example.org.json", &profile("a", 2), 101);
+    site.run(&[]).assert_status(0);
+    let msgs = site.published();
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0].profile_header.as_deref(), Some("ns/sub/ci-a.example.org.json"));
+    assert!(site
+        .server
+        .requests()
+        .contains(&"profiles/ns/sub/ci-a.example.org.json".to_string()));
+    assert_eq!(
+        site.cached_copy("ns/sub/ci-a.example.org.json").as_deref(),
+        Some(&body[..])
+    );
+}
+
+#[test]
+fn gzip_files_are_read_whatever_the_index_and_profiles_are_called() {
+    let site = Site::new("ci-").with_gzip_index_file();
+    site.put("ci-a.example.org.json.gz", &profile("a", 1), 100);
+    site.run(&[]).assert_status(0);
+    let body = site.put("ci-a.example.org.json.gz", &profile("a", 2), 101);
+    site.run(&[]).assert_status(0);
+    let msgs = site.published();
+    assert_eq!(msgs.len(), 1);
+    // What is published is the JSON itself, never gzip.
+    assert_eq!(msgs[0].body, body);
+    serde_json::from_slice::<serde_json::Value>(&msgs[0].body).unwrap();
+}
+
+#[test]
+fn gzip_content_encoding_is_undone() {
+    let site = Site::new("ci-");
+    site.put("ci-a.example.org.json", &profile("a", 1), 100);
+    site.server.set_fault("profiles-info.xml", Fault::GzipEncoding);
+    site.server
+        .set_fault("profiles/ci-a.example.org.json", Fault::GzipEncoding);
+    site.run(&[]).assert_status(0);
+    let body = site.put("ci-a.example.org.json", &profile("a", 2), 101);
+    site.run(&[]).assert_status(0);
+    let msgs = site.published();
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0].body, body);
+}
+
+#[test]
+fn failed_downloads_are_retried_by_the_next_run_and_others_still_publish() {
+    let site = Site::new("ci-").with_extra_cdb("HTTP_TIMEOUT = 1\n");
+    for n in ["e500", "slow", "notjson", "good"] {
+        site.put(&format!("ci-{n}.json"), &profile(n, 1), 100);
+    }
+    site.run(&[]).assert_status(0);
+    for n in ["e500", "slow", "good"] {
+        site.put(&format!("ci-{n}.json"), &profile(n, 2), 101);
+    }
+    site.put_raw("ci-notjson.json", b"{\"system\": ", 101);
+    site.server.set_fault("profiles/ci-e500.json", Fault::Status(500));
+    site.server
+        .set_fault("profiles/ci-slow.json", Fault::Delay(Duration::from_secs(3)));
+
+    let out = site.run(&[]);
+    out.assert_status(1);
+    assert_eq!(site.published_names(), ["ci-good.json"]);
+    out.assert_logs_in_order(&["ci-e500.json: HTTP status 500"]);
+    out.assert_logs_in_order(&["ci-slow.json: timed out after 1s (HTTP_TIMEOUT)"]);
+    out.assert_logs_in_order(&["ci-notjson.json: not valid JSON"]);
+    out.assert_logs_in_order(&["3 profile(s) failed and will be retried by the next run"]);
+    assert!(!out.stderr.contains("Exiting normally"));
+    // Failures keep their old mtime; the rest advance.
+    assert_eq!(
+        site.cached_mtimes(),
+        support::mt([
+            ("ci-e500.json", 100),
+            ("ci-good.json", 101),
+            ("ci-notjson.json", 100),
+            ("ci-slow.json", 100)
+        ])
+    );
+
+    site.server.clear_faults();
+    site.put("ci-notjson.json", &profile("notjson", 2), 102);
+    let out = site.run(&[]);
+    out.assert_status(0);
+    assert_eq!(
+        site.published_names(),
+        ["ci-e500.json", "ci-notjson.json", "ci-slow.json"]
+    );
+}
+
+#[test]
+fn an_unreachable_broker_leaves_the_cache_untouched_and_the_next_run_publishes() {
+    let site = Site::new("ci-");
+    site.put("ci-a.json", &profile("a", 1), 100);
+    site.run(&[]).assert_status(0);
+    site.put("ci-a.json", &profile("a", 2), 101);
+    let before = site.cache_snapshot();
+
+    site.set_broker_port(Some(packuilon_testsupport::free_port()));
+    let out = site.run(&[]);
+    out.assert_status(1);
+    out.assert_logs_in_order(&["Profile has updated: ci-a.json", "cannot reach RabbitMQ"]);
+    assert!(out.stderr.contains("after 2 attempt(s)"), "{}", out.stderr);
+    assert_eq!(site.cache_snapshot(), before, "cache changed");
+
+    site.set_broker_port(None);
+    site.run(&[]).assert_status(0);
+    assert_eq!(site.published_names(), ["ci-a.json"]);
+}
+
+#[test]
+fn a_truncated_or_invalid_index_is_an_error_and_leaves_the_cache_untouched() {
+    // The test server keeps a cut-off transfer open: HTTP_TIMEOUT ends it.
+    let site = Site::new("ci-").with_extra_cdb("HTTP_TIMEOUT = 2\n");
+    site.put("ci-a.json", &profile("a", 1), 100);
+    site.put("ci-b.json", &profile("b", 1), 100);
+    site.run(&[]).assert_status(0);
+    site.put("ci-a.json", &profile("a", 2), 101);
+    let before = site.cache_snapshot();
+
+    let len = std::fs::metadata(site.www().join("profiles-info.xml")).unwrap().len() as usize;
+    site.server.set_fault("profiles-info.xml", Fault::Truncate(len - 15));
+    let out = site.run(&[]);
+    out.assert_status(1);
+    assert!(out.stderr.contains("profiles-info.xml"), "{}", out.stderr);
+    assert_eq!(site.cache_snapshot(), before);
+
+    site.server.clear_faults();
+    std::fs::write(
+        site.www().join("profiles-info.xml"),
+        "<html><body>Proxy error</body></html>",
+    )
+    .unwrap();
+    let out = site.run(&[]);
+    out.assert_status(1);
+    out.assert_logs_in_order(&["root element is <html>, expected <profiles>"]);
+    assert_eq!(site.cache_snapshot(), before);
+    assert!(site.published().is_empty());
+}
+
+#[test]
+fn two_runs_at_once_neither_corrupt_the_cache_nor_publish_twice() {
+    let site = Site::new("ci-");
+    site.put("ci-a.json", &profile("a", 1), 100);
+    site.run(&[]).assert_status(0);
+    site.put("ci-a.json", &profile("a", 2), 101);
+    site.server
+        .set_fault("profiles/ci-a.json", Fault::Delay(Duration::from_secs(2)));
+    site.server.clear_requests();
+
+    let first = site.spawn(&[]);
+    // The first run holds the lock once it has asked for the index.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !site.server.requests().iter().any(|r| r == "profiles-info.xml") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "first run never fetched the index"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let second = site.spawn(&[]);
+    let first = support::finish(first);
+    let second = support::finish(second);
+    first.assert_status(0);
+    second.assert_status(0);
+    second.assert_logs_in_order(&["Another cdb2rabbit run holds", "Exiting normally"]);
+    assert_eq!(site.published_names(), ["ci-a.json"]);
+    assert_eq!(site.cached_mtime("ci-a.json"), Some(101));
+}
+
+#[test]
+fn a_run_that_cannot_get_the_lock_in_time_fails_without_touching_anything() {
+    let site = Site::new("ci-");
+    site.put("ci-a.json", &profile("a", 1), 100);
+    site.run(&[]).assert_status(0);
+    let lock = std::fs::File::open(site.cache().join(".cdb2rabbit.lock")).unwrap();
+    lock.lock().unwrap();
+    let out = site.run(&["--lock-wait", "0.3"]);
+    out.assert_status(1);
+    out.assert_logs_in_order(&["another cdb2rabbit run still holds the lock"]);
+}
+
+#[test]
+fn all_publishes_every_matching_profile_and_records_them() {
+    let site = Site::new("ci-");
+    site.put("ci-a.json", &profile("a", 1), 100);
+    site.put("ci-b.json", &profile("b", 1), 100);
+    site.put("web.json", &profile("w", 1), 100);
+    site.run(&[]).assert_status(0);
+    let out = site.run(&["--all"]);
+    out.assert_status(0);
+    assert_eq!(site.published_names(), ["ci-a.json", "ci-b.json"]);
+    // Once more: --all publishes even when the JSON equals the cached copy.
+    site.run(&["--all"]).assert_status(0);
+    assert_eq!(site.published_names(), ["ci-a.json", "ci-b.json"]);
+    // And a normal run after it has nothing to do.
+    site.run(&[]).assert_status(0);
+    assert!(site.published().is_empty());
+}
+
+#[test]
+fn all_on_a_first_run_publishes_and_records_the_baseline() {
+    let site = Site::new("ci-");
+    site.put("ci-a.json", &profile("a", 1), 100);
+    site.put("web.json", &profile("w", 1), 100);
+    site.run(&["--all"]).assert_status(0);
+    assert_eq!(site.published_names(), ["ci-a.json"]);
+    assert_eq!(
+        site.cached_mtimes(),
+        support::mt([("ci-a.json", 100), ("web.json", 100)])
+    );
+}
+
+#[test]
+fn profile_publishes_the_named_profiles_and_leaves_other_changes_for_the_next_run() {
+    let site = Site::new("ci-");
+    site.put("ci-a.json", &profile("a", 1), 100);
+    site.put("ci-b.json", &profile("b", 1), 100);
+    site.put("web.json", &profile("w", 1), 100);
+    site.run(&[]).assert_status(0);
+    site.put("ci-b.json", &profile("b", 2), 101);
+
+    let out = site.run(&[
+        "--profile",
+        "ci-a.json",
+        "--profile",
+        "web.json",
+        "--profile",
+        "ci-a.json",
+    ]);
+    out.assert_status(0);
+    // Named profiles are published whatever the cache and PROFILE_MATCH say.
+    assert_eq!(site.published_names(), ["ci-a.json", "web.json"]);
+    // ci-b's change was not looked at: still pending.
+    assert_eq!(site.cached_mtime("ci-b.json"), Some(100));
+
+    site.run(&[]).assert_status(0);
+    assert_eq!(site.published_names(), ["ci-b.json"]);
+}
+
+#[test]
+fn profile_naming_a_profile_missing_from_the_index_is_an_error_naming_it() {
+    let site = Site::new("ci-");
+    site.put("ci-a.json", &profile("a", 1), 100);
+    site.run(&[]).assert_status(0);
+    let out = site.run(&["--profile", "ci-gone.json", "--profile", "ci-a.json"]);
+    out.assert_status(1);
+    out.assert_logs_in_order(&["profile \"ci-gone.json\" is not in the index"]);
+    assert_eq!(site.published_names(), ["ci-a.json"]);
+}
+
+#[test]
+fn dry_run_prints_what_would_be_published_and_touches_neither_broker_nor_cache() {
+    let site = Site::new("ci-");
+    site.put("ci-a.json", &profile("a", 1), 100);
+    site.put("ci-b.json", &profile("b", 1), 100);
+    site.run(&[]).assert_status(0);
+    site.put("ci-a.json", &profile("a", 2), 101);
+    let before = site.cache_snapshot();
+    let out = site.run(&["--dry-run"]);
+    out.assert_status(0);
+    assert_eq!(out.stdout, "would publish: ci-a.json\n");
+    assert_eq!(site.cache_snapshot(), before);
+    assert!(!site.queue_exists());
+
+    // On a machine that never ran it, a dry run does not even create CACHE_DIR.
+    let fresh = Site::new("ci-");
+    fresh.put("ci-a.json", &profile("a", 1), 100);
+    fresh.run(&["--dry-run"]).assert_status(0);
+    assert!(!fresh.cache().exists());
+}
+
+#[test]
+fn config_errors_name_the_file_section_and_key_and_exit_2() {
+    let site = Site::new("ci-");
+    let path = site.dir.path().join("broken.ini");
+    let cases = [
+        (
+            site.config_text().replace("CACHE_DIR", "CACHE_DIRECTORY"),
+            "[cdb2rabbit] CACHE_DIR: missing",
+        ),
+        (
+            site.config_text().replace("RABBIT_PORT = ", "RABBIT_PORT = x"),
+            "[global] RABBIT_PORT: must be",
+        ),
+        (
+            site.config_text().replace("[cdb2rabbit]", "[cdb]"),
+            "[cdb2rabbit] section is missing",
+        ),
+        (
+            site.config_text()
+                .replace("[cdb2rabbit]\n", "[cdb2rabbit]\nDOWNLOAD_CONCURRENCY = none\n"),
+            "[cdb2rabbit] DOWNLOAD_CONCURRENCY: must be",
+        ),
+    ];
+    for (text, wanted) in cases {
+        std::fs::write(&path, text).unwrap();
+        let out = site.run_with_config(&path, &[]);
+        out.assert_status(2);
+        assert!(
+            out.stderr.contains(&format!("{}: {wanted}", path.display())),
+            "{}",
+            out.stderr
+        );
+    }
+    let missing = site.dir.path().join("nowhere.ini");
+    let out = site.run_with_config(&missing, &[]);
+    out.assert_status(2);
+    assert!(out.stderr.contains(&missing.display().to_string()), "{}", out.stderr);
+    assert!(!site.cache().exists());
+}
+
+#[test]
+fn the_config_path_comes_from_packer_utils_config_and_unknown_keys_only_warn() {
+    let site = Site::new("ci-").with_extra_cdb("PROFILE_MACTH = typo\n");
+    site.put("ci-a.json", &profile("a", 1), 100);
+    let out = site.run_env_config(&[]);
+    out.assert_status(0);
+    assert!(
+        out.stderr.contains("[cdb2rabbit] PROFILE_MACTH: unknown key, ignored"),
+        "{}",
+        out.stderr
+    );
+    assert!(site.cache().join("cached_info.xml").exists());
+}
+
+#[test]
+fn the_cdp_listend_time_argument_is_accepted_and_ignored() {
+    let site = Site::new("ci-");
+    site.put("ci-a.json", &profile("a", 1), 100);
+    site.run(&["1486571445"]).assert_status(0);
+    site.put("ci-a.json", &profile("a", 2), 101);
+    site.run(&["1486571999"]).assert_status(0);
+    assert_eq!(site.published_names(), ["ci-a.json"]);
+}
+
+#[test]
+fn bad_index_entries_fail_alone_and_never_escape_the_cache_dir() {
+    let site = Site::new("");
+    site.put("ci-a.json", &profile("a", 1), 100);
+    site.run(&[]).assert_status(0);
+    site.put("ci-a.json", &profile("a", 2), 101);
+    // Files a naive tool would fetch and write outside CACHE_DIR.
+    std::fs::write(site.dir.path().join("evil.json"), "{}").unwrap();
+    site.set_index_extra(
+        "<profile mtime='5'>../evil.json</profile>\n\
+         <profile mtime='5'>/etc/evil.json</profile>\n\
+         <profile mtime='5'>ns//evil.json</profile>\n\
+         <profile mtime='5'>ns\\evil.json</profile>\n\
+         <profile>nomtime.json</profile>\n\
+         <profile mtime='yesterday'>badmtime.json</profile>\n\
+         <profile mtime='5'>dup.json</profile>\n<profile mtime='6'>dup.json</profile>\n",
+    );
+    let out = site.run(&[]);
+    out.assert_status(1);
+    for wanted in [
+        "index entry \"../evil.json\": '.' or '..' segment",
+        "index entry \"/etc/evil.json\": absolute profile name",
+        "index entry \"ns//evil.json\": empty path segment",
+        "index entry \"ns\\\\evil.json\": backslash",
+        "index entry \"nomtime.json\" has no mtime attribute",
+        "index entry \"badmtime.json\" has a non-numeric mtime \"yesterday\"",
+        "index entry \"dup.json\" is listed more than once",
+    ] {
+        assert!(out.stderr.contains(wanted), "missing {wanted:?} in\n{}", out.stderr);
+    }
+    assert_eq!(site.published_names(), ["ci-a.json"]);
+    assert_eq!(site.cached_mtimes(), support::mt([("ci-a.json", 101)]));
+    let requests = site.server.requests();
+    assert!(!requests.iter().any(|r| r.contains("evil")), "{requests:?}");
+}
+
+#[test]
+fn a_profile_larger_than_64_mib_fails_alone() {
+    let site = Site::new("ci-");
+    site.put("ci-big.json", &profile("big", 1), 100);
+    site.put("ci-a.json", &profile("a", 1), 100);
+    site.run(&[]).assert_status(0);
+    let mut big = b"{\"pad\": \"".to_vec();
+    big.resize(65 * 1024 * 1024, b'x');
+    big.extend_from_slice(b"\"}");
+    site.put_raw("ci-big.json", &big, 101);
+    site.put("ci-a.json", &profile("a", 2), 101);
+    let out = site.run(&[]);
+    out.assert_status(1);
+    out.assert_logs_in_order(&["ci-big.json: larger than 67108864 bytes"]);
+    assert_eq!(site.published_names(), ["ci-a.json"]);
+    assert_eq!(site.cached_mtime("ci-big.json"), Some(100));
+}
+
+#[test]
+fn a_nacked_publish_is_an_error_and_is_retried_by_the_next_run() {
+    let site = Site::new("ci-");
+    site.put("ci-a.json", &profile("a", 1), 100);
+    site.run(&[]).assert_status(0);
+    site.put("ci-a.json", &profile("a", 2), 101);
+    // The broker refuses every message of this queue (a full queue that rejects publishes).
+    let policy = support::Policy::set(&site.queue.name, r#"{"max-length": 0, "overflow": "reject-publish"}"#);
+    let out = site.run(&[]);
+    out.assert_status(1);
+    out.assert_logs_in_order(&["Pushing message to queue for build", "broker refused (nack) ci-a.json"]);
+    assert_eq!(site.cached_mtime("ci-a.json"), Some(100));
+    assert!(site.cached_copy("ci-a.json").is_none());
+    drop(policy);
+
+    site.run(&[]).assert_status(0);
+    assert_eq!(site.published_names(), ["ci-a.json"]);
+}
+
+#[test]
+fn profiles_that_leave_the_index_are_forgotten() {
+    let site = Site::new("ci-");
+    site.put("ci-a.json", &profile("a", 1), 100);
+    site.put("ci-b.json", &profile("b", 1), 100);
+    site.run(&[]).assert_status(0);
+    site.put("ci-b.json", &profile("b", 2), 101);
+    site.run(&[]).assert_status(0);
+    assert!(site.cached_copy("ci-b.json").is_some());
+    site.remove("ci-b.json");
+    let out = site.run(&[]);
+    out.assert_status(0);
+    out.assert_logs_in_order(&["Profile left the index, forgetting it: ci-b.json"]);
+    assert_eq!(site.cached_mtimes(), support::mt([("ci-a.json", 100)]));
+    assert!(site.cached_copy("ci-b.json").is_none());
+}
+
+#[test]
+fn an_original_cache_directory_keeps_working() {
+    let site = Site::new("ci-");
+    site.put("ci-a.json", &profile("a", 1), 100);
+    site.put("ci-b.json", &profile("b", 1), 100);
+    // As the original left it: the broker's index saved as served, and a cached profile.
+    std::fs::create_dir_all(site.cache()).unwrap();
+    std::fs::write(
+        site.cache().join("cached_info.xml"),
+        "<?xml version='1.0' encoding='utf-8'?>\n<profiles>\n<profile mtime='100'>ci-a.json</profile>\n\
+         <profile mtime='99'>ci-b.json</profile>\n</profiles>",
+    )
+    .unwrap();
+    std::fs::write(
+        site.cache().join("ci-b.json"),
+        serde_json::to_vec(&profile("b", 1)).unwrap(),
+    )
+    .unwrap();
+    let out = site.run(&[]);
+    out.assert_status(0);
+    out.assert_logs_in_order(&["Profile has not updated: ci-b.json"]);
+    assert!(site.published().is_empty());
+    assert_eq!(
+        site.cached_mtimes(),
+        support::mt([("ci-a.json", 100), ("ci-b.json", 100)])
+    );
+}
+
+#[test]
+fn a_returned_message_is_an_error() {
+    support::block_on(async {
+        let broker = packuilon_testsupport::broker::BrokerAddr::shared();
+        let conn = broker.connect().await.unwrap();
+        let channel = conn.create_channel().await.unwrap();
+        // No queue of this name exists: with `mandatory` the broker returns the message.
+        let nowhere = packuilon_testsupport::unique_name("cdb2rabbit-nowhere");
+        let publisher = cdb2rabbit::publish::Publisher::on_channel(conn, channel, &nowhere)
+            .await
+            .unwrap();
+        let pending = publisher.publish("ci-a.json", 1, b"{}").await.unwrap();
+        let err = pending.confirmed().await.unwrap_err();
+        assert!(
+            matches!(err, cdb2rabbit::publish::PublishError::Returned { code: 312, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("returned ci-a.json"), "{err}");
+        publisher.close().await;
+    });
+}
+
+#[test]
+fn profile_json_keeps_unicode_and_numbers_exactly() {
+    let site = Site::new("ci-");
+    site.put("ci-a.json", &profile("a", 1), 100);
+    site.run(&[]).assert_status(0);
+    let raw = "{\"system\": {\"n\": 1.50, \"s\": \"caf\\u00e9 \u{2603}\"}}";
+    site.put_raw("ci-a.json", raw.as_bytes(), 101);
+    site.run(&[]).assert_status(0);
+    let msgs = site.published();
+    assert_eq!(msgs[0].body, raw.as_bytes());
+}
