@@ -19,7 +19,7 @@ free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("12
 os_state=$(mktemp -d /tmp/packuilon-test-openstack.XXXXXX)
 cleanup() {
   scripts/openstack-down.sh "$os_state" >/dev/null 2>&1 || true
-  rm -rf "$os_state"
+  rm -rf "$os_state" "$os_state.up.log"
 }
 trap cleanup EXIT
 kport=$(free_port); gport=$(free_port)
