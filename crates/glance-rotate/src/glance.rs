@@ -220,14 +220,18 @@ impl Glance {
             images: Vec<Image>,
             next: Option<String>,
         }
-        let mut q = url::form_urlencoded::Serializer::new(String::new());
-        for (k, v) in filters {
-            q.append_pair(k, v);
-        }
-        q.append_pair("sort_key", "created_at");
-        q.append_pair("sort_dir", "desc");
-        q.append_pair("limit", &self.page_limit.to_string());
-        let mut next = Some(format!("/v2/images?{}", q.finish()));
+        // The serializer is not Send: finish it before the first await.
+        let query = {
+            let mut q = url::form_urlencoded::Serializer::new(String::new());
+            for (k, v) in filters {
+                q.append_pair(k, v);
+            }
+            q.append_pair("sort_key", "created_at");
+            q.append_pair("sort_dir", "desc");
+            q.append_pair("limit", &self.page_limit.to_string());
+            q.finish()
+        };
+        let mut next = Some(format!("/v2/images?{query}"));
         let mut out = Vec::new();
         while let Some(path) = next.take() {
             let (_, v) = self.call(Method::GET, &path, None).await?;

@@ -177,3 +177,19 @@ pub async fn rotate_with_rc(admin_rc: &Path, target: Target, opts: &RotateOption
     let creds = credentials_from_rc(admin_rc)?;
     rotate_with_credentials(creds, target, opts).await
 }
+
+#[cfg(test)]
+mod tests {
+    /// rabbit2packer runs rotations in spawned tasks.
+    #[test]
+    fn rotate_with_rc_is_send() {
+        fn assert_send<T: Send>(_: &T) {}
+        let opts = super::RotateOptions::default();
+        let fut = super::rotate_with_rc(
+            std::path::Path::new("/nonexistent"),
+            super::Target::ImageId("x".into()),
+            &opts,
+        );
+        assert_send(&fut);
+    }
+}

@@ -132,7 +132,8 @@ async fn new_image(glance: &Glance, target: &Target) -> Result<Option<Image>, Ro
                     (Some(_), None) => false,
                     (None, _) => true,
                 })
-                .max_by(|a, b| a.created().cmp(&b.created())))
+                // Newest first (Glance sorts by created_at, then id): the first one is the new image.
+                .min_by(|a, b| b.created().cmp(&a.created())))
         }
     }
 }
@@ -168,17 +169,11 @@ pub async fn plan(glance: &Glance, target: &Target, opts: &RotateOptions) -> Res
 
     // Members: the new image can receive them unless everyone sees it anyway.
     let new_takes_members = matches!(new.visibility.as_str(), "shared" | "private");
-    let old_members: Vec<Vec<Member>> = stream::iter(candidates.iter())
-        .map(|img| async move {
-            if new_takes_members && img.visibility == "shared" {
-                glance.members(&img.id).await
-            } else {
-                Ok(Vec::new())
-            }
-        })
-        .buffered(CONCURRENCY)
-        .try_collect()
-        .await?;
+    let lists: Vec<_> = candidates
+        .iter()
+        .map(|img| members_to_move(glance, img, new_takes_members))
+        .collect();
+    let old_members: Vec<Vec<Member>> = stream::iter(lists).buffered(CONCURRENCY).try_collect().await?;
     let wanted: BTreeSet<String> = old_members.iter().flatten().map(|m| m.member_id.clone()).collect();
     let present: BTreeMap<String, String> = if !wanted.is_empty() && new.visibility == "shared" {
         glance
@@ -419,75 +414,19 @@ impl Plan {
                 .await?;
             tracing::info!("Made image {} {:?} shared to receive members", new.id, new.name());
         }
-        stream::iter(self.add.iter())
-            .map(|m| async move {
-                if glance.add_member(&new.id, m).await? {
-                    tracing::info!("Added member {m} to image {}", new.id);
-                }
-                Ok::<_, RotateError>(())
-            })
-            .buffer_unordered(CONCURRENCY)
-            .try_collect::<()>()
-            .await?;
-        stream::iter(self.accept.iter())
-            .map(|m| async move {
-                glance.set_member_status(&new.id, m, "accepted").await?;
-                tracing::info!("Member {m} of image {} accepted", new.id);
-                Ok::<_, RotateError>(())
-            })
-            .buffer_unordered(CONCURRENCY)
-            .try_collect::<()>()
-            .await?;
+        // Futures collected first (not a closure in the stream): keeps the whole rotation Send.
+        let adds: Vec<_> = self.add.iter().map(|m| add_member(glance, &new.id, m)).collect();
+        run_all(adds).await?;
+        let accepts: Vec<_> = self.accept.iter().map(|m| accept_member(glance, &new.id, m)).collect();
+        run_all(accepts).await?;
 
         let archived_at = self.archived_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-        stream::iter(self.archives.iter())
-            .map(|a| {
-                let archived_at = archived_at.as_str();
-                async move {
-                    let old = &a.image;
-                    for m in &a.members {
-                        glance.remove_member(&old.id, &m.member_id).await?;
-                        tracing::info!("Moved member {} from image {} to image {}", m.member_id, old.id, new.id);
-                    }
-                    // Last: once renamed, a rerun no longer finds this image by name.
-                    let mut ops = vec![
-                        PatchOp::Set {
-                            path: "/name".into(),
-                            value: json!(a.archive_name),
-                            exists: true,
-                        },
-                        PatchOp::Set {
-                            path: format!("/{ARCHIVE_OF}"),
-                            value: json!(old.name()),
-                            exists: old.extra.contains_key(ARCHIVE_OF),
-                        },
-                        PatchOp::Set {
-                            path: format!("/{ARCHIVED_AT}"),
-                            value: json!(archived_at),
-                            exists: old.extra.contains_key(ARCHIVED_AT),
-                        },
-                    ];
-                    if self.hide && !old.os_hidden {
-                        ops.push(PatchOp::Set {
-                            path: "/os_hidden".into(),
-                            value: json!(true),
-                            exists: true,
-                        });
-                    }
-                    glance.patch(&old.id, &ops).await?;
-                    tracing::info!(
-                        "Renamed image {} from {:?} to {:?}{}",
-                        old.id,
-                        old.name(),
-                        a.archive_name,
-                        if self.hide { " (hidden)" } else { "" }
-                    );
-                    Ok::<_, RotateError>(())
-                }
-            })
-            .buffer_unordered(CONCURRENCY)
-            .try_collect::<()>()
-            .await?;
+        let archives: Vec<_> = self
+            .archives
+            .iter()
+            .map(|a| archive_one(glance, a, new, &archived_at, self.hide))
+            .collect();
+        run_all(archives).await?;
 
         for img in &self.delete {
             if glance.delete_image(&img.id).await? {
@@ -506,6 +445,88 @@ impl Plan {
         }
         Ok(self.report())
     }
+}
+
+/// Members of `img` that move to the new image (only shared images have members).
+async fn members_to_move(glance: &Glance, img: &Image, new_takes_members: bool) -> Result<Vec<Member>, RotateError> {
+    if new_takes_members && img.visibility == "shared" {
+        glance.members(&img.id).await
+    } else {
+        Ok(Vec::new())
+    }
+}
+
+async fn add_member(glance: &Glance, new_id: &str, member: &str) -> Result<(), RotateError> {
+    if glance.add_member(new_id, member).await? {
+        tracing::info!("Added member {member} to image {new_id}");
+    }
+    Ok(())
+}
+
+async fn accept_member(glance: &Glance, new_id: &str, member: &str) -> Result<(), RotateError> {
+    glance.set_member_status(new_id, member, "accepted").await?;
+    tracing::info!("Member {member} of image {new_id} accepted");
+    Ok(())
+}
+
+/// Moves the members of one old image, then renames it (last: once renamed,
+/// a rerun no longer finds it by name).
+async fn archive_one(
+    glance: &Glance,
+    a: &PlannedArchive,
+    new: &Image,
+    archived_at: &str,
+    hide: bool,
+) -> Result<(), RotateError> {
+    let old = &a.image;
+    for m in &a.members {
+        glance.remove_member(&old.id, &m.member_id).await?;
+        tracing::info!("Moved member {} from image {} to image {}", m.member_id, old.id, new.id);
+    }
+    let mut ops = vec![
+        PatchOp::Set {
+            path: "/name".into(),
+            value: json!(a.archive_name),
+            exists: true,
+        },
+        PatchOp::Set {
+            path: format!("/{ARCHIVE_OF}"),
+            value: json!(old.name()),
+            exists: old.extra.contains_key(ARCHIVE_OF),
+        },
+        PatchOp::Set {
+            path: format!("/{ARCHIVED_AT}"),
+            value: json!(archived_at),
+            exists: old.extra.contains_key(ARCHIVED_AT),
+        },
+    ];
+    if hide && !old.os_hidden {
+        ops.push(PatchOp::Set {
+            path: "/os_hidden".into(),
+            value: json!(true),
+            exists: true,
+        });
+    }
+    glance.patch(&old.id, &ops).await?;
+    tracing::info!(
+        "Renamed image {} from {:?} to {:?}{}",
+        old.id,
+        old.name(),
+        a.archive_name,
+        if hide { " (hidden)" } else { "" }
+    );
+    Ok(())
+}
+
+/// Runs `futs`, CONCURRENCY at a time; stops at the first error.
+async fn run_all<F>(futs: Vec<F>) -> Result<(), RotateError>
+where
+    F: std::future::Future<Output = Result<(), RotateError>>,
+{
+    stream::iter(futs)
+        .buffer_unordered(CONCURRENCY)
+        .try_collect::<()>()
+        .await
 }
 
 /// Plans and (unless `opts.dry_run`) executes the rotation for `target`.
