@@ -110,6 +110,26 @@ fn find_program(p: &Path) -> Option<PathBuf> {
         .find(|c| executable(c))
 }
 
+/// Pauses between rotation attempts: 5 s, 30 s, 2 min (four attempts).
+/// `RABBIT2PACKER_ROTATION_RETRY_DELAYS` (seconds, comma-separated) overrides
+/// them, so tests need not wait minutes.
+fn rotation_backoff() -> Vec<Duration> {
+    std::env::var("RABBIT2PACKER_ROTATION_RETRY_DELAYS")
+        .ok()
+        .and_then(|v| {
+            v.split(',')
+                .map(|s| packuilon_common::config::parse_duration(s.trim()))
+                .collect::<Option<Vec<_>>>()
+        })
+        .unwrap_or_else(|| {
+            vec![
+                Duration::from_secs(5),
+                Duration::from_secs(30),
+                Duration::from_secs(120),
+            ]
+        })
+}
+
 fn notify(state: &[sd_notify::NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(false, state) {
         tracing::warn!("sd_notify: {e}");
@@ -154,11 +174,7 @@ pub async fn run(config_file: &Path) -> Result<(), DaemonError> {
             .map_err(|e| DaemonError::Runtime(format!("cannot start the packer-spawner thread: {e}")))?,
         stop: stop_builds.clone(),
         boot_id: runner::boot_id(),
-        rotation_backoff: vec![
-            Duration::from_secs(5),
-            Duration::from_secs(30),
-            Duration::from_secs(120),
-        ],
+        rotation_backoff: rotation_backoff(),
     });
 
     let stop_workers = CancellationToken::new();

@@ -55,18 +55,27 @@ impl Values {
 pub struct RenderError(pub String);
 
 /// Replaces the placeholders in one pass (so a value containing `$NAME`
-/// is never substituted again).
+/// is never substituted again). A placeholder followed by a letter, digit
+/// or `_` is some other name (`$IMAGE_NAME` in a script) and stays.
 pub fn substitute(template: &str, v: &Values) -> String {
     let mut out = String::with_capacity(template.len() + 256);
     let mut rest = template;
     while let Some(pos) = rest.find('$') {
         out.push_str(&rest[..pos]);
         let tail = &rest[pos..];
-        let (value, len) = if tail.starts_with("$METADATA") {
+        // `$IMAGE_NAME` in a shell-local script is the script's own variable.
+        let placeholder = |p: &str| {
+            tail.starts_with(p)
+                && !tail[p.len()..]
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+        };
+        let (value, len) = if placeholder("$METADATA") {
             (v.metadata.as_str(), "$METADATA".len())
-        } else if tail.starts_with("$NAME") {
+        } else if placeholder("$NAME") {
             (v.name.as_str(), "$NAME".len())
-        } else if tail.starts_with("$IMAGE") {
+        } else if placeholder("$IMAGE") {
             (v.image.as_str(), "$IMAGE".len())
         } else {
             ("$", 1)
@@ -165,7 +174,7 @@ mod tests {
     }
 
     const TEMPLATE: &str = r#"{"builders": [{"type": "openstack", "image_name": "$NAME AQ", "source_image": "$IMAGE",
-        "instance_metadata": { $METADATA }}], "note": "cost $5"}"#;
+        "instance_metadata": { $METADATA }}], "note": "cost $5 $IMAGE_NAME $NAMES"}"#;
 
     #[test]
     fn placeholders_are_replaced_and_escaped() {
@@ -177,7 +186,7 @@ mod tests {
         assert_eq!(b["instance_metadata"]["AQ_SANDBOX"], "alice/\"x\"");
         assert_eq!(b["instance_metadata"]["AQ_ARCHETYPE"], "tier\\1 $NAME");
         assert!(b["instance_metadata"].get("AQ_DOMAIN").is_none());
-        assert_eq!(json["note"], "cost $5");
+        assert_eq!(json["note"], "cost $5 $IMAGE_NAME $NAMES");
     }
 
     #[test]

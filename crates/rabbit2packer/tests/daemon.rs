@@ -1,0 +1,539 @@
+//! rabbit2packer end to end: the real daemon binary, real RabbitMQ, real
+//! packer (null builder, shell-local steps that record what they got).
+
+mod support;
+
+use std::time::Duration;
+
+use rabbit2packer::journal::JobState;
+use serde_json::{json, Value};
+use support::*;
+
+#[test]
+fn names_and_rendered_values_reach_packer_escaped() {
+    let site = Site::new(2, "");
+    let mut d = site.start();
+    // A sandbox profile, and values that need JSON escapes.
+    let sandbox = profile(
+        "inventory",
+        "7x",
+        "tier\"1\\x",
+        json!({"name": "alice/fix \"quotes\"", "type": "sandbox"}),
+    );
+    site.publish(&sandbox, Some("msg-sandbox"));
+    let jobs = site.wait_jobs("the sandbox build", T, |j| succeeded(j) == 1);
+    let job = &jobs[0];
+    assert_eq!(job.image_key, "inventory-sl7x-x86_64");
+    assert_eq!(job.message_id.as_deref(), Some("msg-sandbox"));
+    assert_eq!(job.profile.as_deref(), Some("test-profile.json"));
+
+    // The build file: BUILD_FILE_DIR/<image key>.<template file name>.json, valid JSON.
+    let build_file = site.build_dir.join("inventory-sl7x-x86_64.a.json.json");
+    let rendered: Value = serde_json::from_str(&std::fs::read_to_string(&build_file).unwrap()).unwrap();
+    assert_eq!(rendered["variables"]["name"], "sl7x-x86_64 inventory");
+    assert_eq!(rendered["variables"]["image"], "src-7x-uuid");
+
+    // What packer's step saw, and the RC file's exports with the original's aliases.
+    let starts = site.starts();
+    assert_eq!(starts.len(), 1);
+    assert_eq!(starts[0][2], "sl7x-x86_64 inventory");
+    assert_eq!(starts[0][3], "src-7x-uuid");
+    assert_eq!(starts[0][6], "project-1", "OS_TENANT_ID=OS_PROJECT_ID");
+    assert_eq!(starts[0][7], "Default", "OS_DOMAIN_NAME=OS_USER_DOMAIN_NAME");
+
+    // $METADATA reached packer as an object, values intact.
+    let md = site.manifest_metadata("sl7x-x86_64 inventory", "a.json");
+    assert_eq!(
+        md[0],
+        json!({
+            "AQ_PERSONALITY": "inventory", "AQ_OS": "sl", "AQ_OSVERSION": "7x-x86_64",
+            "AQ_SANDBOX": "alice/fix \"quotes\"", "AQ_ARCHETYPE": "tier\"1\\x"
+        })
+    );
+
+    // A domain profile without a branch name gets AQ_DOMAIN prod.
+    let mut plain = profile("web", "7x", "ral-tier1", Value::Null);
+    plain["metadata"] = json!({});
+    site.publish(&plain, None);
+    site.wait_jobs("the plain build", T, |j| succeeded(j) == 2);
+    let md = site.manifest_metadata("sl7x-x86_64 web", "a.json");
+    assert_eq!(md[0]["AQ_DOMAIN"], "prod");
+    assert!(md[0].get("AQ_SANDBOX").is_none());
+
+    // The original's log lines.
+    d.wait_log("Thread-", T);
+    assert!(d.count("processing inventory-sl7x-x86_64") == 1, "{}", d.output());
+    assert!(d.count("No Packer template defined for web-sl7x-x86_64. Using the default values") == 1);
+    d.wait_log("image built successfully: web-sl7x-x86_64.a.json", T);
+    d.stop();
+}
+
+#[test]
+fn image_with_its_own_map_entry_uses_it_others_use_default() {
+    let site = Site::new(2, "");
+    site.template("unmanaged.json", Step { sleep: 0.3, exit: 0 });
+    site.template("managed.json", Step { sleep: 0.3, exit: 0 });
+    site.template("special.json", Step { sleep: 0.3, exit: 0 });
+    site.write_map(json!({
+        "DEFAULT": ["templates/unmanaged.json", "templates/managed.json"],
+        "special-sl7x-x86_64": ["templates/special.json"]
+    }));
+    let mut d = site.start();
+    site.publish(&profile("special", "7x", "a", prod()), None);
+    site.publish(&profile("other", "7x", "a", prod()), None);
+    let jobs = site.wait_jobs("both builds", T, |j| succeeded(j) == 2);
+    let templates = |key: &str| -> Vec<String> {
+        jobs.iter()
+            .find(|j| j.image_key == key)
+            .unwrap()
+            .builds
+            .iter()
+            .map(|b| b.template.clone())
+            .collect()
+    };
+    assert_eq!(templates("special-sl7x-x86_64"), vec!["special.json"]);
+    assert_eq!(templates("other-sl7x-x86_64"), vec!["unmanaged.json", "managed.json"]);
+    // The templates of one image run one after another.
+    let runs = site.runs();
+    let pos = |kind: &str, t: &str| {
+        runs.iter()
+            .position(|r| r[0] == kind && r[1] == t && r[2] == "sl7x-x86_64 other")
+            .unwrap()
+    };
+    assert!(pos("end", "unmanaged.json") < pos("start", "managed.json"), "{runs:?}");
+    d.stop();
+}
+
+#[test]
+fn missing_source_image_fails_that_job_only() {
+    let site = Site::new(1, "");
+    let mut d = site.start();
+    site.publish(&profile("inventory", "6x", "a", prod()), Some("no-source"));
+    site.publish(&profile("inventory", "7x", "a", prod()), Some("has-source"));
+    let jobs = site.wait_jobs("both jobs finished", T, |j| {
+        j.len() == 2
+            && j.iter()
+                .all(|j| matches!(j.state, JobState::Succeeded | JobState::Failed))
+    });
+    let failed = in_state(&jobs, JobState::Failed);
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].image_key, "inventory-sl6x-x86_64");
+    let err = failed[0].error.as_deref().unwrap();
+    assert!(err.contains("sl6x-x86_64") && err.contains("IMAGES_CONFIG"), "{err}");
+    assert_eq!(succeeded(&jobs), 1);
+    d.wait_log("source image was not found, check IMAGES_CONFIG. Continuing", T);
+    d.stop();
+}
+
+#[test]
+fn malformed_message_is_rejected_and_kept_and_the_queue_goes_on() {
+    let site = Site::new(1, "");
+    let mut d = site.start();
+    site.publish_bytes(b"this is { not json", Some("broken-1"));
+    let mut no_arch = profile("inventory", "7x", "a", prod());
+    no_arch["system"]["os"].as_object_mut().unwrap().remove("architecture");
+    site.publish(&no_arch, Some("broken-2"));
+    site.publish(&profile("inventory", "7x", "a", prod()), Some("good"));
+    site.wait_jobs("the good message built", T, |j| succeeded(j) == 1);
+    let line = d.wait_log("message broken-2", T);
+    assert!(line.contains("system.os.architecture"), "{line}");
+    assert!(d.wait_log("message broken-1", T).contains("malformed json"));
+    let mut rejected: Vec<Vec<u8>> = std::fs::read_dir(site.state_dir.join("rejected"))
+        .unwrap()
+        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    rejected.sort();
+    assert_eq!(rejected.len(), 2);
+    assert!(rejected.contains(&b"this is { not json".to_vec()));
+    assert_eq!(site.journal().len(), 1, "rejected messages are not jobs");
+    d.stop();
+}
+
+#[test]
+fn twenty_requests_during_a_build_give_at_most_two_builds_the_last_with_the_newest_profile() {
+    let site = Site::new(2, "");
+    site.template("a.json", Step { sleep: 1.5, exit: 0 });
+    let mut d = site.start();
+    site.publish(&profile("inventory", "7x", "v0", prod()), None);
+    site.wait_runs("the first build to start", T, |r| !r.is_empty());
+    for n in 1..=20 {
+        site.publish(&profile("inventory", "7x", &format!("v{n}"), prod()), None);
+    }
+    let jobs = site.wait_jobs("all 21 requests settled", T, |j| {
+        j.len() == 21
+            && j.iter()
+                .all(|j| !matches!(j.state, JobState::Running | JobState::Waiting))
+    });
+    assert_eq!(succeeded(&jobs), 2, "{jobs:#?}");
+    assert_eq!(in_state(&jobs, JobState::Superseded).len(), 19);
+    let last = jobs.last().unwrap();
+    assert_eq!(last.state, JobState::Succeeded);
+    // Each superseded job names the one that replaced it.
+    for j in in_state(&jobs, JobState::Superseded) {
+        assert_eq!(j.superseded_by, Some(j.id + 1));
+    }
+    let md = site.manifest_metadata("sl7x-x86_64 inventory", "a.json");
+    assert_eq!(md.len(), 2);
+    assert_eq!(md[1]["AQ_ARCHETYPE"], "v20");
+    assert_eq!(site.starts().len(), 2);
+    d.stop();
+}
+
+#[test]
+fn four_images_with_two_threads_build_two_at_a_time() {
+    let site = Site::new(2, "");
+    site.template("a.json", Step { sleep: 1.0, exit: 0 });
+    let mut d = site.start();
+    for p in ["p1", "p2", "p3", "p4"] {
+        site.publish(&profile(p, "7x", "a", prod()), None);
+    }
+    site.wait_jobs("four builds", T, |j| succeeded(j) == 4);
+    // Intervals [start, end] per image; count the most at once.
+    let runs = site.runs();
+    let mut events: Vec<(f64, i32)> = runs
+        .iter()
+        .map(|r| {
+            let t: f64 = if r[0] == "start" {
+                r[5].parse().unwrap()
+            } else {
+                r[3].parse().unwrap()
+            };
+            (t, if r[0] == "start" { 1 } else { -1 })
+        })
+        .collect();
+    events.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let (mut now, mut max) = (0, 0);
+    for (_, delta) in events {
+        now += delta;
+        max = max.max(now);
+    }
+    assert_eq!(max, 2, "{runs:?}");
+    assert!(d.count("Thread-1 processing") >= 1 && d.count("Thread-2 processing") >= 1);
+    d.stop();
+}
+
+#[test]
+fn redelivered_message_is_not_built_twice() {
+    let site = Site::new(1, "");
+    let mut d = site.start();
+    let with_id = profile("inventory", "7x", "a", prod());
+    site.publish(&with_id, Some("same-id"));
+    site.publish(&with_id, Some("same-id"));
+    let body = profile("other", "7x", "b", prod());
+    site.publish(&body, None);
+    site.wait_jobs("two builds", T, |j| succeeded(j) == 2);
+    d.wait_log("Message same-id is already job", T);
+    d.stop();
+
+    // A message without an id that the broker redelivers (delivered, never acked)
+    // after its job was journaled: acked, not built again.
+    site.publish(&body, None);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let conn = site.queue.broker.connect().await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let got = ch
+            .basic_get(
+                site.queue.name.as_str().into(),
+                lapin::options::BasicGetOptions { no_ack: false },
+            )
+            .await
+            .unwrap()
+            .expect("the message is in the queue");
+        assert!(!got.delivery.redelivered);
+        // Closing without an ack puts it back, flagged redelivered.
+        conn.close(200, "no ack".into()).await.unwrap();
+    });
+    // Journal it as the daemon would have before the crash: a fresh start consumes the redelivery.
+    let mut d = site.start();
+    d.wait_log("is already job", T);
+    assert_eq!(site.journal().len(), 2, "{:#?}", site.journal());
+    d.stop();
+    assert_eq!(site.starts().len(), 2);
+}
+
+#[test]
+fn failing_build_is_recorded_with_exit_code_and_trailer_and_the_next_request_builds() {
+    let site = Site::new(1, "");
+    let mut d = site.start();
+    std::fs::write(site.out.join("fail"), "").unwrap();
+    site.publish(&profile("inventory", "7x", "a", prod()), None);
+    let jobs = site.wait_jobs("the failed build", T, |j| in_state(j, JobState::Failed).len() == 1);
+    let b = &jobs[0].builds[0];
+    assert_eq!(b.exit_code, Some(1));
+    let log = std::fs::read_to_string(b.log_path.as_deref().unwrap()).unwrap();
+    assert!(log.contains("failing on purpose"), "{log}");
+    assert!(log.contains("building, with a comma"), "{log}");
+    let last = log.lines().last().unwrap();
+    assert!(
+        last.starts_with("rabbit2packer: Build finished at ") && last.ends_with(" (epoch) with exit code 1"),
+        "{last}"
+    );
+    assert!(
+        jobs[0].error.as_deref().unwrap().contains("exit status: 3"),
+        "{:?}",
+        jobs[0].error
+    );
+    d.wait_log(
+        "Thread-1: packer exited with non zero exit code, inventory-sl7x-x86_64.a.json build failed",
+        T,
+    );
+    std::fs::remove_file(site.out.join("fail")).unwrap();
+    site.publish(&profile("inventory", "7x", "a", prod()), None);
+    site.wait_jobs("the next build", T, |j| succeeded(j) == 1);
+    d.stop();
+}
+
+#[test]
+fn kill_9_mid_build_then_restart_builds_it_once_more_and_leaves_no_packer() {
+    let site = Site::new(1, "");
+    site.template("a.json", Step { sleep: 3.0, exit: 0 });
+    let d = site.start();
+    site.publish(&profile("inventory", "7x", "a", prod()), None);
+    let runs = site.wait_runs("the build to start", T, |r| !r.is_empty());
+    let pgid: i32 = runs[0][4].parse().unwrap();
+    assert!(group_alive(pgid));
+    d.signal(libc::SIGKILL);
+    drop(d);
+    let mut d = site.start();
+    wait_for("the old packer group to be gone", Duration::from_secs(20), || {
+        !group_alive(pgid)
+    });
+    let jobs = site.wait_jobs("the rebuild", T, |j| succeeded(j) == 1);
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].attempts, 2);
+    let starts = site.starts();
+    assert_eq!(starts.len(), 2, "built once more: {starts:?}");
+    assert_ne!(starts[1][4], starts[0][4]);
+    d.wait_log("it will be built again", T);
+    d.stop();
+    assert!(!group_alive(pgid));
+}
+
+#[test]
+fn sigterm_mid_build_cancels_packer_cleanly_and_the_job_runs_after_restart() {
+    let site = Site::new(1, "");
+    site.template("a.json", Step { sleep: 30.0, exit: 0 });
+    let mut d = site.start();
+    site.publish(&profile("inventory", "7x", "a", prod()), None);
+    let runs = site.wait_runs("the build to start", T, |r| !r.is_empty());
+    let pgid: i32 = runs[0][4].parse().unwrap();
+    d.stop();
+    assert!(!group_alive(pgid));
+    let jobs = site.journal();
+    assert_eq!(jobs[0].state, JobState::Interrupted);
+    let log = std::fs::read_to_string(jobs[0].builds[0].log_path.as_deref().unwrap()).unwrap();
+    assert!(
+        log.contains("Cleanly cancelled builds after being interrupted."),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .last()
+            .unwrap()
+            .starts_with("rabbit2packer: Build finished at "),
+        "{log}"
+    );
+
+    site.template("a.json", Step { sleep: 0.2, exit: 0 });
+    let mut d = site.start();
+    let jobs = site.wait_jobs("the job to run again", T, |j| succeeded(j) == 1);
+    assert_eq!(jobs.len(), 1);
+    d.stop();
+}
+
+#[test]
+fn broker_restarted_mid_build_build_completes_and_later_messages_are_consumed() {
+    let broker = packuilon_testsupport::broker::PrivateBroker::start().unwrap();
+    let site = Site::on(&broker.addr, 1, "");
+    site.template("a.json", Step { sleep: 2.0, exit: 0 });
+    let mut d = site.start();
+    d.wait_log("Consuming from queue", T);
+    site.publish(&profile("inventory", "7x", "a", prod()), None);
+    site.wait_runs("the build to start", T, |r| !r.is_empty());
+    broker.kill9().unwrap();
+    site.wait_jobs("the build to complete with the broker down", T, |j| succeeded(j) == 1);
+    broker.launch().unwrap();
+    site.publish(&profile("later", "7x", "a", prod()), None);
+    site.wait_jobs("the later message", Duration::from_secs(90), |j| succeeded(j) == 2);
+    assert!(d.count("reconnecting to channel") >= 1, "{}", d.output());
+    d.stop();
+}
+
+#[test]
+fn template_map_and_templates_edited_while_running_are_used_without_restart() {
+    let site = Site::new(1, "");
+    let mut d = site.start();
+    site.publish(&profile("inventory", "7x", "a", prod()), None);
+    site.wait_jobs("first build", T, |j| succeeded(j) == 1);
+    site.template("b.json", Step { sleep: 0.2, exit: 0 });
+    site.write_map(json!({"DEFAULT": ["templates/b.json"]}));
+    site.publish(&profile("inventory", "7x", "a", prod()), None);
+    let jobs = site.wait_jobs("second build", T, |j| succeeded(j) == 2);
+    assert_eq!(jobs[1].builds[0].template, "b.json");
+    d.wait_log("Reloaded", T);
+    d.stop();
+}
+
+#[test]
+fn broken_template_is_reported_naming_the_file() {
+    // At start-up: exit 2, one error naming the file.
+    let site = Site::new(1, "");
+    let broken = site.templates.join("broken.json");
+    std::fs::write(&broken, "{\"builders\": [{\"type\": \"null\", \"x\": { $METADATA }},]}").unwrap();
+    site.write_map(json!({"DEFAULT": ["templates/a.json"], "x-sl7x-x86_64": ["templates/broken.json"]}));
+    let mut d = site.start();
+    assert_eq!(d.wait_exit(T), 2);
+    assert!(d.output().contains(&broken.display().to_string()), "{}", d.output());
+
+    // While running: the error names the file and the last good version stays in use.
+    site.write_map(json!({"DEFAULT": ["templates/a.json"]}));
+    let mut d = site.start();
+    d.wait_log("Consuming from queue", T);
+    let a = site.templates.join("a.json");
+    let good = std::fs::read_to_string(&a).unwrap();
+    std::fs::write(&a, good.replacen('{', "{,", 1)).unwrap();
+    site.publish(&profile("inventory", "7x", "a", prod()), None);
+    site.wait_jobs("the build with the last good template", T, |j| succeeded(j) == 1);
+    let line = d.wait_log("keeping the last good version", T);
+    assert!(line.contains(&a.display().to_string()), "{line}");
+    d.signal(libc::SIGHUP);
+    d.stop();
+    assert_eq!(
+        d.count("keeping the last good version"),
+        1,
+        "a broken edit is reported once"
+    );
+}
+
+#[test]
+fn only_the_newest_log_keep_logs_are_kept_and_the_link_points_to_the_newest() {
+    let site = Site::new(1, "LOG_KEEP = 2");
+    site.template("a.json", Step { sleep: 0.1, exit: 0 });
+    let mut d = site.start();
+    for n in 1..=3 {
+        site.publish(&profile("inventory", "7x", &format!("v{n}"), prod()), None);
+        site.wait_jobs("build", T, |j| succeeded(j) == n);
+    }
+    let logs = site.logs("inventory-sl7x-x86_64.a.json");
+    assert_eq!(logs.len(), 2, "{logs:?}");
+    let link = std::fs::read_link(site.log_dir.join("inventory-sl7x-x86_64.a.json.log")).unwrap();
+    assert_eq!(site.log_dir.join(link), *logs.last().unwrap());
+    let newest = site.journal().last().unwrap().builds[0].log_path.clone().unwrap();
+    assert_eq!(logs.last().unwrap().display().to_string(), newest);
+    d.stop();
+}
+
+#[test]
+fn status_and_history_show_running_waiting_and_finished_jobs() {
+    let site = Site::new(1, "");
+    site.template("a.json", Step { sleep: 2.0, exit: 0 });
+    let mut d = site.start();
+    site.publish(&profile("inventory", "7x", "v1", prod()), Some("m1"));
+    site.wait_runs("the build to start", T, |r| !r.is_empty());
+    site.publish(&profile("inventory", "7x", "v2", prod()), Some("m2"));
+    site.wait_jobs("a waiting job", T, |j| j.len() == 2);
+    let (code, out, err) = site.cli(&["status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("running: 1"), "{out}");
+    assert!(
+        out.contains("#1 inventory-sl7x-x86_64") && out.contains("Thread-1"),
+        "{out}"
+    );
+    assert!(out.contains("building a.json"), "{out}");
+    assert!(
+        out.contains("waiting: 1") && out.contains("#2 inventory-sl7x-x86_64"),
+        "{out}"
+    );
+
+    site.wait_jobs("both builds", T, |j| succeeded(j) == 2);
+    let (code, out, _) = site.cli(&["history", "inventory-sl7x-x86_64"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("#2 inventory-sl7x-x86_64 succeeded"), "{out}");
+    assert!(out.contains("a.json exit 0 artifact Null"), "{out}");
+    assert!(out.contains("rotation skipped"), "{out}");
+    let (code, out, _) = site.cli(&["history", "--json", "-n", "1"]);
+    assert_eq!(code, 0);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 1);
+    assert_eq!(v[0]["message_id"], "m2");
+    assert_eq!(v[0]["state"], "succeeded");
+    assert_eq!(v[0]["builds"][0]["exit_code"], 0);
+    let (_, out, _) = site.cli(&["history", "nothing-sl7x-x86_64"]);
+    assert_eq!(out, "no finished builds\n");
+    d.stop();
+}
+
+#[test]
+fn build_timeout_stops_packer_and_fails_the_job_naming_the_timeout() {
+    let site = Site::new(1, "BUILD_TIMEOUT = 1\nSTOP_TIMEOUT = 5");
+    site.template("a.json", Step { sleep: 30.0, exit: 0 });
+    let mut d = site.start();
+    site.publish(&profile("inventory", "7x", "a", prod()), None);
+    let jobs = site.wait_jobs("the timed-out build", Duration::from_secs(30), |j| {
+        in_state(j, JobState::Failed).len() == 1
+    });
+    let err = jobs[0].error.as_deref().unwrap();
+    assert!(err.contains("BUILD_TIMEOUT"), "{err}");
+    let pgid: i32 = site.starts()[0][4].parse().unwrap();
+    assert!(!group_alive(pgid));
+    d.stop();
+}
+
+#[test]
+fn bad_config_exits_2_naming_file_and_key() {
+    let site = Site::new(1, "");
+    let text = std::fs::read_to_string(&site.config).unwrap();
+    std::fs::write(&site.config, text.replace("THREAD_COUNT = 1", "THREAD_COUNT = 0")).unwrap();
+    let mut d = site.start();
+    assert_eq!(d.wait_exit(T), 2);
+    let out = d.output();
+    assert!(out.contains("config.ini") && out.contains("THREAD_COUNT"), "{out}");
+
+    std::fs::write(
+        &site.config,
+        text.replace("PACKER_PATH = /usr/bin/packer", "PACKER_PATH = /nonexistent/packer"),
+    )
+    .unwrap();
+    let mut d = site.start();
+    assert_eq!(d.wait_exit(T), 2);
+    assert!(d.output().contains("PACKER_PATH"), "{}", d.output());
+}
+
+#[test]
+fn failed_rotation_is_retried_then_recorded_as_built_rotation_failed() {
+    let site = Site::new(1, "");
+    // Keystone on a closed port: every attempt fails.
+    let admin = site.dir.path().join("admin-auth.sh");
+    std::fs::write(
+        &admin,
+        "export OS_AUTH_URL=http://127.0.0.1:9/v3\nexport OS_USERNAME=admin\nexport OS_PASSWORD=secret\n\
+         export OS_PROJECT_NAME=admin\nexport OS_USER_DOMAIN_NAME=Default\nexport OS_PROJECT_DOMAIN_NAME=Default\n",
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(&site.config).unwrap();
+    std::fs::write(
+        &site.config,
+        format!("{text}PACKER_ADMIN_AUTH_FILE = {}\n", admin.display()),
+    )
+    .unwrap();
+    let mut d = site.start();
+    site.publish(&profile("inventory", "7x", "a", prod()), None);
+    let jobs = site.wait_jobs("the build", T, |j| succeeded(j) == 1);
+    assert_eq!(jobs[0].outcome, "built, rotation failed");
+    let rotation = jobs[0].builds[0].rotation.as_deref().unwrap();
+    assert!(rotation.starts_with("failed after 3 attempt(s)"), "{rotation}");
+    assert!(!rotation.contains("secret"), "{rotation}");
+    assert_eq!(
+        d.count("rotation of image named \"sl7x-x86_64 inventory\" failed (attempt"),
+        3
+    );
+    let (_, out, _) = site.cli(&["history"]);
+    assert!(out.contains("built, rotation failed"), "{out}");
+    // The image was not rebuilt for the rotation.
+    assert_eq!(site.starts().len(), 1);
+    d.stop();
+}

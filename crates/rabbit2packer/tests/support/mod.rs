@@ -1,0 +1,423 @@
+//! Harness for rabbit2packer's end-to-end tests: a site in a temp dir
+//! (config.ini, template map, source images, RC file, null-builder
+//! templates whose shell-local step records what it was given), the real
+//! daemon binary, real RabbitMQ and real packer. Waits are bounded and wait
+//! on events (log lines, journal states, files), never fixed sleeps.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::BasicProperties;
+use packuilon_testsupport::broker::{BrokerAddr, TestQueue};
+use rabbit2packer::journal::{JobRecord, JobState, Journal};
+use serde_json::{json, Value};
+
+pub const PACKER: &str = "/usr/bin/packer";
+
+/// A profile as cdb2rabbit publishes it.
+pub fn profile(personality: &str, os_version: &str, archetype: &str, branch: Value) -> Value {
+    json!({
+        "metadata": {"template": {"branch": branch}},
+        "system": {
+            "archetype": {"name": archetype},
+            "personality": {"name": personality},
+            "os": {"distribution": {"name": "sl"}, "version": {"name": os_version}, "architecture": "x86_64"},
+            "network": {"hostname": format!("{personality}-ci"), "domainname": "example.org"}
+        }
+    })
+}
+
+pub fn prod() -> Value {
+    json!({"name": "prod", "type": "domain"})
+}
+
+/// One test's site: its own dirs, queue and config.
+pub struct Site {
+    pub dir: tempfile::TempDir,
+    pub queue: TestQueue,
+    pub config: PathBuf,
+    pub state_dir: PathBuf,
+    pub log_dir: PathBuf,
+    pub build_dir: PathBuf,
+    pub out: PathBuf,
+    pub templates: PathBuf,
+    pub map: PathBuf,
+    pub images: PathBuf,
+}
+
+/// How a template's shell-local step behaves.
+#[derive(Clone, Copy)]
+pub struct Step {
+    pub sleep: f64,
+    pub exit: i32,
+}
+
+impl Site {
+    pub fn new(thread_count: usize, extra: &str) -> Site {
+        Site::on(&BrokerAddr::shared(), thread_count, extra)
+    }
+
+    pub fn on(broker: &BrokerAddr, thread_count: usize, extra: &str) -> Site {
+        let dir = tempfile::Builder::new().prefix("r2p-test-").tempdir().unwrap();
+        let d = dir.path().to_path_buf();
+        let queue = TestQueue::on(broker, "r2p");
+        let site = Site {
+            config: d.join("config.ini"),
+            state_dir: d.join("state"),
+            log_dir: d.join("log"),
+            build_dir: d.join("build"),
+            out: d.join("out"),
+            templates: d.join("templates"),
+            map: d.join("template-map.json"),
+            images: d.join("source-images.json"),
+            queue,
+            dir,
+        };
+        for p in [&site.out, &site.templates] {
+            std::fs::create_dir_all(p).unwrap();
+        }
+        std::fs::write(
+            d.join("auth.sh"),
+            "# RC files hold logic: sourced by bash, never parsed\n\
+             if [ -z \"$NO_SUCH_VAR\" ]; then export OS_PROJECT_ID=project-1; fi\n\
+             export OS_USER_DOMAIN_NAME=Default\n\
+             export OS_AUTH_URL=http://127.0.0.1:1/v3\n",
+        )
+        .unwrap();
+        site.write_images(json!({"sl7x-x86_64": "src-7x-uuid", "sl8x-x86_64": "src-8x-uuid"}));
+        site.template("a.json", Step { sleep: 0.3, exit: 0 });
+        site.write_map(json!({"DEFAULT": ["templates/a.json"]}));
+        let config = format!(
+            "{global}RABBIT_RETRY_DELAY = 0.5\n\n[rabbit2packer]\nTHREAD_COUNT = {thread_count}\n\
+             LOG_DIR = {log}\nBUILD_FILE_DIR = {build}\nPACKER_AUTH_FILE = {auth}\n\
+             PACKER_TEMPLATE_MAP = {map}\nIMAGES_CONFIG = {images}\nPACKER_PATH = {PACKER}\n\
+             STATE_DIR = {state}\nSTOP_TIMEOUT = 15\n{extra}\n",
+            global = broker.global_section(&site.queue.name),
+            log = site.log_dir.display(),
+            build = site.build_dir.display(),
+            auth = d.join("auth.sh").display(),
+            map = site.map.display(),
+            images = site.images.display(),
+            state = site.state_dir.display(),
+        );
+        std::fs::write(&site.config, config).unwrap();
+        site
+    }
+
+    pub fn write_map(&self, v: Value) {
+        write_json(&self.map, &v);
+    }
+
+    pub fn write_images(&self, v: Value) {
+        write_json(&self.images, &v);
+    }
+
+    /// A null-builder template whose shell-local step appends
+    /// `start|<tname>|$NAME|$IMAGE|<pgid>|<epoch.ns>|OS_TENANT_ID|OS_DOMAIN_NAME` and later
+    /// `end|<tname>|$NAME|<epoch.ns>` to out/runs, sleeping between; `$METADATA` reaches
+    /// the manifest post-processor (out/<$NAME>.<tname>.manifest.json). When
+    /// out/fail exists the step exits with `step.exit` (or 3).
+    pub fn template(&self, tname: &str, step: Step) -> PathBuf {
+        let runs = self.out.join("runs");
+        let fail = self.out.join("fail");
+        let t = json!({
+            "variables": {"name": "$NAME", "image": "$IMAGE"},
+            "builders": [{"type": "null", "communicator": "none"}],
+            "provisioners": [{
+                "type": "shell-local",
+                "environment_vars": ["R_NAME={{user `name`}}", "R_IMAGE={{user `image`}}"],
+                "inline": [
+                    format!("echo \"start|{tname}|$R_NAME|$R_IMAGE|$(cut -d' ' -f5 /proc/$$/stat)|$(date +%s.%N)|$OS_TENANT_ID|$OS_DOMAIN_NAME\" >> {}", runs.display()),
+                    format!("echo 'building, with a comma'; sleep {}", step.sleep),
+                    format!("if [ -e {} ]; then echo 'failing on purpose'; exit {}; fi", fail.display(), if step.exit == 0 { 3 } else { step.exit }),
+                    format!("echo \"end|{tname}|$R_NAME|$(date +%s.%N)\" >> {}", runs.display()),
+                ]
+            }],
+            "post-processors": [{
+                "type": "manifest",
+                "output": format!("{}/{{{{user `name`}}}}.{tname}.manifest.json", self.out.display()),
+                "custom_data": "__METADATA__"
+            }]
+        });
+        let text = serde_json::to_string_pretty(&t)
+            .unwrap()
+            .replace("\"__METADATA__\"", "{ $METADATA }");
+        let path = self.templates.join(tname);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    pub fn start(&self) -> Daemon {
+        Daemon::start(&self.config, &[])
+    }
+
+    pub fn start_with_env(&self, env: &[(&str, &str)]) -> Daemon {
+        Daemon::start(&self.config, env)
+    }
+
+    pub fn publish(&self, body: &Value, message_id: Option<&str>) {
+        publish_raw(
+            &self.queue.broker,
+            &self.queue.name,
+            serde_json::to_vec(body).unwrap(),
+            message_id,
+        );
+    }
+
+    pub fn publish_bytes(&self, body: &[u8], message_id: Option<&str>) {
+        publish_raw(&self.queue.broker, &self.queue.name, body.to_vec(), message_id);
+    }
+
+    pub fn journal(&self) -> Vec<JobRecord> {
+        Journal::open_read_only(&self.state_dir).unwrap().all().unwrap()
+    }
+
+    /// Waits until `f` holds for the journal's jobs; returns them.
+    pub fn wait_jobs(&self, what: &str, timeout: Duration, f: impl Fn(&[JobRecord]) -> bool) -> Vec<JobRecord> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let jobs = if self.state_dir.join(rabbit2packer::journal::FILE_NAME).exists() {
+                Journal::open_read_only(&self.state_dir)
+                    .and_then(|j| j.all())
+                    .unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            if f(&jobs) {
+                return jobs;
+            }
+            if Instant::now() > deadline {
+                panic!("timed out waiting for {what}; journal: {jobs:#?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Lines of out/runs, split on `|`.
+    pub fn runs(&self) -> Vec<Vec<String>> {
+        std::fs::read_to_string(self.out.join("runs"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| l.split('|').map(str::to_string).collect())
+            .collect()
+    }
+
+    pub fn starts(&self) -> Vec<Vec<String>> {
+        self.runs().into_iter().filter(|r| r[0] == "start").collect()
+    }
+
+    pub fn wait_runs(&self, what: &str, timeout: Duration, f: impl Fn(&[Vec<String>]) -> bool) -> Vec<Vec<String>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let runs = self.runs();
+            if f(&runs) {
+                return runs;
+            }
+            if Instant::now() > deadline {
+                panic!("timed out waiting for {what}; runs: {runs:?}");
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// The custom_data of each build recorded by the manifest post-processor.
+    pub fn manifest_metadata(&self, name: &str, tname: &str) -> Vec<Value> {
+        let path = self.out.join(format!("{name}.{tname}.manifest.json"));
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let v: Value = serde_json::from_str(&text).unwrap();
+        v["builds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["custom_data"].clone())
+            .collect()
+    }
+
+    /// Runs `rabbit2packer ARGS --config <site>`; returns (exit code, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_rabbit2packer"))
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    pub fn logs(&self, stem: &str) -> Vec<PathBuf> {
+        rabbit2packer::build_log::logs_of(&self.log_dir, stem)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect()
+    }
+}
+
+fn write_json(path: &Path, v: &Value) {
+    // Replace atomically, as an operator's editor would (a reader never sees half a file).
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(v).unwrap()).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+pub fn publish_raw(broker: &BrokerAddr, queue: &str, body: Vec<u8>, message_id: Option<&str>) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let conn = broker.connect().await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+        packuilon_common::rabbit::declare_queue(&ch, queue).await.unwrap();
+        let mut headers = FieldTable::default();
+        headers.insert("profile".into(), AMQPValue::LongString("test-profile.json".into()));
+        let mut props = BasicProperties::default().with_delivery_mode(2).with_headers(headers);
+        if let Some(id) = message_id {
+            props = props.with_message_id(id.into());
+        }
+        ch.basic_publish("".into(), queue.into(), BasicPublishOptions::default(), &body, props)
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        conn.close(200, "published".into()).await.ok();
+    });
+}
+
+/// The daemon binary, its stderr collected line by line.
+pub struct Daemon {
+    pub child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    pub fn start(config: &Path, env: &[(&str, &str)]) -> Daemon {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rabbit2packer"));
+        cmd.arg("--config")
+            .arg(config)
+            .arg("--log")
+            .arg("stderr")
+            .env("PACKUILON_LOG", "info")
+            .env("RABBIT2PACKER_ROTATION_RETRY_DELAYS", "0.1,0.2")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var_os("R2P_TEST_ECHO").is_some() {
+                    eprintln!("daemon: {line}");
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Daemon { child, lines }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn output(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    pub fn count(&self, needle: &str) -> usize {
+        self.lines.lock().unwrap().iter().filter(|l| l.contains(needle)).count()
+    }
+
+    /// Waits for a log line containing `needle`; returns it.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.lines.lock().unwrap().iter().find(|l| l.contains(needle)) {
+                return l.clone();
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for log line {needle:?}; daemon said:\n{}",
+                    self.output()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// Waits for the daemon to exit; returns its exit code (or 128 + signal).
+    pub fn wait_exit(&mut self, timeout: Duration) -> i32 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                use std::os::unix::process::ExitStatusExt;
+                return st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0));
+            }
+            if Instant::now() > deadline {
+                panic!("daemon did not exit; it said:\n{}", self.output());
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit (0).
+    pub fn stop(&mut self) {
+        self.signal(libc::SIGTERM);
+        let code = self.wait_exit(Duration::from_secs(30));
+        assert_eq!(code, 0, "daemon exit code; it said:\n{}", self.output());
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+pub fn succeeded(jobs: &[JobRecord]) -> usize {
+    jobs.iter().filter(|j| j.state == JobState::Succeeded).count()
+}
+
+pub fn in_state(jobs: &[JobRecord], s: JobState) -> Vec<&JobRecord> {
+    jobs.iter().filter(|j| j.state == s).collect()
+}
+
+/// Live processes in process group `pgid`.
+pub fn group_alive(pgid: i32) -> bool {
+    !rabbit2packer::runner::group_members(pgid).is_empty()
+}
+
+pub fn wait_for(what: &str, timeout: Duration, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        if Instant::now() > deadline {
+            panic!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+pub const T: Duration = Duration::from_secs(60);
