@@ -155,6 +155,17 @@ pub async fn run(config_file: &Path) -> Result<(), DaemonError> {
             );
         }
     }
+    for log in &recovery.unfinished_logs {
+        // No trailer: the monitoring sees an unfinished build; say why in the log itself.
+        let note = "rabbit2packer: rabbit2packer stopped during this build (it did not exit cleanly); the job is built again\n";
+        let appended = std::fs::OpenOptions::new()
+            .append(true)
+            .open(log)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, note.as_bytes()));
+        if let Err(e) = appended {
+            tracing::warn!("cannot append to build log {}: {e}", log.display());
+        }
+    }
     for id in &recovery.rebuilt {
         tracing::warn!("Job {id} was running when rabbit2packer stopped: it will be built again");
     }

@@ -135,6 +135,8 @@ pub struct Recovery {
     pub rebuilt: Vec<i64>,
     /// Process groups of packer runs that never finished.
     pub groups: Vec<LeftoverGroup>,
+    /// Build logs of template builds that never finished (no trailer).
+    pub unfinished_logs: Vec<PathBuf>,
 }
 
 /// Outcome of recording a delivery.
@@ -419,6 +421,14 @@ impl Journal {
                             boot_id: r.get(2)?,
                         })
                     })?
+                    .collect::<rusqlite::Result<_>>()?;
+            }
+            {
+                let mut st =
+                    tx.prepare("SELECT log_path FROM builds WHERE finished_at IS NULL AND log_path IS NOT NULL")?;
+                rec.unfinished_logs = st
+                    .query_map([], |r| r.get::<_, String>(0))?
+                    .map(|p| p.map(PathBuf::from))
                     .collect::<rusqlite::Result<_>>()?;
             }
             tx.execute(

@@ -45,6 +45,8 @@ impl PackerCommand {
             .arg("-color=false")
             .arg(&self.build_file)
             .envs(&self.env)
+            // systemd's socket is the daemon's: packer has nothing to tell it.
+            .env_remove("NOTIFY_SOCKET")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -152,13 +152,24 @@ fn malformed_message_is_rejected_and_kept_and_the_queue_goes_on() {
 #[test]
 fn twenty_requests_during_a_build_give_at_most_two_builds_the_last_with_the_newest_profile() {
     let site = Site::new(2, "");
-    site.template("a.json", Step { sleep: 1.5, exit: 0 });
+    site.template("a.json", Step { sleep: 2.5, exit: 0 });
     let mut d = site.start();
     site.publish(&profile("inventory", "7x", "v0", prod()), None);
     site.wait_runs("the first build to start", T, |r| !r.is_empty());
-    for n in 1..=20 {
-        site.publish(&profile("inventory", "7x", &format!("v{n}"), prod()), None);
-    }
+    let messages: Vec<(Vec<u8>, Option<String>)> = (1..=20)
+        .map(|n| {
+            (
+                serde_json::to_vec(&profile("inventory", "7x", &format!("v{n}"), prod())).unwrap(),
+                None,
+            )
+        })
+        .collect();
+    publish_all(&site.queue.broker, &site.queue.name, &messages);
+    site.wait_jobs("20 requests journaled during the first build", T, |j| j.len() == 21);
+    assert!(
+        site.runs().iter().all(|r| r[0] == "start"),
+        "the first build was still running"
+    );
     let jobs = site.wait_jobs("all 21 requests settled", T, |j| {
         j.len() == 21
             && j.iter()
@@ -247,7 +258,7 @@ fn redelivered_message_is_not_built_twice() {
         // Closing without an ack puts it back, flagged redelivered.
         conn.close(200, "no ack".into()).await.unwrap();
     });
-    // Journal it as the daemon would have before the crash: a fresh start consumes the redelivery.
+    // As after a crash between commit and ack: the daemon gets the redelivery.
     let mut d = site.start();
     d.wait_log("is already job", T);
     assert_eq!(site.journal().len(), 2, "{:#?}", site.journal());
@@ -309,6 +320,11 @@ fn kill_9_mid_build_then_restart_builds_it_once_more_and_leaves_no_packer() {
     assert_eq!(starts.len(), 2, "built once more: {starts:?}");
     assert_ne!(starts[1][4], starts[0][4]);
     d.wait_log("it will be built again", T);
+    // The interrupted build's log says what happened (it has no trailer: packer's exit is unknown).
+    let first_log = jobs[0].builds[0].log_path.clone().unwrap();
+    let text = std::fs::read_to_string(&first_log).unwrap();
+    assert!(text.ends_with("the job is built again\n"), "{text}");
+    assert_eq!(jobs[0].builds.len(), 2);
     d.stop();
     assert!(!group_alive(pgid));
 }
@@ -536,4 +552,21 @@ fn failed_rotation_is_retried_then_recorded_as_built_rotation_failed() {
     // The image was not rebuilt for the rotation.
     assert_eq!(site.starts().len(), 1);
     d.stop();
+}
+
+#[test]
+fn tells_systemd_ready_once_consuming_and_stopping_on_sigterm() {
+    let site = Site::new(1, "");
+    let sock_path = site.dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(T)).unwrap();
+    let mut d = site.start_with_env(&[("NOTIFY_SOCKET", sock_path.to_str().unwrap())]);
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"READY=1\n");
+    assert_eq!(d.count("Consuming from queue"), 1, "READY=1 comes once consuming");
+    d.signal(libc::SIGTERM);
+    let n = sock.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"STOPPING=1\n");
+    assert_eq!(d.wait_exit(T), 0);
 }

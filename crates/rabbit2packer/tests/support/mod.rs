@@ -272,6 +272,11 @@ fn write_json(path: &Path, v: &Value) {
 }
 
 pub fn publish_raw(broker: &BrokerAddr, queue: &str, body: Vec<u8>, message_id: Option<&str>) {
+    publish_all(broker, queue, &[(body, message_id.map(str::to_string))]);
+}
+
+/// Publishes every message over one connection, then waits for all confirms.
+pub fn publish_all(broker: &BrokerAddr, queue: &str, messages: &[(Vec<u8>, Option<String>)]) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -281,17 +286,23 @@ pub fn publish_raw(broker: &BrokerAddr, queue: &str, body: Vec<u8>, message_id: 
         let ch = conn.create_channel().await.unwrap();
         ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
         packuilon_common::rabbit::declare_queue(&ch, queue).await.unwrap();
-        let mut headers = FieldTable::default();
-        headers.insert("profile".into(), AMQPValue::LongString("test-profile.json".into()));
-        let mut props = BasicProperties::default().with_delivery_mode(2).with_headers(headers);
-        if let Some(id) = message_id {
-            props = props.with_message_id(id.into());
+        let mut confirms = Vec::new();
+        for (body, message_id) in messages {
+            let mut headers = FieldTable::default();
+            headers.insert("profile".into(), AMQPValue::LongString("test-profile.json".into()));
+            let mut props = BasicProperties::default().with_delivery_mode(2).with_headers(headers);
+            if let Some(id) = message_id {
+                props = props.with_message_id(id.as_str().into());
+            }
+            confirms.push(
+                ch.basic_publish("".into(), queue.into(), BasicPublishOptions::default(), body, props)
+                    .await
+                    .unwrap(),
+            );
         }
-        ch.basic_publish("".into(), queue.into(), BasicPublishOptions::default(), &body, props)
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        for c in confirms {
+            c.await.unwrap();
+        }
         conn.close(200, "published".into()).await.ok();
     });
 }
