@@ -1,0 +1,183 @@
+#!/usr/bin/env bash
+# `make demo`: the whole Packuilon pipeline on loopback, from a profile
+# change on a sample Aquilon site to the older image archived in Glance.
+#
+#   1. installs and starts what is missing (RabbitMQ, Packer, Keystone, Glance)
+#   2. serves demo/site (an Aquilon broker's profiles) over HTTP on loopback
+#   3. runs cdb2rabbit: the first run records the baseline
+#   4. changes one CI profile and runs cdb2rabbit again: one message queued
+#   5. rabbit2packer builds it (Packer's null builder; its shell step creates
+#      the image "$NAME" in the loopback Glance, as the openstack builder would)
+#   6. rename-old-images (inside rabbit2packer) archives the older image of
+#      that name and moves its members to the new one
+# Everything lives in one temp dir and is stopped at the end (DEMO_KEEP=1
+# keeps the services and files for a look around).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+repo=$(pwd)
+
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+say "Installing and starting what is missing"
+scripts/install-packages.sh
+scripts/rabbitmq-up.sh
+
+demo=$(mktemp -d /tmp/packuilon-demo.XXXXXX)
+queue="packuilon-demo-$$"
+http_pid=""; daemon_pid=""
+cleanup() {
+  [ -n "$daemon_pid" ] && kill "$daemon_pid" 2>/dev/null && wait "$daemon_pid" 2>/dev/null
+  [ -n "$http_pid" ] && kill "$http_pid" 2>/dev/null
+  if [ -z "${DEMO_KEEP:-}" ]; then
+    scripts/openstack-down.sh "$demo/openstack" >/dev/null 2>&1 || true
+    rabbitmqctl -q delete_queue "$queue" >/dev/null 2>&1 || true
+    rm -rf "$demo"
+  else
+    echo "DEMO_KEEP: left $demo (stop with scripts/openstack-down.sh $demo/openstack)"
+  fi
+}
+trap cleanup EXIT
+
+kport=$(free_port); gport=$(free_port); hport=$(free_port)
+scripts/openstack-up.sh "$demo/openstack" "$kport" "$gport" > "$demo/openstack-up.log" 2>&1 &
+os_up=$!
+cargo build -q --bins
+bin=$repo/target/debug
+wait "$os_up" || { cat "$demo/openstack-up.log"; exit 1; }
+rc=$demo/openstack/admin-openrc.sh
+echo "Keystone on 127.0.0.1:$kport, Glance on 127.0.0.1:$gport (admin RC: $rc)"
+
+say "Serving the sample Aquilon site on http://127.0.0.1:$hport/"
+cp -r demo/site "$demo/site"
+/usr/bin/python3 -m http.server --bind 127.0.0.1 --directory "$demo/site" "$hport" > "$demo/http.log" 2>&1 &
+http_pid=$!
+until curl -fs -o /dev/null "http://127.0.0.1:$hport/profiles/profiles-info.xml"; do sleep 0.1; done
+grep -o ">[^<]*<" "$demo/site/profiles/profiles-info.xml" | tr -d '<>' | sed 's/^/  /'
+
+mkdir -p "$demo/templates" "$demo/logs" "$demo/build-files" "$demo/state" "$demo/cache"
+sed "s|@TEMPLATES@|$repo/templates|g" templates/demo/glance-null.json > "$demo/templates/glance-null.json"
+cat > "$demo/template-map.json" <<EOF
+{ "DEFAULT": ["$demo/templates/glance-null.json"] }
+EOF
+cat > "$demo/source-images.json" <<EOF
+{ "sl7x-x86_64": "0b10e583-9e13-4878-9116-f4002846fa73", "sl6x-x86_64": "7eb100a3-680b-4544-99cc-950b8c4f6c74" }
+EOF
+cat > "$demo/config.ini" <<EOF
+[global]
+QUEUE = $queue
+RABBIT_HOST = 127.0.0.1
+RABBIT_PORT = 5672
+RABBIT_USER = guest
+RABBIT_PW = guest
+
+[cdb2rabbit]
+PROFILE_INFO_URL = http://127.0.0.1:$hport/profiles/profiles-info.xml
+PROFILE_DIR_URL = http://127.0.0.1:$hport/profiles
+PROFILE_MATCH = .ci.
+CACHE_DIR = $demo/cache
+
+[rabbit2packer]
+THREAD_COUNT = 2
+LOG_DIR = $demo/logs
+BUILD_FILE_DIR = $demo/build-files
+PACKER_AUTH_FILE = $rc
+PACKER_ADMIN_AUTH_FILE = $rc
+PACKER_TEMPLATE_MAP = $demo/template-map.json
+IMAGES_CONFIG = $demo/source-images.json
+STATE_DIR = $demo/state
+EOF
+export PACKER_UTILS_CONFIG=$demo/config.ini
+echo "config: $PACKER_UTILS_CONFIG"
+
+say "cdb2rabbit, first run: records the baseline, publishes nothing"
+"$bin/cdb2rabbit" --log stderr
+
+say "Glance already holds an image 'sl7x-x86_64 inventory', shared with project demo-consumers"
+old_id=$(set -a; . "$rc"; /usr/bin/python3 templates/demo/glance-create-image.py "sl7x-x86_64 inventory" | awk '{print $2}')
+member=$(set -a; . "$rc"; /usr/bin/python3 - "$old_id" <<'EOF'
+import json, os, sys, urllib.request
+def call(method, url, body=None, token=None):
+    req = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None, method=method)
+    req.add_header("Content-Type", "application/json")
+    if token: req.add_header("X-Auth-Token", token)
+    with urllib.request.urlopen(req) as r:
+        return r.headers, json.loads(r.read() or b"null")
+auth = {"auth": {"identity": {"methods": ["password"], "password": {"user": {"name": os.environ["OS_USERNAME"], "domain": {"name": "Default"}, "password": os.environ["OS_PASSWORD"]}}}, "scope": {"project": {"name": os.environ["OS_PROJECT_NAME"], "domain": {"name": "Default"}}}}}
+h, tok = call("POST", os.environ["OS_AUTH_URL"] + "/auth/tokens", auth)
+t = h["X-Subject-Token"]
+glance = [e["url"] for s in tok["token"]["catalog"] if s["type"] == "image" for e in s["endpoints"] if e["interface"] == "public"][0]
+_, p = call("POST", os.environ["OS_AUTH_URL"] + "/projects", {"project": {"name": "demo-consumers-%d" % os.getpid(), "domain_id": "default"}}, t)
+pid = p["project"]["id"]
+call("POST", "%s/v2/images/%s/members" % (glance, sys.argv[1]), {"member": pid}, t)
+call("PUT", "%s/v2/images/%s/members/%s" % (glance, sys.argv[1], pid), {"status": "accepted"}, t)
+print(pid)
+EOF
+)
+echo "  older image $old_id, member $member (accepted)"
+
+say "A profile changes on the broker: inventory-sl-7x-x86-64.ci.example.org.json"
+/usr/bin/python3 - "$demo/site/profiles" <<'EOF'
+import json, sys, time, re
+d = sys.argv[1]
+name = "inventory-sl-7x-x86-64.ci.example.org.json"
+p = json.load(open(f"{d}/{name}"))
+p["software"]["packages"]["htop"] = {}
+json.dump(p, open(f"{d}/{name}", "w"), indent=2)
+idx = open(f"{d}/profiles-info.xml").read()
+idx = re.sub(r"mtime='\d+'>" + re.escape(name), f"mtime='{int(time.time())}'>{name}", idx)
+open(f"{d}/profiles-info.xml", "w").write(idx)
+EOF
+
+say "cdb2rabbit, second run: publishes the changed CI profile"
+"$bin/cdb2rabbit" --log stderr
+echo "What reached the queue:"
+rabbitmqctl -q list_queues name messages durable | grep -E "^name|$queue" | sed 's/^/  /'
+
+say "rabbit2packer consumes it and builds with Packer (null builder)"
+"$bin/rabbit2packer" --log stderr > "$demo/rabbit2packer.log" 2>&1 &
+daemon_pid=$!
+deadline=$((SECONDS + 180))
+until "$bin/rabbit2packer" history --json 2>/dev/null | grep -q '"state": *"\(succeeded\|failed\)"'; do
+  if [ $SECONDS -gt $deadline ] || ! kill -0 "$daemon_pid" 2>/dev/null; then
+    echo "rabbit2packer did not finish the build; its log:"; cat "$demo/rabbit2packer.log"; exit 1
+  fi
+  sleep 0.5
+done
+sed 's/^/  /' "$demo/rabbit2packer.log"
+
+say "The build log (LOG_DIR/<image key>.<template>.<epoch>.log)"
+ls -l "$demo/logs" | sed 's/^/  /'
+log=$(ls "$demo"/logs/*.log | grep -E '\.[0-9]+\.log$' | head -1)
+sed 's/^/  /' "$log"
+
+say "rabbit2packer history"
+"$bin/rabbit2packer" history
+
+say "Glance afterwards: the older image archived, its member moved to the new image"
+(set -a; . "$rc"; /usr/bin/python3 - "$old_id" "$member" <<'EOF'
+import json, os, sys, urllib.request
+def call(method, url, body=None, token=None):
+    req = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None, method=method)
+    req.add_header("Content-Type", "application/json")
+    if token: req.add_header("X-Auth-Token", token)
+    with urllib.request.urlopen(req) as r:
+        return r.headers, json.loads(r.read() or b"null")
+auth = {"auth": {"identity": {"methods": ["password"], "password": {"user": {"name": os.environ["OS_USERNAME"], "domain": {"name": "Default"}, "password": os.environ["OS_PASSWORD"]}}}, "scope": {"project": {"name": os.environ["OS_PROJECT_NAME"], "domain": {"name": "Default"}}}}}
+h, tok = call("POST", os.environ["OS_AUTH_URL"] + "/auth/tokens", auth)
+t = h["X-Subject-Token"]
+glance = [e["url"] for s in tok["token"]["catalog"] if s["type"] == "image" for e in s["endpoints"] if e["interface"] == "public"][0]
+_, imgs = call("GET", glance + "/v2/images?limit=100&sort=created_at:asc", token=t)
+ok = False
+for i in imgs["images"]:
+    _, m = call("GET", "%s/v2/images/%s/members" % (glance, i["id"]), token=t)
+    members = ", ".join("%s (%s)" % (x["member_id"], x["status"]) for x in m["members"]) or "none"
+    print("  %-40s %s  members: %s" % (i["name"], i["id"], members))
+    if i["id"] == sys.argv[1] and i["name"].startswith("archive-"):
+        ok = True
+if not ok:
+    sys.exit("the older image was not archived")
+EOF
+)
+echo
+echo "Done: the changed profile was queued once, built once, and the older image archived with its member moved."
