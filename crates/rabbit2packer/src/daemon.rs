@@ -258,8 +258,10 @@ pub async fn run(config_file: &Path) -> Result<(), DaemonError> {
 async fn worker(thread: String, ctx: Arc<Context>, scheduler: Arc<Scheduler>, stop: CancellationToken) {
     loop {
         let job = tokio::select! {
-            j = scheduler.next() => j,
+            // A stopping daemon takes no new job, even one that is ready.
+            biased;
             _ = stop.cancelled() => return,
+            j = scheduler.next() => j,
         };
         tracing::info!("{thread} processing {}", job.image_key);
         if let Err(e) = ctx.journal.set_running(job.id, &thread) {

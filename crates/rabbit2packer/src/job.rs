@@ -83,7 +83,7 @@ pub async fn execute(ctx: &Context, thread: &str, job: &JobRef) -> Finished {
     };
     let values = Values::new(&names, source_image);
 
-    let env = match packer_env(&ctx.config.packer_auth_file).await {
+    let env = match packer_env(&ctx.config.packer_auth_file, &ctx.config.state_dir).await {
         Ok(env) => env,
         Err(e) => {
             tracing::error!("{thread}: {key}: {e}");
@@ -130,8 +130,8 @@ enum TemplateResult {
 
 /// The daemon's environment plus what PACKER_AUTH_FILE exports (sourced by
 /// bash on every job, so an edited RC file needs no restart) plus the
-/// original's aliases.
-async fn packer_env(auth_file: &Path) -> Result<BTreeMap<String, String>, String> {
+/// original's aliases, and HOME (STATE_DIR) when the daemon has none.
+async fn packer_env(auth_file: &Path, state_dir: &Path) -> Result<BTreeMap<String, String>, String> {
     let file = auth_file.to_path_buf();
     let mut env = tokio::task::spawn_blocking(move || packuilon_common::rcfile::source(&file))
         .await
@@ -142,6 +142,10 @@ async fn packer_env(auth_file: &Path) -> Result<BTreeMap<String, String>, String
         if let Some(v) = lookup(&env, "OS_PROJECT_ID") {
             env.insert("OS_TENANT_ID".into(), v);
         }
+    }
+    // Packer keeps its config under $HOME; a system service may have none.
+    if lookup(&env, "HOME").is_none() {
+        env.insert("HOME".into(), state_dir.display().to_string());
     }
     if !env.contains_key("OS_DOMAIN_NAME") {
         if let Some(v) = lookup(&env, "OS_USER_DOMAIN_NAME") {

@@ -570,3 +570,53 @@ fn tells_systemd_ready_once_consuming_and_stopping_on_sigterm() {
     assert_eq!(&buf[..n], b"STOPPING=1\n");
     assert_eq!(d.wait_exit(T), 0);
 }
+
+#[test]
+fn successful_build_rotates_the_older_image_of_its_name_in_glance() {
+    let os = packuilon_testsupport::openstack::OpenStack::shared().expect("Keystone + Glance (make test starts them)");
+    let site = Site::new(1, &format!("PACKER_ADMIN_AUTH_FILE = {}", os.openrc.display()));
+    // The build step creates the image with these credentials, as an openstack builder would.
+    let text = std::fs::read_to_string(&site.config).unwrap();
+    let auth = site.dir.path().join("auth.sh");
+    std::fs::write(
+        &site.config,
+        text.replace(&auth.display().to_string(), &os.openrc.display().to_string()),
+    )
+    .unwrap();
+    let helper = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/glance-image.py");
+    let glance = |args: &[&str]| -> String {
+        let out = std::process::Command::new("/usr/bin/python3")
+            .arg(&helper)
+            .args(args)
+            .envs(os.env().unwrap())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let personality = packuilon_testsupport::unique_name("rot");
+    let name = format!("sl7x-x86_64 {personality}");
+    let older = glance(&["create", &name]);
+
+    let template = json!({
+        "variables": {"name": "$NAME"},
+        "builders": [{"type": "null", "communicator": "none"}],
+        "provisioners": [{
+            "type": "shell-local",
+            "environment_vars": ["R_NAME={{user `name`}}"],
+            "inline": [format!("/usr/bin/python3 {} create \"$R_NAME\"", helper.display())]
+        }]
+    });
+    std::fs::write(site.templates.join("glance.json"), template.to_string()).unwrap();
+    site.write_map(json!({"DEFAULT": ["templates/glance.json"]}));
+    let mut d = site.start();
+    site.publish(&profile(&personality, "7x", "a", prod()), None);
+    let jobs = site.wait_jobs("the build and its rotation", T, |j| succeeded(j) == 1);
+    let rotation = jobs[0].builds[0].rotation.clone().unwrap();
+    assert!(rotation.starts_with(&format!("done: {name} (")), "{rotation}");
+    assert!(rotation.contains("archived 1"), "{rotation}");
+    assert_eq!(jobs[0].outcome, "succeeded");
+    let archived = glance(&["show", &older]);
+    assert!(archived.starts_with(&format!("archive-{name} ")), "{archived}");
+    d.stop();
+}
