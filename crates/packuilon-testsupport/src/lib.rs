@@ -27,3 +27,22 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A binary of the workspace (`cdb2rabbit`, `rabbit2packer`,
+/// `rename-old-images`), for tests of another package that run it: it sits
+/// next to the test executable's `deps/` directory. `make test` (and
+/// `cargo test --workspace`) build every binary before running tests.
+pub fn workspace_bin(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("path of the test executable");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps");
+    let bin = profile_dir.join(name);
+    assert!(
+        bin.exists(),
+        "{} is not built: run `cargo build --workspace --bins` first (make test does)",
+        bin.display()
+    );
+    bin
+}
