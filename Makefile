@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: build test bench demo services clean
+.PHONY: build test bench demo services install clean
 
 ## build: release binaries in target/release (cdb2rabbit, rabbit2packer, rename-old-images)
 build:
@@ -24,6 +24,21 @@ bench: services
 ## demo: the whole pipeline on loopback with a sample Aquilon site
 demo: services
 	scripts/demo.sh
+
+## install: binaries to $(PREFIX)/bin, systemd units, and the example config
+## files to /etc/packer-utils (never overwriting an operator's own)
+PREFIX ?= /usr
+DESTDIR ?=
+SYSTEMD_DIR ?= /etc/systemd/system
+install: build
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(SYSTEMD_DIR) $(DESTDIR)/etc/packer-utils $(DESTDIR)/usr/share/doc/packuilon
+	install -m 0755 target/release/cdb2rabbit target/release/rabbit2packer target/release/rename-old-images $(DESTDIR)$(PREFIX)/bin/
+	install -m 0644 systemd/*.service systemd/*.timer $(DESTDIR)$(SYSTEMD_DIR)/
+	for f in config.ini template-map.json source-images.json; do \
+	  [ -e $(DESTDIR)/etc/packer-utils/$$f ] || install -m 0640 config/$$f $(DESTDIR)/etc/packer-utils/$$f; \
+	done
+	install -m 0644 README.md $(DESTDIR)/usr/share/doc/packuilon/README.md
+	@echo "Installed. Edit /etc/packer-utils/config.ini, then: systemctl daemon-reload && systemctl enable --now rabbit2packer.service cdb2rabbit.timer"
 
 clean:
 	$(CARGO) clean
