@@ -267,10 +267,15 @@ pub(crate) fn error_message(text: &str) -> String {
             "/itemNotFound/message",
         ] {
             if let Some(m) = v.pointer(ptr).and_then(Value::as_str) {
-                return m.trim().to_string();
+                return plain_text(m);
             }
         }
     }
+    plain_text(text)
+}
+
+/// Words of a message that may be HTML, at most 400 characters.
+fn plain_text(text: &str) -> String {
     // Glance's errors are small HTML pages: keep their words, drop the tags.
     let mut plain = String::with_capacity(text.len());
     let mut in_tag = false;
@@ -350,6 +355,10 @@ mod tests {
                 r#"{"error": {"code": 401, "message": "The request you have made requires authentication.", "title": "Unauthorized"}}"#
             ),
             "The request you have made requires authentication."
+        );
+        assert_eq!(
+            error_message(r#"{"message": "Attempted: 129, Maximum: 128:<br /><br />", "code": "413"}"#),
+            "Attempted: 129, Maximum: 128:"
         );
         assert_eq!(
             error_message(

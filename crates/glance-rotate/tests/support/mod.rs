@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use futures::StreamExt;
 use glance_rotate::glance::{Glance, Hidden, Image, Member};
 use glance_rotate::{Credentials, Session};
 use packuilon_testsupport::openstack::OpenStack;
@@ -213,9 +214,11 @@ impl Cloud {
     /// Deletes what this Cloud created (also done on drop).
     pub async fn cleanup(&self) {
         let images: Vec<String> = std::mem::take(&mut *self.images.lock().unwrap());
-        for id in images {
-            let _ = self.glance.delete_image(&id).await;
-        }
+        let deletes: Vec<_> = images.iter().map(|id| self.glance.delete_image(id)).collect();
+        futures::stream::iter(deletes)
+            .buffer_unordered(8)
+            .collect::<Vec<_>>()
+            .await;
         let token = self.token().await;
         let projects: Vec<String> = std::mem::take(&mut *self.projects.lock().unwrap());
         for id in projects {
