@@ -104,10 +104,11 @@ fn main() {
     let mut lat = Vec::new();
     let mut lat_daemon = Vec::new();
     let mut durations = Vec::new();
+    let publisher = Publisher::new(&site.queue.broker, &site.queue.name);
     for i in 0..n_lat {
         let body = serde_json::to_vec(&profile(&format!("lat{i}"), "7x", "a", prod())).unwrap();
         let sent = chrono::Utc::now();
-        publish_many(&site, &[body]);
+        publisher.publish(&body, &format!("latency-{i}"));
         let jobs = site.wait_jobs("latency build", T, |j| succeeded(j) == i + 1);
         let b = &jobs[i].builds[0];
         let started = parse_ts(b.started_at.as_deref().unwrap());
@@ -122,7 +123,7 @@ fn main() {
     durations.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let build_time = percentile(&durations, 0.5);
     rows.push((
-        format!("message published -> packer start, worker free ({n_lat} runs)"),
+        format!("message published (persistent, confirmed) -> packer start, worker free ({n_lat} runs)"),
         format!(
             "median {:.1} ms, p95 {:.1} ms",
             percentile(&lat, 0.5),

@@ -219,6 +219,10 @@ fn save_rejected(state_dir: &Path, message_id: Option<&str>, sha: &str, body: &[
         .collect();
     let epoch = chrono::Utc::now().timestamp();
     let path = dir.join(format!("{epoch}-{id}.msg"));
-    crate::render::write_atomic(&path, body)?;
+    // The broker forgets the message once acked: this copy must be on disk first.
+    let mut tmp = tempfile::Builder::new().prefix(".rejected-").tempfile_in(&dir)?;
+    std::io::Write::write_all(&mut tmp, body)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(&path).map_err(|e| e.error)?;
     Ok(path)
 }

@@ -186,6 +186,7 @@ pub async fn run(config_file: &Path) -> Result<(), DaemonError> {
         stop: stop_builds.clone(),
         boot_id: runner::boot_id(),
         rotation_backoff: rotation_backoff(),
+        auth_env: Default::default(),
     });
 
     let stop_workers = CancellationToken::new();

@@ -30,6 +30,8 @@ pub struct Context {
     pub boot_id: String,
     /// Pauses between rotation attempts (a few, growing).
     pub rotation_backoff: Vec<Duration>,
+    /// PACKER_AUTH_FILE's exports.
+    pub auth_env: AuthEnv,
 }
 
 /// How a job ended.
@@ -83,7 +85,7 @@ pub async fn execute(ctx: &Context, thread: &str, job: &JobRef) -> Finished {
     };
     let values = Values::new(&names, source_image);
 
-    let env = match packer_env(&ctx.config.packer_auth_file, &ctx.config.state_dir).await {
+    let env = match packer_env(ctx).await {
         Ok(env) => env,
         Err(e) => {
             tracing::error!("{thread}: {key}: {e}");
@@ -128,15 +130,44 @@ enum TemplateResult {
     Cancelled,
 }
 
-/// The daemon's environment plus what PACKER_AUTH_FILE exports (sourced by
-/// bash on every job, so an edited RC file needs no restart) plus the
+/// What PACKER_AUTH_FILE exports, sourced by bash again whenever the file
+/// changes (so an edited RC file needs no restart, and no bash runs between
+/// a request and its packer start otherwise).
+#[derive(Debug, Default)]
+pub struct AuthEnv {
+    cached: std::sync::Mutex<Option<(FileStamp, BTreeMap<String, String>)>>,
+}
+
+type FileStamp = Option<(std::time::SystemTime, u64, u64)>;
+
+fn file_stamp(path: &Path) -> FileStamp {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
+impl AuthEnv {
+    async fn exports(&self, file: &Path) -> Result<BTreeMap<String, String>, String> {
+        let stamp = file_stamp(file);
+        if let Some((s, env)) = &*self.cached.lock().unwrap_or_else(|p| p.into_inner()) {
+            if stamp.is_some() && *s == stamp {
+                return Ok(env.clone());
+            }
+        }
+        let owned = file.to_path_buf();
+        let env = tokio::task::spawn_blocking(move || packuilon_common::rcfile::source(&owned))
+            .await
+            .map_err(|e| format!("sourcing PACKER_AUTH_FILE: {e}"))?
+            .map_err(|e| format!("PACKER_AUTH_FILE {e}"))?;
+        *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some((stamp, env.clone()));
+        Ok(env)
+    }
+}
+
+/// The daemon's environment plus what PACKER_AUTH_FILE exports plus the
 /// original's aliases, and HOME (STATE_DIR) when the daemon has none.
-async fn packer_env(auth_file: &Path, state_dir: &Path) -> Result<BTreeMap<String, String>, String> {
-    let file = auth_file.to_path_buf();
-    let mut env = tokio::task::spawn_blocking(move || packuilon_common::rcfile::source(&file))
-        .await
-        .map_err(|e| format!("sourcing PACKER_AUTH_FILE: {e}"))?
-        .map_err(|e| format!("PACKER_AUTH_FILE {e}"))?;
+async fn packer_env(ctx: &Context) -> Result<BTreeMap<String, String>, String> {
+    let mut env = ctx.auth_env.exports(&ctx.config.packer_auth_file).await?;
     let lookup = |env: &BTreeMap<String, String>, k: &str| env.get(k).cloned().or_else(|| std::env::var(k).ok());
     if !env.contains_key("OS_TENANT_ID") {
         if let Some(v) = lookup(&env, "OS_PROJECT_ID") {
@@ -145,7 +176,7 @@ async fn packer_env(auth_file: &Path, state_dir: &Path) -> Result<BTreeMap<Strin
     }
     // Packer keeps its config under $HOME; a system service may have none.
     if lookup(&env, "HOME").is_none() {
-        env.insert("HOME".into(), state_dir.display().to_string());
+        env.insert("HOME".into(), ctx.config.state_dir.display().to_string());
     }
     if !env.contains_key("OS_DOMAIN_NAME") {
         if let Some(v) = lookup(&env, "OS_USER_DOMAIN_NAME") {

@@ -108,12 +108,13 @@ pub fn build_file_path(dir: &Path, image_key: &str, template: &Path) -> PathBuf 
 }
 
 /// Writes `text` to `path` atomically: a reader (or a packer started
-/// earlier) sees the old file or the new one, never half of one.
+/// earlier) sees the old file or the new one, never half of one. No fsync:
+/// a build file is rendered again for every run, so it need not survive a
+/// power cut (the journal, which must, is synced).
 pub fn write_atomic(path: &Path, text: impl AsRef<[u8]>) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp = tempfile::Builder::new().prefix(".rendering-").tempfile_in(dir)?;
     tmp.write_all(text.as_ref())?;
-    tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
     Ok(())
 }

@@ -380,16 +380,25 @@ fn broker_restarted_mid_build_build_completes_and_later_messages_are_consumed() 
 }
 
 #[test]
-fn template_map_and_templates_edited_while_running_are_used_without_restart() {
+fn template_map_and_rc_file_edited_while_running_are_used_without_restart() {
     let site = Site::new(1, "");
     let mut d = site.start();
     site.publish(&profile("inventory", "7x", "a", prod()), None);
     site.wait_jobs("first build", T, |j| succeeded(j) == 1);
     site.template("b.json", Step { sleep: 0.2, exit: 0 });
     site.write_map(json!({"DEFAULT": ["templates/b.json"]}));
+    // The RC file too: sourced again once it changed.
+    let auth = site.dir.path().join("auth.sh");
+    let rc = std::fs::read_to_string(&auth).unwrap();
+    std::fs::write(&auth, rc.replace("project-1", "project-two")).unwrap();
     site.publish(&profile("inventory", "7x", "a", prod()), None);
     let jobs = site.wait_jobs("second build", T, |j| succeeded(j) == 2);
     assert_eq!(jobs[1].builds[0].template, "b.json");
+    let starts = site.starts();
+    assert_eq!(
+        (starts[0][6].as_str(), starts[1][6].as_str()),
+        ("project-1", "project-two")
+    );
     d.wait_log("Reloaded", T);
     d.stop();
 }
@@ -564,7 +573,8 @@ fn tells_systemd_ready_once_consuming_and_stopping_on_sigterm() {
     let mut buf = [0u8; 256];
     let n = sock.recv(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"READY=1\n");
-    assert_eq!(d.count("Consuming from queue"), 1, "READY=1 comes once consuming");
+    // Logged just before READY=1 is sent (the stderr reader may lag a little).
+    d.wait_log("Consuming from queue", T);
     d.signal(libc::SIGTERM);
     let n = sock.recv(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"STOPPING=1\n");

@@ -307,6 +307,63 @@ pub fn publish_all(broker: &BrokerAddr, queue: &str, messages: &[(Vec<u8>, Optio
     });
 }
 
+/// One publishing connection kept open (for measuring from the publish itself).
+pub struct Publisher {
+    rt: tokio::runtime::Runtime,
+    conn: lapin::Connection,
+    ch: lapin::Channel,
+    queue: String,
+}
+
+impl Publisher {
+    pub fn new(broker: &BrokerAddr, queue: &str) -> Publisher {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (conn, ch) = rt.block_on(async {
+            let conn = broker.connect().await.unwrap();
+            let ch = conn.create_channel().await.unwrap();
+            ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+            packuilon_common::rabbit::declare_queue(&ch, queue).await.unwrap();
+            (conn, ch)
+        });
+        Publisher {
+            rt,
+            conn,
+            ch,
+            queue: queue.to_string(),
+        }
+    }
+
+    /// Publishes one persistent message and waits for the broker's confirm.
+    pub fn publish(&self, body: &[u8], message_id: &str) {
+        self.rt.block_on(async {
+            let props = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_message_id(message_id.into());
+            self.ch
+                .basic_publish(
+                    "".into(),
+                    self.queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    body,
+                    props,
+                )
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        });
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        let _ = self.rt.block_on(self.conn.close(200, "done".into()));
+    }
+}
+
 /// The daemon binary, its stderr collected line by line.
 pub struct Daemon {
     pub child: Child,
