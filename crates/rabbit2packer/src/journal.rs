@@ -312,7 +312,7 @@ impl Journal {
             let id = tx.last_insert_rowid();
             if let Some(old) = supersede {
                 tx.execute(
-                    "UPDATE jobs SET state = 'superseded', superseded_by = ?1, finished_at = ?2
+                    "UPDATE jobs SET state = 'superseded', superseded_by = ?1, finished_at = ?2, body = X''
                      WHERE id = ?3 AND state = 'waiting'",
                     params![id, now(), old],
                 )?;
@@ -337,11 +337,19 @@ impl Journal {
     /// The job's final state (succeeded, failed, interrupted).
     pub fn finish(&self, id: i64, state: JobState, error: Option<&str>) -> Result<()> {
         self.with(|c| {
-            c.execute(
+            let tx = c.transaction()?;
+            tx.execute(
                 "UPDATE jobs SET state = ?1, finished_at = ?2, error = ?3 WHERE id = ?4",
                 params![state.as_str(), now(), error, id],
-            )
-            .map(drop)
+            )?;
+            // Profiles can be large and arrive all day: only the newest finished
+            // body per image is kept (history needs none; dedupe uses the hash).
+            tx.execute(
+                "UPDATE jobs SET body = X'' WHERE image_key = (SELECT image_key FROM jobs WHERE id = ?1)
+                 AND id < ?1 AND state IN ('succeeded', 'failed', 'superseded') AND length(body) > 0",
+                [id],
+            )?;
+            tx.commit()
         })
     }
 
@@ -654,5 +662,30 @@ mod tests {
         let old = j.job(ids[0]).unwrap().unwrap();
         assert_eq!(old.state, JobState::Superseded);
         assert_eq!(old.superseded_by, Some(ids[1]));
+    }
+
+    #[test]
+    fn only_the_newest_finished_body_per_image_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let mut ids = Vec::new();
+        for n in 0..3 {
+            let Inserted::New(id) = j
+                .insert(&new_job("a", Some(&n.to_string()), "{}"), false, None)
+                .unwrap()
+            else {
+                panic!()
+            };
+            j.finish(id, JobState::Succeeded, None).unwrap();
+            ids.push(id);
+        }
+        let bodies: Vec<usize> = j
+            .with(|c| {
+                let mut st = c.prepare("SELECT length(body) FROM jobs ORDER BY id")?;
+                let rows = st.query_map([], |r| r.get::<_, i64>(0))?;
+                rows.map(|r| r.map(|n| n as usize)).collect()
+            })
+            .unwrap();
+        assert_eq!(bodies, vec![0, 0, 2]);
     }
 }
