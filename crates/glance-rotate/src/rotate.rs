@@ -341,9 +341,7 @@ impl Plan {
                 })
                 .collect(),
             deleted: self.delete.iter().map(|i| i.id.clone()).collect(),
-            skipped: self
-                .archives
-                .is_empty()
+            skipped: (self.archives.is_empty() && self.delete.is_empty())
                 .then(|| format!("no older image named {:?} to archive", new.name())),
             left_alone: self.left_alone.clone(),
             kept: self.kept.clone(),

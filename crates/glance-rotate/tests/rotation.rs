@@ -412,7 +412,7 @@ async fn glance_stopped_half_way_then_a_rerun_completes_without_duplicates() {
     };
     let name = unique_name("restart");
     let mut olds = Vec::new();
-    for _ in 0..10 {
+    for _ in 0..16 {
         let img = cloud.image(&name, &owner, "shared").await;
         for m in &members {
             cloud.share(&img.id, m, "accepted").await;
@@ -429,10 +429,10 @@ async fn glance_stopped_half_way_then_a_rerun_completes_without_duplicates() {
         let id = new.id.clone();
         tokio::spawn(async move { rotate(&glance, Target::ImageId(id), &RotateOptions::default()).await })
     };
-    // Plan: token + image + list + 10 member lists + new's members + name checks ≈ 17;
-    // then 4 adds, 4 accepts, 40 removals, 10 renames. Stop after the adds.
+    // Plan: token + image + list + 16 member lists + new's members + name checks = 22;
+    // then 4 adds, 4 accepts, 64 removals, 16 renames. Stop among the removals.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while glance.session().requests() < 30 {
+    while glance.session().requests() < 34 {
         assert!(std::time::Instant::now() < deadline, "rotation never got under way");
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
@@ -443,6 +443,10 @@ async fn glance_stopped_half_way_then_a_rerun_completes_without_duplicates() {
         .unwrap();
     let first = run.await.unwrap();
     let err = first.expect_err("the first run must fail when Glance stops");
+    eprintln!(
+        "first run stopped after {} requests: {err}",
+        glance.session().requests()
+    );
     assert!(err.to_string().contains("Glance"), "{err}");
 
     os.start_glance().unwrap();

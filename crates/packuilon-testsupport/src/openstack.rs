@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -31,10 +31,10 @@ fn repo_root() -> PathBuf {
 
 impl OpenStack {
     /// The deployment for this test run: `PACKUILON_TEST_OPENRC`'s when set,
-    /// otherwise one started now and shared by the tests of this process
-    /// that hold it at the same time (stopped when the last one drops it).
+    /// otherwise one started now by the first test that asks and shared by
+    /// every test of this process; it is stopped when the process exits.
     pub fn shared() -> Result<Arc<OpenStack>> {
-        static SHARED: Mutex<Weak<OpenStack>> = Mutex::new(Weak::new());
+        static SHARED: Mutex<Option<Arc<OpenStack>>> = Mutex::new(None);
         if let Some(rc) = std::env::var_os(OPENRC_ENV).filter(|v| !v.is_empty()) {
             let openrc = PathBuf::from(rc);
             if !openrc.exists() {
@@ -43,11 +43,14 @@ impl OpenStack {
             return Ok(Arc::new(OpenStack { openrc, state: None }));
         }
         let mut guard = SHARED.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(os) = guard.upgrade() {
-            return Ok(os);
+        if let Some(os) = guard.as_ref() {
+            return Ok(os.clone());
         }
         let os = Arc::new(OpenStack::private()?);
-        *guard = Arc::downgrade(&os);
+        // Statics are never dropped: stop it (and remove its state) at exit.
+        *STOP_AT_EXIT.lock().unwrap_or_else(|e| e.into_inner()) = os.state_dir().map(Path::to_path_buf);
+        unsafe { libc::atexit(stop_shared_at_exit) };
+        *guard = Some(os.clone());
         Ok(os)
     }
 
@@ -162,6 +165,20 @@ impl OpenStack {
             );
         }
         Ok(())
+    }
+}
+
+/// State dir of the deployment [`OpenStack::shared`] started in this process.
+static STOP_AT_EXIT: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+extern "C" fn stop_shared_at_exit() {
+    let dir = STOP_AT_EXIT.lock().ok().and_then(|mut d| d.take());
+    if let Some(dir) = dir {
+        let _ = Command::new(repo_root().join("scripts/openstack-down.sh"))
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 
