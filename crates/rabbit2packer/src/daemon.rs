@@ -191,10 +191,21 @@ pub async fn run(config_file: &Path) -> Result<(), DaemonError> {
 
     let stop_workers = CancellationToken::new();
     let mut workers = tokio::task::JoinSet::new();
-    for n in 1..=cfg.thread_count {
-        let thread = format!("Thread-{n}");
+    let mut names = std::collections::HashMap::new();
+    let start_worker = |workers: &mut tokio::task::JoinSet<()>,
+                        names: &mut std::collections::HashMap<tokio::task::Id, String>,
+                        thread: String| {
         tracing::info!("Starting {thread}");
-        workers.spawn(worker(thread, ctx.clone(), scheduler.clone(), stop_workers.clone()));
+        let handle = workers.spawn(worker(
+            thread.clone(),
+            ctx.clone(),
+            scheduler.clone(),
+            stop_workers.clone(),
+        ));
+        names.insert(handle.id(), thread);
+    };
+    for n in 1..=cfg.thread_count {
+        start_worker(&mut workers, &mut names, format!("Thread-{n}"));
     }
 
     let mut sigterm = signal(SignalKind::terminate()).map_err(|e| DaemonError::Runtime(e.to_string()))?;
@@ -225,6 +236,17 @@ pub async fn run(config_file: &Path) -> Result<(), DaemonError> {
             _ = sighup.recv() => {
                 tracing::info!("SIGHUP: checking the template map, source images and templates");
                 ctx.catalog.refresh();
+            }
+            // Jobs run in tasks of their own, so this should never happen; if it
+            // does, the worker is not lost silently.
+            Some(ended) = workers.join_next_with_id() => {
+                let (id, why) = match ended {
+                    Ok((id, ())) => (id, "ended".to_string()),
+                    Err(e) => (e.id(), format!("failed: {e}")),
+                };
+                let thread = names.remove(&id).unwrap_or_else(|| "a worker".into());
+                tracing::error!("{thread} {why}; starting it again");
+                start_worker(&mut workers, &mut names, thread);
             }
         }
     };

@@ -630,3 +630,40 @@ fn successful_build_rotates_the_older_image_of_its_name_in_glance() {
     assert!(archived.starts_with(&format!("archive-{name} ")), "{archived}");
     d.stop();
 }
+
+#[test]
+fn an_error_inside_a_job_fails_that_job_alone_and_the_worker_goes_on() {
+    let site = Site::new(1, "");
+    // PACKER_PATH through a link we can take away while the daemon runs.
+    let link = site.dir.path().join("packer");
+    std::os::unix::fs::symlink(PACKER, &link).unwrap();
+    let text = std::fs::read_to_string(&site.config).unwrap();
+    std::fs::write(
+        &site.config,
+        text.replace(
+            &format!("PACKER_PATH = {PACKER}"),
+            &format!("PACKER_PATH = {}", link.display()),
+        ),
+    )
+    .unwrap();
+    let mut d = site.start();
+    d.wait_log("Consuming from queue", T);
+    std::fs::remove_file(&link).unwrap();
+    site.publish(&profile("inventory", "7x", "a", prod()), None);
+    let jobs = site.wait_jobs("the job without packer", T, |j| {
+        in_state(j, JobState::Failed).len() == 1
+    });
+    let err = jobs[0].error.as_deref().unwrap();
+    assert!(
+        err.contains("PACKER_PATH") && err.contains(&link.display().to_string()),
+        "{err}"
+    );
+    let log = std::fs::read_to_string(jobs[0].builds[0].log_path.as_deref().unwrap()).unwrap();
+    assert!(log.contains("cannot run"), "{log}");
+    assert!(log.lines().last().unwrap().ends_with("with exit code 127"), "{log}");
+    // The only worker is still there.
+    std::os::unix::fs::symlink(PACKER, &link).unwrap();
+    site.publish(&profile("inventory", "7x", "a", prod()), None);
+    site.wait_jobs("the next job", T, |j| succeeded(j) == 1);
+    d.stop();
+}
