@@ -96,7 +96,17 @@ impl Catalog {
                     .filter(|s| !s.is_empty())
                     .ok_or_else(|| CatalogError::new(map_file, Some(&key), format!("{item} is not a template path")))?;
                 // Relative paths are taken from the map's directory, not the daemon's cwd.
-                paths.push(base.join(p));
+                let path = base.join(p);
+                let name = render::template_name(&path);
+                // Build files and logs are named after the file name alone.
+                if paths.iter().any(|q: &PathBuf| render::template_name(q) == name) {
+                    return Err(CatalogError::new(
+                        map_file,
+                        Some(&key),
+                        format!("two templates named {name}: build files and logs would collide"),
+                    ));
+                }
+                paths.push(path);
             }
             map.insert(key, paths);
         }
@@ -280,6 +290,18 @@ mod tests {
         let e = Catalog::load(&map, &img).unwrap_err();
         assert_eq!(e.key.as_deref(), Some("DEFAULT"));
         assert!(e.to_string().contains("missing.json"), "{e}");
+    }
+
+    #[test]
+    fn templates_of_one_image_need_distinct_file_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let (map, img) = site(dir.path());
+        std::fs::create_dir(dir.path().join("b")).unwrap();
+        std::fs::copy(dir.path().join("t.json"), dir.path().join("b/t.json")).unwrap();
+        std::fs::write(&map, r#"{"DEFAULT": ["t.json", "b/t.json"]}"#).unwrap();
+        let e = Catalog::load(&map, &img).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("DEFAULT"));
+        assert!(e.problem.contains("two templates named t.json"), "{e}");
     }
 
     #[test]
