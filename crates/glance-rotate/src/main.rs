@@ -75,6 +75,9 @@ fn main() -> ExitCode {
     };
     match rt.block_on(glance_rotate::rotate_with_credentials(creds, target, &opts)) {
         Ok(report) => {
+            if report.dry_run {
+                print_plan(&report);
+            }
             tracing::info!(
                 "{}: {} image(s) archived, {} member(s) moved, {} archive(s) deleted, {} HTTP requests{}",
                 if report.name.is_empty() {
@@ -102,6 +105,34 @@ fn main() -> ExitCode {
             tracing::error!("rotation failed: {e}");
             ExitCode::from(EXIT_FAILED as u8)
         }
+    }
+}
+
+/// `--dry-run`: the plan on stdout, one action per line, whatever the log target.
+fn print_plan(r: &glance_rotate::Report) {
+    if let Some(why) = &r.skipped {
+        println!("nothing to do: {why}");
+    }
+    if !r.new_image_id.is_empty() {
+        println!("new image {} {:?}", r.new_image_id, r.name);
+    }
+    if r.shared_new_image {
+        println!("share {} (private, has members to receive)", r.new_image_id);
+    }
+    for (member, from, to) in &r.members_moved {
+        println!("move member {member} from {from} to {to}");
+    }
+    for (id, old, new) in &r.archived {
+        println!("rename {id} {old:?} -> {new:?}");
+    }
+    for id in &r.deleted {
+        println!("delete {id} (KEEP_ARCHIVES)");
+    }
+    for (id, why) in &r.kept {
+        println!("keep {id}: {why}");
+    }
+    for (id, why) in &r.left_alone {
+        println!("leave {id}: {why}");
     }
 }
 

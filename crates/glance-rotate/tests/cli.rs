@@ -130,6 +130,11 @@ async fn dry_run_prints_the_plan_and_changes_nothing() {
     assert!(log.contains(&format!("Would rename image {}", old.id)), "{log}");
     assert!(log.contains(&format!("Would move member {member}")), "{log}");
     assert!(log.contains("dry run: nothing changed"), "{log}");
+    assert!(
+        log.contains(&format!("rename {} {name:?} -> {:?}", old.id, today_archive(&name))),
+        "{log}"
+    );
+    assert!(log.contains(&format!("share {}", new.id)), "{log}");
     assert_eq!(cloud.snapshot(&owner).await, before);
     assert_eq!(cloud.get(&new.id).await.visibility, "private");
     cloud.cleanup().await;

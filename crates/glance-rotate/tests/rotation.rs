@@ -38,6 +38,34 @@ async fn password_auth_gets_a_token_and_the_image_endpoint_from_the_catalog() {
 }
 
 #[tokio::test]
+async fn os_image_url_and_os_region_name_choose_the_glance_used() {
+    let cloud = Cloud::new().await;
+    let target = || Target::ImageId("7d0b1b0e-0000-4000-8000-000000000001".into());
+    // OS_IMAGE_URL wins over the catalog: a port where nothing listens, named in the error.
+    let mut env = cloud.env.clone();
+    env.insert("OS_IMAGE_URL".into(), "http://127.0.0.1:1/v2/".into());
+    let err = rotate_with_credentials(Credentials::from_env(&env).unwrap(), target(), &opts())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("Glance GET http://127.0.0.1:1/v2/images/"),
+        "{err}"
+    );
+    assert_eq!(err.status(), None);
+    // A region without an image endpoint.
+    let mut env = cloud.env.clone();
+    env.insert("OS_REGION_NAME".into(), "NoSuchRegion".into());
+    let err = rotate_with_credentials(Credentials::from_env(&env).unwrap(), target(), &opts())
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("no image endpoint with interface public in region NoSuchRegion"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
 async fn application_credential_auth_rotates() {
     let cloud = Cloud::new().await;
     let (id, secret) = cloud.app_credential().await;
