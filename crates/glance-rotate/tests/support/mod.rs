@@ -2,14 +2,14 @@
 //! (packuilon_testsupport::openstack), an admin session, and helpers that
 //! create projects, application credentials, images with data (so they are
 //! `active`) and members. Every image and project a [`Cloud`] creates is
-//! deleted when it drops.
+//! deleted when it drops. Also used by the workspace's end-to-end tests
+//! (`tests/pipeline.rs`): keep its dependencies to what every crate has.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use futures::StreamExt;
 use glance_rotate::glance::{Glance, Hidden, Image, Member};
 use glance_rotate::{Credentials, Session};
 use packuilon_testsupport::openstack::OpenStack;
@@ -214,11 +214,17 @@ impl Cloud {
     /// Deletes what this Cloud created (also done on drop).
     pub async fn cleanup(&self) {
         let images: Vec<String> = std::mem::take(&mut *self.images.lock().unwrap());
-        let deletes: Vec<_> = images.iter().map(|id| self.glance.delete_image(id)).collect();
-        futures::stream::iter(deletes)
-            .buffer_unordered(8)
-            .collect::<Vec<_>>()
-            .await;
+        // Eight at a time (tokio only: other crates' tests include this module).
+        let limit = Arc::new(tokio::sync::Semaphore::new(8));
+        let mut tasks = tokio::task::JoinSet::new();
+        for id in images {
+            let (glance, limit) = (self.glance.clone(), limit.clone());
+            tasks.spawn(async move {
+                let _permit = limit.acquire_owned().await;
+                let _ = glance.delete_image(&id).await;
+            });
+        }
+        while tasks.join_next().await.is_some() {}
         let token = self.token().await;
         let projects: Vec<String> = std::mem::take(&mut *self.projects.lock().unwrap());
         for id in projects {
