@@ -95,6 +95,36 @@ pub fn validate(s: &Settings) -> Result<Catalog, DaemonError> {
     Catalog::load(&s.r2p.packer_template_map, &s.r2p.images_config).map_err(|e| DaemonError::Config(e.to_string()))
 }
 
+/// Takes STATE_DIR/rabbit2packer.lock (flock; released by the kernel when
+/// the process ends, however it ends) and writes our pid in it.
+fn lock_state_dir(s: &Settings) -> Result<std::fs::File, DaemonError> {
+    use std::io::{Read, Seek, Write};
+    use std::os::fd::AsRawFd;
+    let path = s.r2p.state_dir.join("rabbit2packer.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| DaemonError::Runtime(format!("{}: {e}", path.display())))?;
+    // SAFETY: plain syscall on an fd we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        return Err(DaemonError::Config(format!(
+            "{}: [rabbit2packer] STATE_DIR: {} is in use by another rabbit2packer (pid {})",
+            s.config_file.display(),
+            s.r2p.state_dir.display(),
+            holder.trim()
+        )));
+    }
+    let _ = file.set_len(0);
+    let _ = file.rewind();
+    let _ = writeln!(file, "{}", std::process::id());
+    Ok(file)
+}
+
 fn find_program(p: &Path) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     let executable = |c: &Path| {
@@ -142,6 +172,8 @@ pub async fn run(config_file: &Path) -> Result<(), DaemonError> {
     let catalog = validate(&settings)?;
     tracing::info!("Starting");
     let cfg = settings.r2p.clone();
+    // Held until exit: a second daemon on this STATE_DIR would build images twice at once.
+    let _lock = lock_state_dir(&settings)?;
 
     let journal = Arc::new(Journal::open(&cfg.state_dir).map_err(|e| DaemonError::Runtime(e.to_string()))?);
     let recovery = journal.recover().map_err(|e| DaemonError::Runtime(e.to_string()))?;

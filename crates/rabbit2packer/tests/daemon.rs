@@ -330,17 +330,21 @@ fn kill_9_mid_build_then_restart_builds_it_once_more_and_leaves_no_packer() {
 }
 
 #[test]
-fn sigterm_mid_build_cancels_packer_cleanly_and_the_job_runs_after_restart() {
+fn sigterm_mid_build_cancels_packer_cleanly_and_interrupted_and_waiting_jobs_run_after_restart() {
     let site = Site::new(1, "");
     site.template("a.json", Step { sleep: 30.0, exit: 0 });
     let mut d = site.start();
     site.publish(&profile("inventory", "7x", "a", prod()), None);
     let runs = site.wait_runs("the build to start", T, |r| !r.is_empty());
+    // A second image waits for the only worker.
+    site.publish(&profile("other", "7x", "a", prod()), None);
+    site.wait_jobs("the waiting job", T, |j| j.len() == 2);
     let pgid: i32 = runs[0][4].parse().unwrap();
     d.stop();
     assert!(!group_alive(pgid));
     let jobs = site.journal();
     assert_eq!(jobs[0].state, JobState::Interrupted);
+    assert_eq!(jobs[1].state, JobState::Waiting);
     let log = std::fs::read_to_string(jobs[0].builds[0].log_path.as_deref().unwrap()).unwrap();
     assert!(
         log.contains("Cleanly cancelled builds after being interrupted."),
@@ -356,8 +360,8 @@ fn sigterm_mid_build_cancels_packer_cleanly_and_the_job_runs_after_restart() {
 
     site.template("a.json", Step { sleep: 0.2, exit: 0 });
     let mut d = site.start();
-    let jobs = site.wait_jobs("the job to run again", T, |j| succeeded(j) == 1);
-    assert_eq!(jobs.len(), 1);
+    let jobs = site.wait_jobs("both jobs to run after the restart", T, |j| succeeded(j) == 2);
+    assert_eq!(jobs.len(), 2);
     d.stop();
 }
 
@@ -526,6 +530,21 @@ fn bad_config_exits_2_naming_file_and_key() {
     let mut d = site.start();
     assert_eq!(d.wait_exit(T), 2);
     assert!(d.output().contains("PACKER_PATH"), "{}", d.output());
+}
+
+#[test]
+fn a_second_daemon_on_the_same_state_dir_refuses_to_start() {
+    let site = Site::new(1, "");
+    let mut first = site.start();
+    first.wait_log("Consuming from queue", T);
+    let mut second = site.start();
+    assert_eq!(second.wait_exit(T), 2);
+    let out = second.output();
+    assert!(
+        out.contains("STATE_DIR") && out.contains(&format!("another rabbit2packer (pid {})", first.pid())),
+        "{out}"
+    );
+    first.stop();
 }
 
 #[test]

@@ -368,6 +368,8 @@ impl Drop for Publisher {
 pub struct Daemon {
     pub child: Child,
     lines: Arc<Mutex<Vec<String>>>,
+    /// Set when stderr reached its end (every line collected).
+    eof: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Daemon {
@@ -389,6 +391,8 @@ impl Daemon {
         let lines = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().unwrap();
         let sink = lines.clone();
+        let eof = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = eof.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if std::env::var_os("R2P_TEST_ECHO").is_some() {
@@ -396,8 +400,9 @@ impl Daemon {
                 }
                 sink.lock().unwrap().push(line);
             }
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
         });
-        Daemon { child, lines }
+        Daemon { child, lines, eof }
     }
 
     pub fn pid(&self) -> i32 {
@@ -433,12 +438,17 @@ impl Daemon {
         unsafe { libc::kill(self.pid(), sig) };
     }
 
-    /// Waits for the daemon to exit; returns its exit code (or 128 + signal).
+    /// Waits for the daemon to exit (and its last log lines to be read);
+    /// returns its exit code (or 128 + signal).
     pub fn wait_exit(&mut self, timeout: Duration) -> i32 {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(st) = self.child.try_wait().unwrap() {
                 use std::os::unix::process::ExitStatusExt;
+                let read_all = Instant::now() + Duration::from_secs(5);
+                while !self.eof.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < read_all {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
                 return st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0));
             }
             if Instant::now() > deadline {
