@@ -507,3 +507,25 @@ async fn glance_stopped_half_way_then_a_rerun_completes_without_duplicates() {
     assert!(on_new.values().all(|s| s == "accepted"));
     cloud.cleanup().await;
 }
+
+/// Glance reads `x:` in a name filter as an operator and `,` as a list; the
+/// name still matches exactly, and a name with `"` too.
+#[tokio::test]
+async fn names_with_colons_commas_and_quotes_match_exactly() {
+    let cloud = Cloud::new().await;
+    let owner = cloud.project("odd-names").await;
+    for name in ["in: sl7x, \"x86_64\"", "gte:2020-01-01T00:00:00Z", "say \"hi\", all"] {
+        let old = cloud.image(name, &owner, "shared").await;
+        let near = cloud.image(&format!("{name} AQ"), &owner, "shared").await;
+        let part = cloud.image(&name[..name.len() - 2], &owner, "shared").await;
+        let new = cloud.image(name, &owner, "shared").await;
+        let report = rotate(&cloud.glance, Target::ImageId(new.id.clone()), &opts())
+            .await
+            .unwrap();
+        assert_eq!(report.archived.len(), 1, "{name}: {report:?}");
+        assert_eq!(cloud.get(&old.id).await.name(), today_archive(name));
+        assert_eq!(cloud.get(&near.id).await.name(), format!("{name} AQ"));
+        assert_eq!(cloud.get(&part.id).await.name(), &name[..name.len() - 2]);
+    }
+    cloud.cleanup().await;
+}
