@@ -399,7 +399,10 @@ mod tests {
             NameFilter::Quoted("in:\"sl7x-x86_64 inventory\"".into())
         );
         assert_eq!(name_filter("a: b, c"), NameFilter::Quoted("in:\"a: b, c\"".into()));
-        assert_eq!(name_filter("say \"hi\", all"), NameFilter::Plain("say \"hi\", all".into()));
+        assert_eq!(
+            name_filter("say \"hi\", all"),
+            NameFilter::Plain("say \"hi\", all".into())
+        );
         assert_eq!(name_filter("say: \"hi\""), NameFilter::ClientSide);
         let (f, rest) = names_in_filter(&["a", "b (2)", "c\"d"]);
         assert_eq!(f.as_deref(), Some("in:\"a\",\"b (2)\""));

@@ -38,6 +38,32 @@ async fn password_auth_gets_a_token_and_the_image_endpoint_from_the_catalog() {
 }
 
 #[tokio::test]
+async fn a_token_glance_rejects_is_replaced_and_the_request_repeated() {
+    let cloud = Cloud::new().await;
+    let owner = cloud.project("reauth").await;
+    let img = cloud.image(&unique_name("reauth"), &owner, "shared").await;
+    let session = Arc::new(Session::new(Credentials::from_env(&cloud.env).unwrap()).unwrap());
+    let token = session.token().await.unwrap();
+    // Revoked before Glance ever saw it, so Glance's token cache cannot hide the revocation.
+    let resp = cloud
+        .http
+        .delete(format!("{}/auth/tokens", cloud.keystone))
+        .header("X-Auth-Token", cloud.glance.session().token().await.unwrap().value())
+        .header("X-Subject-Token", token.value())
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "revoking: {}", resp.status());
+
+    let glance = Glance::new(session.clone());
+    assert_eq!(glance.image(&img.id).await.unwrap().id, img.id);
+    // token, GET (401), new token, GET again.
+    assert_eq!(session.requests(), 4);
+    assert_ne!(session.token().await.unwrap().value(), token.value());
+    cloud.cleanup().await;
+}
+
+#[tokio::test]
 async fn os_image_url_and_os_region_name_choose_the_glance_used() {
     let cloud = Cloud::new().await;
     let target = || Target::ImageId("7d0b1b0e-0000-4000-8000-000000000001".into());
