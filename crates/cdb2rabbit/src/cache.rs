@@ -9,12 +9,12 @@
 //! - `.cdb2rabbit.lock`: the exclusive run lock (cron, the timer and the
 //!   cdispd hook may overlap).
 //!
-//! Writes are atomic (temp file in the same directory, rename). The index is
-//! also fsynced (file and directory) before and after its rename. Profile
-//! copies are not fsynced one by one: [`CacheDir::sync`] flushes them all with
-//! one `syncfs` before the index is committed. Losing a copy in a crash only
-//! costs an extra publish; the index is what decides that nothing is skipped,
-//! and it only advances after the broker confirmed the publish.
+//! Writes are atomic: temp file in the same directory, fsync, rename. The
+//! index also fsyncs its directory after the rename. Profile copies are
+//! written concurrently and their directories fsynced once, by
+//! [`CacheDir::sync_dirs`], before the index is committed: the index must
+//! never point past a copy that a crash could still take back (the next
+//! change would then be compared with an older copy).
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
@@ -140,13 +140,14 @@ impl CacheDir {
         }
     }
 
-    /// Replaces the cached copy of a profile (atomic; made durable by [`CacheDir::sync`]).
-    pub fn write_profile(&self, name: &str, body: &[u8]) -> Result<(), CacheError> {
+    /// Replaces the cached copy of a profile (atomic, file fsynced). Returns
+    /// the directory that holds it, to be passed to [`CacheDir::sync_dirs`].
+    pub fn write_profile(&self, name: &str, body: &[u8]) -> Result<PathBuf, CacheError> {
         let path = self.profile_path(name);
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(io(parent))?;
-        }
-        self.write_atomic(&path, false, |w| w.write_all(body))
+        let parent = path.parent().unwrap_or(&self.root).to_path_buf();
+        std::fs::create_dir_all(&parent).map_err(io(&parent))?;
+        self.write_atomic(&path, false, |w| w.write_all(body))?;
+        Ok(parent)
     }
 
     /// Removes the cached copy of a profile that left the index (missing is fine).
@@ -159,26 +160,32 @@ impl CacheDir {
         }
     }
 
-    /// Flushes every profile copy written so far to disk (one `syncfs` for them all).
-    pub fn sync(&self) -> Result<(), CacheError> {
-        let dir = File::open(&self.root).map_err(io(&self.root))?;
-        #[cfg(target_os = "linux")]
-        {
-            use std::os::fd::AsRawFd;
-            // SAFETY: syncfs only reads the descriptor, which `dir` keeps open.
-            if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
-                return Err(io(&self.root)(std::io::Error::last_os_error()));
+    /// Makes the renames of profile copies durable: fsyncs each directory
+    /// given and every directory between it and CACHE_DIR (new namespace
+    /// directories must reach the disk too).
+    pub fn sync_dirs(&self, dirs: impl IntoIterator<Item = PathBuf>) -> Result<(), CacheError> {
+        let mut all = std::collections::BTreeSet::new();
+        for dir in dirs {
+            let mut d = dir.as_path();
+            while d.starts_with(&self.root) && all.insert(d.to_path_buf()) {
+                match d.parent() {
+                    Some(p) => d = p,
+                    None => break,
+                }
             }
         }
-        #[cfg(not(target_os = "linux"))]
-        dir.sync_all().map_err(io(&self.root))?;
+        all.insert(self.root.clone());
+        for dir in all {
+            File::open(&dir).and_then(|d| d.sync_all()).map_err(io(&dir))?;
+        }
         Ok(())
     }
 
+    /// `sync_dir`: also fsync the directory after the rename (else the caller does).
     fn write_atomic(
         &self,
         path: &Path,
-        durable: bool,
+        sync_dir: bool,
         fill: impl FnOnce(&mut BufWriter<&File>) -> std::io::Result<()>,
     ) -> Result<(), CacheError> {
         let dir = path.parent().unwrap_or(&self.root);
@@ -191,13 +198,11 @@ impl CacheDir {
             fill(&mut w).map_err(io(tmp.path()))?;
             w.flush().map_err(io(tmp.path()))?;
         }
-        if durable {
-            tmp.as_file().sync_all().map_err(io(tmp.path()))?;
-        }
+        tmp.as_file().sync_all().map_err(io(tmp.path()))?;
         // NamedTempFile is created 0600; the cache is as readable as the original's.
         set_mode(tmp.as_file(), 0o644).map_err(io(tmp.path()))?;
         tmp.persist(path).map_err(|e| io(path)(e.error))?;
-        if durable {
+        if sync_dir {
             File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
         }
         Ok(())
@@ -223,13 +228,14 @@ mod tests {
     fn profile_copies_go_in_namespace_directories() {
         let dir = tempfile::tempdir().unwrap();
         let cache = CacheDir::new(dir.path());
-        cache.write_profile("ns/sub/a.json", b"{}").unwrap();
+        let dir_written = cache.write_profile("ns/sub/a.json", b"{}").unwrap();
+        assert_eq!(dir_written, dir.path().join("ns/sub"));
         assert_eq!(std::fs::read(dir.path().join("ns/sub/a.json")).unwrap(), b"{}");
         assert_eq!(cache.read_profile("ns/sub/a.json").unwrap().unwrap(), b"{}");
         assert_eq!(cache.read_profile("b.json").unwrap(), None);
         cache.remove_profile("ns/sub/a.json").unwrap();
         cache.remove_profile("ns/sub/a.json").unwrap();
-        cache.sync().unwrap();
+        cache.sync_dirs([dir_written]).unwrap();
         // No temp files left behind.
         let left: Vec<_> = std::fs::read_dir(dir.path().join("ns/sub")).unwrap().collect();
         assert!(left.is_empty());

@@ -130,9 +130,10 @@ pub fn parse(bytes: Vec<u8>) -> Result<Index, IndexError> {
 enum State {
     BeforeRoot,
     InRoot,
-    /// Inside `<profile>`: the mtime attribute (None when absent), the name so far.
+    /// Inside `<profile>`: the mtime attribute (None when absent; Err keeps a
+    /// non-numeric value for the message), the name so far.
     InProfile {
-        mtime: Option<String>,
+        mtime: Option<Result<u64, String>>,
         name: String,
     },
     /// Inside some other element below the root, `depth` levels deep (ignored, as a
@@ -153,8 +154,6 @@ fn parse_xml(bytes: &[u8]) -> Result<Index, IndexError> {
     let mut state = State::BeforeRoot;
     let mut entries: Vec<Entry> = Vec::new();
     let mut problems = Vec::new();
-    // Positions in `entries` by name, to find duplicates in one pass.
-    let mut seen: HashMap<String, Option<usize>> = HashMap::new();
     loop {
         let event = reader.read_event().map_err(|e| xml_err(&reader, &e))?;
         match (&mut state, event) {
@@ -177,7 +176,10 @@ fn parse_xml(bytes: &[u8]) -> Result<Index, IndexError> {
             }
             (State::InRoot, Event::Start(e)) if e.name().as_ref() == b"profile" => {
                 let mtime = match e.try_get_attribute("mtime").map_err(|err| xml_err(&reader, &err))? {
-                    Some(a) => Some(a.unescape_value().map_err(|err| xml_err(&reader, &err))?.into_owned()),
+                    Some(a) => {
+                        let v = a.unescape_value().map_err(|err| xml_err(&reader, &err))?;
+                        Some(v.trim().parse::<u64>().map_err(|_| v.into_owned()))
+                    }
                     None => None,
                 };
                 state = State::InProfile {
@@ -221,7 +223,10 @@ fn parse_xml(bytes: &[u8]) -> Result<Index, IndexError> {
                 })
             }
             (State::InProfile { mtime, name }, Event::End(_)) => {
-                let name = std::mem::take(name).trim().to_string();
+                let mut name = std::mem::take(name);
+                if name.starts_with(char::is_whitespace) || name.ends_with(char::is_whitespace) {
+                    name = name.trim().to_string();
+                }
                 let mtime = mtime.take();
                 state = State::InRoot;
                 if let Err(problem) = check_name(&name) {
@@ -233,27 +238,13 @@ fn parse_xml(bytes: &[u8]) -> Result<Index, IndexError> {
                         problems.push(EntryError::NoMtime { name });
                         continue;
                     }
-                    Some(m) => match m.trim().parse::<u64>() {
-                        Ok(v) => v,
-                        Err(_) => {
-                            problems.push(EntryError::BadMtime { name, mtime: m });
-                            continue;
-                        }
-                    },
+                    Some(Ok(v)) => v,
+                    Some(Err(m)) => {
+                        problems.push(EntryError::BadMtime { name, mtime: m });
+                        continue;
+                    }
                 };
-                match seen.get_mut(&name) {
-                    None => {
-                        seen.insert(name.clone(), Some(entries.len()));
-                        entries.push(Entry { name, mtime });
-                    }
-                    Some(slot) => {
-                        // Which of the two is right cannot be known: fail the profile.
-                        if let Some(i) = slot.take() {
-                            entries[i].name.clear();
-                            problems.push(EntryError::Duplicate { name });
-                        }
-                    }
-                }
+                entries.push(Entry { name, mtime });
             }
             (State::InOther { depth }, Event::Start(_)) => *depth += 1,
             (State::InOther { depth }, Event::End(_)) => {
@@ -281,9 +272,35 @@ fn parse_xml(bytes: &[u8]) -> Result<Index, IndexError> {
     if !matches!(state, State::AfterRoot) {
         return Err(IndexError::Truncated);
     }
-    // Duplicates were blanked in place, keeping the rest in document order.
-    entries.retain(|e| !e.name.is_empty());
+    drop_duplicates(&mut entries, &mut problems);
     Ok(Index { entries, problems })
+}
+
+/// Removes every entry whose name is listed more than once (which of them
+/// is right cannot be known: the profile fails), keeping document order.
+fn drop_duplicates(entries: &mut Vec<Entry>, problems: &mut Vec<EntryError>) {
+    let mut first: HashMap<&str, bool> = HashMap::with_capacity(entries.len());
+    let mut any = false;
+    for e in entries.iter() {
+        if let Some(dup) = first.get_mut(e.name.as_str()) {
+            *dup = true;
+            any = true;
+        } else {
+            first.insert(&e.name, false);
+        }
+    }
+    if !any {
+        return;
+    }
+    let mut duplicated: Vec<String> = first
+        .into_iter()
+        .filter(|(_, dup)| *dup)
+        .map(|(n, _)| n.to_string())
+        .collect();
+    duplicated.sort();
+    let set: std::collections::HashSet<&str> = duplicated.iter().map(String::as_str).collect();
+    entries.retain(|e| !set.contains(e.name.as_str()));
+    problems.extend(duplicated.into_iter().map(|name| EntryError::Duplicate { name }));
 }
 
 /// Why a profile name cannot be used as a path below CACHE_DIR and the
@@ -425,11 +442,11 @@ mod tests {
             [
                 "nomtime.json",
                 "bad.json",
-                "dup.json",
                 "../etc/passwd",
                 "/abs.json",
                 "a//b.json",
-                "a\\b.json"
+                "a\\b.json",
+                "dup.json"
             ]
         );
         assert_eq!(

@@ -21,12 +21,15 @@
 //! never a missed one).
 
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use packuilon_common::config::{Cdb2RabbitConfig, GlobalConfig};
 use packuilon_common::EXIT_FAILED;
 use serde_json::Value;
+use tokio::sync::Semaphore;
 use tracing::{error, info, warn};
 
 use crate::cache::{CacheDir, CacheError};
@@ -34,8 +37,12 @@ use crate::fetch::{profile_url, FetchError, Fetcher, PROFILE_LIMIT};
 use crate::index::{self, IndexError, INDEX_LIMIT};
 use crate::publish::{Confirmed, PublishError, Publisher};
 
-/// Publishes awaiting their confirm at once; bounds the bodies held in memory.
+/// Publishes awaiting their confirm (or their cached copy) at once; bounds the
+/// bodies held in memory.
 const MAX_IN_FLIGHT: usize = 256;
+/// Cached copies written (and fsynced) at once: enough for the disk to batch
+/// the fsyncs, few enough not to flood the blocking pool.
+const WRITERS: usize = 4;
 
 /// Which profiles a run publishes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,9 +167,18 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
     })?;
     let cached = cache.read_index()?;
     let first_run = cached.is_none();
-    let cached: HashMap<String, u64> = cached
+    let mut cached: HashMap<String, u64> = cached
         .map(|c| c.entries.into_iter().map(|e| (e.name, e.mtime)).collect())
         .unwrap_or_default();
+    // Each entry's cached mtime, taken out of the map: what remains there
+    // afterwards are the profiles that left the index.
+    let olds: Vec<Option<u64>> = index.entries.iter().map(|e| cached.remove(&e.name)).collect();
+    let problem_olds: Vec<(&str, u64)> = index
+        .problems
+        .iter()
+        .filter_map(|p| cached.remove(p.name()).map(|old| (p.name(), old)))
+        .collect();
+    let removed = cached;
 
     let mut summary = Summary::default();
     for problem in &index.problems {
@@ -178,7 +194,7 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
         return Ok(summary);
     }
 
-    let candidates = select_candidates(&index, &cached, config, &options.mode, &mut summary);
+    let candidates = select_candidates(&index, &olds, config, &options.mode, &mut summary);
     let mut processed = Pipeline {
         global,
         config,
@@ -187,12 +203,12 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
         dry_run: options.dry_run,
         force: options.mode != Mode::Changed,
         summary,
-        wrote_copies: false,
+        written_dirs: HashSet::new(),
     };
     processed.run(&candidates).await?;
     let Pipeline {
         mut summary,
-        wrote_copies,
+        written_dirs,
         ..
     } = processed;
 
@@ -206,44 +222,28 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
         Mode::Named(names) if !first_run => Some(names.iter().map(String::as_str).collect()),
         _ => None,
     };
-    let in_index: HashSet<&str> = index
-        .entries
-        .iter()
-        .map(|e| e.name.as_str())
-        .chain(index.problems.iter().map(|p| p.name()))
-        .collect();
-    let mut kept: HashSet<&str> = HashSet::new();
     let mut new_index: Vec<(&str, u64)> = Vec::with_capacity(index.entries.len());
-    for entry in &index.entries {
+    for (entry, old) in index.entries.iter().zip(&olds) {
         let name = entry.name.as_str();
-        let keep_old = failed.contains(name) || only.as_ref().is_some_and(|o| !o.contains(name));
-        if keep_old {
-            if let Some(old) = cached.get(name) {
-                new_index.push((name, *old));
-            }
-        } else {
+        let keep_old =
+            (!failed.is_empty() && failed.contains(name)) || only.as_ref().is_some_and(|o| !o.contains(name));
+        if !keep_old {
             new_index.push((name, entry.mtime));
+        } else if let Some(old) = old {
+            new_index.push((name, *old));
         }
     }
-    for problem in &index.problems {
-        let name = problem.name();
-        if let Some(old) = cached.get(name) {
-            if kept.insert(name) {
-                new_index.push((name, *old));
-            }
-        }
-    }
-    for name in cached.keys() {
-        if !in_index.contains(name.as_str()) && index::check_name(name).is_ok() {
+    // Bad entries keep whatever the cache said about them.
+    new_index.extend(problem_olds);
+    for name in removed.keys() {
+        if index::check_name(name).is_ok() {
             info!("Profile left the index, forgetting it: {name}");
             if let Err(e) = cache.remove_profile(name) {
                 warn!("{e}");
             }
         }
     }
-    if wrote_copies {
-        cache.sync()?;
-    }
+    cache.sync_dirs(written_dirs)?;
     info!("Updating cached profile_info");
     cache.write_index(new_index)?;
     if summary.failed.is_empty() {
@@ -267,7 +267,7 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
 /// The profiles this run downloads, as (name, mtime) from the index.
 fn select_candidates<'a>(
     index: &'a index::Index,
-    cached: &HashMap<String, u64>,
+    olds: &[Option<u64>],
     config: &Cdb2RabbitConfig,
     mode: &Mode,
     summary: &mut Summary,
@@ -277,8 +277,9 @@ fn select_candidates<'a>(
         Mode::Changed => index
             .entries
             .iter()
-            .filter(|e| matching(&e.name) && cached.get(&e.name) != Some(&e.mtime))
-            .map(|e| (e.name.as_str(), e.mtime))
+            .zip(olds)
+            .filter(|(e, old)| matching(&e.name) && **old != Some(e.mtime))
+            .map(|(e, _)| (e.name.as_str(), e.mtime))
             .collect(),
         Mode::All => index
             .entries
@@ -321,7 +322,8 @@ struct Pipeline<'a> {
     /// `--all` / `--profile`: publish even when the JSON equals the cached copy.
     force: bool,
     summary: Summary,
-    wrote_copies: bool,
+    /// Directories that received profile copies (fsynced before the index).
+    written_dirs: HashSet<PathBuf>,
 }
 
 impl Pipeline<'_> {
@@ -336,13 +338,14 @@ impl Pipeline<'_> {
             .buffer_unordered(self.config.download_concurrency);
         let mut publisher: Option<Publisher> = None;
         let mut in_flight = FuturesUnordered::new();
+        let writers = Arc::new(Semaphore::new(WRITERS));
         let mut downloads_done = candidates.is_empty();
         loop {
             tokio::select! {
                 // Confirms first: they free memory and let downloads continue.
                 biased;
-                Some((name, result, body)) = in_flight.next(), if !in_flight.is_empty() => {
-                    self.confirmed(name, result, body).await;
+                Some((name, result, written)) = in_flight.next(), if !in_flight.is_empty() => {
+                    self.confirmed(name, result, written);
                 }
                 next = downloads.next(), if !downloads_done && in_flight.len() < MAX_IN_FLIGHT => {
                     let Some((name, mtime, verdict)) = next else {
@@ -369,8 +372,19 @@ impl Pipeline<'_> {
                             info!(profile = name, "Pushing message to queue for build");
                             match publisher.publish(name, mtime, &body).await {
                                 Ok(pending) => {
-                                    let name = pending.profile.clone();
-                                    in_flight.push(async move { (name, pending.confirmed().await, body) });
+                                    let (cache, writers) = (self.cache.clone(), writers.clone());
+                                    in_flight.push(async move {
+                                        let name = pending.profile.clone();
+                                        let sent = std::time::Instant::now();
+                                        let result = pending.confirmed().await;
+                                        tracing::debug!("confirm of {name} took {:?}", sent.elapsed());
+                                        // Only a confirmed publish replaces the cached copy.
+                                        let written = match result {
+                                            Ok(_) => Some(write_copy(cache, writers, name.clone(), body).await),
+                                            Err(_) => None,
+                                        };
+                                        (name, result, written)
+                                    });
                                 }
                                 Err(e) => self.summary.fail(name, &e.into()),
                             }
@@ -386,35 +400,59 @@ impl Pipeline<'_> {
         Ok(())
     }
 
-    /// The broker answered: only now may the cached copy be replaced.
-    async fn confirmed(&mut self, name: String, result: Result<Confirmed, PublishError>, body: Vec<u8>) {
-        match result {
-            Err(e) => self.summary.fail(&name, &e.into()),
-            Ok(done) => {
+    /// The broker answered, and the cached copy was written if it confirmed.
+    fn confirmed(
+        &mut self,
+        name: String,
+        result: Result<Confirmed, PublishError>,
+        written: Option<Result<PathBuf, CacheError>>,
+    ) {
+        match (result, written) {
+            (Err(e), _) => self.summary.fail(&name, &e.into()),
+            (Ok(done), Some(Ok(dir))) => {
                 info!(
                     "Broker confirmed profile {} (message id {})",
                     done.profile, done.message_id
                 );
-                let cache = self.cache.clone();
-                let written = tokio::task::spawn_blocking(move || cache.write_profile(&name, &body))
-                    .await
-                    .unwrap_or_else(|e| panic!("writing a cached profile panicked: {e}"));
-                self.wrote_copies = true;
-                match written {
-                    Ok(()) => self.summary.published.push(done),
-                    // Published, but the next comparison would use a stale copy:
-                    // fail it so the next run publishes it again (a duplicate, not a loss).
-                    Err(source) => self.summary.fail(
-                        &done.profile,
-                        &ProfileError::Cache {
-                            name: done.profile.clone(),
-                            source,
-                        },
-                    ),
-                }
+                self.written_dirs.insert(dir);
+                self.summary.published.push(done);
             }
+            // Published, but the next comparison would use a stale copy: fail it
+            // so the next run publishes it again (a duplicate, never a loss).
+            (Ok(done), Some(Err(source))) => {
+                info!(
+                    "Broker confirmed profile {} (message id {})",
+                    done.profile, done.message_id
+                );
+                self.summary.fail(
+                    &name,
+                    &ProfileError::Cache {
+                        name: name.clone(),
+                        source,
+                    },
+                );
+            }
+            (Ok(_), None) => unreachable!("a confirmed publish always writes its copy"),
         }
     }
+}
+
+/// Writes a cached copy on the blocking pool, at most [`WRITERS`] at once.
+async fn write_copy(
+    cache: CacheDir,
+    writers: Arc<Semaphore>,
+    name: String,
+    body: Vec<u8>,
+) -> Result<PathBuf, CacheError> {
+    let _permit = writers.acquire_owned().await.expect("the semaphore is never closed");
+    tokio::task::spawn_blocking(move || {
+        let start = std::time::Instant::now();
+        let written = cache.write_profile(&name, &body);
+        tracing::debug!("cached copy of {name} written in {:?}", start.elapsed());
+        written
+    })
+    .await
+    .unwrap_or_else(|e| panic!("writing a cached profile panicked: {e}"))
 }
 
 /// Downloads one profile and compares it, as JSON, with its cached copy
