@@ -488,6 +488,23 @@ pub fn group_alive(pgid: i32) -> bool {
     !rabbit2packer::runner::group_members(pgid).is_empty()
 }
 
+/// Live processes whose command line mentions `needle`.
+pub fn processes_mentioning(needle: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| !s[s.rfind(')').unwrap_or(0)..].starts_with(") Z"))
+                .unwrap_or(false);
+            alive
+                && std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .map(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(needle))
+                    .unwrap_or(false)
+        })
+        .collect()
+}
+
 pub fn wait_for(what: &str, timeout: Duration, f: impl Fn() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {
