@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs the Debian packages Packuilon's tests and demo need, when missing:
-# rabbitmq-server, packer, keystone, glance-api (and uwsgi to serve Keystone).
+# rabbitmq-server, packer, keystone, glance-api (and uwsgi to serve Keystone;
+# socat and openssl for the TLS test of rename-old-images).
 # Services are installed but never started by the package scripts: the
 # project's own scripts start private instances on loopback.
 set -euo pipefail
 
 want=("$@")
-[ ${#want[@]} -gt 0 ] || want=(rabbitmq-server packer keystone glance-api uwsgi uwsgi-plugin-python3 curl)
+[ ${#want[@]} -gt 0 ] || want=(rabbitmq-server packer keystone glance-api uwsgi uwsgi-plugin-python3 curl socat openssl)
 
 missing=()
 for p in "${want[@]}"; do
