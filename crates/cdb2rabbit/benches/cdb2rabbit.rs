@@ -10,7 +10,12 @@
 //! process fetching the index and the same changed files one after another
 //! from the same server. Wall time, ratio and
 //! the peak RSS of the cdb2rabbit process (wait4's rusage) go to a markdown
-//! table on stdout.
+//! table on stdout (medians of 3 runs: the machine may be shared).
+//!
+//! Environment: `CDB2RABBIT_BENCH_CONCURRENCY` (DOWNLOAD_CONCURRENCY, default
+//! 8), `CDB2RABBIT_BENCH_KEEP=1` (keep the site, caches and logs),
+//! `PACKUILON_LOG` (passed to cdb2rabbit; `cdb2rabbit=debug` logs confirm and
+//! cache-write times).
 
 use std::fmt::Write as _;
 use std::io::Write as _;
