@@ -21,7 +21,7 @@ pub const PROFILE_LIMIT: u64 = 64 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
-    #[error("cannot read CA_BUNDLE {path}: {message}")]
+    #[error("[cdb2rabbit] CA_BUNDLE: cannot use {path}: {message}")]
     CaBundle { path: PathBuf, message: String },
     #[error("cannot build the HTTP client: {0}")]
     Client(reqwest::Error),

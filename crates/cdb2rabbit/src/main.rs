@@ -89,17 +89,23 @@ fn run(cli: Cli) -> i32 {
         dry_run: cli.dry_run,
         lock_wait: cli.lock_wait,
     };
-    let outcome = tokio::runtime::Builder::new_multi_thread()
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")
-        .and_then(|rt| Ok(rt.block_on(cdb2rabbit::run(&global, &cdb, &options))?));
-    match outcome {
-        Ok(summary) => summary.exit_status(),
+    {
+        Ok(rt) => rt,
         Err(e) => {
             tracing::error!("{e:#}");
-            EXIT_FAILED
+            return EXIT_FAILED;
+        }
+    };
+    match runtime.block_on(cdb2rabbit::run(&global, &cdb, &options)) {
+        Ok(summary) => summary.exit_status(),
+        Err(e) => {
+            tracing::error!("{e}");
+            e.exit_status()
         }
     }
 }

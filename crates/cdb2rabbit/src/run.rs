@@ -85,6 +85,19 @@ pub enum RunError {
     Index { url: String, source: IndexError },
     #[error("{0}; cache left untouched, the next run retries")]
     Broker(PublishError),
+    /// A setting that cannot work (e.g. a CA_BUNDLE without certificates).
+    #[error("configuration: {0}")]
+    Config(FetchError),
+}
+
+impl RunError {
+    /// 2 for configuration errors (retrying will not help), else 1.
+    pub fn exit_status(&self) -> i32 {
+        match self {
+            RunError::Config(_) => packuilon_common::EXIT_CONFIG,
+            _ => EXIT_FAILED,
+        }
+    }
 }
 
 /// Why one profile failed (it is retried by the next run).
@@ -156,7 +169,7 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
             )
         })?)
     };
-    let fetcher = Fetcher::new(config).map_err(RunError::Fetch)?;
+    let fetcher = Fetcher::new(config).map_err(RunError::Config)?;
     let raw = fetcher
         .get(&config.profile_info_url, INDEX_LIMIT)
         .await

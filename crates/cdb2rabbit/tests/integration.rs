@@ -621,3 +621,29 @@ fn profile_json_keeps_unicode_and_numbers_exactly() {
     let msgs = site.published();
     assert_eq!(msgs[0].body, raw.as_bytes());
 }
+
+#[test]
+fn a_ca_bundle_without_certificates_is_a_config_error() {
+    let site = Site::new("ci-");
+    let bundle = site.dir.path().join("ca.pem");
+    std::fs::write(&bundle, "not a certificate\n").unwrap();
+    let site = site.with_extra_cdb(&format!("CA_BUNDLE = {}\n", bundle.display()));
+    site.put("ci-a.json", &profile("a", 1), 100);
+    let out = site.run(&[]);
+    out.assert_status(2);
+    out.assert_logs_in_order(&["[cdb2rabbit] CA_BUNDLE: cannot use"]);
+    assert!(!site.cache().join("cached_info.xml").exists());
+}
+
+#[test]
+fn file_urls_read_a_local_copy_of_the_profiles_directory() {
+    let site = Site::new("ci-").with_file_urls();
+    site.put("ns/ci-a.json", &profile("a", 1), 100);
+    site.run(&[]).assert_status(0);
+    let body = site.put("ns/ci-a.json", &profile("a", 2), 101);
+    site.run(&[]).assert_status(0);
+    let msgs = site.published();
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(msgs[0].body, body);
+    assert!(site.server.requests().is_empty(), "HTTP was used");
+}

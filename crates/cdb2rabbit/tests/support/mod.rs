@@ -52,6 +52,7 @@ pub struct Site {
     dir_url_slash: Cell<bool>,
     extra_cdb: RefCell<String>,
     broker_port: Cell<Option<u16>>,
+    file_urls: Cell<bool>,
 }
 
 /// A message taken from the test's queue.
@@ -110,6 +111,7 @@ impl Site {
             dir_url_slash: Cell::new(true),
             extra_cdb: RefCell::new(String::new()),
             broker_port: Cell::new(None),
+            file_urls: Cell::new(false),
         };
         site.write_index();
         site
@@ -125,6 +127,12 @@ impl Site {
     pub fn with_gzip_index_file(self) -> Site {
         self.gzip_index.set(true);
         self.write_index();
+        self
+    }
+
+    /// PROFILE_INFO_URL and PROFILE_DIR_URL as `file://` URLs of the site's directory.
+    pub fn with_file_urls(self) -> Site {
+        self.file_urls.set(true);
         self
     }
 
@@ -211,16 +219,23 @@ impl Site {
                 &format!("RABBIT_PORT = {port}"),
             );
         }
+        let url = |path: &str| {
+            if self.file_urls.get() {
+                format!("file://{}/{path}", self.www().display())
+            } else {
+                self.server.url(path)
+            }
+        };
         let dir_url = if self.dir_url_slash.get() {
-            self.server.url("profiles/")
+            url("profiles/")
         } else {
-            self.server.url("profiles")
+            url("profiles")
         };
         format!(
             "{global}RABBIT_RETRIES = 2\nRABBIT_RETRY_DELAY = 0.1\nADMIN_MAIL = ops@example.org\n\n\
              [cdb2rabbit]\nPROFILE_INFO_URL = {}\nPROFILE_DIR_URL = {dir_url}\nPROFILE_MATCH = {}\nCACHE_DIR = {}\n{}\n\
              [rabbit2packer]\nTHREAD_COUNT = 4\n",
-            self.server.url(self.index_name()),
+            url(self.index_name()),
             self.profile_match,
             self.cache().display(),
             self.extra_cdb.borrow()
