@@ -5,7 +5,8 @@
 //! message is never lost and RabbitMQ's consumer timeout (30 min) never
 //! meets a build. A message that cannot name an image is saved whole to
 //! `STATE_DIR/rejected/` and acked; nothing else stops. When the broker
-//! goes away the consumer reconnects with backoff while builds go on.
+//! goes away the consumer reconnects with backoff (RABBIT_RETRY_DELAY,
+//! doubling, at most 30 s) while builds go on.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -28,6 +29,14 @@ pub const PREFETCH: u16 = 64;
 /// The longest pause between reconnection attempts.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// RABBIT_RETRY_DELAY, doubling after each failed attempt, at most MAX_BACKOFF.
+fn reconnect_pause(first: Duration, attempt: u32) -> Duration {
+    first
+        .checked_mul(1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX))
+        .unwrap_or(MAX_BACKOFF)
+        .min(MAX_BACKOFF)
+}
+
 /// Consumes until `stop` fires. `on_consuming` is called each time a
 /// consumer is (re)established (the daemon tells systemd READY=1 the first time).
 pub async fn run(
@@ -46,7 +55,7 @@ pub async fn run(
         match consume(global, state_dir, &scheduler, &stop, &mut on_consuming, &mut attempt).await {
             Ok(()) => return,
             Err(e) => {
-                let pause = rabbit::backoff(attempt, MAX_BACKOFF);
+                let pause = reconnect_pause(global.rabbit.retry_delay, attempt);
                 tracing::warn!("RabbitMQ at {endpoint}: {e}; reconnecting to channel in {pause:?}");
                 attempt = attempt.saturating_add(1);
                 tokio::select! {
@@ -225,4 +234,18 @@ fn save_rejected(state_dir: &Path, message_id: Option<&str>, sha: &str, body: &[
     tmp.as_file().sync_all()?;
     tmp.persist(&path).map_err(|e| e.error)?;
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnect_pause_doubles_from_retry_delay_up_to_the_cap() {
+        let p: Vec<u64> = (0..7)
+            .map(|a| reconnect_pause(Duration::from_secs(2), a).as_secs())
+            .collect();
+        assert_eq!(p, vec![2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(reconnect_pause(Duration::from_secs(2), 40), MAX_BACKOFF);
+    }
 }

@@ -362,7 +362,7 @@ fn sigterm_mid_build_cancels_packer_cleanly_and_interrupted_and_waiting_jobs_run
 }
 
 #[test]
-fn broker_restarted_mid_build_build_completes_and_later_messages_are_consumed() {
+fn broker_killed_mid_build_builds_go_on_and_later_messages_are_consumed() {
     let broker = packuilon_testsupport::broker::PrivateBroker::start().unwrap();
     let site = Site::on(&broker.addr, 1, "");
     site.template("a.json", Step { sleep: 2.0, exit: 0 });
@@ -370,11 +370,14 @@ fn broker_restarted_mid_build_build_completes_and_later_messages_are_consumed() 
     d.wait_log("Consuming from queue", T);
     site.publish(&profile("inventory", "7x", "a", prod()), None);
     site.wait_runs("the build to start", T, |r| !r.is_empty());
+    // Journaled, waiting for the only worker.
+    site.publish(&profile("other", "7x", "a", prod()), None);
+    site.wait_jobs("the second job journaled", T, |j| j.len() == 2);
     broker.kill9().unwrap();
-    site.wait_jobs("the build to complete with the broker down", T, |j| succeeded(j) == 1);
+    site.wait_jobs("both builds to complete with the broker down", T, |j| succeeded(j) == 2);
     broker.launch().unwrap();
     site.publish(&profile("later", "7x", "a", prod()), None);
-    site.wait_jobs("the later message", Duration::from_secs(90), |j| succeeded(j) == 2);
+    site.wait_jobs("the later message", Duration::from_secs(90), |j| succeeded(j) == 3);
     assert!(d.count("reconnecting to channel") >= 1, "{}", d.output());
     d.stop();
 }
