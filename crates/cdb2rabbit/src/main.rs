@@ -89,8 +89,7 @@ fn run(cli: Cli) -> i32 {
         dry_run: cli.dry_run,
         lock_wait: cli.lock_wait,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")
