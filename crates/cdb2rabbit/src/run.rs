@@ -18,7 +18,8 @@
 //! Profiles that left the index are dropped from the cached index and their
 //! cached copies removed, so the cache does not grow with every retired
 //! host; if such a profile comes back it is published again (an extra build,
-//! never a missed one).
+//! never a missed one). An index with no profile at all is refused while the
+//! cache knows some: a broken web server must not make the cache forget them.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -85,6 +86,15 @@ pub enum RunError {
     Index { url: String, source: IndexError },
     #[error("{0}; cache left untouched, the next run retries")]
     Broker(PublishError),
+    /// An index without a single profile while the cache knows some: far
+    /// more likely a broken web server than a site without hosts, and
+    /// trusting it would forget every profile (then republish them all).
+    #[error("{url}: the index lists no profile but the cache knows {cached}; refusing it (remove {cache_file} to accept it)")]
+    EmptyIndex {
+        url: String,
+        cached: usize,
+        cache_file: String,
+    },
     /// A setting that cannot work (e.g. a CA_BUNDLE without certificates).
     #[error("configuration: {0}")]
     Config(FetchError),
@@ -192,6 +202,13 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
         .filter_map(|p| cached.remove(p.name()).map(|old| (p.name(), old)))
         .collect();
     let removed = cached;
+    if index.entries.is_empty() && index.problems.is_empty() && !removed.is_empty() {
+        return Err(RunError::EmptyIndex {
+            url: config.profile_info_url.to_string(),
+            cached: removed.len(),
+            cache_file: cache.index_path().display().to_string(),
+        });
+    }
 
     let mut summary = Summary::default();
     for problem in &index.problems {

@@ -647,3 +647,16 @@ fn file_urls_read_a_local_copy_of_the_profiles_directory() {
     assert_eq!(msgs[0].body, body);
     assert!(site.server.requests().is_empty(), "HTTP was used");
 }
+
+#[test]
+fn an_empty_index_is_refused_when_the_cache_knows_profiles() {
+    let site = Site::new("ci-");
+    site.put("ci-a.json", &profile("a", 1), 100);
+    site.run(&[]).assert_status(0);
+    let before = site.cache_snapshot();
+    site.remove("ci-a.json");
+    let out = site.run(&[]);
+    out.assert_status(1);
+    out.assert_logs_in_order(&["the index lists no profile but the cache knows 1; refusing it"]);
+    assert_eq!(site.cache_snapshot(), before);
+}
