@@ -178,6 +178,8 @@ impl Default for RotationConfig {
 pub struct IniFile {
     path: PathBuf,
     ini: Ini,
+    /// Keys set twice in a section: `(section, KEY, warning)`.
+    duplicates: Vec<(String, String, String)>,
 }
 
 impl fmt::Debug for IniFile {
@@ -198,15 +200,21 @@ impl IniFile {
 
     /// Parses `text` as if read from `path` (for error messages).
     pub fn parse(path: &Path, text: &str) -> Result<Self> {
+        // A UTF-8 byte order mark (editors on other systems add one) is not
+        // part of the first section header.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        let duplicates = check_lines(path, text)?;
         let opt = ini::ParseOption {
             // ConfigParser keeps quotes and backslashes as they are.
             enabled_quote: false,
             enabled_escape: false,
             ..Default::default()
         };
-        let ini = Ini::load_from_str_opt(text, opt)
+        let mut ini = Ini::load_from_str_opt(text, opt)
             .map_err(|e| ConfigError::new(path, None, None, format!("not a valid INI file: {e}")))?;
+        interpolate_all(path, &mut ini)?;
         Ok(IniFile {
+            duplicates,
             path: path.to_path_buf(),
             ini,
         })
@@ -221,6 +229,8 @@ impl IniFile {
             file: &self.path,
             name,
             props: self.ini.section(Some(name)),
+            defaults: self.ini.section(Some(DEFAULT_SECTION)),
+            duplicates: &self.duplicates,
         }
     }
 
@@ -482,11 +492,148 @@ fn positive_usize(v: &str) -> Option<usize> {
     v.parse::<usize>().ok().filter(|n| *n >= 1)
 }
 
-/// One section being read: values are trimmed; empty optional values count as unset.
+/// ConfigParser's section whose keys every other section inherits.
+const DEFAULT_SECTION: &str = "DEFAULT";
+
+/// What `ini` would get wrong silently, checked line by line: a line that is
+/// neither a section, a comment nor `key = value` (ini would glue it to the
+/// next key, swallowing a section header) and a section given twice (ini
+/// would ignore the second) are errors. A key given twice in a section is
+/// a warning, returned as `(section, key, warning)`: the last one wins, as
+/// in the original's Python 2 days and as an operator appending an
+/// override expects (ini alone would keep the first).
+fn check_lines(path: &Path, text: &str) -> Result<Vec<(String, String, String)>> {
+    let mut duplicates = Vec::new();
+    let mut sections: Vec<(String, usize)> = Vec::new();
+    let mut keys: Vec<(String, usize)> = Vec::new();
+    let mut section: Option<String> = None;
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        let t = line.trim();
+        if t.is_empty() || t.starts_with('#') || t.starts_with(';') {
+            continue;
+        }
+        if let Some(header) = t.strip_prefix('[') {
+            let Some(name) = header.strip_suffix(']') else {
+                return Err(ConfigError::new(
+                    path,
+                    None,
+                    None,
+                    format!("line {n}: unclosed section header {t:?}"),
+                ));
+            };
+            let name = name.trim().to_string();
+            if let Some((_, first)) = sections.iter().find(|(s, _)| s.eq_ignore_ascii_case(&name)) {
+                return Err(ConfigError::new(
+                    path,
+                    None,
+                    None,
+                    format!("line {n}: section [{name}] appears again (first on line {first}); merge them"),
+                ));
+            }
+            sections.push((name.clone(), n));
+            section = Some(name);
+            keys.clear();
+            continue;
+        }
+        let Some(at) = t.find(['=', ':']) else {
+            let hint = if line.starts_with([' ', '\t']) {
+                " (continuation lines are not supported)"
+            } else {
+                ""
+            };
+            return Err(ConfigError::new(
+                path,
+                section.as_deref(),
+                None,
+                format!("line {n}: {t:?} is not `KEY = value`, a [section] or a comment{hint}"),
+            ));
+        };
+        let key = t[..at].trim().to_ascii_uppercase();
+        if section.is_none() {
+            return Err(ConfigError::new(
+                path,
+                None,
+                Some(&key),
+                format!("line {n}: key before any [section] header"),
+            ));
+        }
+        let section = section.clone().unwrap_or_default();
+        if let Some((_, first)) = keys.iter().find(|(k, _)| *k == key) {
+            let warning = format!(
+                "{}: [{section}] {key}: set on line {first} and again on line {n}; the last one is used",
+                path.display()
+            );
+            duplicates.push((section, key.clone(), warning));
+        }
+        keys.push((key, n));
+    }
+    Ok(duplicates)
+}
+
+/// ConfigParser's interpolation, which the original's files were written
+/// for: `%%` is a `%` and `%(key)s` the value of `key` in the same section
+/// or `[DEFAULT]`. A `%` followed by anything else is kept as it is (the
+/// original refused such a file, so no working file depends on it).
+fn interpolate_all(path: &Path, ini: &mut Ini) -> Result<()> {
+    let snapshot = ini.clone();
+    let defaults = snapshot.section(Some(DEFAULT_SECTION));
+    for (name, props) in ini.iter_mut() {
+        let own = snapshot.section(name);
+        for (key, value) in props.iter_mut() {
+            if !value.contains('%') {
+                continue;
+            }
+            let lookup = |k: &str| {
+                own.and_then(|p| p.get_all(k).last())
+                    .or_else(|| defaults.and_then(|p| p.get_all(k).last()))
+            };
+            *value = interpolate(value, &lookup, 0)
+                .map_err(|problem| ConfigError::new(path, name, Some(&key.to_ascii_uppercase()), problem))?;
+        }
+    }
+    Ok(())
+}
+
+fn interpolate<'v>(
+    value: &str,
+    lookup: &dyn Fn(&str) -> Option<&'v str>,
+    depth: usize,
+) -> std::result::Result<String, String> {
+    // ConfigParser's limit, which also ends reference loops.
+    if depth > 10 {
+        return Err("%(...)s references nest too deep (a loop?)".to_string());
+    }
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    while let Some(at) = rest.find('%') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        if let Some(tail) = after.strip_prefix('%') {
+            out.push('%');
+            rest = tail;
+        } else if let Some(reference) = after.strip_prefix('(').and_then(|r| r.split_once(")s")) {
+            let (name, tail) = reference;
+            let target = lookup(name.trim()).ok_or_else(|| format!("%({name})s refers to a key that is not set"))?;
+            out.push_str(&interpolate(target.trim(), lookup, depth + 1)?);
+            rest = tail;
+        } else {
+            out.push('%');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// One section being read: values are trimmed; empty optional values count
+/// as unset; keys missing here come from `[DEFAULT]`, as in ConfigParser.
 struct Section<'a> {
     file: &'a Path,
     name: &'static str,
     props: Option<&'a Properties>,
+    defaults: Option<&'a Properties>,
+    duplicates: &'a [(String, String, String)],
 }
 
 impl Section<'_> {
@@ -502,7 +649,11 @@ impl Section<'_> {
     }
 
     fn raw(&self, key: &str) -> Option<&str> {
-        self.props.and_then(|p| p.get(key)).map(str::trim)
+        // The last of a key given twice wins (see `check_lines`).
+        self.props
+            .and_then(|p| p.get_all(key).last())
+            .or_else(|| self.defaults.and_then(|p| p.get_all(key).last()))
+            .map(str::trim)
     }
 
     fn required(&self, key: &str) -> Result<String> {
@@ -565,9 +716,16 @@ impl Section<'_> {
         }
     }
 
+    /// Unknown keys, and keys set twice, as warnings.
     fn unknown_keys(&self, known: &[&str], tolerated: impl Fn(&str) -> bool) -> Vec<String> {
         let Some(props) = self.props else { return Vec::new() };
-        props
+        let twice = self
+            .duplicates
+            .iter()
+            .filter(|(section, _, _)| section.eq_ignore_ascii_case(self.name))
+            .map(|(_, _, warning)| warning.clone());
+        let mut seen = Vec::new();
+        let unknown = props
             .iter()
             .map(|(k, _)| k)
             .filter(|k| !known.iter().any(|n| n.eq_ignore_ascii_case(k)) && !tolerated(k))
@@ -579,7 +737,13 @@ impl Section<'_> {
                     k.to_ascii_uppercase()
                 )
             })
-            .collect()
+            // A key set twice is listed twice by ini.
+            .filter(|w| {
+                let new = !seen.contains(w);
+                seen.push(w.clone());
+                new
+            });
+        twice.chain(unknown.collect::<Vec<_>>()).collect()
     }
 }
 
@@ -668,6 +832,103 @@ CACHE_DIR = /etc/packer-utils/profiles/
         f.cdb2rabbit(&mut w).unwrap();
         assert_eq!(w.len(), 1);
         assert!(w[0].contains("[cdb2rabbit] PROFILE_MACTH: unknown key"), "{w:?}");
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_ignored() {
+        let f = load(&format!("\u{feff}{GOOD}"));
+        assert_eq!(f.global(&mut Vec::new()).unwrap().queue, "build-queue");
+    }
+
+    #[test]
+    fn crlf_line_endings_and_tabs_are_read() {
+        let f = load(&GOOD.replace(" = ", "\t=\t").replace('\n', "\r\n"));
+        let g = f.global(&mut Vec::new()).unwrap();
+        assert_eq!(g.rabbit.password, "p#ss;word");
+        assert_eq!(
+            f.cdb2rabbit(&mut Vec::new()).unwrap().cache_dir,
+            Path::new("/etc/packer-utils/profiles/")
+        );
+    }
+
+    #[test]
+    fn default_section_values_are_inherited_as_configparser_does() {
+        let f = load(&format!(
+            "[DEFAULT]\nRABBIT_HOST = rabbit.example.org\n{}",
+            GOOD.replace("RABBIT_HOST: localhost\n", "")
+        ));
+        assert_eq!(f.global(&mut Vec::new()).unwrap().rabbit.host, "rabbit.example.org");
+    }
+
+    #[test]
+    fn percent_signs_follow_configparser_interpolation() {
+        // The original (Python's SafeConfigParser) needed `%%` for a `%`.
+        let f = load(&GOOD.replace("RABBIT_PW = p#ss;word", "RABBIT_PW = 50%%off"));
+        assert_eq!(f.global(&mut Vec::new()).unwrap().rabbit.password, "50%off");
+        let f = load(&GOOD.replace("RABBIT_PW = p#ss;word", "RABBIT_PW = a%b"));
+        assert_eq!(f.global(&mut Vec::new()).unwrap().rabbit.password, "a%b");
+        let f = load(&GOOD.replace(
+            "PROFILE_DIR_URL = http://aquilon.example.org/profiles",
+            "BASE = http://aquilon.example.org\nPROFILE_DIR_URL = %(base)s/profiles",
+        ));
+        let mut w = Vec::new();
+        let c = f.cdb2rabbit(&mut w).unwrap();
+        assert_eq!(c.profile_dir_url.as_str(), "http://aquilon.example.org/profiles/");
+        let e = IniFile::parse(
+            Path::new("/etc/packer-utils/config.ini"),
+            &GOOD.replace("RABBIT_PW = p#ss;word", "RABBIT_PW = %(nope)s"),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("[global] RABBIT_PW: %(nope)s refers to a key that is not set"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_key_given_twice_uses_the_last_and_warns_naming_both_lines() {
+        let f = load(&format!("{GOOD}CACHE_DIR = /srv/cache\n"));
+        let mut w = Vec::new();
+        assert_eq!(f.cdb2rabbit(&mut w).unwrap().cache_dir, Path::new("/srv/cache"));
+        assert_eq!(
+            w,
+            [
+                "/etc/packer-utils/config.ini: [cdb2rabbit] CACHE_DIR: set on line 15 and again on line 16; \
+              the last one is used"
+            ]
+        );
+        let mut w = Vec::new();
+        f.global(&mut w).unwrap();
+        assert!(w.is_empty(), "{w:?}");
+        let e = IniFile::parse(Path::new("c.ini"), &format!("{GOOD}[global]\nQUEUE = q\n")).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("section [global] appears again (first on line 2)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_line_without_equals_is_named_not_glued_to_the_next_section() {
+        let text = GOOD.replace("RABBIT_PW = p#ss;word\n", "RABBIT_PW = secret\n  continued\n");
+        let e = IniFile::parse(Path::new("c.ini"), &text).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "c.ini: [global] line 9: \"continued\" is not `KEY = value`, a [section] or a comment \
+             (continuation lines are not supported)"
+        );
+        let e = IniFile::parse(Path::new("c.ini"), &GOOD.replace("PROFILE_MATCH =", "PROFILE_MATCH")).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("[cdb2rabbit] line 14: \"PROFILE_MATCH\" is not `KEY = value`"),
+            "{e}"
+        );
+        let e = IniFile::parse(Path::new("c.ini"), &format!("QUEUE = q\n{GOOD}")).unwrap_err();
+        assert!(
+            e.to_string().contains("QUEUE: line 1: key before any [section] header"),
+            "{e}"
+        );
     }
 
     #[test]
