@@ -5,7 +5,7 @@
 //! on a terminal, the journal under systemd, syslog otherwise. A target that
 //! cannot be opened (no journald socket, no `/dev/log`) falls back to stderr
 //! with a warning there, so a message is never silently dropped. The level
-//! comes from `PACKUILON_LOG` (`RUST_LOG` syntax; default `info`).
+//! comes from `PACKUILON_LOG` (`RUST_LOG` syntax; default [`DEFAULT_FILTER`]).
 
 use std::fmt::Write as _;
 use std::io::IsTerminal;
@@ -38,14 +38,24 @@ impl LogTarget {
     }
 }
 
+/// The filter without `PACKUILON_LOG`/`RUST_LOG`: `info`, without the AMQP
+/// client's own lines. lapin logs every refused login or dropped
+/// connection as several ERROR lines ("Exponential backoff attempts
+/// exhausted" on the first of ten attempts); our callers already log each
+/// failure once, with the endpoint and what happens next.
+/// `PACKUILON_LOG=info,lapin=debug` brings them back.
+pub const DEFAULT_FILTER: &str = "info,lapin=off";
+
+fn default_filter() -> EnvFilter {
+    EnvFilter::try_from_env("PACKUILON_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER))
+}
+
 /// Installs the global subscriber for `ident`; returns the target in use.
 /// Call once, first thing in `main`.
 pub fn init(ident: &'static str, target: Option<LogTarget>) -> LogTarget {
-    let filter = || {
-        EnvFilter::try_from_env("PACKUILON_LOG")
-            .or_else(|_| EnvFilter::try_from_default_env())
-            .unwrap_or_else(|_| EnvFilter::new("info"))
-    };
+    let filter = default_filter;
     let wanted = target.unwrap_or_else(LogTarget::detect);
     let mut fallback_reason = None;
     match wanted {
@@ -149,5 +159,40 @@ impl Visit for LineVisitor {
         } else {
             let _ = write!(self.fields, " {}={value:?}", field.name());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// Collects the messages that pass the filter.
+    struct Collect(Arc<Mutex<Vec<String>>>);
+
+    impl<S: Subscriber> Layer<S> for Collect {
+        fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+            let mut line = LineVisitor::default();
+            event.record(&mut line);
+            self.0.lock().unwrap().push(line.finish());
+        }
+    }
+
+    #[test]
+    fn the_default_filter_keeps_our_lines_and_drops_the_amqp_clients_own() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let subscriber =
+            tracing_subscriber::registry().with(Collect(seen.clone()).with_filter(EnvFilter::new(DEFAULT_FILTER)));
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::error!(target: "lapin::io_loop", "Exponential backoff attempts exhausted, aborting recovery");
+            tracing::error!(target: "lapin", "Connection error");
+            tracing::debug!("not at info");
+            tracing::warn!("Could not connect to RabbitMQ (attempt 1/10)");
+            tracing::info!("Starting");
+        });
+        assert_eq!(
+            *seen.lock().unwrap(),
+            ["Could not connect to RabbitMQ (attempt 1/10)", "Starting"]
+        );
     }
 }
