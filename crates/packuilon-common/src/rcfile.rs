@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 pub enum RcFileError {
     #[error("{file}: cannot source with bash: {source}")]
     Spawn { file: String, source: std::io::Error },
-    #[error("{file}: sourcing it with bash failed (exit status {status}): {stderr}")]
+    #[error("{file}: sourcing it with bash failed ({status}){}", if stderr.is_empty() { String::new() } else { format!(": {stderr}") })]
     Failed {
         file: String,
         status: String,
@@ -49,7 +49,15 @@ pub fn source(file: &Path) -> Result<BTreeMap<String, String>, RcFileError> {
             .collect();
         return Err(RcFileError::Failed {
             file: name,
-            status: out.status.to_string(),
+            // ExitStatus's Display already says "exit status: N".
+            status: match (
+                out.status.code(),
+                std::os::unix::process::ExitStatusExt::signal(&out.status),
+            ) {
+                (Some(code), _) => format!("exit status {code}"),
+                (None, Some(sig)) => format!("killed by signal {sig}"),
+                (None, None) => out.status.to_string(),
+            },
             stderr: tail,
         });
     }
@@ -110,6 +118,16 @@ mod tests {
         std::fs::write(&rc, "export A=1\nfalse\n").unwrap();
         let e = source(&rc).unwrap_err().to_string();
         assert!(e.contains("bad.sh"), "{e}");
+        assert!(
+            e.ends_with("bad.sh: sourcing it with bash failed (exit status 1)"),
+            "{e}"
+        );
+        std::fs::write(&rc, "echo 'oops' >&2\nexit 3\n").unwrap();
+        let e = source(&rc).unwrap_err().to_string();
+        assert!(
+            e.ends_with("bad.sh: sourcing it with bash failed (exit status 3): oops"),
+            "{e}"
+        );
         let e = source(&dir.path().join("missing.sh")).unwrap_err().to_string();
         assert!(e.contains("missing.sh"), "{e}");
     }
