@@ -300,6 +300,17 @@ impl IniFile {
         s.require_present()?;
         let profile_info_url = s.url("PROFILE_INFO_URL")?;
         let mut profile_dir_url = s.url("PROFILE_DIR_URL")?;
+        // Profile names are joined to the path; a query (an access token,
+        // a CGI argument) or a fragment would be silently dropped.
+        if profile_dir_url.query().is_some() || profile_dir_url.fragment().is_some() {
+            return Err(s.err(
+                "PROFILE_DIR_URL",
+                format!(
+                    "a ?query or #fragment is not supported (profile names are joined to the URL's path): {:?}",
+                    profile_dir_url.as_str()
+                ),
+            ));
+        }
         // Joining "a.json" to ".../profiles" would replace the last segment.
         if !profile_dir_url.path().ends_with('/') {
             let p = format!("{}/", profile_dir_url.path());
@@ -929,6 +940,21 @@ CACHE_DIR = /etc/packer-utils/profiles/
             e.to_string().contains("QUEUE: line 1: key before any [section] header"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_query_in_profile_dir_url_is_refused_not_dropped() {
+        for url in [
+            "http://aquilon.example.org/profiles?token=abc",
+            "http://aquilon.example.org/profiles/#top",
+        ] {
+            let f = load(&GOOD.replace("http://aquilon.example.org/profiles\n", &format!("{url}\n")));
+            let e = f.cdb2rabbit(&mut Vec::new()).unwrap_err().to_string();
+            assert!(
+                e.contains("[cdb2rabbit] PROFILE_DIR_URL: a ?query or #fragment is not supported"),
+                "{e}"
+            );
+        }
     }
 
     #[test]
