@@ -179,7 +179,7 @@ pub struct IniFile {
     path: PathBuf,
     ini: Ini,
     /// Keys set twice in a section: `(section, KEY, warning)`.
-    duplicates: Vec<(String, String, String)>,
+    duplicates: Duplicates,
 }
 
 impl fmt::Debug for IniFile {
@@ -203,14 +203,14 @@ impl IniFile {
         // A UTF-8 byte order mark (editors on other systems add one) is not
         // part of the first section header.
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-        let duplicates = check_lines(path, text)?;
+        let (text, duplicates) = check_lines(path, text)?;
         let opt = ini::ParseOption {
             // ConfigParser keeps quotes and backslashes as they are.
             enabled_quote: false,
             enabled_escape: false,
             ..Default::default()
         };
-        let mut ini = Ini::load_from_str_opt(text, opt)
+        let mut ini = Ini::load_from_str_opt(&text, opt)
             .map_err(|e| ConfigError::new(path, None, None, format!("not a valid INI file: {e}")))?;
         interpolate_all(path, &mut ini)?;
         Ok(IniFile {
@@ -506,6 +506,9 @@ fn positive_usize(v: &str) -> Option<usize> {
 /// ConfigParser's section whose keys every other section inherits.
 const DEFAULT_SECTION: &str = "DEFAULT";
 
+/// Keys set twice, per section: `(section, KEY, warning)`.
+type Duplicates = Vec<(String, String, String)>;
+
 /// What `ini` would get wrong silently, checked line by line: a line that is
 /// neither a section, a comment nor `key = value` (ini would glue it to the
 /// next key, swallowing a section header) and a section given twice (ini
@@ -513,8 +516,13 @@ const DEFAULT_SECTION: &str = "DEFAULT";
 /// a warning, returned as `(section, key, warning)`: the last one wins, as
 /// in the original's Python 2 days and as an operator appending an
 /// override expects (ini alone would keep the first).
-fn check_lines(path: &Path, text: &str) -> Result<Vec<(String, String, String)>> {
+///
+/// Returns the text for ini with comment lines blanked and lines
+/// left-trimmed: ini takes an indented comment for the start of a key and
+/// glues it to the next line.
+fn check_lines(path: &Path, text: &str) -> Result<(String, Duplicates)> {
     let mut duplicates = Vec::new();
+    let mut normalised = String::with_capacity(text.len());
     let mut sections: Vec<(String, usize)> = Vec::new();
     let mut keys: Vec<(String, usize)> = Vec::new();
     let mut section: Option<String> = None;
@@ -522,10 +530,12 @@ fn check_lines(path: &Path, text: &str) -> Result<Vec<(String, String, String)>>
         let n = i + 1;
         let t = line.trim();
         if t.is_empty() || t.starts_with('#') || t.starts_with(';') {
+            normalised.push('\n');
             continue;
         }
         if let Some(header) = t.strip_prefix('[') {
-            let Some(name) = header.strip_suffix(']') else {
+            // As ConfigParser: the header runs to the last `]` (`[global] ; x`).
+            let Some(name) = header.rfind(']').map(|end| &header[..end]) else {
                 return Err(ConfigError::new(
                     path,
                     None,
@@ -542,11 +552,14 @@ fn check_lines(path: &Path, text: &str) -> Result<Vec<(String, String, String)>>
                     format!("line {n}: section [{name}] appears again (first on line {first}); merge them"),
                 ));
             }
+            normalised.push_str(&format!("[{name}]\n"));
             sections.push((name.clone(), n));
             section = Some(name);
             keys.clear();
             continue;
         }
+        normalised.push_str(line.trim_start());
+        normalised.push('\n');
         let Some(at) = t.find(['=', ':']) else {
             let hint = if line.starts_with([' ', '\t']) {
                 " (continuation lines are not supported)"
@@ -579,7 +592,7 @@ fn check_lines(path: &Path, text: &str) -> Result<Vec<(String, String, String)>>
         }
         keys.push((key, n));
     }
-    Ok(duplicates)
+    Ok((normalised, duplicates))
 }
 
 /// ConfigParser's interpolation, which the original's files were written
@@ -940,6 +953,18 @@ CACHE_DIR = /etc/packer-utils/profiles/
             e.to_string().contains("QUEUE: line 1: key before any [section] header"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn indented_comments_do_not_swallow_the_next_key() {
+        let f = load(
+            &GOOD
+                .replace("; comment\n", "  ; indented comment\n\t# tab-indented comment\n")
+                .replace("[global]\n", "[global]   ; the queue and the broker\n"),
+        );
+        let mut w = Vec::new();
+        let g = f.global(&mut w).unwrap();
+        assert_eq!((g.rabbit.password.as_str(), w.len()), ("p#ss;word", 0));
     }
 
     #[test]
