@@ -3,8 +3,9 @@
 //! crashed run left, run again what was interrupted, waiting or running),
 //! start THREAD_COUNT workers and the consumer, tell systemd READY=1 once
 //! consuming. SIGHUP re-reads the catalog. SIGTERM/SIGINT: stop consuming,
-//! SIGTERM to every packer group, wait up to STOP_TIMEOUT, record unfinished
-//! jobs as interrupted (they run at the next start), exit 0.
+//! SIGINT to every packer group (packer's clean cancel, see [`crate::runner`]),
+//! wait up to STOP_TIMEOUT, record unfinished jobs as interrupted (they run
+//! at the next start), exit 0.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -283,7 +284,7 @@ pub async fn run(config_file: &Path) -> Result<(), DaemonError> {
         }
     };
     tracing::info!(
-        "{signal_name} received: stopping (builds get SIGTERM; waiting up to {:?})",
+        "{signal_name} received: stopping (packer builds are interrupted; waiting up to {:?})",
         cfg.stop_timeout
     );
     notify(&[sd_notify::NotifyState::Stopping]);

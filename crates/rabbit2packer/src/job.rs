@@ -25,7 +25,7 @@ pub struct Context {
     pub journal: Arc<Journal>,
     pub catalog: Arc<LiveCatalog>,
     pub spawner: Spawner,
-    /// Fires when the daemon stops: running builds get SIGTERM.
+    /// Fires when the daemon stops: running builds are interrupted.
     pub stop: CancellationToken,
     pub boot_id: String,
     /// Pauses between rotation attempts (a few, growing).
@@ -269,14 +269,14 @@ async fn build_template(
         }
         Ok(o) if o.timed_out => {
             let e = format!(
-                "build timed out after {} (BUILD_TIMEOUT); packer was stopped",
+                "build timed out after {} (BUILD_TIMEOUT); packer was interrupted",
                 humanize(cfg.build_timeout)
             );
             log.note(&e);
             (o.exit_code, Some(e), false)
         }
         Ok(o) if o.cancelled => {
-            log.note("rabbit2packer is stopping: packer was sent SIGTERM");
+            log.note("rabbit2packer is stopping: packer was interrupted (SIGINT to its process group)");
             (
                 o.exit_code,
                 Some("interrupted: rabbit2packer stopped".to_string()),

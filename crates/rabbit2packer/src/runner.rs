@@ -2,14 +2,19 @@
 //! no shell in between, as the leader of its own process group, so that a
 //! stop or a timeout reaches packer and every plugin and script it started.
 //!
-//! - Stop (SIGTERM to the daemon) or BUILD_TIMEOUT: SIGTERM to the group
-//!   (packer then cleans up what it created in the cloud), SIGKILL to the
-//!   group after the grace period.
+//! - Stop (SIGTERM to the daemon) or BUILD_TIMEOUT: SIGINT to the group, as
+//!   Ctrl-C at a terminal would, then SIGKILL to the group after the grace
+//!   period. Measured with packer 1.6: SIGINT to the group gives "Cleanly
+//!   cancelled builds after being interrupted." every time (its plugins
+//!   ignore SIGINT and stay alive to clean up what they created in the
+//!   cloud; scripts die); SIGTERM to the group kills the plugins and scripts
+//!   first and the build merely errors (cloud resources may be left);
+//!   SIGTERM to packer alone cancels cleanly but leaves its scripts running.
 //! - The daemon killed with `kill -9`: packer gets SIGTERM through
 //!   `PR_SET_PDEATHSIG`. That signal follows the *thread* that forked, so
 //!   every packer is forked by one dedicated thread that lives as long as
 //!   the daemon (never tokio's blocking pool, whose threads exit when
-//!   idle). Each group id is also in the journal; the next start kills any
+//!   idle). Each group id is also in the journal; the next start stops any
 //!   group still alive ([`kill_leftover_group`]).
 //! - Exit is awaited through a pidfd (no SIGCHLD polling, no sleeps).
 
@@ -173,7 +178,8 @@ pub enum Stream {
 
 /// Runs packer to the end. `on_start` gets the group id once it runs;
 /// `on_line` gets each output line. After BUILD_TIMEOUT or
-/// when `stop` fires, the group gets SIGTERM, then SIGKILL after `grace`.
+/// when `stop` fires, the group gets SIGINT (packer cancels and cleans up),
+/// then SIGKILL after `grace`.
 pub async fn run<S, L>(
     spawner: &Spawner,
     cmd: PackerCommand,
@@ -220,12 +226,12 @@ where
             _ = &mut exited => break,
             _ = &mut deadline, if !timed_out && !cancelled => {
                 timed_out = true;
-                signal_group(pgid, libc::SIGTERM);
+                signal_group(pgid, libc::SIGINT);
                 kill_at = Some(Box::pin(tokio::time::sleep(grace)));
             }
             _ = stop.cancelled(), if !timed_out && !cancelled => {
                 cancelled = true;
-                signal_group(pgid, libc::SIGTERM);
+                signal_group(pgid, libc::SIGINT);
                 kill_at = Some(Box::pin(tokio::time::sleep(grace)));
             }
             _ = async { kill_at.as_mut().expect("guarded").await }, if kill_at.is_some() => {
@@ -293,7 +299,7 @@ pub fn group_members(pgid: Pgid) -> Vec<libc::pid_t> {
 }
 
 /// At start-up: a packer group recorded by a daemon that died (same boot)
-/// and still alive gets SIGTERM, then SIGKILL after `grace`. Returns how
+/// and still alive gets SIGINT (as a stop would), then SIGKILL after `grace`. Returns how
 /// many processes were found.
 pub async fn kill_leftover_group(pgid: Pgid, recorded_boot: &str, grace: Duration) -> usize {
     if pgid <= 1 || recorded_boot != boot_id() || pgid == std::process::id() as Pgid {
@@ -303,7 +309,7 @@ pub async fn kill_leftover_group(pgid: Pgid, recorded_boot: &str, grace: Duratio
     if members.is_empty() {
         return 0;
     }
-    signal_group(pgid, libc::SIGTERM);
+    signal_group(pgid, libc::SIGINT);
     // Wait for each member's exit through its pidfd, bounded by the grace period.
     let fds: Vec<AsyncFd<PidFd>> = members
         .iter()
@@ -369,10 +375,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn timeout_terms_then_kills_the_whole_group() {
+    async fn timeout_interrupts_then_kills_the_whole_group() {
         let dir = tempfile::tempdir().unwrap();
-        // Ignores SIGTERM, and leaves a child in the group.
-        let p = script(dir.path(), "trap '' TERM; sleep 60 & echo started; wait");
+        // Ignores SIGINT, and leaves a child in the group.
+        let p = script(dir.path(), "trap '' INT; sleep 60 & echo started; wait");
         let spawner = Spawner::start().unwrap();
         let mut group = 0;
         let t0 = std::time::Instant::now();

@@ -50,6 +50,8 @@ pub struct Site {
     pub templates: PathBuf,
     pub map: PathBuf,
     pub images: PathBuf,
+    /// Log lines of the daemon started last (shown when a wait times out).
+    last_daemon: Mutex<Option<Arc<Mutex<Vec<String>>>>>,
 }
 
 /// How a template's shell-local step behaves.
@@ -79,6 +81,7 @@ impl Site {
             images: d.join("source-images.json"),
             queue,
             dir,
+            last_daemon: Mutex::new(None),
         };
         for p in [&site.out, &site.templates] {
             std::fs::create_dir_all(p).unwrap();
@@ -155,11 +158,20 @@ impl Site {
     }
 
     pub fn start(&self) -> Daemon {
-        Daemon::start(&self.config, &[])
+        self.start_with_env(&[])
     }
 
     pub fn start_with_env(&self, env: &[(&str, &str)]) -> Daemon {
-        Daemon::start(&self.config, env)
+        let d = Daemon::start(&self.config, env);
+        *self.last_daemon.lock().unwrap() = Some(d.lines.clone());
+        d
+    }
+
+    fn daemon_said(&self) -> String {
+        match &*self.last_daemon.lock().unwrap() {
+            Some(lines) => lines.lock().unwrap().join("\n"),
+            None => "(no daemon started)".into(),
+        }
     }
 
     pub fn publish(&self, body: &Value, message_id: Option<&str>) {
@@ -183,18 +195,18 @@ impl Site {
     pub fn wait_jobs(&self, what: &str, timeout: Duration, f: impl Fn(&[JobRecord]) -> bool) -> Vec<JobRecord> {
         let deadline = Instant::now() + timeout;
         loop {
-            let jobs = if self.state_dir.join(rabbit2packer::journal::FILE_NAME).exists() {
-                Journal::open_read_only(&self.state_dir)
-                    .and_then(|j| j.all())
-                    .unwrap_or_default()
-            } else {
-                Vec::new()
+            let (jobs, problem) = match Journal::open_read_only(&self.state_dir).and_then(|j| j.all()) {
+                Ok(jobs) => (jobs, None),
+                Err(e) => (Vec::new(), Some(e.to_string())),
             };
             if f(&jobs) {
                 return jobs;
             }
             if Instant::now() > deadline {
-                panic!("timed out waiting for {what}; journal: {jobs:#?}");
+                panic!(
+                    "timed out waiting for {what}; journal ({problem:?}): {jobs:#?}\ndaemon said:\n{}",
+                    self.daemon_said()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -221,7 +233,10 @@ impl Site {
                 return runs;
             }
             if Instant::now() > deadline {
-                panic!("timed out waiting for {what}; runs: {runs:?}");
+                panic!(
+                    "timed out waiting for {what}; runs: {runs:?}\ndaemon said:\n{}",
+                    self.daemon_said()
+                );
             }
             std::thread::sleep(Duration::from_millis(25));
         }
