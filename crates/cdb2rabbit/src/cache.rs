@@ -142,22 +142,33 @@ impl CacheDir {
 
     /// Replaces the cached copy of a profile (atomic, file fsynced). Returns
     /// the directory that holds it, to be passed to [`CacheDir::sync_dirs`].
+    ///
+    /// Once a copy exists, the new one is written into its shadow file
+    /// (`.<file>.cdb2rabbit-prev`, which then holds the previous copy) and
+    /// the two are swapped with `renameat2(RENAME_EXCHANGE)`: as atomic as a
+    /// rename, but no inode is created or freed per write (ext4 makes
+    /// creating files right after freeing many others slow).
     pub fn write_profile(&self, name: &str, body: &[u8]) -> Result<PathBuf, CacheError> {
         let path = self.profile_path(name);
         let parent = path.parent().unwrap_or(&self.root).to_path_buf();
         std::fs::create_dir_all(&parent).map_err(io(&parent))?;
-        self.write_atomic(&path, false, |w| w.write_all(body))?;
+        if !exchange::write(&path, &shadow_path(&path), body)? {
+            self.write_atomic(&path, false, |w| w.write_all(body))?;
+        }
         Ok(parent)
     }
 
     /// Removes the cached copy of a profile that left the index (missing is fine).
     pub fn remove_profile(&self, name: &str) -> Result<(), CacheError> {
         let path = self.profile_path(name);
-        match std::fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(io(&path)(e)),
+        for p in [shadow_path(&path), path] {
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(&p)(e)),
+            }
         }
+        Ok(())
     }
 
     /// Makes the renames of profile copies durable: fsyncs each directory
@@ -209,6 +220,81 @@ impl CacheDir {
     }
 }
 
+/// The shadow of a cached copy: a dot file, so no profile name can be it.
+fn shadow_path(path: &Path) -> PathBuf {
+    let file = path.file_name().map(|f| f.to_string_lossy()).unwrap_or_default();
+    path.with_file_name(format!(".{file}.cdb2rabbit-prev"))
+}
+
+/// Writing a copy by swapping it with its shadow (Linux, glibc).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+mod exchange {
+    use std::ffi::CString;
+    use std::fs::OpenOptions;
+    use std::io::Write;
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::Path;
+
+    use super::{io, set_mode, CacheError};
+
+    /// `Ok(false)`: not done (no copy yet, or the filesystem cannot swap); write it the plain way.
+    pub fn write(path: &Path, shadow: &Path, body: &[u8]) -> Result<bool, CacheError> {
+        if !path.exists() {
+            return Ok(false);
+        }
+        // A crash while the shadow is rewritten leaves the copy itself intact.
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(shadow)
+            .map_err(io(shadow))?;
+        set_mode(&f, 0o644).map_err(io(shadow))?;
+        f.write_all(body).map_err(io(shadow))?;
+        f.sync_all().map_err(io(shadow))?;
+        drop(f);
+        let (from, to) = match (
+            CString::new(shadow.as_os_str().as_bytes()),
+            CString::new(path.as_os_str().as_bytes()),
+        ) {
+            (Ok(a), Ok(b)) => (a, b),
+            _ => return Ok(false),
+        };
+        // SAFETY: both are NUL-terminated paths that outlive the call.
+        let rc = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                from.as_ptr(),
+                libc::AT_FDCWD,
+                to.as_ptr(),
+                libc::RENAME_EXCHANGE,
+            )
+        };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let err = std::io::Error::last_os_error();
+        match err.raw_os_error() {
+            // No exchange on this filesystem: the shadow is a complete, fsynced
+            // new copy, so a plain rename over the old one is just as safe.
+            Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => {
+                std::fs::rename(shadow, path).map_err(io(path))?;
+                Ok(true)
+            }
+            _ => Err(io(path)(err)),
+        }
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+mod exchange {
+    use std::path::Path;
+
+    pub fn write(_: &Path, _: &Path, _: &[u8]) -> Result<bool, super::CacheError> {
+        Ok(false)
+    }
+}
+
 #[cfg(unix)]
 fn set_mode(file: &File, mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
@@ -239,6 +325,19 @@ mod tests {
         // No temp files left behind.
         let left: Vec<_> = std::fs::read_dir(dir.path().join("ns/sub")).unwrap().collect();
         assert!(left.is_empty());
+    }
+
+    #[test]
+    fn rewriting_a_copy_swaps_it_with_its_shadow() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CacheDir::new(dir.path());
+        cache.write_profile("a.json", b"{\"v\": 1}").unwrap();
+        cache.write_profile("a.json", b"{\"v\": 2}").unwrap();
+        cache.write_profile("a.json", b"{\"v\": 3}").unwrap();
+        assert_eq!(cache.read_profile("a.json").unwrap().unwrap(), b"{\"v\": 3}");
+        cache.remove_profile("a.json").unwrap();
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 
     #[test]
