@@ -3,8 +3,6 @@
 
 mod support;
 
-use std::time::Duration;
-
 use rabbit2packer::journal::JobState;
 use serde_json::{json, Value};
 use support::*;
@@ -306,9 +304,7 @@ fn kill_9_mid_build_then_restart_builds_it_once_more_and_leaves_no_packer() {
     d.signal(libc::SIGKILL);
     drop(d);
     let mut d = site.start();
-    wait_for("the old packer group to be gone", Duration::from_secs(20), || {
-        !group_alive(pgid)
-    });
+    wait_for("the old packer group to be gone", T, || !group_alive(pgid));
     let jobs = site.wait_jobs("the rebuild", T, |j| succeeded(j) == 1);
     assert_eq!(jobs.len(), 1);
     assert_eq!(jobs[0].attempts, 2);
@@ -377,7 +373,7 @@ fn broker_killed_mid_build_builds_go_on_and_later_messages_are_consumed() {
     site.wait_jobs("both builds to complete with the broker down", T, |j| succeeded(j) == 2);
     broker.launch().unwrap();
     site.publish(&profile("later", "7x", "a", prod()), None);
-    site.wait_jobs("the later message", Duration::from_secs(90), |j| succeeded(j) == 3);
+    site.wait_jobs("the later message", T, |j| succeeded(j) == 3);
     assert!(d.count("reconnecting to channel") >= 1, "{}", d.output());
     d.stop();
 }
@@ -501,9 +497,7 @@ fn build_timeout_stops_packer_and_fails_the_job_naming_the_timeout() {
     site.template("a.json", Step { sleep: 30.0, exit: 0 });
     let mut d = site.start();
     site.publish(&profile("inventory", "7x", "a", prod()), None);
-    let jobs = site.wait_jobs("the timed-out build", Duration::from_secs(30), |j| {
-        in_state(j, JobState::Failed).len() == 1
-    });
+    let jobs = site.wait_jobs("the timed-out build", T, |j| in_state(j, JobState::Failed).len() == 1);
     let err = jobs[0].error.as_deref().unwrap();
     assert!(err.contains("BUILD_TIMEOUT"), "{err}");
     assert!(jobs[0].builds[0].exit_code.is_some());
