@@ -170,8 +170,10 @@ impl Session {
         let issued_at = time("issued_at").unwrap_or_else(Utc::now);
         let image_url = match &self.creds.image_url {
             Some(u) => u.clone(),
+            // The token was issued (HTTP 201): naming that status next to a
+            // catalog problem reads like a failed login.
             None => image_endpoint(&token["catalog"], &self.creds.interface, self.creds.region.as_deref())
-                .map_err(|m| bad(&m))?,
+                .map_err(|m| RotateError::Other(format!("Keystone token from {url}: {m}")))?,
         };
         Ok(Token {
             value: Secret::new(value),

@@ -89,6 +89,8 @@ async fn os_image_url_and_os_region_name_choose_the_glance_used() {
             .contains("no image endpoint with interface public in region NoSuchRegion"),
         "{err}"
     );
+    // Keystone issued the token: its 201 is not what went wrong.
+    assert!(!err.to_string().contains("HTTP 201"), "{err}");
 }
 
 #[tokio::test]
