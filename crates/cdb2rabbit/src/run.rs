@@ -43,7 +43,7 @@ use crate::publish::{Confirmed, PublishError, Publisher};
 const MAX_IN_FLIGHT: usize = 256;
 /// Cached copies written (and fsynced) at once: enough for the disk to batch
 /// the fsyncs, few enough not to flood the blocking pool.
-const WRITERS: usize = 4;
+const WRITERS: usize = 16;
 
 /// Which profiles a run publishes.
 #[derive(Debug, Clone, PartialEq, Eq)]
