@@ -5,11 +5,13 @@
 //!   a profile's mtime there advances only once the profile was processed
 //!   (published and confirmed, or found unchanged).
 //! - `<name>`: the last published JSON of each profile (namespaced names are
-//!   subdirectories), to tell a real change from a recompile.
+//!   subdirectories), to tell a real change from a recompile; beside it
+//!   `.<file>.cdb2rabbit-prev`, the copy before that (see [`CacheDir::write_profile`]).
 //! - `.cdb2rabbit.lock`: the exclusive run lock (cron, the timer and the
 //!   cdispd hook may overlap).
 //!
-//! Writes are atomic: temp file in the same directory, fsync, rename. The
+//! Writes are atomic: temp file in the same directory, fsync, rename (or,
+//! for a profile copy that exists, an atomic swap with its shadow). The
 //! index also fsyncs its directory after the rename. Profile copies are
 //! written concurrently and their directories fsynced once, by
 //! [`CacheDir::sync_dirs`], before the index is committed: the index must
