@@ -6,7 +6,7 @@
 //! - [`fetch`]: HTTP(S) downloads with limits, gzip and bounded concurrency;
 //! - [`publish`]: confirmed, mandatory, persistent publishes;
 //! - [`cache`]: CACHE_DIR (cached index, cached profiles, run lock), atomic writes;
-//! - [`run`]: one run, and the rule that only confirmed publishes advance the cache.
+//! - [`run`](mod@run): one run, and the rule that only confirmed publishes advance the cache.
 //!
 //! Not here: building images (rabbit2packer) or anything about Glance.
 
