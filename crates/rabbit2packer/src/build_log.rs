@@ -9,7 +9,7 @@
 //! `\n` restored), and the artifact lines give the image ID.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// One artifact Packer reported.
@@ -88,7 +88,9 @@ pub fn unescape(field: &str) -> String {
 /// The log file of one template build, being written.
 pub struct BuildLog {
     path: PathBuf,
-    out: BufWriter<File>,
+    /// Unbuffered: each line is one write(2), so the log is readable during
+    /// the build and keeps what packer printed if the daemon is killed.
+    out: File,
     summary: Summary,
     pending_artifact: Vec<(usize, Artifact)>,
     log_dir: PathBuf,
@@ -110,8 +112,9 @@ fn epoch_now() -> u64 {
 }
 
 impl BuildLog {
-    /// Creates `LOG_DIR/<image key>.<template>.<epoch>.log`. Two builds in
-    /// the same second get consecutive epochs rather than one file.
+    /// Creates `LOG_DIR/<image key>.<template>.<epoch>.log` and points
+    /// `<image key>.<template>.log` at it. Two builds in the same second get
+    /// consecutive epochs rather than one file.
     pub fn create(log_dir: &Path, image_key: &str, template: &str, keep: usize) -> std::io::Result<BuildLog> {
         let stem = format!("{image_key}.{template}");
         let mut epoch = epoch_now();
@@ -119,15 +122,17 @@ impl BuildLog {
             let path = log_dir.join(format!("{stem}.{epoch}.log"));
             match File::options().write(true).create_new(true).open(&path) {
                 Ok(file) => {
+                    // Operators follow the link while the build runs, not after.
+                    update_link(log_dir, &stem, &path)?;
                     return Ok(BuildLog {
                         path,
-                        out: BufWriter::new(file),
+                        out: file,
                         summary: Summary::default(),
                         pending_artifact: Vec::new(),
                         log_dir: log_dir.to_path_buf(),
                         stem,
                         keep: keep.max(1),
-                    })
+                    });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => epoch += 1,
                 Err(e) => return Err(e),
@@ -197,11 +202,13 @@ impl BuildLog {
 
     fn write(&mut self, text: &str) {
         // A full disk must not stop the build; the journal still gets the result.
-        let _ = writeln!(self.out, "{text}");
+        let mut line = String::with_capacity(text.len() + 1);
+        line.push_str(text);
+        line.push('\n');
+        let _ = self.out.write_all(line.as_bytes());
     }
 
-    /// Writes the trailer, makes `<image key>.<template>.log` point here,
-    /// prunes old logs, and returns what was learned.
+    /// Writes the trailer, prunes old logs, and returns what was learned.
     pub fn finish(mut self, exit_code: i32) -> std::io::Result<Summary> {
         // An artifact without its `end` line still counts.
         for (_, a) in self.pending_artifact.drain(..) {
@@ -212,9 +219,7 @@ impl BuildLog {
             "rabbit2packer: Build finished at {} (epoch) with exit code {exit_code}",
             epoch_now()
         )?;
-        self.out.flush()?;
-        self.out.get_ref().sync_all()?;
-        update_link(&self.log_dir, &self.stem, &self.path)?;
+        self.out.sync_all()?;
         prune(&self.log_dir, &self.stem, self.keep)?;
         self.summary.path = self.path.clone();
         Ok(self.summary)
@@ -319,6 +324,24 @@ mod tests {
             std::fs::read_link(link).unwrap(),
             PathBuf::from(path.file_name().unwrap())
         );
+    }
+
+    #[test]
+    fn each_line_is_readable_through_the_link_before_the_build_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("k.t.json.log");
+        let old = BuildLog::create(dir.path(), "k", "t.json", 30).unwrap();
+        let old_path = old.path().to_path_buf();
+        old.finish(0).unwrap();
+        let mut log = BuildLog::create(dir.path(), "k", "t.json", 30).unwrap();
+        assert_ne!(log.path(), old_path);
+        assert_eq!(dir.path().join(std::fs::read_link(&link).unwrap()), log.path());
+        log.packer_line("1795596345,,ui,say,==> null: first line");
+        assert_eq!(std::fs::read_to_string(&link).unwrap(), "==> null: first line\n");
+        // Dropped without finish (as a killed daemon would): what was written stays.
+        let path = log.path().to_path_buf();
+        drop(log);
+        assert_eq!(std::fs::read_to_string(path).unwrap(), "==> null: first line\n");
     }
 
     #[test]

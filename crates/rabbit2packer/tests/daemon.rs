@@ -684,3 +684,46 @@ fn an_error_inside_a_job_fails_that_job_alone_and_the_worker_goes_on() {
     site.wait_jobs("the next job", T, |j| succeeded(j) == 1);
     d.stop();
 }
+
+#[test]
+fn build_log_is_written_as_packer_prints_and_survives_kill_9() {
+    let site = Site::new(1, "");
+    site.template("a.json", Step { sleep: 0.1, exit: 0 });
+    let d = site.start();
+    site.publish(&profile("inventory", "7x", "v1", prod()), None);
+    site.wait_jobs("the first build", T, |j| succeeded(j) == 1);
+    // The second build sleeps: its log must fill while it runs.
+    site.template("a.json", Step { sleep: 30.0, exit: 0 });
+    site.publish(&profile("inventory", "7x", "v2", prod()), None);
+    let runs = site.wait_runs("the second build to start", T, |r| {
+        r.iter().filter(|r| r[0] == "start").count() == 2
+    });
+    let pgid: i32 = runs.last().unwrap()[4].parse().unwrap();
+    let jobs = site.wait_jobs("the second build's log path", T, |j| {
+        j.len() == 2 && j[1].builds.first().is_some_and(|b| b.log_path.is_some())
+    });
+    let new_log = std::path::PathBuf::from(jobs[1].builds[0].log_path.clone().unwrap());
+    let link = site.log_dir.join("inventory-sl7x-x86_64.a.json.log");
+    // Through the link operators follow, the provisioner's first line shows before the build ends.
+    wait_for(
+        "the link to the new log, holding the provisioner's first line",
+        T,
+        || {
+            std::fs::read_link(&link).is_ok_and(|l| site.log_dir.join(l) == new_log)
+                && std::fs::read_to_string(&link).is_ok_and(|t| t.contains("building, with a comma"))
+        },
+    );
+    assert!(group_alive(pgid), "the build was still running");
+
+    d.signal(libc::SIGKILL);
+    drop(d);
+    let text = std::fs::read_to_string(&new_log).unwrap();
+    assert!(text.contains("building, with a comma"), "{text}");
+
+    // The restart rebuilds the job and leaves nothing behind.
+    site.template("a.json", Step { sleep: 0.1, exit: 0 });
+    let mut d = site.start();
+    wait_for("the old packer group to be gone", T, || !group_alive(pgid));
+    site.wait_jobs("the rebuild", T, |j| succeeded(j) == 2);
+    d.stop();
+}
