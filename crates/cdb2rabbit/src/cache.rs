@@ -21,7 +21,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use crate::index::{self, Index, IndexError};
@@ -53,6 +53,9 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CacheError + '_ {
 #[derive(Debug, Clone)]
 pub struct CacheDir {
     root: PathBuf,
+    /// Renames into the cache, one at a time: concurrent writers otherwise
+    /// spin in the kernel on the directory lock (the fsyncs stay parallel).
+    renames: Arc<Mutex<()>>,
 }
 
 /// Held while a run works on the cache; released when dropped (or when the
@@ -64,7 +67,10 @@ pub struct RunLock {
 
 impl CacheDir {
     pub fn new(root: impl Into<PathBuf>) -> CacheDir {
-        CacheDir { root: root.into() }
+        CacheDir {
+            root: root.into(),
+            renames: Arc::new(Mutex::new(())),
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -154,7 +160,7 @@ impl CacheDir {
         let path = self.profile_path(name);
         let parent = path.parent().unwrap_or(&self.root).to_path_buf();
         std::fs::create_dir_all(&parent).map_err(io(&parent))?;
-        if !exchange::write(&path, &shadow_path(&path), body)? {
+        if !exchange::write(&path, &shadow_path(&path), body, &self.renames)? {
             self.write_atomic(&path, false, |w| w.write_all(body))?;
         }
         Ok(parent)
@@ -214,7 +220,10 @@ impl CacheDir {
         tmp.as_file().sync_all().map_err(io(tmp.path()))?;
         // NamedTempFile is created 0600; the cache is as readable as the original's.
         set_mode(tmp.as_file(), 0o644).map_err(io(tmp.path()))?;
-        tmp.persist(path).map_err(|e| io(path)(e.error))?;
+        {
+            let _one_at_a_time = self.renames.lock().unwrap_or_else(|e| e.into_inner());
+            tmp.persist(path).map_err(|e| io(path)(e.error))?;
+        }
         if sync_dir {
             File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
         }
@@ -236,11 +245,12 @@ mod exchange {
     use std::io::Write;
     use std::os::unix::ffi::OsStrExt;
     use std::path::Path;
+    use std::sync::Mutex;
 
     use super::{io, set_mode, CacheError};
 
     /// `Ok(false)`: not done (no copy yet, or the filesystem cannot swap); write it the plain way.
-    pub fn write(path: &Path, shadow: &Path, body: &[u8]) -> Result<bool, CacheError> {
+    pub fn write(path: &Path, shadow: &Path, body: &[u8], renames: &Mutex<()>) -> Result<bool, CacheError> {
         if !path.exists() {
             return Ok(false);
         }
@@ -262,6 +272,7 @@ mod exchange {
             (Ok(a), Ok(b)) => (a, b),
             _ => return Ok(false),
         };
+        let _one_at_a_time = renames.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: both are NUL-terminated paths that outlive the call.
         let rc = unsafe {
             libc::renameat2(
@@ -292,7 +303,7 @@ mod exchange {
 mod exchange {
     use std::path::Path;
 
-    pub fn write(_: &Path, _: &Path, _: &[u8]) -> Result<bool, super::CacheError> {
+    pub fn write(_: &Path, _: &Path, _: &[u8], _: &std::sync::Mutex<()>) -> Result<bool, super::CacheError> {
         Ok(false)
     }
 }
