@@ -37,26 +37,41 @@ fn reconnect_pause(first: Duration, attempt: u32) -> Duration {
         .min(MAX_BACKOFF)
 }
 
-/// Consumes until `stop` fires. `on_consuming` is called each time a
-/// consumer is (re)established (the daemon tells systemd READY=1 the first time).
-pub async fn run(
-    global: &GlobalConfig,
-    state_dir: &Path,
-    scheduler: Arc<Scheduler>,
-    stop: CancellationToken,
-    mut on_consuming: impl FnMut(),
-) {
+/// Why consuming stopped: the broker could not be reached at all, or a
+/// connection that worked went wrong.
+enum Lost {
+    Unreachable(lapin::Error),
+    Broken(lapin::Error),
+}
+
+impl From<lapin::Error> for Lost {
+    fn from(e: lapin::Error) -> Lost {
+        Lost::Broken(e)
+    }
+}
+
+/// Consumes until `stop` fires, reconnecting with backoff. The daemon runs
+/// journaled jobs meanwhile: it does not wait for this to connect.
+pub async fn run(global: &GlobalConfig, state_dir: &Path, scheduler: Arc<Scheduler>, stop: CancellationToken) {
     let endpoint = rabbit::endpoint(&global.rabbit);
     let mut attempt = 0u32;
     loop {
         if stop.is_cancelled() {
             return;
         }
-        match consume(global, state_dir, &scheduler, &stop, &mut on_consuming, &mut attempt).await {
+        match consume(global, state_dir, &scheduler, &stop, &mut attempt).await {
             Ok(()) => return,
-            Err(e) => {
+            Err(lost) => {
                 let pause = reconnect_pause(global.rabbit.retry_delay, attempt);
-                tracing::warn!("RabbitMQ at {endpoint}: {e}; reconnecting to channel in {pause:?}");
+                match lost {
+                    Lost::Unreachable(e) => tracing::warn!(
+                        "RabbitMQ at {endpoint} unreachable: {e}; no new requests until it is back \
+                         (journaled jobs still build); reconnecting to channel in {pause:?}"
+                    ),
+                    Lost::Broken(e) => {
+                        tracing::warn!("RabbitMQ at {endpoint}: {e}; reconnecting to channel in {pause:?}")
+                    }
+                }
                 attempt = attempt.saturating_add(1);
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
@@ -72,14 +87,13 @@ async fn consume(
     state_dir: &Path,
     scheduler: &Scheduler,
     stop: &CancellationToken,
-    on_consuming: &mut impl FnMut(),
     attempt: &mut u32,
-) -> Result<(), lapin::Error> {
+) -> Result<(), Lost> {
     let conn = tokio::select! {
-        c = rabbit::connect_once(&global.rabbit, "rabbit2packer") => c.map_err(|e| match e {
+        c = rabbit::connect_once(&global.rabbit, "rabbit2packer") => c.map_err(|e| Lost::Unreachable(match e {
             rabbit::RabbitError::Amqp { source, .. } => source,
             other => lapin::Error::from(std::io::Error::other(other.to_string())),
-        })?,
+        }))?,
         _ = stop.cancelled() => return Ok(()),
     };
     let channel = conn.create_channel().await?;
@@ -95,7 +109,6 @@ async fn consume(
         .await?;
     tracing::info!("Consuming from queue {}", global.queue);
     *attempt = 0;
-    on_consuming();
     loop {
         let delivery = tokio::select! {
             d = consumer.next() => d,
@@ -108,11 +121,11 @@ async fn consume(
         };
         let delivery = match delivery {
             Some(Ok(d)) => d,
-            Some(Err(e)) => return Err(e),
+            Some(Err(e)) => return Err(e.into()),
             None => {
-                return Err(lapin::Error::from(std::io::Error::other(
+                return Err(Lost::Broken(lapin::Error::from(std::io::Error::other(
                     "consumer cancelled by the broker",
-                )))
+                ))))
             }
         };
         match handle(

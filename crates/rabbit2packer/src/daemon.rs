@@ -1,8 +1,10 @@
 //! The daemon's life: validate everything once at start-up (exit 2 with one
 //! error naming file and key), recover the journal (kill packer groups a
 //! crashed run left, run again what was interrupted, waiting or running),
-//! start THREAD_COUNT workers and the consumer, tell systemd READY=1 once
-//! consuming. SIGHUP re-reads the catalog. SIGTERM/SIGINT: stop consuming,
+//! start THREAD_COUNT workers, tell systemd READY=1, then start the consumer.
+//! READY=1 does not wait for the broker: with RabbitMQ down the journaled
+//! jobs build while the consumer retries (systemd would otherwise kill us at
+//! TimeoutStartSec, interrupting them). SIGHUP re-reads the catalog. SIGTERM/SIGINT: stop consuming,
 //! SIGINT to every packer group (packer's clean cancel, see [`crate::runner`]),
 //! wait up to STOP_TIMEOUT, record unfinished jobs as interrupted (they run
 //! at the next start), exit 0.
@@ -245,21 +247,22 @@ pub async fn run(config_file: &Path) -> Result<(), DaemonError> {
     let mut sigint = signal(SignalKind::interrupt()).map_err(|e| DaemonError::Runtime(e.to_string()))?;
     let mut sighup = signal(SignalKind::hangup()).map_err(|e| DaemonError::Runtime(e.to_string()))?;
 
+    // Journal open, recovery done, workers started: we are doing our job
+    // whether or not the broker answers.
+    notify(&[sd_notify::NotifyState::Ready]);
+    tracing::info!(
+        "Ready: {} worker(s); taking requests from queue {} at {}",
+        cfg.thread_count,
+        settings.global.queue,
+        packuilon_common::rabbit::endpoint(&settings.global.rabbit)
+    );
     let stop_consuming = CancellationToken::new();
     let consumer = {
         let global = settings.global.clone();
         let state_dir = cfg.state_dir.clone();
         let scheduler = scheduler.clone();
         let stop = stop_consuming.clone();
-        tokio::spawn(async move {
-            let mut first = true;
-            crate::consumer::run(&global, &state_dir, scheduler, stop, move || {
-                if std::mem::take(&mut first) {
-                    notify(&[sd_notify::NotifyState::Ready]);
-                }
-            })
-            .await
-        })
+        tokio::spawn(async move { crate::consumer::run(&global, &state_dir, scheduler, stop).await })
     };
 
     let signal_name = loop {

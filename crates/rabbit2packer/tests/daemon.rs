@@ -581,7 +581,7 @@ fn failed_rotation_is_retried_then_recorded_as_built_rotation_failed() {
 }
 
 #[test]
-fn tells_systemd_ready_once_consuming_and_stopping_on_sigterm() {
+fn tells_systemd_ready_once_started_and_stopping_on_sigterm() {
     let site = Site::new(1, "");
     let sock_path = site.dir.path().join("notify.sock");
     let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
@@ -590,12 +590,54 @@ fn tells_systemd_ready_once_consuming_and_stopping_on_sigterm() {
     let mut buf = [0u8; 256];
     let n = sock.recv(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"READY=1\n");
-    // Logged just before READY=1 is sent (the stderr reader may lag a little).
+    // Workers were started before READY=1 (the stderr reader may lag a little).
+    d.wait_log("Starting Thread-1", T);
     d.wait_log("Consuming from queue", T);
     d.signal(libc::SIGTERM);
     let n = sock.recv(&mut buf).unwrap();
     assert_eq!(&buf[..n], b"STOPPING=1\n");
     assert_eq!(d.wait_exit(T), 0);
+}
+
+#[test]
+fn ready_reaches_systemd_with_the_broker_unreachable_and_journaled_jobs_build() {
+    let site = Site::new(1, "");
+    site.template("a.json", Step { sleep: 30.0, exit: 0 });
+    let mut d = site.start();
+    site.publish(&profile("inventory", "7x", "a", prod()), None);
+    site.wait_runs("the build to start", T, |r| !r.is_empty());
+    site.publish(&profile("other", "7x", "a", prod()), None);
+    site.wait_jobs("the waiting job", T, |j| j.len() == 2);
+    d.stop();
+    assert_eq!(
+        site.journal().iter().map(|j| j.state).collect::<Vec<_>>(),
+        vec![JobState::Interrupted, JobState::Waiting]
+    );
+
+    // Next start: nothing listens on RABBIT_PORT.
+    let closed = packuilon_testsupport::free_port();
+    let text = std::fs::read_to_string(&site.config).unwrap();
+    let port_line = text.lines().find(|l| l.starts_with("RABBIT_PORT")).unwrap().to_string();
+    std::fs::write(
+        &site.config,
+        text.replace(&port_line, &format!("RABBIT_PORT = {closed}")),
+    )
+    .unwrap();
+    site.template("a.json", Step { sleep: 0.2, exit: 0 });
+    let sock_path = site.dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(T)).unwrap();
+    let mut d = site.start_with_env(&[("NOTIFY_SOCKET", sock_path.to_str().unwrap())]);
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"READY=1\n");
+    site.wait_jobs("both journaled jobs built with the broker down", T, |j| {
+        succeeded(j) == 2
+    });
+    let line = d.wait_log("unreachable", T);
+    assert!(line.contains(&format!(":{closed}")), "{line}");
+    assert_eq!(d.count("Consuming from queue"), 0);
+    d.stop();
 }
 
 #[test]
