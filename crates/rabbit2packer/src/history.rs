@@ -6,7 +6,8 @@ use std::fmt::Write as _;
 
 use crate::journal::{JobRecord, JobState, Journal, JournalError};
 
-/// Running and waiting jobs as text (or JSON).
+/// Running, waiting and interrupted jobs as text (or JSON). Interrupted
+/// jobs are pending work: after a stop they are all the journal holds.
 pub fn status(journal: &Journal, json: bool) -> Result<String, JournalError> {
     let jobs = journal.active()?;
     if json {
@@ -49,6 +50,28 @@ pub fn status(journal: &Journal, json: bool) -> Result<String, JournalError> {
                 String::new()
             }
         );
+    }
+    let interrupted: Vec<_> = jobs.iter().filter(|j| j.state == JobState::Interrupted).collect();
+    if !interrupted.is_empty() {
+        let _ = writeln!(
+            out,
+            "interrupted: {} (rabbit2packer stopped during the build; each runs again at the next start)",
+            interrupted.len()
+        );
+        for j in interrupted {
+            let b = j.builds.last();
+            let _ = writeln!(
+                out,
+                "  #{} {} at {}{}{}",
+                j.id,
+                j.image_key,
+                j.finished_at.as_deref().unwrap_or("-"),
+                b.map(|b| format!(", was building {}", b.template)).unwrap_or_default(),
+                b.and_then(|b| b.log_path.as_deref())
+                    .map(|p| format!(", log {p}"))
+                    .unwrap_or_default(),
+            );
+        }
     }
     Ok(out)
 }

@@ -499,9 +499,10 @@ impl Journal {
         })
     }
 
-    /// Running and waiting jobs, oldest first.
+    /// Pending work, oldest first: running and waiting jobs, and the ones a
+    /// stop interrupted (they run again at the next start).
     pub fn active(&self) -> Result<Vec<JobRecord>> {
-        self.jobs_where("state IN ('running', 'waiting') ORDER BY id", params![])
+        self.jobs_where("state IN ('running', 'waiting', 'interrupted') ORDER BY id", params![])
     }
 
     /// The newest `limit` finished or superseded jobs (of `image` when given), newest first.

@@ -24,7 +24,7 @@ struct Cli {
 enum Command {
     /// Run the daemon in the foreground (the default; as systemd runs it).
     Run,
-    /// Show running and waiting jobs (reads the journal; works while the daemon runs).
+    /// Show pending work: running, waiting and interrupted jobs (reads the journal; works while the daemon runs).
     Status {
         /// Print JSON.
         #[arg(long)]

@@ -769,3 +769,26 @@ fn build_log_is_written_as_packer_prints_and_survives_kill_9() {
     site.wait_jobs("the rebuild", T, |j| succeeded(j) == 2);
     d.stop();
 }
+
+#[test]
+fn status_after_a_stop_shows_the_interrupted_job_that_runs_at_the_next_start() {
+    let site = Site::new(1, "");
+    site.template("a.json", Step { sleep: 30.0, exit: 0 });
+    let mut d = site.start();
+    site.publish(&profile("inventory", "7x", "a", prod()), Some("m1"));
+    site.wait_runs("the build to start", T, |r| !r.is_empty());
+    d.stop();
+
+    let (code, out, err) = site.cli(&["status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("running: 0") && out.contains("waiting: 0"), "{out}");
+    assert!(out.contains("interrupted: 1"), "{out}");
+    assert!(out.contains("#1 inventory-sl7x-x86_64"), "{out}");
+    assert!(out.contains("runs again at the next start"), "{out}");
+    let (code, out, _) = site.cli(&["status", "--json"]);
+    assert_eq!(code, 0);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 1, "{out}");
+    assert_eq!(v[0]["state"], "interrupted");
+    assert_eq!(v[0]["message_id"], "m1");
+}
