@@ -6,9 +6,25 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use packuilon_common::logging::{self, LogTarget};
 
+const AFTER_HELP: &str = "\
+Exit status: 0 clean stop; 1 runtime failure (systemd restarts it); 2 configuration error
+(named file and key; fix it, a restart will not).
+
+Signals:
+  SIGTERM/SIGINT  stop taking requests, interrupt each packer build (it cleans up in the
+                  cloud), wait up to STOP_TIMEOUT; unfinished jobs rerun at the next start.
+  SIGHUP          re-read the template map, source images and templates (edits are also
+                  picked up by themselves when a job starts; a broken one keeps the last good).
+
+Files:
+  --config PATH, else $PACKER_UTILS_CONFIG, else /etc/packer-utils/config.ini
+  STATE_DIR/rabbit2packer.sqlite  job journal (status, history); STATE_DIR/rejected/ bad messages
+  LOG_DIR/<image key>.<template>.<epoch>.log  build logs; <image key>.<template>.log: the newest
+  BUILD_FILE_DIR/<image key>.<template>.json  rendered templates packer runs";
+
 /// Builds OpenStack images with Packer for every profile change queued by cdb2rabbit.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about = None, after_help = AFTER_HELP)]
 struct Cli {
     /// config.ini to read [default: $PACKER_UTILS_CONFIG, else /etc/packer-utils/config.ini]
     #[arg(long, global = true, value_name = "PATH")]

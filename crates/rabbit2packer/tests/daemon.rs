@@ -792,3 +792,26 @@ fn status_after_a_stop_shows_the_interrupted_job_that_runs_at_the_next_start() {
     assert_eq!(v[0]["state"], "interrupted");
     assert_eq!(v[0]["message_id"], "m1");
 }
+
+#[test]
+fn help_states_exit_statuses_signals_and_files() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rabbit2packer"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "Exit status: 0 clean stop",
+        "1 runtime failure",
+        "2 configuration error",
+        "SIGTERM/SIGINT",
+        "SIGHUP",
+        "PACKER_UTILS_CONFIG",
+        "/etc/packer-utils/config.ini",
+        "STATE_DIR",
+        "LOG_DIR",
+    ] {
+        assert!(help.contains(needle), "--help lacks {needle:?}:\n{help}");
+    }
+}
