@@ -420,20 +420,19 @@ async fn rotate_one(
     format!("failed after {attempts} attempt(s): {last}")
 }
 
-/// Calls glance-rotate on a blocking-pool thread: its future need not be
-/// `Send`, and a slow Glance never holds up a runtime worker.
+/// One glance-rotate call: the admin RC file is sourced by bash on the
+/// blocking pool (a process and its wait), the HTTP calls run on the runtime.
 async fn rotate_call(
     admin_rc: &Path,
     target: glance_rotate::Target,
     opts: &glance_rotate::RotateOptions,
 ) -> Result<glance_rotate::Report, String> {
-    let (admin_rc, opts) = (admin_rc.to_path_buf(), opts.clone());
-    let handle = tokio::runtime::Handle::current();
-    tokio::task::spawn_blocking(move || {
-        handle
-            .block_on(glance_rotate::rotate_with_rc(&admin_rc, target, &opts))
-            .map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| format!("rotation task failed: {e}"))?
+    let rc = admin_rc.to_path_buf();
+    let creds = tokio::task::spawn_blocking(move || glance_rotate::credentials_from_rc(&rc))
+        .await
+        .map_err(|e| format!("sourcing {} failed: {e}", admin_rc.display()))?
+        .map_err(|e| e.to_string())?;
+    glance_rotate::rotate_with_credentials(creds, target, opts)
+        .await
+        .map_err(|e| e.to_string())
 }
