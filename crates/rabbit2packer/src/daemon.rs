@@ -4,10 +4,10 @@
 //! start THREAD_COUNT workers, tell systemd READY=1, then start the consumer.
 //! READY=1 does not wait for the broker: with RabbitMQ down the journaled
 //! jobs build while the consumer retries (systemd would otherwise kill us at
-//! TimeoutStartSec, interrupting them). SIGHUP re-reads the catalog. SIGTERM/SIGINT: stop consuming,
-//! SIGINT to every packer group (packer's clean cancel, see [`crate::runner`]),
-//! wait up to STOP_TIMEOUT, record unfinished jobs as interrupted (they run
-//! at the next start), exit 0.
+//! TimeoutStartSec, interrupting them). SIGHUP re-reads the catalog.
+//! SIGTERM/SIGINT: stop consuming, SIGINT to every packer group (packer's
+//! clean cancel, see [`crate::runner`]), wait up to STOP_TIMEOUT, record
+//! unfinished jobs as interrupted (they run at the next start), exit 0.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
