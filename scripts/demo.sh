@@ -94,26 +94,9 @@ say "cdb2rabbit, first run: records the baseline, publishes nothing"
 "$bin/cdb2rabbit" --log stderr
 
 say "Glance already holds an image 'sl7x-x86_64 inventory', shared with project demo-consumers"
-old_id=$(set -a; . "$rc"; /usr/bin/python3 templates/demo/glance-create-image.py "sl7x-x86_64 inventory" | awk '{print $2}')
-member=$(set -a; . "$rc"; /usr/bin/python3 - "$old_id" <<'EOF'
-import json, os, sys, urllib.request
-def call(method, url, body=None, token=None):
-    req = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None, method=method)
-    req.add_header("Content-Type", "application/json")
-    if token: req.add_header("X-Auth-Token", token)
-    with urllib.request.urlopen(req) as r:
-        return r.headers, json.loads(r.read() or b"null")
-auth = {"auth": {"identity": {"methods": ["password"], "password": {"user": {"name": os.environ["OS_USERNAME"], "domain": {"name": "Default"}, "password": os.environ["OS_PASSWORD"]}}}, "scope": {"project": {"name": os.environ["OS_PROJECT_NAME"], "domain": {"name": "Default"}}}}}
-h, tok = call("POST", os.environ["OS_AUTH_URL"] + "/auth/tokens", auth)
-t = h["X-Subject-Token"]
-glance = [e["url"] for s in tok["token"]["catalog"] if s["type"] == "image" for e in s["endpoints"] if e["interface"] == "public"][0]
-_, p = call("POST", os.environ["OS_AUTH_URL"] + "/projects", {"project": {"name": "demo-consumers-%d" % os.getpid(), "domain_id": "default"}}, t)
-pid = p["project"]["id"]
-call("POST", "%s/v2/images/%s/members" % (glance, sys.argv[1]), {"member": pid}, t)
-call("PUT", "%s/v2/images/%s/members/%s" % (glance, sys.argv[1], pid), {"status": "accepted"}, t)
-print(pid)
-EOF
-)
+glance() { (set -a; . "$rc"; /usr/bin/python3 templates/demo/glance.py "$@"); }
+old_id=$(glance create "sl7x-x86_64 inventory" | awk '{print $2}')
+member=$(glance share "$old_id")
 echo "  older image $old_id, member $member (accepted)"
 
 say "A profile changes on the broker: inventory-sl-7x-x86-64.ci.example.org.json"
@@ -155,29 +138,10 @@ say "rabbit2packer history"
 "$bin/rabbit2packer" history
 
 say "Glance afterwards: the older image archived, its member moved to the new image"
-(set -a; . "$rc"; /usr/bin/python3 - "$old_id" "$member" <<'EOF'
-import json, os, sys, urllib.request
-def call(method, url, body=None, token=None):
-    req = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None, method=method)
-    req.add_header("Content-Type", "application/json")
-    if token: req.add_header("X-Auth-Token", token)
-    with urllib.request.urlopen(req) as r:
-        return r.headers, json.loads(r.read() or b"null")
-auth = {"auth": {"identity": {"methods": ["password"], "password": {"user": {"name": os.environ["OS_USERNAME"], "domain": {"name": "Default"}, "password": os.environ["OS_PASSWORD"]}}}, "scope": {"project": {"name": os.environ["OS_PROJECT_NAME"], "domain": {"name": "Default"}}}}}
-h, tok = call("POST", os.environ["OS_AUTH_URL"] + "/auth/tokens", auth)
-t = h["X-Subject-Token"]
-glance = [e["url"] for s in tok["token"]["catalog"] if s["type"] == "image" for e in s["endpoints"] if e["interface"] == "public"][0]
-_, imgs = call("GET", glance + "/v2/images?limit=100&sort=created_at:asc", token=t)
-ok = False
-for i in imgs["images"]:
-    _, m = call("GET", "%s/v2/images/%s/members" % (glance, i["id"]), token=t)
-    members = ", ".join("%s (%s)" % (x["member_id"], x["status"]) for x in m["members"]) or "none"
-    print("  %-40s %s  members: %s" % (i["name"], i["id"], members))
-    if i["id"] == sys.argv[1] and i["name"].startswith("archive-"):
-        ok = True
-if not ok:
-    sys.exit("the older image was not archived")
-EOF
-)
+glance list | sed 's/^/  /'
+case "$(glance show "$old_id")" in
+  archive-*) ;;
+  *) echo "the older image $old_id was not archived"; exit 1 ;;
+esac
 echo
 echo "Done: the changed profile was queued once, built once, and the older image archived with its member moved."
