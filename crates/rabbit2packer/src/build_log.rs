@@ -123,7 +123,14 @@ impl BuildLog {
             match File::options().write(true).create_new(true).open(&path) {
                 Ok(file) => {
                     // Operators follow the link while the build runs, not after.
-                    update_link(log_dir, &stem, &path)?;
+                    // A link that cannot be made must not stop the build.
+                    if let Err(e) = update_link(log_dir, &stem, &path) {
+                        tracing::warn!(
+                            "cannot point {}.log at {}: {e}",
+                            log_dir.join(&stem).display(),
+                            path.display()
+                        );
+                    }
                     return Ok(BuildLog {
                         path,
                         out: file,
@@ -342,6 +349,21 @@ mod tests {
         let path = log.path().to_path_buf();
         drop(log);
         assert_eq!(std::fs::read_to_string(path).unwrap(), "==> null: first line\n");
+    }
+
+    #[test]
+    fn a_link_that_cannot_be_made_does_not_stop_the_build_log() {
+        let dir = tempfile::tempdir().unwrap();
+        // Something an operator left where the link goes.
+        std::fs::create_dir_all(dir.path().join("k.t.json.log/kept")).unwrap();
+        let mut log = BuildLog::create(dir.path(), "k", "t.json", 30).unwrap();
+        log.packer_line("1795596345,,ui,say,==> null: first line");
+        let path = log.path().to_path_buf();
+        log.finish(0).unwrap();
+        assert!(std::fs::read_to_string(path)
+            .unwrap()
+            .starts_with("==> null: first line\n"));
+        assert!(dir.path().join("k.t.json.log/kept").is_dir());
     }
 
     #[test]
