@@ -1,10 +1,19 @@
-//! A real HTTP server (tiny_http on 127.0.0.1, a free port) serving a
-//! directory the test writes, as the Aquilon broker's web server serves
+//! A real HTTP/1.1 server (127.0.0.1, a free port) serving a directory the
+//! test writes, as the Aquilon broker's web server serves
 //! `profiles-info.xml` and the profiles. Faults can be set per path: an HTTP
 //! status, a delay (for timeouts), a body cut short, or gzip on the wire.
+//!
+//! One thread per connection, serving that connection's requests in order
+//! with keep-alive. tiny_http (used before) handed requests from all
+//! connections to a fixed worker pool while reading keep-alive connections
+//! on other threads; with 8-16 concurrent keep-alive clients some requests
+//! were never answered and clients hung until their timeout. Here no
+//! connection waits for another: nothing is shared but the fault table and
+//! the request log.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -20,7 +29,8 @@ pub enum Fault {
     Delay(Duration),
     /// Serve the file gzip-compressed with `Content-Encoding: gzip`.
     GzipEncoding,
-    /// Serve only the first N bytes of the file.
+    /// Promise the whole file (Content-Length), send only its first N bytes,
+    /// then close the connection: a transfer cut off mid-body.
     Truncate(usize),
 }
 
@@ -29,46 +39,57 @@ struct Shared {
     faults: Mutex<HashMap<String, Fault>>,
     log: Mutex<Vec<String>>,
     stop: AtomicBool,
+    /// Open connections, shut down when the server is dropped.
+    conns: Mutex<HashMap<u64, TcpStream>>,
 }
 
 pub struct ProfileServer {
     /// `http://127.0.0.1:PORT/`
     pub base: String,
-    server: Arc<tiny_http::Server>,
+    port: u16,
     shared: Arc<Shared>,
-    workers: Vec<JoinHandle<()>>,
+    acceptor: Option<JoinHandle<()>>,
 }
 
 impl ProfileServer {
-    /// Serves `root` with 16 worker threads.
+    /// Serves `root`.
     pub fn serve(root: &Path) -> ProfileServer {
-        let server = Arc::new(tiny_http::Server::http("127.0.0.1:0").expect("bind test HTTP server"));
-        let port = server.server_addr().to_ip().expect("ip listener").port();
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind test HTTP server");
+        let port = listener.local_addr().expect("local address").port();
         let shared = Arc::new(Shared {
             root: root.to_path_buf(),
             faults: Mutex::new(HashMap::new()),
             log: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
+            conns: Mutex::new(HashMap::new()),
         });
-        let workers = (0..16)
-            .map(|_| {
-                let server = server.clone();
-                let shared = shared.clone();
-                std::thread::spawn(move || {
-                    while let Ok(req) = server.recv() {
-                        if shared.stop.load(Ordering::Relaxed) {
-                            break;
-                        }
-                        handle(&shared, req);
+        let acceptor = {
+            let shared = shared.clone();
+            std::thread::spawn(move || {
+                let mut next_id = 0u64;
+                for stream in listener.incoming() {
+                    if shared.stop.load(Ordering::SeqCst) {
+                        break;
                     }
-                })
+                    let Ok(stream) = stream else { continue };
+                    let id = next_id;
+                    next_id += 1;
+                    if let Ok(clone) = stream.try_clone() {
+                        shared.conns.lock().unwrap().insert(id, clone);
+                    }
+                    let shared = shared.clone();
+                    std::thread::spawn(move || {
+                        serve_connection(&shared, stream);
+                        shared.conns.lock().unwrap().remove(&id);
+                    });
+                }
             })
-            .collect();
+        };
         ProfileServer {
             base: format!("http://127.0.0.1:{port}/"),
-            server,
+            port,
             shared,
-            workers,
+            acceptor: Some(acceptor),
         }
     }
 
@@ -102,75 +123,172 @@ impl ProfileServer {
 
 impl Drop for ProfileServer {
     fn drop(&mut self) {
-        self.shared.stop.store(true, Ordering::Relaxed);
-        for _ in &self.workers {
-            self.server.unblock();
+        self.shared.stop.store(true, Ordering::SeqCst);
+        // Wake the acceptor so it sees the flag.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(a) = self.acceptor.take() {
+            let _ = a.join();
         }
-        for w in self.workers.drain(..) {
-            let _ = w.join();
+        // Connection threads end when their socket is shut down.
+        for (_, conn) in self.shared.conns.lock().unwrap().drain() {
+            let _ = conn.shutdown(Shutdown::Both);
         }
     }
 }
 
-fn handle(shared: &Shared, req: tiny_http::Request) {
-    let raw = req
-        .url()
-        .split('?')
-        .next()
-        .unwrap_or("")
-        .trim_start_matches('/')
-        .to_string();
-    let path = percent_decode(&raw);
+struct Request {
+    path: String,
+    head: bool,
+    keep_alive: bool,
+}
+
+/// Serves one connection's requests until the client closes it, asks to
+/// close it, or a fault cuts it off.
+fn serve_connection(shared: &Shared, stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let Ok(write_half) = stream.try_clone() else { return };
+    let mut reader = BufReader::new(stream);
+    let mut writer = std::io::BufWriter::new(write_half);
+    loop {
+        let req = match read_request(&mut reader) {
+            Ok(Some(r)) => r,
+            Ok(None) | Err(_) => return,
+        };
+        if shared.stop.load(Ordering::SeqCst) {
+            return;
+        }
+        match respond(shared, &req, &mut writer) {
+            Ok(true) if req.keep_alive => {}
+            _ => {
+                let _ = writer.flush();
+                let _ = writer.get_ref().shutdown(Shutdown::Both);
+                return;
+            }
+        }
+    }
+}
+
+/// `Ok(None)`: the client closed the connection between requests.
+fn read_request(reader: &mut BufReader<TcpStream>) -> std::io::Result<Option<Request>> {
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Ok(None);
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next().unwrap_or("").to_string();
+    let target = parts.next().unwrap_or("").to_string();
+    let version = parts.next().unwrap_or("HTTP/1.0").to_string();
+    let mut keep_alive = version == "HTTP/1.1";
+    let mut body_len = 0usize;
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header)? == 0 {
+            return Ok(None);
+        }
+        let header = header.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        let Some((name, value)) = header.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("connection") {
+            if value.eq_ignore_ascii_case("close") {
+                keep_alive = false;
+            } else if value.eq_ignore_ascii_case("keep-alive") {
+                keep_alive = true;
+            }
+        } else if name.eq_ignore_ascii_case("content-length") {
+            body_len = value.parse().unwrap_or(0);
+        }
+    }
+    // GETs have no body, but a request that sends one must not desynchronise the connection.
+    std::io::copy(&mut reader.by_ref().take(body_len as u64), &mut std::io::sink())?;
+    let raw = target.split('?').next().unwrap_or("").trim_start_matches('/');
+    Ok(Some(Request {
+        path: percent_decode(raw),
+        head: method.eq_ignore_ascii_case("HEAD"),
+        keep_alive,
+    }))
+}
+
+/// Writes the response; `Ok(false)` when the connection must be closed.
+fn respond(shared: &Shared, req: &Request, w: &mut impl Write) -> std::io::Result<bool> {
+    let path = &req.path;
     shared.log.lock().unwrap().push(path.clone());
-    let fault = shared.faults.lock().unwrap().get(&path).cloned();
+    let fault = shared.faults.lock().unwrap().get(path).cloned();
     if let Some(Fault::Delay(d)) = &fault {
         std::thread::sleep(*d);
     }
     if let Some(Fault::Status(code)) = fault {
-        let _ = req.respond(tiny_http::Response::empty(code));
-        return;
+        return send(w, req, code, &[], &[]);
     }
     if path.split('/').any(|seg| seg == "..") {
-        let _ = req.respond(tiny_http::Response::empty(400));
-        return;
+        return send(w, req, 400, &[], &[]);
     }
     let mut body = Vec::new();
-    match std::fs::File::open(shared.root.join(&path)).and_then(|mut f| f.read_to_end(&mut body)) {
-        Ok(_) => {}
-        Err(_) => {
-            let _ = req.respond(tiny_http::Response::empty(404));
-            return;
-        }
+    if std::fs::File::open(shared.root.join(path))
+        .and_then(|mut f| f.read_to_end(&mut body))
+        .is_err()
+    {
+        return send(w, req, 404, &[], &[]);
     }
-    let mut headers = Vec::new();
     match fault {
         Some(Fault::GzipEncoding) => {
             let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-            enc.write_all(&body).unwrap();
-            body = enc.finish().unwrap();
-            headers.push(tiny_http::Header::from_bytes("Content-Encoding", "gzip").unwrap());
+            enc.write_all(&body)?;
+            let gz = enc.finish()?;
+            send(w, req, 200, &[("Content-Encoding", "gzip")], &gz)
         }
         Some(Fault::Truncate(n)) => {
-            // Promise the whole length, send less, close: a cut-off transfer.
-            let full = body.len();
-            body.truncate(n);
-            let resp = tiny_http::Response::new(
-                tiny_http::StatusCode(200),
-                headers,
-                std::io::Cursor::new(body),
-                Some(full),
-                None,
-            );
-            let _ = req.respond(resp);
-            return;
+            write_head(w, 200, &[], body.len(), false)?;
+            if !req.head {
+                w.write_all(&body[..n.min(body.len())])?;
+            }
+            w.flush()?;
+            Ok(false)
         }
-        _ => {}
+        _ => send(w, req, 200, &[], &body),
     }
-    let mut resp = tiny_http::Response::from_data(body);
-    for h in headers {
-        resp.add_header(h);
+}
+
+fn send(
+    w: &mut impl Write,
+    req: &Request,
+    status: u16,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<bool> {
+    write_head(w, status, headers, body.len(), req.keep_alive)?;
+    if !req.head {
+        w.write_all(body)?;
     }
-    let _ = req.respond(resp);
+    w.flush()?;
+    Ok(true)
+}
+
+fn write_head(
+    w: &mut impl Write,
+    status: u16,
+    headers: &[(&str, &str)],
+    len: usize,
+    keep_alive: bool,
+) -> std::io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Status",
+    };
+    write!(w, "HTTP/1.1 {status} {reason}\r\nContent-Length: {len}\r\n")?;
+    for (k, v) in headers {
+        write!(w, "{k}: {v}\r\n")?;
+    }
+    let connection = if keep_alive { "keep-alive" } else { "close" };
+    write!(w, "Connection: {connection}\r\n\r\n")
 }
 
 fn percent_decode(s: &str) -> String {
@@ -178,8 +296,9 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+        if bytes[i] == b'%' && i + 3 <= bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+            if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
                 out.push(b);
                 i += 3;
                 continue;
