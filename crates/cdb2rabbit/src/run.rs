@@ -15,11 +15,14 @@
 //! downloads themselves. The broker is contacted only when something is to
 //! be published.
 //!
-//! Profiles that left the index are dropped from the cached index and their
-//! cached copies removed, so the cache does not grow with every retired
-//! host; if such a profile comes back it is published again (an extra build,
-//! never a missed one). An index with no profile at all is refused while the
-//! cache knows some: a broken web server must not make the cache forget them.
+//! Profiles that left the index are dropped from the cached index but their
+//! cached copies are kept, as the original kept them: a host removed and
+//! re-added (or briefly missing from the index) comes back as a new entry,
+//! is downloaded, and is published only if its JSON differs from the copy,
+//! so it is not rebuilt for nothing. The copies of retired hosts stay in
+//! CACHE_DIR (one small file each; bounding that is a later concern). An
+//! index with no profile at all is refused while the cache knows some: a
+//! broken web server must not make the cache forget them.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -31,7 +34,7 @@ use packuilon_common::config::{Cdb2RabbitConfig, GlobalConfig};
 use packuilon_common::EXIT_FAILED;
 use serde_json::Value;
 use tokio::sync::Semaphore;
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use crate::cache::{CacheDir, CacheError};
 use crate::fetch::{profile_url, FetchError, Fetcher, PROFILE_LIMIT};
@@ -265,13 +268,10 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
     }
     // Bad entries keep whatever the cache said about them.
     new_index.extend(problem_olds);
-    for name in removed.keys() {
-        if index::check_name(name).is_ok() {
-            info!("Profile left the index, forgetting it: {name}");
-            if let Err(e) = cache.remove_profile(name) {
-                warn!("{e}");
-            }
-        }
+    let mut left: Vec<&String> = removed.keys().collect();
+    left.sort();
+    for name in left {
+        info!("Profile left the index: {name} (its cached copy is kept)");
     }
     cache.sync_dirs(written_dirs)?;
     info!("Updating cached profile_info");

@@ -544,20 +544,36 @@ fn a_nacked_publish_is_an_error_and_is_retried_by_the_next_run() {
 }
 
 #[test]
-fn profiles_that_leave_the_index_are_forgotten() {
+fn a_profile_that_leaves_the_index_and_returns_unchanged_is_not_published_again() {
     let site = Site::new("ci-");
     site.put("ci-a.json", &profile("a", 1), 100);
     site.put("ci-b.json", &profile("b", 1), 100);
     site.run(&[]).assert_status(0);
     site.put("ci-b.json", &profile("b", 2), 101);
     site.run(&[]).assert_status(0);
-    assert!(site.cached_copy("ci-b.json").is_some());
+    assert_eq!(site.published_names(), ["ci-b.json"]);
+
     site.remove("ci-b.json");
     let out = site.run(&[]);
     out.assert_status(0);
-    out.assert_logs_in_order(&["Profile left the index, forgetting it: ci-b.json"]);
+    out.assert_logs_in_order(&["Profile left the index: ci-b.json"]);
     assert_eq!(site.cached_mtimes(), support::mt([("ci-a.json", 100)]));
-    assert!(site.cached_copy("ci-b.json").is_none());
+    assert!(site.cached_copy("ci-b.json").is_some(), "cached copy kept");
+
+    // Back (host re-added), recompiled with the same content: no rebuild.
+    site.put("ci-b.json", &profile("b", 2), 102);
+    let out = site.run(&[]);
+    out.assert_status(0);
+    out.assert_logs_in_order(&["Profile has not updated: ci-b.json", "Exiting normally"]);
+    assert!(site.published().is_empty(), "rebuilt on its return");
+    assert_eq!(site.cached_mtime("ci-b.json"), Some(102));
+
+    // Back with a change after leaving again: published.
+    site.remove("ci-b.json");
+    site.run(&[]).assert_status(0);
+    site.put("ci-b.json", &profile("b", 3), 103);
+    site.run(&[]).assert_status(0);
+    assert_eq!(site.published_names(), ["ci-b.json"]);
 }
 
 #[test]
