@@ -34,7 +34,7 @@ use packuilon_common::config::{Cdb2RabbitConfig, GlobalConfig};
 use packuilon_common::EXIT_FAILED;
 use serde_json::Value;
 use tokio::sync::Semaphore;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::cache::{CacheDir, CacheError};
 use crate::fetch::{profile_url, FetchError, Fetcher, PROFILE_LIMIT};
@@ -141,6 +141,8 @@ pub struct Summary {
     pub unchanged: Vec<String>,
     /// `--dry-run`: what would have been published.
     pub would_publish: Vec<String>,
+    /// XML profiles: not published, recorded as processed.
+    pub skipped: Vec<String>,
     /// Failed profiles and why; retried next run.
     pub failed: Vec<(String, String)>,
 }
@@ -336,10 +338,27 @@ fn select_candidates<'a>(
             out
         }
     };
+    // Packuilon publishes JSON profiles only (as the original sent the
+    // profile's JSON). An XML profile would fail as "not valid JSON" on every
+    // run forever; it is a configuration matter, not a transient failure, so
+    // it is reported and recorded as processed.
+    let (xml, candidates): (Vec<_>, Vec<_>) = candidates.into_iter().partition(|(name, _)| is_xml_profile(name));
+    for (name, _) in xml {
+        warn!(
+            "{name} is an XML profile; only JSON profiles are published \
+             (check PROFILE_MATCH or the broker's output format); skipped"
+        );
+        summary.skipped.push(name.to_string());
+    }
     for (name, _) in &candidates {
         info!("CI profile rebuilt: {name}");
     }
     candidates
+}
+
+/// Whether the broker compiled this profile to XML (`.xml`, `.xml.gz`).
+fn is_xml_profile(name: &str) -> bool {
+    name.ends_with(".xml") || name.ends_with(".xml.gz")
 }
 
 /// Downloads, compares, publishes and records, for one run.

@@ -577,6 +577,37 @@ fn a_profile_that_leaves_the_index_and_returns_unchanged_is_not_published_again(
 }
 
 #[test]
+fn xml_profiles_are_skipped_with_a_warning_and_not_retried() {
+    let site = Site::new("ci-");
+    site.put("ci-a.json", &profile("a", 1), 100);
+    site.run(&[]).assert_status(0);
+    let xml = b"<?xml version='1.0' encoding='utf-8'?>\n<nlist format='pan' name='profile'/>\n";
+    site.put_raw("ci-x.xml", xml, 101);
+    site.put_raw("ci-y.xml.gz", xml, 101);
+    site.put("ci-a.json", &profile("a", 2), 101);
+
+    let out = site.run(&[]);
+    out.assert_status(0);
+    for name in ["ci-x.xml", "ci-y.xml.gz"] {
+        out.assert_logs_in_order(&[&format!(
+            "{name} is an XML profile; only JSON profiles are published \
+             (check PROFILE_MATCH or the broker's output format); skipped"
+        )]);
+    }
+    out.assert_logs_in_order(&["Exiting normally"]);
+    assert!(!out.stderr.contains("not valid JSON"), "{}", out.stderr);
+    assert_eq!(site.published_names(), ["ci-a.json"]);
+    // Recorded as processed: the next run does not look at them again.
+    assert_eq!(
+        site.cached_mtimes(),
+        support::mt([("ci-a.json", 101), ("ci-x.xml", 101), ("ci-y.xml.gz", 101)])
+    );
+    let again = site.run(&[]);
+    again.assert_status(0);
+    assert!(!again.stderr.contains("XML profile"), "{}", again.stderr);
+}
+
+#[test]
 fn an_original_cache_directory_keeps_working() {
     let site = Site::new("ci-");
     site.put("ci-a.json", &profile("a", 1), 100);
