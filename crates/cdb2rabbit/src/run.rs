@@ -221,9 +221,14 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
     }
 
     if first_run && options.mode == Mode::Changed {
-        info!("Cached info file does not exist, creating one and exiting");
         summary.baseline = true;
-        if !options.dry_run {
+        if options.dry_run {
+            info!(
+                "Cached info file does not exist; a real run would record the index as the baseline \
+                 and exit (dry run: nothing written)"
+            );
+        } else {
+            info!("Cached info file does not exist, creating one and exiting");
             cache.write_index(index.entries.iter().map(|e| (e.name.as_str(), e.mtime)))?;
         }
         return Ok(summary);

@@ -402,7 +402,13 @@ fn dry_run_prints_what_would_be_published_and_touches_neither_broker_nor_cache()
     // On a machine that never ran it, a dry run does not even create CACHE_DIR.
     let fresh = Site::new("ci-");
     fresh.put("ci-a.json", &profile("a", 1), 100);
-    fresh.run(&["--dry-run"]).assert_status(0);
+    let out = fresh.run(&["--dry-run"]);
+    out.assert_status(0);
+    out.assert_logs_in_order(&[
+        "Cached info file does not exist; a real run would record the index as the baseline and exit \
+         (dry run: nothing written)",
+    ]);
+    assert!(!out.stderr.contains("creating one"), "{}", out.stderr);
     assert!(!fresh.cache().exists());
 }
 
