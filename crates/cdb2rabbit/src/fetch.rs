@@ -23,11 +23,13 @@ pub const PROFILE_LIMIT: u64 = 64 * 1024 * 1024;
 pub enum FetchError {
     #[error("[cdb2rabbit] CA_BUNDLE: cannot use {path}: {message}")]
     CaBundle { path: PathBuf, message: String },
-    #[error("cannot build the HTTP client: {0}")]
+    #[error("cannot build the HTTP client: {}", error_chain(.0))]
     Client(reqwest::Error),
     #[error("{url}: HTTP status {status}")]
     Status { url: Url, status: reqwest::StatusCode },
-    #[error("{url}: {source}")]
+    /// Shown with its whole source chain: reqwest's own message alone
+    /// ("error decoding response body") does not say what went wrong.
+    #[error("{url}: {}", error_chain(source))]
     Http { url: Url, source: reqwest::Error },
     #[error("{url}: timed out after {timeout:?} (HTTP_TIMEOUT)")]
     Timeout { url: Url, timeout: Duration },
@@ -39,6 +41,22 @@ pub enum FetchError {
     File { url: Url, source: std::io::Error },
     #[error("profile name {name:?} cannot be joined to PROFILE_DIR_URL {base}")]
     Join { name: String, base: Url },
+}
+
+/// `err` and its sources, outermost first, joined by ": " (a cause already
+/// part of the text so far is not repeated).
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut next = err.source();
+    while let Some(cause) = next {
+        let msg = cause.to_string();
+        if !msg.is_empty() && !text.contains(&msg) {
+            text.push_str(": ");
+            text.push_str(&msg);
+        }
+        next = cause.source();
+    }
+    text
 }
 
 /// The run's HTTP client.
