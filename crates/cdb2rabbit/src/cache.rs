@@ -5,18 +5,29 @@
 //!   a profile's mtime there advances only once the profile was processed
 //!   (published and confirmed, or found unchanged).
 //! - `<name>`: the last published JSON of each profile (namespaced names are
-//!   subdirectories), to tell a real change from a recompile; beside it
-//!   `.<file>.cdb2rabbit-prev`, the copy before that (see [`CacheDir::write_profile`]).
+//!   subdirectories), to tell a real change from a recompile.
 //! - `.cdb2rabbit.lock`: the exclusive run lock (cron, the timer and the
 //!   cdispd hook may overlap).
 //!
-//! Writes are atomic: temp file in the same directory, fsync, rename (or,
-//! for a profile copy that exists, an atomic swap with its shadow). The
-//! index also fsyncs its directory after the rename. Profile copies are
-//! written concurrently and their directories fsynced once, by
-//! [`CacheDir::sync_dirs`], before the index is committed: the index must
-//! never point past a copy that a crash could still take back (the next
-//! change would then be compared with an older copy).
+//! Every file is replaced atomically (temp file in the same directory, then
+//! rename), so a reader never sees half a file. What needs to be durable,
+//! and when:
+//!
+//! - A cached copy that a crash takes back (old content, or an empty or
+//!   missing file) can only cause a duplicate publish: the next run
+//!   compares the profile against the old or unreadable copy and publishes
+//!   it again. It can never lose a change, because what decides whether a
+//!   profile is looked at is the cached index, and a profile's mtime there
+//!   advances only after its publish was confirmed by the broker.
+//! - The copies must however be durable *before* the index that points past
+//!   them: were the index to survive a crash and a copy not, a later change
+//!   reverting the profile to that older copy would compare equal and never
+//!   be published.
+//!
+//! So copies are written without fsync (an fsync each was most of a large
+//! run's cost), then one `syncfs(2)` on CACHE_DIR's filesystem
+//! ([`CacheDir::sync_copies`]) makes all of them durable at once, then the
+//! index is written with temp file, fsync, rename, fsync of the directory.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
@@ -135,7 +146,7 @@ impl CacheDir {
     /// Replaces the cached index with `entries`, durably.
     pub fn write_index<'a>(&self, entries: impl IntoIterator<Item = (&'a str, u64)>) -> Result<(), CacheError> {
         let path = self.index_path();
-        self.write_atomic(&path, true, |w| index::write_cached(w, entries))
+        self.write_atomic(&path, Durability::Durable, |w| index::write_cached(w, entries))
     }
 
     /// The cached copy of a profile, `None` when there is none.
@@ -148,63 +159,27 @@ impl CacheDir {
         }
     }
 
-    /// Replaces the cached copy of a profile (atomic, file fsynced). Returns
-    /// the directory that holds it, to be passed to [`CacheDir::sync_dirs`].
-    ///
-    /// Once a copy exists, the new one is written into its shadow file
-    /// (`.<file>.cdb2rabbit-prev`, which then holds the previous copy) and
-    /// the two are swapped with `renameat2(RENAME_EXCHANGE)`: as atomic as a
-    /// rename, but no inode is created or freed per write (ext4 makes
-    /// creating files right after freeing many others slow).
-    pub fn write_profile(&self, name: &str, body: &[u8]) -> Result<PathBuf, CacheError> {
+    /// Replaces the cached copy of a profile atomically, but not durably:
+    /// call [`CacheDir::sync_copies`] before the index that relies on it.
+    pub fn write_profile(&self, name: &str, body: &[u8]) -> Result<(), CacheError> {
         let path = self.profile_path(name);
         let parent = path.parent().unwrap_or(&self.root).to_path_buf();
         std::fs::create_dir_all(&parent).map_err(io(&parent))?;
-        if !exchange::write(&path, &shadow_path(&path), body, &self.renames)? {
-            self.write_atomic(&path, false, |w| w.write_all(body))?;
-        }
-        Ok(parent)
+        self.write_atomic(&path, Durability::AtomicOnly, |w| w.write_all(body))
     }
 
-    /// Removes the cached copy of a profile that left the index (missing is fine).
-    pub fn remove_profile(&self, name: &str) -> Result<(), CacheError> {
-        let path = self.profile_path(name);
-        for p in [shadow_path(&path), path] {
-            match std::fs::remove_file(&p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io(&p)(e)),
-            }
-        }
-        Ok(())
+    /// Makes every profile copy written so far durable, with one
+    /// `syncfs(2)` of the filesystem holding CACHE_DIR (new namespace
+    /// directories included) instead of an fsync per copy.
+    pub fn sync_copies(&self) -> Result<(), CacheError> {
+        let dir = File::open(&self.root).map_err(io(&self.root))?;
+        syncfs(&dir).map_err(io(&self.root))
     }
 
-    /// Makes the renames of profile copies durable: fsyncs each directory
-    /// given and every directory between it and CACHE_DIR (new namespace
-    /// directories must reach the disk too).
-    pub fn sync_dirs(&self, dirs: impl IntoIterator<Item = PathBuf>) -> Result<(), CacheError> {
-        let mut all = std::collections::BTreeSet::new();
-        for dir in dirs {
-            let mut d = dir.as_path();
-            while d.starts_with(&self.root) && all.insert(d.to_path_buf()) {
-                match d.parent() {
-                    Some(p) => d = p,
-                    None => break,
-                }
-            }
-        }
-        all.insert(self.root.clone());
-        for dir in all {
-            File::open(&dir).and_then(|d| d.sync_all()).map_err(io(&dir))?;
-        }
-        Ok(())
-    }
-
-    /// `sync_dir`: also fsync the directory after the rename (else the caller does).
     fn write_atomic(
         &self,
         path: &Path,
-        sync_dir: bool,
+        durability: Durability,
         fill: impl FnOnce(&mut BufWriter<&File>) -> std::io::Result<()>,
     ) -> Result<(), CacheError> {
         let dir = path.parent().unwrap_or(&self.root);
@@ -217,95 +192,48 @@ impl CacheDir {
             fill(&mut w).map_err(io(tmp.path()))?;
             w.flush().map_err(io(tmp.path()))?;
         }
-        tmp.as_file().sync_all().map_err(io(tmp.path()))?;
+        if durability == Durability::Durable {
+            tmp.as_file().sync_all().map_err(io(tmp.path()))?;
+        }
         // NamedTempFile is created 0600; the cache is as readable as the original's.
         set_mode(tmp.as_file(), 0o644).map_err(io(tmp.path()))?;
         {
             let _one_at_a_time = self.renames.lock().unwrap_or_else(|e| e.into_inner());
             tmp.persist(path).map_err(|e| io(path)(e.error))?;
         }
-        if sync_dir {
+        if durability == Durability::Durable {
             File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
         }
         Ok(())
     }
 }
 
-/// The shadow of a cached copy: a dot file, so no profile name can be it.
-fn shadow_path(path: &Path) -> PathBuf {
-    let file = path.file_name().map(|f| f.to_string_lossy()).unwrap_or_default();
-    path.with_file_name(format!(".{file}.cdb2rabbit-prev"))
+/// How far [`CacheDir::write_atomic`] goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Durability {
+    /// Atomic only (a profile copy; [`CacheDir::sync_copies`] follows).
+    AtomicOnly,
+    /// Atomic and durable: file fsynced before the rename, directory after.
+    Durable,
 }
 
-/// Writing a copy by swapping it with its shadow (Linux, glibc).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-mod exchange {
-    use std::ffi::CString;
-    use std::fs::OpenOptions;
-    use std::io::Write;
-    use std::os::unix::ffi::OsStrExt;
-    use std::path::Path;
-    use std::sync::Mutex;
-
-    use super::{io, set_mode, CacheError};
-
-    /// `Ok(false)`: not done (no copy yet, or the filesystem cannot swap); write it the plain way.
-    pub fn write(path: &Path, shadow: &Path, body: &[u8], renames: &Mutex<()>) -> Result<bool, CacheError> {
-        if !path.exists() {
-            return Ok(false);
-        }
-        // A crash while the shadow is rewritten leaves the copy itself intact.
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(shadow)
-            .map_err(io(shadow))?;
-        set_mode(&f, 0o644).map_err(io(shadow))?;
-        f.write_all(body).map_err(io(shadow))?;
-        f.sync_all().map_err(io(shadow))?;
-        drop(f);
-        let (from, to) = match (
-            CString::new(shadow.as_os_str().as_bytes()),
-            CString::new(path.as_os_str().as_bytes()),
-        ) {
-            (Ok(a), Ok(b)) => (a, b),
-            _ => return Ok(false),
-        };
-        let _one_at_a_time = renames.lock().unwrap_or_else(|e| e.into_inner());
-        // SAFETY: both are NUL-terminated paths that outlive the call.
-        let rc = unsafe {
-            libc::renameat2(
-                libc::AT_FDCWD,
-                from.as_ptr(),
-                libc::AT_FDCWD,
-                to.as_ptr(),
-                libc::RENAME_EXCHANGE,
-            )
-        };
-        if rc == 0 {
-            return Ok(true);
-        }
-        let err = std::io::Error::last_os_error();
-        match err.raw_os_error() {
-            // No exchange on this filesystem: the shadow is a complete, fsynced
-            // new copy, so a plain rename over the old one is just as safe.
-            Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => {
-                std::fs::rename(shadow, path).map_err(io(path))?;
-                Ok(true)
-            }
-            _ => Err(io(path)(err)),
-        }
+#[cfg(target_os = "linux")]
+fn syncfs(dir: &File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is open for the duration of the call.
+    if unsafe { libc::syncfs(dir.as_raw_fd()) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-mod exchange {
-    use std::path::Path;
-
-    pub fn write(_: &Path, _: &Path, _: &[u8], _: &std::sync::Mutex<()>) -> Result<bool, super::CacheError> {
-        Ok(false)
-    }
+/// Elsewhere: sync(2), which flushes every filesystem (and reports nothing).
+#[cfg(not(target_os = "linux"))]
+fn syncfs(_: &File) -> std::io::Result<()> {
+    // SAFETY: sync takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    Ok(())
 }
 
 #[cfg(unix)]
@@ -327,30 +255,33 @@ mod tests {
     fn profile_copies_go_in_namespace_directories() {
         let dir = tempfile::tempdir().unwrap();
         let cache = CacheDir::new(dir.path());
-        let dir_written = cache.write_profile("ns/sub/a.json", b"{}").unwrap();
-        assert_eq!(dir_written, dir.path().join("ns/sub"));
+        cache.write_profile("ns/sub/a.json", b"{}").unwrap();
         assert_eq!(std::fs::read(dir.path().join("ns/sub/a.json")).unwrap(), b"{}");
         assert_eq!(cache.read_profile("ns/sub/a.json").unwrap().unwrap(), b"{}");
         assert_eq!(cache.read_profile("b.json").unwrap(), None);
-        cache.remove_profile("ns/sub/a.json").unwrap();
-        cache.remove_profile("ns/sub/a.json").unwrap();
-        cache.sync_dirs([dir_written]).unwrap();
-        // No temp files left behind.
-        let left: Vec<_> = std::fs::read_dir(dir.path().join("ns/sub")).unwrap().collect();
-        assert!(left.is_empty());
+        cache.sync_copies().unwrap();
     }
 
     #[test]
-    fn rewriting_a_copy_swaps_it_with_its_shadow() {
+    fn rewriting_a_copy_replaces_it_and_leaves_no_temp_file() {
         let dir = tempfile::tempdir().unwrap();
         let cache = CacheDir::new(dir.path());
         cache.write_profile("a.json", b"{\"v\": 1}").unwrap();
         cache.write_profile("a.json", b"{\"v\": 2}").unwrap();
         cache.write_profile("a.json", b"{\"v\": 3}").unwrap();
+        cache.sync_copies().unwrap();
         assert_eq!(cache.read_profile("a.json").unwrap().unwrap(), b"{\"v\": 3}");
-        cache.remove_profile("a.json").unwrap();
-        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
-        assert!(left.is_empty(), "{left:?}");
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["a.json"]);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("a.json"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o644);
     }
 
     #[test]

@@ -25,7 +25,6 @@
 //! broken web server must not make the cache forget them.
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,8 +43,7 @@ use crate::publish::{Confirmed, PublishError, Publisher};
 /// Publishes awaiting their confirm (or their cached copy) at once; bounds the
 /// bodies held in memory.
 const MAX_IN_FLIGHT: usize = 256;
-/// Cached copies written (and fsynced) at once: enough for the disk to batch
-/// the fsyncs, few enough not to flood the blocking pool.
+/// Cached copies written at once (on the blocking pool, which they must not flood).
 const WRITERS: usize = 16;
 
 /// Which profiles a run publishes.
@@ -243,12 +241,12 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
         dry_run: options.dry_run,
         force: options.mode != Mode::Changed,
         summary,
-        written_dirs: HashSet::new(),
+        copies_written: 0,
     };
     processed.run(&candidates).await?;
     let Pipeline {
         mut summary,
-        written_dirs,
+        copies_written,
         ..
     } = processed;
 
@@ -280,7 +278,12 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
     for name in left {
         info!("Profile left the index: {name} (its cached copy is kept)");
     }
-    cache.sync_dirs(written_dirs)?;
+    if copies_written > 0 {
+        // The copies must be durable before the index that points past them.
+        let start = std::time::Instant::now();
+        cache.sync_copies()?;
+        tracing::debug!("syncfs of {copies_written} cached copies took {:?}", start.elapsed());
+    }
     info!("Updating cached profile_info");
     cache.write_index(new_index)?;
     if summary.failed.is_empty() {
@@ -376,8 +379,8 @@ struct Pipeline<'a> {
     /// `--all` / `--profile`: publish even when the JSON equals the cached copy.
     force: bool,
     summary: Summary,
-    /// Directories that received profile copies (fsynced before the index).
-    written_dirs: HashSet<PathBuf>,
+    /// Cached copies written (made durable at once before the index).
+    copies_written: usize,
 }
 
 impl Pipeline<'_> {
@@ -459,16 +462,16 @@ impl Pipeline<'_> {
         &mut self,
         name: String,
         result: Result<Confirmed, PublishError>,
-        written: Option<Result<PathBuf, CacheError>>,
+        written: Option<Result<(), CacheError>>,
     ) {
         match (result, written) {
             (Err(e), _) => self.summary.fail(&name, &e.into()),
-            (Ok(done), Some(Ok(dir))) => {
+            (Ok(done), Some(Ok(()))) => {
                 info!(
                     "Broker confirmed profile {} (message id {})",
                     done.profile, done.message_id
                 );
-                self.written_dirs.insert(dir);
+                self.copies_written += 1;
                 self.summary.published.push(done);
             }
             // Published, but the next comparison would use a stale copy: fail it
@@ -492,12 +495,7 @@ impl Pipeline<'_> {
 }
 
 /// Writes a cached copy on the blocking pool, at most [`WRITERS`] at once.
-async fn write_copy(
-    cache: CacheDir,
-    writers: Arc<Semaphore>,
-    name: String,
-    body: Vec<u8>,
-) -> Result<PathBuf, CacheError> {
+async fn write_copy(cache: CacheDir, writers: Arc<Semaphore>, name: String, body: Vec<u8>) -> Result<(), CacheError> {
     let _permit = writers.acquire_owned().await.expect("the semaphore is never closed");
     tokio::task::spawn_blocking(move || {
         let start = std::time::Instant::now();
