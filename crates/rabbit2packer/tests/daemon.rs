@@ -652,7 +652,8 @@ fn successful_build_rotates_the_older_image_of_its_name_in_glance() {
         text.replace(&auth.display().to_string(), &os.openrc.display().to_string()),
     )
     .unwrap();
-    let helper = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/glance-image.py");
+    // The demo's Glance helper: `create` prints "Image: <uuid>" as the openstack builder does.
+    let helper = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../templates/demo/glance.py");
     let glance = |args: &[&str]| -> String {
         let out = std::process::Command::new("/usr/bin/python3")
             .arg(&helper)
@@ -665,7 +666,7 @@ fn successful_build_rotates_the_older_image_of_its_name_in_glance() {
     };
     let personality = packuilon_testsupport::unique_name("rot");
     let name = format!("sl7x-x86_64 {personality}");
-    let older = glance(&["create", &name]);
+    let older = glance(&["create", &name]).trim_start_matches("Image: ").to_string();
 
     let template = json!({
         "variables": {"name": "$NAME"},
