@@ -7,6 +7,7 @@
 pub mod broker;
 pub mod http;
 pub mod openstack;
+pub mod tls;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
