@@ -17,7 +17,7 @@ if answering; then
 fi
 
 echo "rabbitmq-up: starting the default RabbitMQ node" >&2
-start=$(date +%s.%N)
+t0=$SECONDS
 rabbitmq-server -detached >/dev/null 2>&1 || true
 # await_startup fails at once until the node has registered; loop on it.
 deadline=$((SECONDS + 90))
@@ -28,4 +28,4 @@ until rabbitmqctl -q await_startup --timeout 60 >/dev/null 2>&1; do
   fi
   sleep 0.2
 done
-printf 'rabbitmq-up: RabbitMQ ready in %.1f s\n' "$(echo "$(date +%s.%N) - $start" | bc 2>/dev/null || echo 0)" >&2
+echo "rabbitmq-up: RabbitMQ ready in $((SECONDS - t0)) s" >&2
