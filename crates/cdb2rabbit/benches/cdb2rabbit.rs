@@ -279,7 +279,7 @@ fn main() {
                 }
             });
             // The bench's own writes are flushed first: on ext4 (data=ordered) the first
-            // fsync of the measured run would otherwise write them out on its behalf.
+            // syncfs/fsync of the measured run would otherwise write them out on its behalf.
             // SAFETY: sync(2) has no arguments and cannot fail.
             unsafe { libc::sync() };
             let measured = run_cdb2rabbit(&config, &log);
@@ -315,7 +315,7 @@ fn main() {
     println!(
         "Floor: one `curl -s -f -K list` process fetching the index and the same changed files one after another \
          from the same loopback server (Python's `http.server.ThreadingHTTPServer` + `SimpleHTTPRequestHandler`, listen backlog 128: HTTP/1.0, so one connection per request for both). cdb2rabbit: \
-         DOWNLOAD_CONCURRENCY {concurrency}, publishing with confirms to the local RabbitMQ, cache fsynced. \
+         DOWNLOAD_CONCURRENCY {concurrency}, publishing with confirms to the local RabbitMQ, cached copies made durable by one syncfs and the cached index fsynced. \
          Everything flushed (sync) before each timed run. Medians of {REPS} runs; CPU and peak RSS of the cdb2rabbit process from wait4(2). Total bench time {:.0?}.",
         started.elapsed()
     );

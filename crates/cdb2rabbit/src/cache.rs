@@ -65,7 +65,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CacheError + '_ {
 pub struct CacheDir {
     root: PathBuf,
     /// Renames into the cache, one at a time: concurrent writers otherwise
-    /// spin in the kernel on the directory lock (the fsyncs stay parallel).
+    /// spin in the kernel on the directory lock.
     renames: Arc<Mutex<()>>,
 }
 
