@@ -38,7 +38,14 @@ fi
 rm -f "$os_state.up.log"
 export PACKUILON_TEST_OPENRC="$os_state/admin-openrc.sh"
 
+# Doc tests are skipped: there are none, and their empty "0 passed" lines
+# would end the output. The last line sums every test binary's result.
+log=$(mktemp /tmp/packuilon-test-log.XXXXXX)
 status=0
-cargo test --workspace --no-fail-fast || status=$?
+cargo test --workspace --no-fail-fast --lib --bins --tests 2>&1 | tee "$log" || status=$?
+summary=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;/) p += $i; if ($(i+1) ~ /^failed;/) f += $i } }
+               END { printf "%d passed, %d failed", p, f }' "$log")
+rm -f "$log"
 echo "test: finished in $((SECONDS - t0)) s (exit $status)"
+echo "tests: $summary"
 exit $status
