@@ -13,7 +13,8 @@
 //! table on stdout (medians of 3 runs: the machine may be shared).
 //!
 //! Environment: `CDB2RABBIT_BENCH_CONCURRENCY` (DOWNLOAD_CONCURRENCY, default
-//! 8), `CDB2RABBIT_BENCH_KEEP=1` (keep the site, caches and logs),
+//! 8), `CDB2RABBIT_BENCH_SERVER=keepalive` (serve with testsupport's
+//! ProfileServer, HTTP/1.1 keep-alive, instead of Python's), `CDB2RABBIT_BENCH_KEEP=1` (keep the site, caches and logs),
 //! `PACKUILON_LOG` (passed to cdb2rabbit; `cdb2rabbit=debug` logs confirm and
 //! cache-write times).
 
@@ -127,6 +128,43 @@ impl StaticServer {
     }
 }
 
+/// The server under the bench: Python's by default; with
+/// `CDB2RABBIT_BENCH_SERVER=keepalive`, testsupport's ProfileServer
+/// (HTTP/1.1 keep-alive, as Apache serves the broker's profiles).
+enum Server {
+    Python(StaticServer),
+    KeepAlive(packuilon_testsupport::http::ProfileServer),
+}
+
+impl Server {
+    fn start(root: &Path) -> Server {
+        match std::env::var("CDB2RABBIT_BENCH_SERVER").as_deref() {
+            Ok("keepalive") => Server::KeepAlive(packuilon_testsupport::http::ProfileServer::serve(root)),
+            _ => Server::Python(StaticServer::serve(root)),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        match self {
+            Server::Python(s) => s.url(path),
+            Server::KeepAlive(s) => s.url(path),
+        }
+    }
+
+    fn describe(&self) -> &'static str {
+        match self {
+            Server::Python(_) => {
+                "Python's `http.server.ThreadingHTTPServer` + `SimpleHTTPRequestHandler`, listen backlog 128: \
+                 HTTP/1.0, so one connection per request for both"
+            }
+            Server::KeepAlive(_) => {
+                "packuilon-testsupport's ProfileServer: HTTP/1.1 keep-alive, one thread per connection, \
+                 so curl uses one connection and cdb2rabbit DOWNLOAD_CONCURRENCY"
+            }
+        }
+    }
+}
+
 impl Drop for StaticServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -216,7 +254,7 @@ fn main() {
         std::fs::write(profiles.join(name(i)), body(i, 1)).unwrap();
     }
     eprintln!("generated {TOTAL} profiles in {:.1?}", started.elapsed());
-    let server = StaticServer::serve(&www);
+    let server = Server::start(&www);
     let queue = TestQueue::new("cdb2rabbit-bench");
 
     let mut table = String::from(
@@ -314,9 +352,10 @@ fn main() {
     println!("\n{table}");
     println!(
         "Floor: one `curl -s -f -K list` process fetching the index and the same changed files one after another \
-         from the same loopback server (Python's `http.server.ThreadingHTTPServer` + `SimpleHTTPRequestHandler`, listen backlog 128: HTTP/1.0, so one connection per request for both). cdb2rabbit: \
+         from the same loopback server ({}). cdb2rabbit: \
          DOWNLOAD_CONCURRENCY {concurrency}, publishing with confirms to the local RabbitMQ, cached copies made durable by one syncfs and the cached index fsynced. \
          Everything flushed (sync) before each timed run. Medians of {REPS} runs; CPU and peak RSS of the cdb2rabbit process from wait4(2). Total bench time {:.0?}.",
+        server.describe(),
         started.elapsed()
     );
     let (_, ratio, rss) = rows.last().copied().unwrap();
