@@ -183,6 +183,22 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
         })?)
     };
     let fetcher = Fetcher::new(config).map_err(RunError::Config)?;
+    // The cached index is read, parsed and mapped on another thread while the
+    // broker's index downloads: at 100,000 profiles that is about a tenth of a
+    // second of CPU that would otherwise come after the download.
+    let cached = {
+        let cache = cache.clone();
+        tokio::task::spawn_blocking(move || {
+            cache.read_index().map(|cached| {
+                cached.map(|c| {
+                    c.entries
+                        .into_iter()
+                        .map(|e| (e.name, e.mtime))
+                        .collect::<HashMap<String, u64>>()
+                })
+            })
+        })
+    };
     let raw = fetcher
         .get(&config.profile_info_url, INDEX_LIMIT)
         .await
@@ -191,11 +207,11 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
         url: config.profile_info_url.to_string(),
         source,
     })?;
-    let cached = cache.read_index()?;
+    let cached = cached
+        .await
+        .unwrap_or_else(|e| panic!("reading the cached index panicked: {e}"))?;
     let first_run = cached.is_none();
-    let mut cached: HashMap<String, u64> = cached
-        .map(|c| c.entries.into_iter().map(|e| (e.name, e.mtime)).collect())
-        .unwrap_or_default();
+    let mut cached: HashMap<String, u64> = cached.unwrap_or_default();
     // Each entry's cached mtime, taken out of the map: what remains there
     // afterwards are the profiles that left the index.
     let olds: Vec<Option<u64>> = index.entries.iter().map(|e| cached.remove(&e.name)).collect();
