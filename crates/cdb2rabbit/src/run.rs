@@ -534,21 +534,35 @@ async fn examine(
 ) -> Result<Verdict, ProfileError> {
     let url = profile_url(base, name)?;
     let body = fetcher.get(&url, PROFILE_LIMIT).await?;
-    let new: Value = serde_json::from_slice(&body).map_err(|e| ProfileError::NotJson {
+    let not_json = |e: serde_json::Error| ProfileError::NotJson {
         url: url.to_string(),
         message: e.to_string(),
-    })?;
+    };
+    // Checking that it is JSON at all needs no tree (and allocates nothing).
+    let is_json = |bytes: &[u8]| serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map(drop);
     if force {
+        is_json(&body).map_err(not_json)?;
         return Ok(Verdict::Changed(body));
     }
-    let old = cache.read_profile(name).map_err(|source| ProfileError::Cache {
-        name: name.to_string(),
-        source,
-    })?;
-    let unchanged = old
-        .and_then(|bytes| index::gunzip_if_gzip(bytes, PROFILE_LIMIT).ok())
-        .and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
-        .is_some_and(|old| old == new);
+    let old = cache
+        .read_profile(name)
+        .map_err(|source| ProfileError::Cache {
+            name: name.to_string(),
+            source,
+        })?
+        .and_then(|bytes| index::gunzip_if_gzip(bytes, PROFILE_LIMIT).ok());
+    // The same bytes are the same JSON: only differing copies are parsed into trees.
+    let unchanged = match old {
+        Some(old) if old == body => {
+            is_json(&body).map_err(not_json)?;
+            true
+        }
+        old => {
+            let new: Value = serde_json::from_slice(&body).map_err(not_json)?;
+            old.and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
+                .is_some_and(|old| old == new)
+        }
+    };
     Ok(if unchanged {
         Verdict::Unchanged
     } else {
