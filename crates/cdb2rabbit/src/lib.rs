@@ -13,6 +13,7 @@
 pub mod cache;
 pub mod fetch;
 pub mod index;
+pub mod json;
 pub mod publish;
 pub mod run;
 

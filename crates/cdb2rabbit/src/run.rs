@@ -31,13 +31,13 @@ use std::time::Duration;
 use futures::stream::{FuturesUnordered, StreamExt};
 use packuilon_common::config::{Cdb2RabbitConfig, GlobalConfig};
 use packuilon_common::EXIT_FAILED;
-use serde_json::Value;
 use tokio::sync::Semaphore;
 use tracing::{error, info, warn};
 
 use crate::cache::{CacheDir, CacheError};
 use crate::fetch::{profile_url, FetchError, Fetcher, PROFILE_LIMIT};
 use crate::index::{self, IndexError, INDEX_LIMIT};
+use crate::json;
 use crate::publish::{Confirmed, PublishError, Publisher};
 
 /// Publishes awaiting their confirm (or their cached copy) at once; bounds the
@@ -558,9 +558,8 @@ async fn examine(
             true
         }
         old => {
-            let new: Value = serde_json::from_slice(&body).map_err(not_json)?;
-            old.and_then(|bytes| serde_json::from_slice::<Value>(&bytes).ok())
-                .is_some_and(|old| old == new)
+            let new = json::parse(&body).map_err(not_json)?;
+            old.is_some_and(|bytes| json::parse(&bytes).is_ok_and(|old| old == new))
         }
     };
     Ok(if unchanged {
