@@ -121,22 +121,12 @@ impl Cloud {
 
     /// An image with no data yet (`queued`), like one still being uploaded.
     pub async fn queued_image(&self, name: &str, owner: &str) -> Image {
-        let body = json!({"name": name, "owner": owner, "visibility": "shared",
-                          "disk_format": "raw", "container_format": "bare"});
-        let v = self
-            .req(
-                reqwest::Method::POST,
-                &format!("{}/v2/images", self.image_url),
-                Some(body),
-            )
-            .await;
-        let id = v["id"].as_str().unwrap().to_string();
-        self.images.lock().unwrap().push(id.clone());
+        let id = self.create(name, owner, "shared", json!({})).await;
         self.get(&id).await
     }
 
-    /// As [`image`](Self::image), with extra properties.
-    pub async fn image_with(&self, name: &str, owner: &str, visibility: &str, extra: Value) -> Image {
+    /// Creates the image record (deleted on drop); returns its ID.
+    async fn create(&self, name: &str, owner: &str, visibility: &str, extra: Value) -> String {
         let mut body = json!({"name": name, "owner": owner, "visibility": visibility,
                               "disk_format": "raw", "container_format": "bare"});
         for (k, v) in extra.as_object().unwrap() {
@@ -151,6 +141,12 @@ impl Cloud {
             .await;
         let id = v["id"].as_str().unwrap().to_string();
         self.images.lock().unwrap().push(id.clone());
+        id
+    }
+
+    /// As [`image`](Self::image), with extra properties.
+    pub async fn image_with(&self, name: &str, owner: &str, visibility: &str, extra: Value) -> Image {
+        let id = self.create(name, owner, visibility, extra).await;
         let resp = self
             .http
             .put(format!("{}/v2/images/{id}/file", self.image_url))
