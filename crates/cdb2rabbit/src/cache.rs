@@ -29,10 +29,13 @@
 //! ([`CacheDir::sync_copies`]) makes all of them durable at once, then the
 //! index is written with temp file, fsync, rename, fsync of the directory.
 
+use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::time::Duration;
 
 use crate::index::{self, Index, IndexError};
@@ -64,9 +67,6 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CacheError + '_ {
 #[derive(Debug, Clone)]
 pub struct CacheDir {
     root: PathBuf,
-    /// Renames into the cache, one at a time: concurrent writers otherwise
-    /// spin in the kernel on the directory lock.
-    renames: Arc<Mutex<()>>,
 }
 
 /// Held while a run works on the cache; released when dropped (or when the
@@ -78,10 +78,7 @@ pub struct RunLock {
 
 impl CacheDir {
     pub fn new(root: impl Into<PathBuf>) -> CacheDir {
-        CacheDir {
-            root: root.into(),
-            renames: Arc::new(Mutex::new(())),
-        }
+        CacheDir { root: root.into() }
     }
 
     pub fn root(&self) -> &Path {
@@ -168,6 +165,11 @@ impl CacheDir {
         self.write_atomic(&path, Durability::AtomicOnly, |w| w.write_all(body))
     }
 
+    /// Starts the thread that writes this run's cached copies (see [`CopyWriter`]).
+    pub fn copy_writer(&self) -> CopyWriter {
+        CopyWriter::start(self.clone())
+    }
+
     /// Makes every profile copy written so far durable, with one
     /// `syncfs(2)` of the filesystem holding CACHE_DIR (new namespace
     /// directories included) instead of an fsync per copy.
@@ -183,28 +185,130 @@ impl CacheDir {
         fill: impl FnOnce(&mut BufWriter<&File>) -> std::io::Result<()>,
     ) -> Result<(), CacheError> {
         let dir = path.parent().unwrap_or(&self.root);
-        let tmp = tempfile::Builder::new()
-            .prefix(TEMP_PREFIX)
-            .tempfile_in(dir)
-            .map_err(io(dir))?;
-        {
-            let mut w = BufWriter::new(tmp.as_file());
-            fill(&mut w).map_err(io(tmp.path()))?;
-            w.flush().map_err(io(tmp.path()))?;
+        let (tmp_path, file) = create_temp(dir).map_err(io(dir))?;
+        let written = (|| {
+            {
+                let mut w = BufWriter::new(&file);
+                fill(&mut w).map_err(io(&tmp_path))?;
+                w.flush().map_err(io(&tmp_path))?;
+            }
+            if durability == Durability::Durable {
+                file.sync_all().map_err(io(&tmp_path))?;
+            }
+            drop(file);
+            std::fs::rename(&tmp_path, path).map_err(io(path))
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp_path);
         }
-        if durability == Durability::Durable {
-            tmp.as_file().sync_all().map_err(io(tmp.path()))?;
-        }
-        // NamedTempFile is created 0600; the cache is as readable as the original's.
-        set_mode(tmp.as_file(), 0o644).map_err(io(tmp.path()))?;
-        {
-            let _one_at_a_time = self.renames.lock().unwrap_or_else(|e| e.into_inner());
-            tmp.persist(path).map_err(|e| io(path)(e.error))?;
-        }
+        written?;
         if durability == Durability::Durable {
             File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
         }
         Ok(())
+    }
+}
+
+/// Temp files of this process: `.cdb2rabbit-tmp-<pid>-<n>`. Names need no
+/// randomness: only the run holding the lock writes in CACHE_DIR, so a file
+/// already there is left by a run that crashed, and is replaced.
+static TEMP_SERIAL: AtomicU64 = AtomicU64::new(0);
+
+/// Creates a new temp file in `dir`, readable as the cache is (0644 less the umask,
+/// as the original's files were).
+fn create_temp(dir: &Path) -> std::io::Result<(PathBuf, File)> {
+    let serial = TEMP_SERIAL.fetch_add(1, Ordering::Relaxed);
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let pid = PID.get_or_init(std::process::id);
+    let path = dir.join(format!("{TEMP_PREFIX}{pid}-{serial}"));
+    let open = || {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&path)
+    };
+    let file = match open() {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::remove_file(&path)?;
+            open()?
+        }
+        other => other?,
+    };
+    Ok((path, file))
+}
+
+/// Writes a run's cached copies on one thread of its own, one after
+/// another: copies land in the same directory, and concurrent writers there
+/// only queue on its lock in the kernel (and cost a thread hand-off each).
+/// Dropping it waits for the copies already asked for.
+pub struct CopyWriter {
+    jobs: Option<mpsc::Sender<CopyJob>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct CopyJob {
+    name: String,
+    body: Vec<u8>,
+    done: tokio::sync::oneshot::Sender<Result<(), CacheError>>,
+}
+
+impl CopyWriter {
+    fn start(cache: CacheDir) -> CopyWriter {
+        let (jobs, queue) = mpsc::channel::<CopyJob>();
+        let thread = std::thread::Builder::new()
+            .name("cache-writer".into())
+            .spawn(move || {
+                // Directories known to exist: mkdir once per namespace, not per copy.
+                let mut made: HashSet<PathBuf> = HashSet::from([cache.root.clone()]);
+                for job in queue {
+                    let start = std::time::Instant::now();
+                    let path = cache.profile_path(&job.name);
+                    let parent = path.parent().unwrap_or(&cache.root);
+                    let result = if made.contains(parent) {
+                        Ok(())
+                    } else {
+                        std::fs::create_dir_all(parent)
+                            .map(|()| {
+                                made.insert(parent.to_path_buf());
+                            })
+                            .map_err(io(parent))
+                    }
+                    .and_then(|()| cache.write_atomic(&path, Durability::AtomicOnly, |w| w.write_all(&job.body)));
+                    tracing::debug!("cached copy of {} written in {:?}", job.name, start.elapsed());
+                    let _ = job.done.send(result);
+                }
+            })
+            .expect("cannot start the cache writer thread");
+        CopyWriter {
+            jobs: Some(jobs),
+            thread: Some(thread),
+        }
+    }
+
+    /// Replaces the cached copy of `name` (atomically, not durably: see
+    /// [`CacheDir::sync_copies`]).
+    pub async fn write(&self, name: String, body: Vec<u8>) -> Result<(), CacheError> {
+        let (done, result) = tokio::sync::oneshot::channel();
+        let path = PathBuf::from(&name);
+        let job = CopyJob { name, body, done };
+        let stopped = || CacheError::Io {
+            path: path.clone(),
+            source: std::io::Error::other("the cache writer thread stopped"),
+        };
+        let jobs = self.jobs.as_ref().ok_or_else(stopped)?;
+        jobs.send(job).map_err(|_| stopped())?;
+        result.await.map_err(|_| stopped())?
+    }
+}
+
+impl Drop for CopyWriter {
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -233,17 +337,6 @@ fn syncfs(dir: &File) -> std::io::Result<()> {
 fn syncfs(_: &File) -> std::io::Result<()> {
     // SAFETY: sync takes no arguments and cannot fail.
     unsafe { libc::sync() };
-    Ok(())
-}
-
-#[cfg(unix)]
-fn set_mode(file: &File, mode: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    file.set_permissions(std::fs::Permissions::from_mode(mode))
-}
-
-#[cfg(not(unix))]
-fn set_mode(_: &File, _: u32) -> std::io::Result<()> {
     Ok(())
 }
 
@@ -282,6 +375,59 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o644);
+    }
+
+    #[test]
+    fn the_copy_writer_writes_in_order_and_reports_each_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CacheDir::new(dir.path());
+        // A file where a namespace directory should be: that copy fails, the others do not.
+        std::fs::write(dir.path().join("blocked"), b"").unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let writer = cache.copy_writer();
+        runtime.block_on(async {
+            writer.write("a.json".into(), b"1".to_vec()).await.unwrap();
+            writer.write("ns/b.json".into(), b"2".to_vec()).await.unwrap();
+            writer.write("a.json".into(), b"3".to_vec()).await.unwrap();
+            let err = writer.write("blocked/c.json".into(), b"4".to_vec()).await.unwrap_err();
+            assert!(err.to_string().contains("blocked"), "{err}");
+            writer.write("ns/d.json".into(), b"5".to_vec()).await.unwrap();
+        });
+        drop(writer);
+        assert_eq!(cache.read_profile("a.json").unwrap().unwrap(), b"3");
+        assert_eq!(cache.read_profile("ns/b.json").unwrap().unwrap(), b"2");
+        assert_eq!(cache.read_profile("ns/d.json").unwrap().unwrap(), b"5");
+        let temps: Vec<_> = walk(dir.path())
+            .into_iter()
+            .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(TEMP_PREFIX))
+            .collect();
+        assert!(temps.is_empty(), "temp files left: {temps:?}");
+    }
+
+    #[test]
+    fn a_temp_file_left_by_a_crashed_run_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CacheDir::new(dir.path());
+        let next = TEMP_SERIAL.load(Ordering::Relaxed);
+        // Every serial this test may draw (others run concurrently in this process).
+        for serial in next..next + 64 {
+            let stale = dir.path().join(format!("{TEMP_PREFIX}{}-{serial}", std::process::id()));
+            std::fs::write(stale, b"half a copy").unwrap();
+        }
+        cache.write_profile("a.json", b"{}").unwrap();
+        assert_eq!(cache.read_profile("a.json").unwrap().unwrap(), b"{}");
+    }
+
+    fn walk(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            }
+            out.push(p);
+        }
+        out
     }
 
     #[test]
