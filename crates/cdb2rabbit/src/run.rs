@@ -9,11 +9,16 @@
 //! written once, atomically, at the end, and not at all when the index or the
 //! broker could not be reached.
 //!
-//! Downloads run DOWNLOAD_CONCURRENCY at a time; each changed profile is
-//! published as soon as it is downloaded and its confirm is awaited
-//! alongside the next downloads, so the run costs about as much as the
-//! downloads themselves. The broker is contacted only when something is to
-//! be published.
+//! Downloads run DOWNLOAD_CONCURRENCY at a time. Changed profiles are
+//! published in small batches ([`PUBLISH_BATCH`] profiles, or whatever
+//! arrived within [`PUBLISH_WAIT`]) and their confirms are awaited alongside
+//! the next downloads, so the run costs about as much as the downloads
+//! themselves. Batches matter to the broker: messages that arrive together
+//! share its disk sync and its confirm, where messages trickling in one by
+//! one cost it a sync each (five times its CPU, measured on RabbitMQ 3.10).
+//! A profile downloaded but not yet published when the run dies is simply
+//! looked at again by the next run. The broker is contacted only when
+//! something is to be published.
 //!
 //! Profiles that left the index are dropped from the cached index but their
 //! cached copies are kept, as the original kept them: a host removed and
@@ -25,26 +30,28 @@
 //! broken web server must not make the cache forget them.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::rc::Rc;
 use std::time::Duration;
 
+use futures::future::{FutureExt, LocalBoxFuture};
 use futures::stream::{FuturesUnordered, StreamExt};
 use packuilon_common::config::{Cdb2RabbitConfig, GlobalConfig};
 use packuilon_common::EXIT_FAILED;
-use tokio::sync::Semaphore;
 use tracing::{error, info, warn};
 
-use crate::cache::{CacheDir, CacheError};
+use crate::cache::{CacheDir, CacheError, CopyWriter};
 use crate::fetch::{profile_url, FetchError, Fetcher, PROFILE_LIMIT};
 use crate::index::{self, IndexError, INDEX_LIMIT};
 use crate::json;
-use crate::publish::{Confirmed, PublishError, Publisher};
+use crate::publish::{Confirmed, Pending, PublishError, Publisher};
 
-/// Publishes awaiting their confirm (or their cached copy) at once; bounds the
-/// bodies held in memory.
+/// Changed profiles held for publishing or awaiting their confirm (or their
+/// cached copy) at once; bounds the bodies held in memory.
 const MAX_IN_FLIGHT: usize = 256;
-/// Cached copies written at once (on the blocking pool, which they must not flood).
-const WRITERS: usize = 16;
+/// Changed profiles published together.
+const PUBLISH_BATCH: usize = 64;
+/// The longest a changed profile waits for its batch to fill.
+const PUBLISH_WAIT: Duration = Duration::from_millis(50);
 
 /// Which profiles a run publishes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -410,17 +417,27 @@ impl Pipeline<'_> {
             })
             .buffer_unordered(self.config.download_concurrency);
         let mut publisher: Option<Publisher> = None;
-        let mut in_flight = FuturesUnordered::new();
-        let writers = Arc::new(Semaphore::new(WRITERS));
+        let mut in_flight: FuturesUnordered<LocalBoxFuture<'static, InFlight>> = FuturesUnordered::new();
+        let writer = Rc::new(self.cache.copy_writer());
+        // Changed profiles waiting for their batch, and when the first of them arrived.
+        let mut batch: Vec<(&str, u64, Vec<u8>)> = Vec::with_capacity(PUBLISH_BATCH);
+        let mut batch_due = tokio::time::Instant::now();
         let mut downloads_done = candidates.is_empty();
         loop {
+            if !batch.is_empty() && (batch.len() >= PUBLISH_BATCH || downloads_done) {
+                self.publish(&mut publisher, &mut batch, &writer, &mut in_flight)
+                    .await?;
+            }
             tokio::select! {
                 // Confirms first: they free memory and let downloads continue.
                 biased;
                 Some((name, result, written)) = in_flight.next(), if !in_flight.is_empty() => {
                     self.confirmed(name, result, written);
                 }
-                next = downloads.next(), if !downloads_done && in_flight.len() < MAX_IN_FLIGHT => {
+                () = tokio::time::sleep_until(batch_due), if !batch.is_empty() => {
+                    self.publish(&mut publisher, &mut batch, &writer, &mut in_flight).await?;
+                }
+                next = downloads.next(), if !downloads_done && in_flight.len() + batch.len() < MAX_IN_FLIGHT => {
                     let Some((name, mtime, verdict)) = next else {
                         downloads_done = true;
                         continue;
@@ -438,29 +455,10 @@ impl Pipeline<'_> {
                                 self.summary.would_publish.push(name.to_string());
                                 continue;
                             }
-                            let publisher = match &mut publisher {
-                                Some(p) => p,
-                                None => publisher.insert(Publisher::connect(self.global).await.map_err(RunError::Broker)?),
-                            };
-                            info!(profile = name, "Pushing message to queue for build");
-                            match publisher.publish(name, mtime, &body).await {
-                                Ok(pending) => {
-                                    let (cache, writers) = (self.cache.clone(), writers.clone());
-                                    in_flight.push(async move {
-                                        let name = pending.profile.clone();
-                                        let sent = std::time::Instant::now();
-                                        let result = pending.confirmed().await;
-                                        tracing::debug!("confirm of {name} took {:?}", sent.elapsed());
-                                        // Only a confirmed publish replaces the cached copy.
-                                        let written = match result {
-                                            Ok(_) => Some(write_copy(cache, writers, name.clone(), body).await),
-                                            Err(_) => None,
-                                        };
-                                        (name, result, written)
-                                    });
-                                }
-                                Err(e) => self.summary.fail(name, &e.into()),
+                            if batch.is_empty() {
+                                batch_due = tokio::time::Instant::now() + PUBLISH_WAIT;
                             }
+                            batch.push((name, mtime, body));
                         }
                     }
                 }
@@ -469,6 +467,29 @@ impl Pipeline<'_> {
         }
         if let Some(p) = publisher {
             p.close().await;
+        }
+        Ok(())
+    }
+
+    /// Publishes the batch (connecting on the first one); each publish's
+    /// confirm, then its cached copy, is awaited in `in_flight`.
+    async fn publish<'n>(
+        &mut self,
+        publisher: &mut Option<Publisher>,
+        batch: &mut Vec<(&'n str, u64, Vec<u8>)>,
+        writer: &Rc<CopyWriter>,
+        in_flight: &mut FuturesUnordered<LocalBoxFuture<'static, InFlight>>,
+    ) -> Result<(), RunError> {
+        let publisher = match publisher {
+            Some(p) => p,
+            None => publisher.insert(Publisher::connect(self.global).await.map_err(RunError::Broker)?),
+        };
+        for (name, mtime, body) in batch.drain(..) {
+            info!(profile = name, "Pushing message to queue for build");
+            match publisher.publish(name, mtime, &body).await {
+                Ok(pending) => in_flight.push(confirm_then_copy(pending, body, writer.clone()).boxed_local()),
+                Err(e) => self.summary.fail(name, &e.into()),
+            }
         }
         Ok(())
     }
@@ -510,17 +531,21 @@ impl Pipeline<'_> {
     }
 }
 
-/// Writes a cached copy on the blocking pool, at most [`WRITERS`] at once.
-async fn write_copy(cache: CacheDir, writers: Arc<Semaphore>, name: String, body: Vec<u8>) -> Result<(), CacheError> {
-    let _permit = writers.acquire_owned().await.expect("the semaphore is never closed");
-    tokio::task::spawn_blocking(move || {
-        let start = std::time::Instant::now();
-        let written = cache.write_profile(&name, &body);
-        tracing::debug!("cached copy of {name} written in {:?}", start.elapsed());
-        written
-    })
-    .await
-    .unwrap_or_else(|e| panic!("writing a cached profile panicked: {e}"))
+/// What a publish came to: the profile, the broker's answer, and the
+/// cached copy's write when the broker confirmed.
+type InFlight = (String, Result<Confirmed, PublishError>, Option<Result<(), CacheError>>);
+
+/// Awaits the broker's answer; only a confirmed publish replaces the cached copy.
+async fn confirm_then_copy(pending: Pending, body: Vec<u8>, writer: Rc<CopyWriter>) -> InFlight {
+    let name = pending.profile.clone();
+    let sent = std::time::Instant::now();
+    let result = pending.confirmed().await;
+    tracing::debug!("confirm of {name} took {:?}", sent.elapsed());
+    let written = match result {
+        Ok(_) => Some(writer.write(name.clone(), body).await),
+        Err(_) => None,
+    };
+    (name, result, written)
 }
 
 /// Downloads one profile and compares it, as JSON, with its cached copy

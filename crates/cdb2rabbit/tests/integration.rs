@@ -747,3 +747,35 @@ fn an_empty_index_is_refused_when_the_cache_knows_profiles() {
     out.assert_logs_in_order(&["the index lists no profile but the cache knows 1; refusing it"]);
     assert_eq!(site.cache_snapshot(), before);
 }
+
+#[test]
+fn a_changed_profile_is_published_without_waiting_for_slower_downloads() {
+    let site = Site::new("ci-");
+    site.put("ci-fast.json", &profile("fast", 1), 100);
+    site.put("ci-slow.json", &profile("slow", 1), 100);
+    site.run(&[]).assert_status(0);
+    site.put("ci-fast.json", &profile("fast", 2), 101);
+    site.put("ci-slow.json", &profile("slow", 2), 101);
+    site.server
+        .set_fault("profiles/ci-slow.json", Fault::Delay(Duration::from_secs(6)));
+
+    let mut child = site.spawn(&[]);
+    // Publishes go out in batches; a batch waits a moment for company, never for the run's end.
+    let deadline = std::time::Instant::now() + Duration::from_secs(4);
+    let count = || support::block_on(site.queue.broker.message_count(&site.queue.name)).unwrap_or(0);
+    while count() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ci-fast.json was not published while ci-slow.json was still downloading"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the run ended before the check: ci-slow.json was not slow enough"
+    );
+    let out = support::finish(child);
+    out.assert_status(0);
+    out.assert_logs_in_order(&["Profile has updated: ci-fast.json", "Profile has updated: ci-slow.json"]);
+    assert_eq!(site.published_names(), ["ci-fast.json", "ci-slow.json"]);
+}
