@@ -13,8 +13,9 @@
 //! [`write_cached`] produces the broker's own format, so a cache directory
 //! shared with the original tool (or read by people) stays familiar.
 
-use std::collections::HashMap;
 use std::io::{Read, Write};
+
+use foldhash::{HashMap, HashMapExt, HashSet, HashSetExt};
 
 use quick_xml::events::Event;
 use quick_xml::Reader;
@@ -279,28 +280,60 @@ fn parse_xml(bytes: &[u8]) -> Result<Index, IndexError> {
 /// Removes every entry whose name is listed more than once (which of them
 /// is right cannot be known: the profile fails), keeping document order.
 fn drop_duplicates(entries: &mut Vec<Entry>, problems: &mut Vec<EntryError>) {
-    let mut first: HashMap<&str, bool> = HashMap::with_capacity(entries.len());
-    let mut any = false;
+    let mut seen: HashSet<&str> = HashSet::with_capacity(entries.len());
+    let mut twice: HashSet<&str> = HashSet::new();
     for e in entries.iter() {
-        if let Some(dup) = first.get_mut(e.name.as_str()) {
-            *dup = true;
-            any = true;
-        } else {
-            first.insert(&e.name, false);
+        if !seen.insert(&e.name) {
+            twice.insert(&e.name);
         }
     }
-    if !any {
+    if twice.is_empty() {
         return;
     }
-    let mut duplicated: Vec<String> = first
-        .into_iter()
-        .filter(|(_, dup)| *dup)
-        .map(|(n, _)| n.to_string())
-        .collect();
+    let mut duplicated: Vec<String> = twice.into_iter().map(str::to_string).collect();
     duplicated.sort();
-    let set: std::collections::HashSet<&str> = duplicated.iter().map(String::as_str).collect();
+    let set: HashSet<&str> = duplicated.iter().map(String::as_str).collect();
     entries.retain(|e| !set.contains(e.name.as_str()));
     problems.extend(duplicated.into_iter().map(|name| EntryError::Duplicate { name }));
+}
+
+/// The broker's index set against the cached one.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Matched<'a> {
+    /// The cached mtime of each of `index.entries`, in the same order.
+    pub olds: Vec<Option<u64>>,
+    /// Bad entries of the index that the cache knows, with their cached mtime.
+    pub problem_olds: Vec<(&'a str, u64)>,
+    /// Cached profiles the index no longer lists.
+    pub removed: Vec<String>,
+}
+
+/// Finds each entry of `index` in `cached`. The cached index is written in
+/// the broker's order, so the two usually agree entry for entry and are
+/// walked side by side; from the first difference on, the rest of the cache
+/// is looked up by name. Linear either way.
+pub fn match_cached(index: &Index, cached: Vec<Entry>) -> Matched<'_> {
+    let mut olds = Vec::with_capacity(index.entries.len());
+    let same = index
+        .entries
+        .iter()
+        .zip(&cached)
+        .take_while(|(new, old)| new.name == old.name)
+        .count();
+    olds.extend(cached[..same].iter().map(|e| Some(e.mtime)));
+    let mut rest: HashMap<String, u64> = HashMap::with_capacity(cached.len() - same);
+    rest.extend(cached.into_iter().skip(same).map(|e| (e.name, e.mtime)));
+    olds.extend(index.entries[same..].iter().map(|e| rest.remove(&e.name)));
+    let problem_olds = index
+        .problems
+        .iter()
+        .filter_map(|p| rest.remove(p.name()).map(|old| (p.name(), old)))
+        .collect();
+    Matched {
+        olds,
+        problem_olds,
+        removed: rest.into_keys().collect(),
+    }
 }
 
 /// Why a profile name cannot be used as a path below CACHE_DIR and the
@@ -318,7 +351,12 @@ pub fn check_name(name: &str) -> Result<(), &'static str> {
     if name.contains('\\') {
         return Err("backslash in profile name");
     }
-    if name.chars().any(char::is_control) {
+    let control = if name.is_ascii() {
+        name.bytes().any(|b| b.is_ascii_control())
+    } else {
+        name.chars().any(char::is_control)
+    };
+    if control {
         return Err("control character in profile name");
     }
     for segment in name.split('/') {
@@ -364,6 +402,47 @@ mod tests {
         <profile mtime='1486571445'>ci-host1.example.org.json</profile>\n\
         <profile mtime='1486571446'>ns/sub/host2.example.org.json.gz</profile>\n\
         </profiles>";
+
+    fn entries(pairs: &[(&str, u64)]) -> Vec<Entry> {
+        pairs
+            .iter()
+            .map(|(n, m)| Entry {
+                name: n.to_string(),
+                mtime: *m,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matching_the_cache_gives_the_same_answer_in_any_order() {
+        let index = Index {
+            entries: entries(&[("a", 2), ("b", 1), ("new", 5), ("c", 3)]),
+            problems: vec![
+                EntryError::Duplicate { name: "dup".into() },
+                EntryError::NoMtime { name: "fresh".into() },
+            ],
+        };
+        let want_olds = vec![Some(1), Some(1), None, Some(3)];
+        // Same order, reordered, shorter, longer, empty.
+        for cached in [
+            vec![("a", 1), ("b", 1), ("c", 3), ("dup", 7), ("gone", 9)],
+            vec![("gone", 9), ("c", 3), ("dup", 7), ("b", 1), ("a", 1)],
+            vec![("a", 1), ("b", 1), ("dup", 7), ("c", 3), ("gone", 9)],
+        ] {
+            let m = match_cached(&index, entries(&cached));
+            assert_eq!(m.olds, want_olds, "{cached:?}");
+            assert_eq!(m.problem_olds, vec![("dup", 7)], "{cached:?}");
+            assert_eq!(m.removed, vec!["gone".to_string()], "{cached:?}");
+        }
+        let m = match_cached(&index, entries(&[("a", 1)]));
+        assert_eq!(m.olds, vec![Some(1), None, None, None]);
+        assert!(m.removed.is_empty() && m.problem_olds.is_empty());
+        let m = match_cached(&index, Vec::new());
+        assert_eq!(m.olds, vec![None; 4]);
+        let everything = match_cached(&index, entries(&[("a", 2), ("b", 1), ("new", 5), ("c", 3), ("x", 1)]));
+        assert_eq!(everything.olds, vec![Some(2), Some(1), Some(5), Some(3)]);
+        assert_eq!(everything.removed, vec!["x".to_string()]);
+    }
 
     #[test]
     fn reads_the_brokers_format() {
