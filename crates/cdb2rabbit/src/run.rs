@@ -29,7 +29,7 @@
 //! index with no profile at all is refused while the cache knows some: a
 //! broken web server must not make the cache forget them.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -195,16 +195,7 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
     // second of CPU that would otherwise come after the download.
     let cached = {
         let cache = cache.clone();
-        tokio::task::spawn_blocking(move || {
-            cache.read_index().map(|cached| {
-                cached.map(|c| {
-                    c.entries
-                        .into_iter()
-                        .map(|e| (e.name, e.mtime))
-                        .collect::<HashMap<String, u64>>()
-                })
-            })
-        })
+        tokio::task::spawn_blocking(move || cache.read_index())
     };
     let raw = fetcher
         .get(&config.profile_info_url, INDEX_LIMIT)
@@ -218,16 +209,11 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
         .await
         .unwrap_or_else(|e| panic!("reading the cached index panicked: {e}"))?;
     let first_run = cached.is_none();
-    let mut cached: HashMap<String, u64> = cached.unwrap_or_default();
-    // Each entry's cached mtime, taken out of the map: what remains there
-    // afterwards are the profiles that left the index.
-    let olds: Vec<Option<u64>> = index.entries.iter().map(|e| cached.remove(&e.name)).collect();
-    let problem_olds: Vec<(&str, u64)> = index
-        .problems
-        .iter()
-        .filter_map(|p| cached.remove(p.name()).map(|old| (p.name(), old)))
-        .collect();
-    let removed = cached;
+    let index::Matched {
+        olds,
+        problem_olds,
+        removed,
+    } = index::match_cached(&index, cached.map(|c| c.entries).unwrap_or_default());
     if index.entries.is_empty() && index.problems.is_empty() && !removed.is_empty() {
         return Err(RunError::EmptyIndex {
             url: config.profile_info_url.to_string(),
@@ -284,19 +270,22 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
         _ => None,
     };
     let mut new_index: Vec<(&str, u64)> = Vec::with_capacity(index.entries.len());
+    // Whether the new cached index says exactly what the old one said.
+    let mut same_as_cached = removed.is_empty();
     for (entry, old) in index.entries.iter().zip(&olds) {
         let name = entry.name.as_str();
         let keep_old =
             (!failed.is_empty() && failed.contains(name)) || only.as_ref().is_some_and(|o| !o.contains(name));
         if !keep_old {
             new_index.push((name, entry.mtime));
+            same_as_cached &= *old == Some(entry.mtime);
         } else if let Some(old) = old {
             new_index.push((name, *old));
         }
     }
     // Bad entries keep whatever the cache said about them.
     new_index.extend(problem_olds);
-    let mut left: Vec<&String> = removed.keys().collect();
+    let mut left = removed;
     left.sort();
     for name in left {
         info!("Profile left the index: {name} (its cached copy is kept)");
@@ -307,8 +296,13 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
         cache.sync_copies()?;
         tracing::debug!("syncfs of {copies_written} cached copies took {:?}", start.elapsed());
     }
-    info!("Updating cached profile_info");
-    cache.write_index(new_index)?;
+    if same_as_cached {
+        // Nothing to record: the file (100,000 entries are about 5 MB) is not rewritten.
+        info!("Cached profile_info is up to date");
+    } else {
+        info!("Updating cached profile_info");
+        cache.write_index(new_index)?;
+    }
     if summary.failed.is_empty() {
         info!("Exiting normally");
     } else {

@@ -61,10 +61,16 @@ fn a_changed_profile_is_published_once_and_only_once() {
     assert_eq!(site.cached_copy("ci-a.example.org.json").as_deref(), Some(&body[..]));
     assert_eq!(site.cached_mtime("ci-a.example.org.json"), Some(101));
 
+    use std::os::unix::fs::MetadataExt;
+    let inode = || std::fs::metadata(site.cache().join("cached_info.xml")).unwrap().ino();
+    let before = inode();
     let again = site.run(&[]);
     again.assert_status(0);
     assert!(site.published().is_empty(), "published twice");
     assert!(!again.stderr.contains("Downloading"), "{}", again.stderr);
+    // Nothing changed: the cached index is left as it is, not rewritten.
+    again.assert_logs_in_order(&["Cached profile_info is up to date", "Exiting normally"]);
+    assert_eq!(inode(), before, "cached_info.xml was rewritten");
 }
 
 #[test]
