@@ -37,7 +37,7 @@ use futures::future::{FutureExt, LocalBoxFuture};
 use futures::stream::{FuturesUnordered, StreamExt};
 use packuilon_common::config::{Cdb2RabbitConfig, GlobalConfig};
 use packuilon_common::EXIT_FAILED;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::cache::{CacheDir, CacheError, CopyWriter};
 use crate::fetch::{profile_url, FetchError, Fetcher, PROFILE_LIMIT};
@@ -197,17 +197,26 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
         let cache = cache.clone();
         tokio::task::spawn_blocking(move || cache.read_index())
     };
+    let started = std::time::Instant::now();
     let raw = fetcher
         .get(&config.profile_info_url, INDEX_LIMIT)
         .await
         .map_err(RunError::Fetch)?;
+    debug!("index: {} bytes downloaded in {:?}", raw.len(), started.elapsed());
     let index = index::parse(raw).map_err(|source| RunError::Index {
         url: config.profile_info_url.to_string(),
         source,
     })?;
+    debug!(
+        "index: {} entries, {} bad, parsed at {:?}",
+        index.entries.len(),
+        index.problems.len(),
+        started.elapsed()
+    );
     let cached = cached
         .await
         .unwrap_or_else(|e| panic!("reading the cached index panicked: {e}"))?;
+    debug!("cached index read at {:?}", started.elapsed());
     let first_run = cached.is_none();
     let index::Matched {
         olds,
@@ -242,6 +251,7 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
     }
 
     let candidates = select_candidates(&index, &olds, config, &options.mode, &mut summary);
+    debug!("{} candidate(s) selected at {:?}", candidates.len(), started.elapsed());
     let mut processed = Pipeline {
         global,
         config,
@@ -294,7 +304,7 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
         // The copies must be durable before the index that points past them.
         let start = std::time::Instant::now();
         cache.sync_copies()?;
-        tracing::debug!("syncfs of {copies_written} cached copies took {:?}", start.elapsed());
+        debug!("syncfs of {copies_written} cached copies took {:?}", start.elapsed());
     }
     if same_as_cached {
         // Nothing to record: the file (100,000 entries are about 5 MB) is not rewritten.
@@ -410,17 +420,28 @@ impl Pipeline<'_> {
                 (name, mtime, examine(fetcher, cache, base, name, force).await)
             })
             .buffer_unordered(self.config.download_concurrency);
+        // The broker connection opens when the first changed profile is
+        // found, while the downloads go on.
         let mut publisher: Option<Publisher> = None;
+        let mut connecting: Option<LocalBoxFuture<'_, Result<Publisher, PublishError>>> = None;
         let mut in_flight: FuturesUnordered<LocalBoxFuture<'static, InFlight>> = FuturesUnordered::new();
         let writer = Rc::new(self.cache.copy_writer());
-        // Changed profiles waiting for their batch, and when the first of them arrived.
+        // Changed profiles waiting for their batch; when the batch is due at the latest.
         let mut batch: Vec<(&str, u64, Vec<u8>)> = Vec::with_capacity(PUBLISH_BATCH);
         let mut batch_due = tokio::time::Instant::now();
+        let mut overdue = false;
         let mut downloads_done = candidates.is_empty();
         loop {
-            if !batch.is_empty() && (batch.len() >= PUBLISH_BATCH || downloads_done) {
-                self.publish(&mut publisher, &mut batch, &writer, &mut in_flight)
-                    .await?;
+            if !batch.is_empty() {
+                match &publisher {
+                    Some(p) if batch.len() >= PUBLISH_BATCH || downloads_done || overdue => {
+                        self.publish(p, &mut batch, &writer, &mut in_flight).await;
+                        overdue = false;
+                    }
+                    Some(_) => {}
+                    None if connecting.is_none() => connecting = Some(Publisher::connect(self.global).boxed_local()),
+                    None => {}
+                }
             }
             tokio::select! {
                 // Confirms first: they free memory and let downloads continue.
@@ -428,9 +449,11 @@ impl Pipeline<'_> {
                 Some((name, result, written)) = in_flight.next(), if !in_flight.is_empty() => {
                     self.confirmed(name, result, written);
                 }
-                () = tokio::time::sleep_until(batch_due), if !batch.is_empty() => {
-                    self.publish(&mut publisher, &mut batch, &writer, &mut in_flight).await?;
+                connected = async { connecting.as_mut().expect("checked").await }, if connecting.is_some() => {
+                    connecting = None;
+                    publisher = Some(connected.map_err(RunError::Broker)?);
                 }
+                () = tokio::time::sleep_until(batch_due), if !batch.is_empty() && !overdue => overdue = true,
                 next = downloads.next(), if !downloads_done && in_flight.len() + batch.len() < MAX_IN_FLIGHT => {
                     let Some((name, mtime, verdict)) = next else {
                         downloads_done = true;
@@ -465,19 +488,15 @@ impl Pipeline<'_> {
         Ok(())
     }
 
-    /// Publishes the batch (connecting on the first one); each publish's
-    /// confirm, then its cached copy, is awaited in `in_flight`.
-    async fn publish<'n>(
+    /// Publishes the batch; each publish's confirm, then its cached copy,
+    /// is awaited in `in_flight`.
+    async fn publish(
         &mut self,
-        publisher: &mut Option<Publisher>,
-        batch: &mut Vec<(&'n str, u64, Vec<u8>)>,
+        publisher: &Publisher,
+        batch: &mut Vec<(&str, u64, Vec<u8>)>,
         writer: &Rc<CopyWriter>,
         in_flight: &mut FuturesUnordered<LocalBoxFuture<'static, InFlight>>,
-    ) -> Result<(), RunError> {
-        let publisher = match publisher {
-            Some(p) => p,
-            None => publisher.insert(Publisher::connect(self.global).await.map_err(RunError::Broker)?),
-        };
+    ) {
         for (name, mtime, body) in batch.drain(..) {
             info!(profile = name, "Pushing message to queue for build");
             match publisher.publish(name, mtime, &body).await {
@@ -485,7 +504,6 @@ impl Pipeline<'_> {
                 Err(e) => self.summary.fail(name, &e.into()),
             }
         }
-        Ok(())
     }
 
     /// The broker answered, and the cached copy was written if it confirmed.
@@ -534,7 +552,7 @@ async fn confirm_then_copy(pending: Pending, body: Vec<u8>, writer: Rc<CopyWrite
     let name = pending.profile.clone();
     let sent = std::time::Instant::now();
     let result = pending.confirmed().await;
-    tracing::debug!("confirm of {name} took {:?}", sent.elapsed());
+    debug!("confirm of {name} took {:?}", sent.elapsed());
     let written = match result {
         Ok(_) => Some(writer.write(name.clone(), body).await),
         Err(_) => None,
