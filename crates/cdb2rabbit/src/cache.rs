@@ -146,6 +146,19 @@ impl CacheDir {
         self.write_atomic(&path, Durability::Durable, |w| index::write_cached(w, entries))
     }
 
+    /// As [`CacheDir::write_index`], after this run's cached copies: one
+    /// `syncfs(2)` makes the copies and the new index durable together,
+    /// before the new index replaces the old one.
+    pub fn write_index_after_copies<'a>(
+        &self,
+        entries: impl IntoIterator<Item = (&'a str, u64)>,
+    ) -> Result<(), CacheError> {
+        let path = self.index_path();
+        self.write_atomic(&path, Durability::DurableWithCopies, |w| {
+            index::write_cached(w, entries)
+        })
+    }
+
     /// The cached copy of a profile, `None` when there is none.
     pub fn read_profile(&self, name: &str) -> Result<Option<Vec<u8>>, CacheError> {
         let path = self.profile_path(name);
@@ -192,8 +205,10 @@ impl CacheDir {
                 fill(&mut w).map_err(io(&tmp_path))?;
                 w.flush().map_err(io(&tmp_path))?;
             }
-            if durability == Durability::Durable {
-                file.sync_all().map_err(io(&tmp_path))?;
+            match durability {
+                Durability::AtomicOnly => {}
+                Durability::Durable => file.sync_all().map_err(io(&tmp_path))?,
+                Durability::DurableWithCopies => syncfs(&file).map_err(io(&tmp_path))?,
             }
             drop(file);
             std::fs::rename(&tmp_path, path).map_err(io(path))
@@ -202,7 +217,7 @@ impl CacheDir {
             let _ = std::fs::remove_file(&tmp_path);
         }
         written?;
-        if durability == Durability::Durable {
+        if durability != Durability::AtomicOnly {
             File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
         }
         Ok(())
@@ -319,6 +334,9 @@ enum Durability {
     AtomicOnly,
     /// Atomic and durable: file fsynced before the rename, directory after.
     Durable,
+    /// As `Durable`, with `syncfs(2)` instead of the file's fsync, so the
+    /// cached copies written before it are durable too.
+    DurableWithCopies,
 }
 
 #[cfg(target_os = "linux")]

@@ -153,7 +153,8 @@ fn parse_xml(bytes: &[u8]) -> Result<Index, IndexError> {
         message: e.to_string(),
     };
     let mut state = State::BeforeRoot;
-    let mut entries: Vec<Entry> = Vec::new();
+    // An entry takes some 60 bytes of the document.
+    let mut entries: Vec<Entry> = Vec::with_capacity((bytes.len() / 64).min(1 << 20));
     let mut problems = Vec::new();
     loop {
         let event = reader.read_event().map_err(|e| xml_err(&reader, &e))?;
@@ -197,7 +198,12 @@ fn parse_xml(bytes: &[u8]) -> Result<Index, IndexError> {
             (State::InRoot, Event::Start(_)) => state = State::InOther { depth: 1 },
             (State::InRoot, Event::End(_)) => state = State::AfterRoot,
             (State::InProfile { name, .. }, Event::Text(t)) => {
-                name.push_str(&t.xml_content().map_err(|err| xml_err(&reader, &err))?);
+                let text = t.xml_content().map_err(|err| xml_err(&reader, &err))?;
+                if name.is_empty() {
+                    *name = text.into_owned();
+                } else {
+                    name.push_str(&text);
+                }
             }
             (State::InProfile { name, .. }, Event::CData(t)) => {
                 name.push_str(&t.xml_content().map_err(|err| xml_err(&reader, &err))?);
@@ -384,14 +390,27 @@ pub fn write_cached<'a, W: Write>(
 ) -> std::io::Result<()> {
     out.write_all(b"<?xml version='1.0' encoding='utf-8'?>\n<profiles>\n")?;
     for (name, mtime) in entries {
-        writeln!(
-            out,
-            "<profile mtime='{mtime}'>{}</profile>",
-            quick_xml::escape::escape(name)
-        )?;
+        out.write_all(b"<profile mtime='")?;
+        out.write_all(decimal(mtime, &mut [0; 20]))?;
+        out.write_all(b"'>")?;
+        out.write_all(quick_xml::escape::escape(name).as_bytes())?;
+        out.write_all(b"</profile>\n")?;
     }
     out.write_all(b"</profiles>")?;
     Ok(())
+}
+
+/// `n` in decimal, written at the end of `buf`.
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut start = buf.len();
+    loop {
+        start -= 1;
+        buf[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buf[start..];
+        }
+    }
 }
 
 #[cfg(test)]
@@ -442,6 +461,13 @@ mod tests {
         let everything = match_cached(&index, entries(&[("a", 2), ("b", 1), ("new", 5), ("c", 3), ("x", 1)]));
         assert_eq!(everything.olds, vec![Some(2), Some(1), Some(5), Some(3)]);
         assert_eq!(everything.removed, vec!["x".to_string()]);
+    }
+
+    #[test]
+    fn numbers_are_written_in_decimal() {
+        for n in [0, 7, 10, 1486571445, u64::MAX] {
+            assert_eq!(decimal(n, &mut [0; 20]), n.to_string().as_bytes());
+        }
     }
 
     #[test]

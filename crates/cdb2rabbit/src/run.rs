@@ -300,19 +300,26 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
     for name in left {
         info!("Profile left the index: {name} (its cached copy is kept)");
     }
-    if copies_written > 0 {
-        // The copies must be durable before the index that points past them.
-        let start = std::time::Instant::now();
-        cache.sync_copies()?;
-        debug!("syncfs of {copies_written} cached copies took {:?}", start.elapsed());
-    }
+    // The copies must be durable before an index that points past them.
+    let start = std::time::Instant::now();
     if same_as_cached {
         // Nothing to record: the file (100,000 entries are about 5 MB) is not rewritten.
+        if copies_written > 0 {
+            cache.sync_copies()?;
+        }
         info!("Cached profile_info is up to date");
     } else {
         info!("Updating cached profile_info");
-        cache.write_index(new_index)?;
+        if copies_written > 0 {
+            cache.write_index_after_copies(new_index)?;
+        } else {
+            cache.write_index(new_index)?;
+        }
     }
+    debug!(
+        "cached index and {copies_written} cached copies made durable in {:?}",
+        start.elapsed()
+    );
     if summary.failed.is_empty() {
         info!("Exiting normally");
     } else {
