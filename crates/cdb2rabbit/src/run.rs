@@ -392,9 +392,6 @@ fn select_candidates<'a>(
         );
         summary.skipped.push(name.to_string());
     }
-    for (name, _) in &candidates {
-        info!("CI profile rebuilt: {name}");
-    }
     candidates
 }
 
@@ -423,6 +420,8 @@ impl Pipeline<'_> {
         let force = self.force;
         let mut downloads = futures::stream::iter(candidates.iter().copied())
             .map(|(name, mtime)| async move {
+                // As the original, profile by profile (not all before the first download).
+                info!("CI profile rebuilt: {name}");
                 info!("Downloading profile {name}");
                 (name, mtime, examine(fetcher, cache, base, name, force).await)
             })
