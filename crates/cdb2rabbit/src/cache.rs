@@ -8,10 +8,21 @@
 //!   subdirectories), to tell a real change from a recompile.
 //! - `.cdb2rabbit.lock`: the exclusive run lock (cron, the timer and the
 //!   cdispd hook may overlap).
+//! - `.cdb2rabbit-spare/<name>`: the copy a profile had before its last
+//!   change (see below); never read.
 //!
-//! Every file is replaced atomically (temp file in the same directory, then
-//! rename), so a reader never sees half a file. What needs to be durable,
-//! and when:
+//! Every file is replaced atomically, so a reader never sees half a file.
+//! The index: temp file in the same directory, then rename. A profile's
+//! copy: the new JSON is written into its spare file, which is then
+//! swapped with the copy in one `renameat2(RENAME_EXCHANGE)`; the spare
+//! keeps the old copy's inode for the next change. Creating a temp file
+//! and renaming it over the copy instead costs an inode allocated and one
+//! freed per copy, and on ext4 without a journal inode allocation skips
+//! every inode freed in the last half minute, block by block: a run
+//! rewriting 1,000 copies shortly after another spent most of its time
+//! there (0.6 s of system CPU against 0.1 s with the swap). Where the
+//! swap is not supported (other filesystems) the spare is renamed over
+//! the copy, which is as atomic. What needs to be durable, and when:
 //!
 //! - A cached copy that a crash takes back (old content, or an empty or
 //!   missing file) can only cause a duplicate publish: the next run
@@ -44,6 +55,8 @@ use crate::index::{self, Index, IndexError};
 pub const CACHED_INDEX: &str = "cached_info.xml";
 /// The run lock (a dot file: [`index::check_name`] keeps profiles away from it).
 pub const LOCK_FILE: &str = ".cdb2rabbit.lock";
+/// Where each profile's spare file lives (a dot directory, like the lock).
+pub const SPARE_DIR: &str = ".cdb2rabbit-spare";
 const TEMP_PREFIX: &str = ".cdb2rabbit-tmp-";
 
 #[derive(Debug, thiserror::Error)]
@@ -172,10 +185,29 @@ impl CacheDir {
     /// Replaces the cached copy of a profile atomically, but not durably:
     /// call [`CacheDir::sync_copies`] before the index that relies on it.
     pub fn write_profile(&self, name: &str, body: &[u8]) -> Result<(), CacheError> {
+        self.write_copy(name, body, &mut HashSet::new())
+    }
+
+    /// [`CacheDir::write_profile`], creating directories not in `made` (and adding them).
+    fn write_copy(&self, name: &str, body: &[u8], made: &mut HashSet<PathBuf>) -> Result<(), CacheError> {
         let path = self.profile_path(name);
-        let parent = path.parent().unwrap_or(&self.root).to_path_buf();
-        std::fs::create_dir_all(&parent).map_err(io(&parent))?;
-        self.write_atomic(&path, Durability::AtomicOnly, |w| w.write_all(body))
+        let spare = self.root.join(SPARE_DIR).join(name);
+        for dir in [path.parent(), spare.parent()].into_iter().flatten() {
+            if !made.contains(dir) {
+                std::fs::create_dir_all(dir).map_err(io(dir))?;
+                made.insert(dir.to_path_buf());
+            }
+        }
+        let written = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(&spare)
+            .and_then(|mut file| file.write_all(body));
+        written.map_err(io(&spare))?;
+        swap_into_place(&spare, &path).map_err(io(&path))
     }
 
     /// Starts the thread that writes this run's cached copies (see [`CopyWriter`]).
@@ -206,7 +238,6 @@ impl CacheDir {
                 w.flush().map_err(io(&tmp_path))?;
             }
             match durability {
-                Durability::AtomicOnly => {}
                 Durability::Durable => file.sync_all().map_err(io(&tmp_path))?,
                 Durability::DurableWithCopies => syncfs(&file).map_err(io(&tmp_path))?,
             }
@@ -217,10 +248,46 @@ impl CacheDir {
             let _ = std::fs::remove_file(&tmp_path);
         }
         written?;
-        if durability != Durability::AtomicOnly {
-            File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
-        }
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
         Ok(())
+    }
+}
+
+/// Puts `spare` in place of `path` atomically: swapped with it when it is
+/// a regular file and the filesystem can (the spare then holds the old
+/// copy), renamed over it otherwise (which fails on a directory, as it should).
+fn swap_into_place(spare: &Path, path: &Path) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_file() => {}
+        Ok(_) => return std::fs::rename(spare, path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return std::fs::rename(spare, path),
+        Err(e) => return Err(e),
+    }
+    let c_path = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in a cache path"))
+    };
+    let (from, to) = (c_path(spare)?, c_path(path)?);
+    // SAFETY: both are NUL-terminated paths that live across the call.
+    let swapped = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if swapped == 0 {
+        return Ok(());
+    }
+    match std::io::Error::last_os_error() {
+        // No RENAME_EXCHANGE here (EINVAL: filesystem, ENOSYS: kernel).
+        e if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP)) => {
+            std::fs::rename(spare, path)
+        }
+        e => Err(e),
     }
 }
 
@@ -279,18 +346,7 @@ impl CopyWriter {
                 let mut made: HashSet<PathBuf> = HashSet::from([cache.root.clone()]);
                 for job in queue {
                     let start = std::time::Instant::now();
-                    let path = cache.profile_path(&job.name);
-                    let parent = path.parent().unwrap_or(&cache.root);
-                    let result = if made.contains(parent) {
-                        Ok(())
-                    } else {
-                        std::fs::create_dir_all(parent)
-                            .map(|()| {
-                                made.insert(parent.to_path_buf());
-                            })
-                            .map_err(io(parent))
-                    }
-                    .and_then(|()| cache.write_atomic(&path, Durability::AtomicOnly, |w| w.write_all(&job.body)));
+                    let result = cache.write_copy(&job.name, &job.body, &mut made);
                     tracing::debug!("cached copy of {} written in {:?}", job.name, start.elapsed());
                     let _ = job.done.send(result);
                 }
@@ -327,11 +383,9 @@ impl Drop for CopyWriter {
     }
 }
 
-/// How far [`CacheDir::write_atomic`] goes.
+/// How [`CacheDir::write_atomic`] makes its file durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Durability {
-    /// Atomic only (a profile copy; [`CacheDir::sync_copies`] follows).
-    AtomicOnly,
     /// Atomic and durable: file fsynced before the rename, directory after.
     Durable,
     /// As `Durable`, with `syncfs(2)` instead of the file's fsync, so the
@@ -374,25 +428,70 @@ mod tests {
     }
 
     #[test]
-    fn rewriting_a_copy_replaces_it_and_leaves_no_temp_file() {
+    fn rewriting_a_copy_swaps_it_with_its_spare_and_leaves_no_temp_file() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
         let dir = tempfile::tempdir().unwrap();
         let cache = CacheDir::new(dir.path());
-        cache.write_profile("a.json", b"{\"v\": 1}").unwrap();
-        cache.write_profile("a.json", b"{\"v\": 2}").unwrap();
-        cache.write_profile("a.json", b"{\"v\": 3}").unwrap();
+        let ino = |p: &str| std::fs::metadata(dir.path().join(p)).unwrap().ino();
+        cache.write_profile("ns/a.json", b"{\"v\": 1}").unwrap();
+        let first = ino("ns/a.json");
+        cache.write_profile("ns/a.json", b"{\"v\": 2}").unwrap();
+        let second = ino("ns/a.json");
+        assert_ne!(first, second, "a copy is never rewritten in place");
+        assert_eq!(
+            ino(".cdb2rabbit-spare/ns/a.json"),
+            first,
+            "the old copy became the spare"
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join(".cdb2rabbit-spare/ns/a.json")).unwrap(),
+            b"{\"v\": 1}"
+        );
+        cache.write_profile("ns/a.json", b"{\"v\": 3}").unwrap();
+        // The two inodes take turns: no inode is allocated or freed for a rewrite.
+        assert_eq!(ino("ns/a.json"), first);
+        assert_eq!(ino(".cdb2rabbit-spare/ns/a.json"), second);
         cache.sync_copies().unwrap();
-        assert_eq!(cache.read_profile("a.json").unwrap().unwrap(), b"{\"v\": 3}");
-        let left: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
+        assert_eq!(cache.read_profile("ns/a.json").unwrap().unwrap(), b"{\"v\": 3}");
+        let mut left: Vec<_> = walk(dir.path())
+            .iter()
+            .map(|p| p.strip_prefix(dir.path()).unwrap().display().to_string())
             .collect();
-        assert_eq!(left, ["a.json"]);
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join("a.json"))
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                ".cdb2rabbit-spare",
+                ".cdb2rabbit-spare/ns",
+                ".cdb2rabbit-spare/ns/a.json",
+                "ns",
+                "ns/a.json"
+            ]
+        );
+        let mode = std::fs::metadata(dir.path().join("ns/a.json"))
             .unwrap()
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o644);
+    }
+
+    #[test]
+    fn a_symlink_copy_is_replaced_and_a_directory_in_the_way_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CacheDir::new(dir.path());
+        let outside = dir.path().join("outside.txt");
+        std::fs::write(&outside, b"keep me").unwrap();
+        std::os::unix::fs::symlink(&outside, dir.path().join("l.json")).unwrap();
+        cache.write_profile("l.json", b"{}").unwrap();
+        assert!(!std::fs::symlink_metadata(dir.path().join("l.json"))
+            .unwrap()
+            .is_symlink());
+        assert_eq!(std::fs::read(&outside).unwrap(), b"keep me");
+
+        std::fs::create_dir_all(dir.path().join("d.json/x")).unwrap();
+        let err = cache.write_profile("d.json", b"{}").unwrap_err();
+        assert!(err.to_string().contains("d.json"), "{err}");
+        assert!(dir.path().join("d.json/x").is_dir(), "the directory was moved");
     }
 
     #[test]
@@ -432,8 +531,8 @@ mod tests {
             let stale = dir.path().join(format!("{TEMP_PREFIX}{}-{serial}", std::process::id()));
             std::fs::write(stale, b"half a copy").unwrap();
         }
-        cache.write_profile("a.json", b"{}").unwrap();
-        assert_eq!(cache.read_profile("a.json").unwrap().unwrap(), b"{}");
+        cache.write_index([("a.json", 7u64)]).unwrap();
+        assert_eq!(cache.read_index().unwrap().unwrap().entries[0].mtime, 7);
     }
 
     fn walk(dir: &Path) -> Vec<PathBuf> {
