@@ -172,6 +172,48 @@ impl CacheDir {
         })
     }
 
+    /// Writes a new cached index to a temp file beside the current one, and
+    /// starts writing it to disk, without replacing anything yet:
+    /// [`CacheDir::commit_index`] does that. A run writes the index it
+    /// expects while its downloads go on, so that a run where everything
+    /// succeeds ends without a 5 MB write. Dropped uncommitted, the temp
+    /// file is removed.
+    pub fn prepare_index<'a>(
+        &self,
+        entries: impl IntoIterator<Item = (&'a str, u64)>,
+    ) -> Result<PreparedIndex, CacheError> {
+        let (path, file) = create_temp(&self.root).map_err(io(&self.root))?;
+        let prepared = PreparedIndex { path: Some(path) };
+        let tmp = prepared.path.as_deref().expect("just set");
+        {
+            let mut w = BufWriter::new(&file);
+            index::write_cached(&mut w, entries).map_err(io(tmp))?;
+            w.flush().map_err(io(tmp))?;
+        }
+        start_writeback(&file);
+        Ok(prepared)
+    }
+
+    /// Replaces the cached index with a prepared one: one `syncfs(2)` makes
+    /// it and this run's cached copies durable, then the rename, then the
+    /// directory's fsync.
+    pub fn commit_index(&self, mut prepared: PreparedIndex) -> Result<(), CacheError> {
+        let tmp = prepared.path.take().expect("a prepared index is committed once");
+        let result = (|| {
+            let file = File::open(&tmp).map_err(io(&tmp))?;
+            syncfs(&file).map_err(io(&tmp))?;
+            let path = self.index_path();
+            std::fs::rename(&tmp, &path).map_err(io(&path))?;
+            File::open(&self.root)
+                .and_then(|d| d.sync_all())
+                .map_err(io(&self.root))
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+
     /// The cached copy of a profile, `None` when there is none.
     pub fn read_profile(&self, name: &str) -> Result<Option<Vec<u8>>, CacheError> {
         let path = self.profile_path(name);
@@ -383,6 +425,34 @@ impl Drop for CopyWriter {
     }
 }
 
+/// A new cached index written to a temp file by [`CacheDir::prepare_index`].
+#[derive(Debug)]
+pub struct PreparedIndex {
+    /// The temp file; `None` once committed.
+    path: Option<PathBuf>,
+}
+
+impl Drop for PreparedIndex {
+    fn drop(&mut self) {
+        if let Some(path) = self.path.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Asks the kernel to start writing `file` to disk now, so that the
+/// `syncfs(2)` that makes it durable later finds little left to do.
+#[cfg(target_os = "linux")]
+fn start_writeback(file: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the descriptor is open for the duration of the call; this only
+    // starts writeback (a failure just leaves the work to syncfs).
+    unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_: &File) {}
+
 /// How [`CacheDir::write_atomic`] makes its file durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Durability {
@@ -545,6 +615,34 @@ mod tests {
             out.push(p);
         }
         out
+    }
+
+    #[test]
+    fn a_prepared_index_replaces_the_cached_one_only_when_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CacheDir::new(dir.path());
+        cache.write_index([("a.json", 1u64)]).unwrap();
+        let entries = |cache: &CacheDir| {
+            let idx = cache.read_index().unwrap().unwrap();
+            idx.entries.into_iter().map(|e| (e.name, e.mtime)).collect::<Vec<_>>()
+        };
+        let files = || std::fs::read_dir(dir.path()).unwrap().count();
+
+        let prepared = cache.prepare_index([("a.json", 2u64), ("b.json", 3)]).unwrap();
+        assert_eq!(files(), 2, "the prepared index is a temp file beside the cached one");
+        assert_eq!(
+            entries(&cache),
+            [("a.json".to_string(), 1)],
+            "not replaced before the commit"
+        );
+        drop(prepared);
+        assert_eq!(files(), 1, "an abandoned prepared index leaves nothing behind");
+        assert_eq!(entries(&cache), [("a.json".to_string(), 1)]);
+
+        let prepared = cache.prepare_index([("a.json", 2u64), ("b.json", 3)]).unwrap();
+        cache.commit_index(prepared).unwrap();
+        assert_eq!(entries(&cache), [("a.json".to_string(), 2), ("b.json".to_string(), 3)]);
+        assert_eq!(files(), 1);
     }
 
     #[test]

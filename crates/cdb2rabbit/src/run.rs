@@ -31,6 +31,7 @@
 
 use std::collections::HashSet;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::{FutureExt, LocalBoxFuture};
@@ -203,10 +204,10 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
         .await
         .map_err(RunError::Fetch)?;
     debug!("index: {} bytes downloaded in {:?}", raw.len(), started.elapsed());
-    let index = index::parse(raw).map_err(|source| RunError::Index {
+    let index = Arc::new(index::parse(raw).map_err(|source| RunError::Index {
         url: config.profile_info_url.to_string(),
         source,
-    })?;
+    })?);
     debug!(
         "index: {} entries, {} bad, parsed at {:?}",
         index.entries.len(),
@@ -252,6 +253,22 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
 
     let candidates = select_candidates(&index, &olds, config, &options.mode, &mut summary);
     debug!("{} candidate(s) selected at {:?}", candidates.len(), started.elapsed());
+    // The index this run records if every candidate succeeds (the usual
+    // case), written on another thread while the downloads go on.
+    let expected_index = if options.dry_run
+        || matches!(options.mode, Mode::Named(_))
+        || (removed.is_empty() && index.entries.iter().zip(&olds).all(|(e, old)| *old == Some(e.mtime)))
+    {
+        None
+    } else {
+        let (index, cache) = (index.clone(), cache.clone());
+        let problem_olds: Vec<(String, u64)> = problem_olds.iter().map(|(n, m)| (n.to_string(), *m)).collect();
+        Some(tokio::task::spawn_blocking(move || {
+            let entries = index.entries.iter().map(|e| (e.name.as_str(), e.mtime));
+            cache.prepare_index(entries.chain(problem_olds.iter().map(|(n, m)| (n.as_str(), *m))))
+        }))
+    };
+    let failed_before = summary.failed.len();
     let mut processed = Pipeline {
         global,
         config,
@@ -262,7 +279,14 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
         summary,
         copies_written: 0,
     };
-    processed.run(&candidates).await?;
+    if let Err(e) = processed.run(&candidates).await {
+        // The index written ahead is not wanted: its temp file goes (and
+        // goes now: the process exits right after).
+        if let Some(task) = expected_index {
+            drop(task.await);
+        }
+        return Err(e);
+    }
     let Pipeline {
         mut summary,
         copies_written,
@@ -272,6 +296,7 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
     if options.dry_run {
         return Ok(summary);
     }
+    let all_succeeded = summary.failed.len() == failed_before;
     let failed: HashSet<&str> = summary.failed.iter().map(|(n, _)| n.as_str()).collect();
     // With --profile, other profiles were not looked at: their cached state stays
     // as it was (or becomes the baseline on a first run).
@@ -310,10 +335,32 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
         info!("Cached profile_info is up to date");
     } else {
         info!("Updating cached profile_info");
-        if copies_written > 0 {
-            cache.write_index_after_copies(new_index)?;
-        } else {
-            cache.write_index(new_index)?;
+        let expected = match expected_index {
+            Some(task) => match task.await {
+                Ok(Ok(prepared)) => Some(prepared),
+                Ok(Err(e)) => {
+                    debug!("writing the expected index ahead failed ({e}); writing it now");
+                    None
+                }
+                Err(e) => panic!("writing the expected index panicked: {e}"),
+            },
+            None => None,
+        };
+        match expected {
+            // Every candidate succeeded: the index written ahead is the one to record.
+            Some(prepared) if all_succeeded => {
+                debug_assert!(
+                    new_index.len() >= index.entries.len()
+                        && new_index
+                            .iter()
+                            .zip(&index.entries)
+                            .all(|(n, e)| n.0 == e.name && n.1 == e.mtime),
+                    "the index written ahead differs from the one to record"
+                );
+                cache.commit_index(prepared)?
+            }
+            _ if copies_written > 0 => cache.write_index_after_copies(new_index)?,
+            _ => cache.write_index(new_index)?,
         }
     }
     debug!(

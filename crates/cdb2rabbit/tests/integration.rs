@@ -60,6 +60,8 @@ fn a_changed_profile_is_published_once_and_only_once() {
     assert_eq!(m.profile_header.as_deref(), Some("ci-a.example.org.json"));
     assert_eq!(site.cached_copy("ci-a.example.org.json").as_deref(), Some(&body[..]));
     assert_eq!(site.cached_mtime("ci-a.example.org.json"), Some(101));
+    assert_eq!(site.cached_mtime("ci-b.example.org.json"), Some(100));
+    assert_eq!(site.temp_files(), Vec::<String>::new());
 
     use std::os::unix::fs::MetadataExt;
     let inode = || std::fs::metadata(site.cache().join("cached_info.xml")).unwrap().ino();
@@ -209,6 +211,11 @@ fn failed_downloads_are_retried_by_the_next_run_and_others_still_publish() {
     out.assert_logs_in_order(&["ci-notjson.json: not valid JSON"]);
     out.assert_logs_in_order(&["3 profile(s) failed and will be retried by the next run"]);
     assert!(!out.stderr.contains("Exiting normally"));
+    assert_eq!(
+        site.temp_files(),
+        Vec::<String>::new(),
+        "the index written ahead was left behind"
+    );
     // Failures keep their old mtime; the rest advance.
     assert_eq!(
         site.cached_mtimes(),

@@ -377,6 +377,17 @@ impl Site {
     }
 
     /// Every file under CACHE_DIR with its contents.
+    /// Temp files left in the cache directory (there should be none after a run).
+    pub fn temp_files(&self) -> Vec<String> {
+        std::fs::read_dir(self.cache())
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with(".cdb2rabbit-tmp-"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     pub fn cache_snapshot(&self) -> BTreeMap<String, Vec<u8>> {
         fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
             let Ok(entries) = std::fs::read_dir(dir) else { return };
