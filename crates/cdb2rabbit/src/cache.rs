@@ -10,6 +10,8 @@
 //!   cdispd hook may overlap).
 //! - `.cdb2rabbit-spare/<name>`: the copy a profile had before its last
 //!   change (see below); never read.
+//! - `.cdb2rabbit-tmp/`: the new cached index before it replaces the old
+//!   one; emptied by every run when it takes the lock.
 //!
 //! Every file is replaced atomically, so a reader never sees half a file.
 //! The index: temp file in the same directory, then rename. A profile's
@@ -57,7 +59,9 @@ pub const CACHED_INDEX: &str = "cached_info.xml";
 pub const LOCK_FILE: &str = ".cdb2rabbit.lock";
 /// Where each profile's spare file lives (a dot directory, like the lock).
 pub const SPARE_DIR: &str = ".cdb2rabbit-spare";
-const TEMP_PREFIX: &str = ".cdb2rabbit-tmp-";
+/// Where the cached index is written before it is renamed into place; a
+/// temp file left there by a run that died is removed by the next run.
+pub const TEMP_DIR: &str = ".cdb2rabbit-tmp";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -121,7 +125,7 @@ impl CacheDir {
             .open(&path)
             .map_err(io(&path))?;
         match file.try_lock() {
-            Ok(()) => return Ok(RunLock { _file: file }),
+            Ok(()) => return Ok(self.locked(file)),
             Err(std::fs::TryLockError::WouldBlock) => {}
             Err(std::fs::TryLockError::Error(e)) => return Err(io(&path)(e)),
         }
@@ -134,10 +138,20 @@ impl CacheDir {
             let _ = tx.send(result);
         });
         match rx.recv_timeout(wait) {
-            Ok(Ok(file)) => Ok(RunLock { _file: file }),
+            Ok(Ok(file)) => Ok(self.locked(file)),
             Ok(Err(e)) => Err(io(&path)(e)),
             Err(_) => Err(CacheError::LockTimeout { path, waited: wait }),
         }
+    }
+
+    /// The lock is ours: what a run that died left in [`TEMP_DIR`] goes.
+    fn locked(&self, file: File) -> RunLock {
+        if let Ok(entries) = std::fs::read_dir(self.root.join(TEMP_DIR)) {
+            for entry in entries.flatten() {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+        RunLock { _file: file }
     }
 
     /// The cached index, or `None` on the first run.
@@ -182,7 +196,8 @@ impl CacheDir {
         &self,
         entries: impl IntoIterator<Item = (&'a str, u64)>,
     ) -> Result<PreparedIndex, CacheError> {
-        let (path, file) = create_temp(&self.root).map_err(io(&self.root))?;
+        let temps = self.root.join(TEMP_DIR);
+        let (path, file) = create_temp(&temps).map_err(io(&temps))?;
         let prepared = PreparedIndex { path: Some(path) };
         let tmp = prepared.path.as_deref().expect("just set");
         {
@@ -272,7 +287,8 @@ impl CacheDir {
         fill: impl FnOnce(&mut BufWriter<&File>) -> std::io::Result<()>,
     ) -> Result<(), CacheError> {
         let dir = path.parent().unwrap_or(&self.root);
-        let (tmp_path, file) = create_temp(dir).map_err(io(dir))?;
+        let temps = self.root.join(TEMP_DIR);
+        let (tmp_path, file) = create_temp(&temps).map_err(io(&temps))?;
         let written = (|| {
             {
                 let mut w = BufWriter::new(&file);
@@ -333,7 +349,7 @@ fn swap_into_place(spare: &Path, path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Temp files of this process: `.cdb2rabbit-tmp-<pid>-<n>`. Names need no
+/// Temp files of this process: `<pid>-<n>` in [`TEMP_DIR`]. Names need no
 /// randomness: only the run holding the lock writes in CACHE_DIR, so a file
 /// already there is left by a run that crashed, and is replaced.
 static TEMP_SERIAL: AtomicU64 = AtomicU64::new(0);
@@ -341,10 +357,11 @@ static TEMP_SERIAL: AtomicU64 = AtomicU64::new(0);
 /// Creates a new temp file in `dir`, readable as the cache is (0644 less the umask,
 /// as the original's files were).
 fn create_temp(dir: &Path) -> std::io::Result<(PathBuf, File)> {
+    std::fs::create_dir_all(dir)?;
     let serial = TEMP_SERIAL.fetch_add(1, Ordering::Relaxed);
     static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     let pid = PID.get_or_init(std::process::id);
-    let path = dir.join(format!("{TEMP_PREFIX}{pid}-{serial}"));
+    let path = dir.join(format!("{pid}-{serial}"));
     let open = || {
         OpenOptions::new()
             .write(true)
@@ -586,7 +603,7 @@ mod tests {
         assert_eq!(cache.read_profile("ns/d.json").unwrap().unwrap(), b"5");
         let temps: Vec<_> = walk(dir.path())
             .into_iter()
-            .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(TEMP_PREFIX))
+            .filter(|p| p.starts_with(dir.path().join(TEMP_DIR)))
             .collect();
         assert!(temps.is_empty(), "temp files left: {temps:?}");
     }
@@ -597,12 +614,28 @@ mod tests {
         let cache = CacheDir::new(dir.path());
         let next = TEMP_SERIAL.load(Ordering::Relaxed);
         // Every serial this test may draw (others run concurrently in this process).
+        std::fs::create_dir_all(dir.path().join(TEMP_DIR)).unwrap();
         for serial in next..next + 64 {
-            let stale = dir.path().join(format!("{TEMP_PREFIX}{}-{serial}", std::process::id()));
+            let stale = dir
+                .path()
+                .join(TEMP_DIR)
+                .join(format!("{}-{serial}", std::process::id()));
             std::fs::write(stale, b"half a copy").unwrap();
         }
         cache.write_index([("a.json", 7u64)]).unwrap();
         assert_eq!(cache.read_index().unwrap().unwrap().entries[0].mtime, 7);
+    }
+
+    #[test]
+    fn taking_the_lock_removes_what_a_dead_run_left_in_the_temp_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CacheDir::new(dir.path());
+        std::fs::create_dir_all(dir.path().join(TEMP_DIR)).unwrap();
+        std::fs::write(dir.path().join(TEMP_DIR).join("4242-0"), b"<profiles>").unwrap();
+        std::fs::write(dir.path().join("keep.json"), b"{}").unwrap();
+        let _lock = cache.lock(Duration::from_secs(1), || {}).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path().join(TEMP_DIR)).unwrap().count(), 0);
+        assert!(dir.path().join("keep.json").exists());
     }
 
     fn walk(dir: &Path) -> Vec<PathBuf> {
@@ -626,23 +659,23 @@ mod tests {
             let idx = cache.read_index().unwrap().unwrap();
             idx.entries.into_iter().map(|e| (e.name, e.mtime)).collect::<Vec<_>>()
         };
-        let files = || std::fs::read_dir(dir.path()).unwrap().count();
+        let files = || std::fs::read_dir(dir.path().join(TEMP_DIR)).unwrap().count();
 
         let prepared = cache.prepare_index([("a.json", 2u64), ("b.json", 3)]).unwrap();
-        assert_eq!(files(), 2, "the prepared index is a temp file beside the cached one");
+        assert_eq!(files(), 1, "the prepared index is a temp file");
         assert_eq!(
             entries(&cache),
             [("a.json".to_string(), 1)],
             "not replaced before the commit"
         );
         drop(prepared);
-        assert_eq!(files(), 1, "an abandoned prepared index leaves nothing behind");
+        assert_eq!(files(), 0, "an abandoned prepared index leaves nothing behind");
         assert_eq!(entries(&cache), [("a.json".to_string(), 1)]);
 
         let prepared = cache.prepare_index([("a.json", 2u64), ("b.json", 3)]).unwrap();
         cache.commit_index(prepared).unwrap();
         assert_eq!(entries(&cache), [("a.json".to_string(), 2), ("b.json".to_string(), 3)]);
-        assert_eq!(files(), 1);
+        assert_eq!(files(), 0);
     }
 
     #[test]

@@ -792,3 +792,36 @@ fn a_changed_profile_is_published_without_waiting_for_slower_downloads() {
     out.assert_logs_in_order(&["Profile has updated: ci-fast.json", "Profile has updated: ci-slow.json"]);
     assert_eq!(site.published_names(), ["ci-fast.json", "ci-slow.json"]);
 }
+
+#[test]
+fn a_run_killed_mid_way_loses_nothing_and_leaves_no_temp_file_behind() {
+    let site = Site::new("ci-");
+    site.put("ci-fast.json", &profile("fast", 1), 100);
+    site.put("ci-slow.json", &profile("slow", 1), 100);
+    site.run(&[]).assert_status(0);
+    site.put("ci-fast.json", &profile("fast", 2), 101);
+    site.put("ci-slow.json", &profile("slow", 2), 101);
+    site.server
+        .set_fault("profiles/ci-slow.json", Fault::Delay(Duration::from_secs(30)));
+    let before = site.cached_mtimes();
+
+    let mut child = site.spawn(&[]);
+    // The index the run expects to record is written ahead, to a temp file.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while site.temp_files().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no index was written ahead");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(site.cached_mtimes(), before, "a killed run recorded something");
+
+    site.server.clear_faults();
+    let out = site.run(&[]);
+    out.assert_status(0);
+    assert_eq!(site.temp_files(), Vec::<String>::new(), "the dead run's temp file is still there");
+    let mut names = site.published_names();
+    names.dedup();
+    assert!(names.contains(&"ci-slow.json".to_string()), "{names:?}");
+    assert_eq!(site.cached_mtimes(), support::mt([("ci-fast.json", 101), ("ci-slow.json", 101)]));
+}

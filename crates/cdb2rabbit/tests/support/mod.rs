@@ -379,10 +379,9 @@ impl Site {
     /// Every file under CACHE_DIR with its contents.
     /// Temp files left in the cache directory (there should be none after a run).
     pub fn temp_files(&self) -> Vec<String> {
-        std::fs::read_dir(self.cache())
+        std::fs::read_dir(self.cache().join(".cdb2rabbit-tmp"))
             .map(|d| {
                 d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                    .filter(|n| n.starts_with(".cdb2rabbit-tmp-"))
                     .collect()
             })
             .unwrap_or_default()
