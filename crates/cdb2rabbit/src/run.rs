@@ -325,6 +325,19 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
     for name in left {
         info!("Profile left the index: {name} (its cached copy is kept)");
     }
+    // The index written ahead, if it was (it is dropped, and its temp file
+    // removed, when it is not the one to record).
+    let expected = match expected_index {
+        Some(task) => match task.await {
+            Ok(Ok(prepared)) => Some(prepared),
+            Ok(Err(e)) => {
+                debug!("writing the expected index ahead failed ({e}); writing it now");
+                None
+            }
+            Err(e) => panic!("writing the expected index panicked: {e}"),
+        },
+        None => None,
+    };
     // The copies must be durable before an index that points past them.
     let start = std::time::Instant::now();
     if same_as_cached {
@@ -335,17 +348,6 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
         info!("Cached profile_info is up to date");
     } else {
         info!("Updating cached profile_info");
-        let expected = match expected_index {
-            Some(task) => match task.await {
-                Ok(Ok(prepared)) => Some(prepared),
-                Ok(Err(e)) => {
-                    debug!("writing the expected index ahead failed ({e}); writing it now");
-                    None
-                }
-                Err(e) => panic!("writing the expected index panicked: {e}"),
-            },
-            None => None,
-        };
         match expected {
             // Every candidate succeeded: the index written ahead is the one to record.
             Some(prepared) if all_succeeded => {

@@ -560,6 +560,8 @@ fn a_nacked_publish_is_an_error_and_is_retried_by_the_next_run() {
     out.assert_logs_in_order(&["Pushing message to queue for build", "broker refused (nack) ci-a.json"]);
     assert_eq!(site.cached_mtime("ci-a.json"), Some(100));
     assert!(site.cached_copy("ci-a.json").is_none());
+    // The index written ahead for a successful run is not left behind.
+    assert_eq!(site.temp_files(), Vec::<String>::new());
     drop(policy);
 
     site.run(&[]).assert_status(0);
