@@ -176,12 +176,13 @@ impl Drop for StaticServer {
 }
 
 /// Runs cdb2rabbit and reaps it with wait4, for its own rusage.
-fn run_cdb2rabbit(config: &Path, log: &Path) -> Measured {
+fn run_cdb2rabbit(config: &Path, log: &Path, extra: &[&str]) -> Measured {
     let start = Instant::now();
     let child = Command::new(env!("CARGO_BIN_EXE_cdb2rabbit"))
         .arg("--config")
         .arg(config)
         .args(["--log", "stderr"])
+        .args(extra)
         .env(
             "PACKUILON_LOG",
             std::env::var("PACKUILON_LOG").unwrap_or_else(|_| "info".into()),
@@ -261,8 +262,8 @@ fn main() {
     let queue = TestQueue::new("cdb2rabbit-bench");
 
     let mut table = String::from(
-        "| index entries | changed CI profiles | cdb2rabbit wall | curl floor | ratio | cdb2rabbit CPU | peak RSS | no-change run |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| index entries | changed CI profiles | cdb2rabbit wall | curl floor | ratio | cdb2rabbit CPU | peak RSS | no-change run | dry run (downloads only) |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let mut rows = Vec::new();
     // DOWNLOAD_CONCURRENCY of the runs (default 8, as an installation's default).
@@ -291,11 +292,11 @@ fn main() {
 
         write_index(&index_path, size, |_| 1_700_000_000);
         unsafe { libc::sync() };
-        let base = run_cdb2rabbit(&config, &log);
+        let base = run_cdb2rabbit(&config, &log, &[]);
         check(&base, &log, "baseline");
         let mut warm = Vec::new();
         for _ in 0..REPS {
-            let m = run_cdb2rabbit(&config, &log);
+            let m = run_cdb2rabbit(&config, &log, &[]);
             check(&m, &log, "no-change");
             warm.push(m.wall);
         }
@@ -307,6 +308,7 @@ fn main() {
         let mut urls = vec![server.url(&index_name)];
         urls.extend(changed.iter().map(|&i| server.url(&format!("profiles/{}", name(i)))));
         let (mut walls, mut floors, mut cpu, mut rss) = (Vec::new(), Vec::new(), Vec::new(), 0);
+        let mut dries = Vec::new();
         // WARMUP changed runs first, not measured: the measured runs see the
         // cache's steady state, where each changed profile already has its
         // cached copy and its spare (see cdb2rabbit's cache.rs). The first
@@ -329,7 +331,14 @@ fn main() {
             // syncfs/fsync of the measured run would otherwise write them out on its behalf.
             // SAFETY: sync(2) has no arguments and cannot fail.
             unsafe { libc::sync() };
-            let measured = run_cdb2rabbit(&config, &log);
+            if rep >= WARMUP {
+                // The same downloads and comparisons without publishing or
+                // writing anything: what the web server alone allows.
+                let dry = run_cdb2rabbit(&config, &log, &["--dry-run"]);
+                check(&dry, &log, "dry-run");
+                dries.push(dry.wall);
+            }
+            let measured = run_cdb2rabbit(&config, &log, &[]);
             check(&measured, &log, "measured");
             let published = block_on(queue.broker.message_count(&queue.name)).unwrap();
             assert_eq!(published as usize, changes, "not every change was published");
@@ -347,12 +356,14 @@ fn main() {
         let ratio = wall.as_secs_f64() / floor.as_secs_f64();
         let _ = writeln!(
             table,
-            "| {size} | {changes} | {:.2} s | {:.2} s | {ratio:.2}x | {:.2} s | {:.1} MB | {:.2} s |",
+            "| {size} | {changes} | {:.2} s | {:.2} s | {ratio:.2}x | {:.2} s | {:.1} MB | {:.2} s | {:.2} s ({:.2}x) |",
             wall.as_secs_f64(),
             floor.as_secs_f64(),
             median(&mut cpu).as_secs_f64(),
             rss as f64 / 1024.0,
             median(&mut warm).as_secs_f64(),
+            median(&mut dries).as_secs_f64(),
+            median(&mut dries).as_secs_f64() / floor.as_secs_f64(),
         );
         rows.push((size, ratio, rss));
         eprintln!("{size}: done at {:.1?}", started.elapsed());
@@ -367,7 +378,8 @@ fn main() {
          from the same loopback server ({}). cdb2rabbit: \
          DOWNLOAD_CONCURRENCY {concurrency}, publishing with confirms to the local RabbitMQ, cached copies made durable by one syncfs and the cached index fsynced. \
          Everything flushed (sync) before each timed run. {WARMUP} changed runs before the measured ones, so that \
-         each changed profile has its cached copy and spare (the steady state). Medians of {REPS} runs; CPU and peak RSS of the cdb2rabbit process from wait4(2). Total bench time {:.0?}.",
+         each changed profile has its cached copy and spare (the steady state). Dry run: `cdb2rabbit --dry-run` just before \
+         each measured run, the same downloads and comparisons with nothing published or written. Medians of {REPS} runs; CPU and peak RSS of the cdb2rabbit process from wait4(2). Total bench time {:.0?}.",
         server.describe(),
         started.elapsed()
     );
