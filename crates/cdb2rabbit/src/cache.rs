@@ -169,8 +169,7 @@ impl CacheDir {
 
     /// Replaces the cached index with `entries`, durably.
     pub fn write_index<'a>(&self, entries: impl IntoIterator<Item = (&'a str, u64)>) -> Result<(), CacheError> {
-        let path = self.index_path();
-        self.write_atomic(&path, Durability::Durable, |w| index::write_cached(w, entries))
+        self.commit(self.write_temp_index(entries)?, Durability::Durable)
     }
 
     /// As [`CacheDir::write_index`], after this run's cached copies: one
@@ -180,10 +179,7 @@ impl CacheDir {
         &self,
         entries: impl IntoIterator<Item = (&'a str, u64)>,
     ) -> Result<(), CacheError> {
-        let path = self.index_path();
-        self.write_atomic(&path, Durability::DurableWithCopies, |w| {
-            index::write_cached(w, entries)
-        })
+        self.commit(self.write_temp_index(entries)?, Durability::DurableWithCopies)
     }
 
     /// Writes a new cached index to a temp file beside the current one, and
@@ -196,27 +192,44 @@ impl CacheDir {
         &self,
         entries: impl IntoIterator<Item = (&'a str, u64)>,
     ) -> Result<PreparedIndex, CacheError> {
-        let temps = self.root.join(TEMP_DIR);
-        let (path, file) = create_temp(&temps).map_err(io(&temps))?;
-        let prepared = PreparedIndex { path: Some(path) };
-        let tmp = prepared.path.as_deref().expect("just set");
-        {
-            let mut w = BufWriter::new(&file);
-            index::write_cached(&mut w, entries).map_err(io(tmp))?;
-            w.flush().map_err(io(tmp))?;
-        }
-        start_writeback(&file);
+        let prepared = self.write_temp_index(entries)?;
+        start_writeback(&prepared.file);
         Ok(prepared)
     }
 
     /// Replaces the cached index with a prepared one: one `syncfs(2)` makes
     /// it and this run's cached copies durable, then the rename, then the
     /// directory's fsync.
-    pub fn commit_index(&self, mut prepared: PreparedIndex) -> Result<(), CacheError> {
+    pub fn commit_index(&self, prepared: PreparedIndex) -> Result<(), CacheError> {
+        self.commit(prepared, Durability::DurableWithCopies)
+    }
+
+    /// `entries` in a temp file in [`TEMP_DIR`], neither durable nor in place.
+    fn write_temp_index<'a>(
+        &self,
+        entries: impl IntoIterator<Item = (&'a str, u64)>,
+    ) -> Result<PreparedIndex, CacheError> {
+        let temps = self.root.join(TEMP_DIR);
+        let (path, file) = create_temp(&temps).map_err(io(&temps))?;
+        // From here on, dropping `prepared` (on an error too) removes the temp file.
+        let prepared = PreparedIndex { file, path: Some(path) };
+        let tmp = prepared.path.as_deref().expect("just set");
+        let mut w = BufWriter::new(&prepared.file);
+        index::write_cached(&mut w, entries).map_err(io(tmp))?;
+        w.flush().map_err(io(tmp))?;
+        drop(w);
+        Ok(prepared)
+    }
+
+    /// Makes a temp index durable as `durability` says, renames it over the
+    /// cached index and fsyncs CACHE_DIR.
+    fn commit(&self, mut prepared: PreparedIndex, durability: Durability) -> Result<(), CacheError> {
         let tmp = prepared.path.take().expect("a prepared index is committed once");
         let result = (|| {
-            let file = File::open(&tmp).map_err(io(&tmp))?;
-            syncfs(&file).map_err(io(&tmp))?;
+            match durability {
+                Durability::Durable => prepared.file.sync_all().map_err(io(&tmp))?,
+                Durability::DurableWithCopies => syncfs(&prepared.file).map_err(io(&tmp))?,
+            }
             let path = self.index_path();
             std::fs::rename(&tmp, &path).map_err(io(&path))?;
             File::open(&self.root)
@@ -278,36 +291,6 @@ impl CacheDir {
     pub fn sync_copies(&self) -> Result<(), CacheError> {
         let dir = File::open(&self.root).map_err(io(&self.root))?;
         syncfs(&dir).map_err(io(&self.root))
-    }
-
-    fn write_atomic(
-        &self,
-        path: &Path,
-        durability: Durability,
-        fill: impl FnOnce(&mut BufWriter<&File>) -> std::io::Result<()>,
-    ) -> Result<(), CacheError> {
-        let dir = path.parent().unwrap_or(&self.root);
-        let temps = self.root.join(TEMP_DIR);
-        let (tmp_path, file) = create_temp(&temps).map_err(io(&temps))?;
-        let written = (|| {
-            {
-                let mut w = BufWriter::new(&file);
-                fill(&mut w).map_err(io(&tmp_path))?;
-                w.flush().map_err(io(&tmp_path))?;
-            }
-            match durability {
-                Durability::Durable => file.sync_all().map_err(io(&tmp_path))?,
-                Durability::DurableWithCopies => syncfs(&file).map_err(io(&tmp_path))?,
-            }
-            drop(file);
-            std::fs::rename(&tmp_path, path).map_err(io(path))
-        })();
-        if written.is_err() {
-            let _ = std::fs::remove_file(&tmp_path);
-        }
-        written?;
-        File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
-        Ok(())
     }
 }
 
@@ -445,7 +428,8 @@ impl Drop for CopyWriter {
 /// A new cached index written to a temp file by [`CacheDir::prepare_index`].
 #[derive(Debug)]
 pub struct PreparedIndex {
-    /// The temp file; `None` once committed.
+    file: File,
+    /// The temp file's path; `None` once committed.
     path: Option<PathBuf>,
 }
 
@@ -470,7 +454,7 @@ fn start_writeback(file: &File) {
 #[cfg(not(target_os = "linux"))]
 fn start_writeback(_: &File) {}
 
-/// How [`CacheDir::write_atomic`] makes its file durable.
+/// How a new cached index is made durable before it is renamed into place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Durability {
     /// Atomic and durable: file fsynced before the rename, directory after.
