@@ -100,14 +100,11 @@ fn run(cli: Cli) -> i32 {
             return EXIT_FAILED;
         }
     };
-    let status = match runtime.block_on(cdb2rabbit::run(&global, &cdb, &options)) {
+    match runtime.block_on(cdb2rabbit::run(&global, &cdb, &options)) {
         Ok(summary) => summary.exit_status(),
         Err(e) => {
             tracing::error!("{e}");
             e.exit_status()
         }
-    };
-    // Everything is written and the lock released; tearing down the runtime
-    // and freeing memory would only make cron wait.
-    std::process::exit(status);
+    }
 }

@@ -280,8 +280,7 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
         copies_written: 0,
     };
     if let Err(e) = processed.run(&candidates).await {
-        // The index written ahead is not wanted: its temp file goes (and
-        // goes now: the process exits right after).
+        // The index written ahead is not wanted: its temp file goes.
         if let Some(task) = expected_index {
             drop(task.await);
         }
