@@ -45,9 +45,8 @@
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -193,7 +192,7 @@ impl CacheDir {
         entries: impl IntoIterator<Item = (&'a str, u64)>,
     ) -> Result<PreparedIndex, CacheError> {
         let prepared = self.write_temp_index(entries)?;
-        start_writeback(&prepared.file);
+        start_writeback(prepared.file.as_file());
         Ok(prepared)
     }
 
@@ -210,36 +209,33 @@ impl CacheDir {
         entries: impl IntoIterator<Item = (&'a str, u64)>,
     ) -> Result<PreparedIndex, CacheError> {
         let temps = self.root.join(TEMP_DIR);
-        let (path, file) = create_temp(&temps).map_err(io(&temps))?;
-        // From here on, dropping `prepared` (on an error too) removes the temp file.
-        let prepared = PreparedIndex { file, path: Some(path) };
-        let tmp = prepared.path.as_deref().expect("just set");
-        let mut w = BufWriter::new(&prepared.file);
-        index::write_cached(&mut w, entries).map_err(io(tmp))?;
-        w.flush().map_err(io(tmp))?;
+        std::fs::create_dir_all(&temps).map_err(io(&temps))?;
+        // Removed when dropped (on an error too), unless committed.
+        let file = tempfile::Builder::new()
+            .permissions(std::fs::Permissions::from_mode(0o644))
+            .tempfile_in(&temps)
+            .map_err(io(&temps))?;
+        let mut w = BufWriter::new(file.as_file());
+        index::write_cached(&mut w, entries).map_err(io(file.path()))?;
+        w.flush().map_err(io(file.path()))?;
         drop(w);
-        Ok(prepared)
+        Ok(PreparedIndex { file })
     }
 
     /// Makes a temp index durable as `durability` says, renames it over the
     /// cached index and fsyncs CACHE_DIR.
-    fn commit(&self, mut prepared: PreparedIndex, durability: Durability) -> Result<(), CacheError> {
-        let tmp = prepared.path.take().expect("a prepared index is committed once");
-        let result = (|| {
-            match durability {
-                Durability::Durable => prepared.file.sync_all().map_err(io(&tmp))?,
-                Durability::DurableWithCopies => syncfs(&prepared.file).map_err(io(&tmp))?,
-            }
-            let path = self.index_path();
-            std::fs::rename(&tmp, &path).map_err(io(&path))?;
-            File::open(&self.root)
-                .and_then(|d| d.sync_all())
-                .map_err(io(&self.root))
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
+    fn commit(&self, prepared: PreparedIndex, durability: Durability) -> Result<(), CacheError> {
+        let file = prepared.file;
+        match durability {
+            Durability::Durable => file.as_file().sync_all(),
+            Durability::DurableWithCopies => syncfs(file.as_file()),
         }
-        result
+        .map_err(io(file.path()))?;
+        let path = self.index_path();
+        file.persist(&path).map_err(|e| io(&path)(e.error))?;
+        File::open(&self.root)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&self.root))
     }
 
     /// The cached copy of a profile, `None` when there is none.
@@ -332,37 +328,6 @@ fn swap_into_place(spare: &Path, path: &Path) -> std::io::Result<()> {
     }
 }
 
-/// Temp files of this process: `<pid>-<n>` in [`TEMP_DIR`]. Names need no
-/// randomness: only the run holding the lock writes in CACHE_DIR, so a file
-/// already there is left by a run that crashed, and is replaced.
-static TEMP_SERIAL: AtomicU64 = AtomicU64::new(0);
-
-/// Creates a new temp file in `dir`, readable as the cache is (0644 less the umask,
-/// as the original's files were).
-fn create_temp(dir: &Path) -> std::io::Result<(PathBuf, File)> {
-    std::fs::create_dir_all(dir)?;
-    let serial = TEMP_SERIAL.fetch_add(1, Ordering::Relaxed);
-    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    let pid = PID.get_or_init(std::process::id);
-    let path = dir.join(format!("{pid}-{serial}"));
-    let open = || {
-        OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(&path)
-    };
-    let file = match open() {
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            std::fs::remove_file(&path)?;
-            open()?
-        }
-        other => other?,
-    };
-    Ok((path, file))
-}
-
 /// Writes a run's cached copies on one thread of its own, one after
 /// another: copies land in the same directory, and concurrent writers there
 /// only queue on its lock in the kernel (and cost a thread hand-off each).
@@ -425,20 +390,11 @@ impl Drop for CopyWriter {
     }
 }
 
-/// A new cached index written to a temp file by [`CacheDir::prepare_index`].
+/// A new cached index written to a temp file by [`CacheDir::prepare_index`];
+/// dropped uncommitted, the temp file is removed.
 #[derive(Debug)]
 pub struct PreparedIndex {
-    file: File,
-    /// The temp file's path; `None` once committed.
-    path: Option<PathBuf>,
-}
-
-impl Drop for PreparedIndex {
-    fn drop(&mut self) {
-        if let Some(path) = self.path.take() {
-            let _ = std::fs::remove_file(path);
-        }
-    }
+    file: tempfile::NamedTempFile,
 }
 
 /// Asks the kernel to start writing `file` to disk now, so that the
@@ -593,18 +549,12 @@ mod tests {
     }
 
     #[test]
-    fn a_temp_file_left_by_a_crashed_run_is_replaced() {
+    fn a_temp_file_left_by_a_crashed_run_is_not_in_the_way() {
         let dir = tempfile::tempdir().unwrap();
         let cache = CacheDir::new(dir.path());
-        let next = TEMP_SERIAL.load(Ordering::Relaxed);
-        // Every serial this test may draw (others run concurrently in this process).
         std::fs::create_dir_all(dir.path().join(TEMP_DIR)).unwrap();
-        for serial in next..next + 64 {
-            let stale = dir
-                .path()
-                .join(TEMP_DIR)
-                .join(format!("{}-{serial}", std::process::id()));
-            std::fs::write(stale, b"half a copy").unwrap();
+        for stale in [".tmpAbCdEf", ".tmp123456", "4242-0"] {
+            std::fs::write(dir.path().join(TEMP_DIR).join(stale), b"half an index").unwrap();
         }
         cache.write_index([("a.json", 7u64)]).unwrap();
         assert_eq!(cache.read_index().unwrap().unwrap().entries[0].mtime, 7);
