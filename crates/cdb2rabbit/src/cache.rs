@@ -12,6 +12,8 @@
 //!   change (see below); never read.
 //! - `.cdb2rabbit-tmp/`: the new cached index before it replaces the old
 //!   one; emptied by every run when it takes the lock.
+//! - `.cdb2rabbit-unsynced`: the profiles whose cached copies cannot be
+//!   trusted, while there are any (see below).
 //!
 //! Every file is replaced atomically, so a reader never sees half a file.
 //! The index: temp file in the same directory, then rename. A profile's
@@ -26,21 +28,28 @@
 //! swap is not supported (other filesystems) the spare is renamed over
 //! the copy, which is as atomic. What needs to be durable, and when:
 //!
-//! - A cached copy that a crash takes back (old content, or an empty or
-//!   missing file) can only cause a duplicate publish: the next run
-//!   compares the profile against the old or unreadable copy and publishes
-//!   it again. It can never lose a change, because what decides whether a
-//!   profile is looked at is the cached index, and a profile's mtime there
-//!   advances only after its publish was confirmed by the broker.
-//! - The copies must however be durable *before* the index that points past
-//!   them: were the index to survive a crash and a copy not, a later change
-//!   reverting the profile to that older copy would compare equal and never
-//!   be published.
+//! - Whether a profile is looked at at all is decided by the cached index,
+//!   and a profile's mtime there advances only after its publish was
+//!   confirmed by the broker and its copy is durable: a run that dies
+//!   leaves its profiles to the next run.
+//! - A copy the dead run wrote may hold anything after a crash (new JSON,
+//!   old, the spare's, a mix), and compared against it could hide a change
+//!   (the profile reverted to what the stale copy holds). So before the
+//!   first copy is written, the profiles the run may write copies for are
+//!   durably listed in [`UNSYNCED_MARK`], and a run publishes a listed
+//!   profile whatever its copy says until an index records it
+//!   ([`CacheDir::unsynced`]): a duplicate, never a loss.
+//! - The copies must be durable *before* the index that points past them:
+//!   were the index to survive a crash and a copy not, a later change
+//!   reverting the profile to that older copy would compare equal and
+//!   never be published.
 //!
 //! So copies are written without fsync (an fsync each was most of a large
-//! run's cost), then one `syncfs(2)` on CACHE_DIR's filesystem
-//! ([`CacheDir::sync_copies`]) makes all of them durable at once, then the
-//! index is written with temp file, fsync, rename, fsync of the directory.
+//! run's cost), then one `syncfs(2)`
+//! on CACHE_DIR's filesystem ([`CacheDir::sync_copies`]) makes all of them
+//! durable at once, then the index is written with temp file, fsync,
+//! rename, fsync of the directory, and only then do the profiles it
+//! records leave [`UNSYNCED_MARK`].
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
@@ -61,6 +70,9 @@ pub const SPARE_DIR: &str = ".cdb2rabbit-spare";
 /// Where the cached index is written before it is renamed into place; a
 /// temp file left there by a run that died is removed by the next run.
 pub const TEMP_DIR: &str = ".cdb2rabbit-tmp";
+/// The profiles whose cached copies cannot be trusted, a name a line: see
+/// [`CacheDir::unsynced`].
+pub const UNSYNCED_MARK: &str = ".cdb2rabbit-unsynced";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -208,18 +220,23 @@ impl CacheDir {
         &self,
         entries: impl IntoIterator<Item = (&'a str, u64)>,
     ) -> Result<PreparedIndex, CacheError> {
-        let temps = self.root.join(TEMP_DIR);
-        std::fs::create_dir_all(&temps).map_err(io(&temps))?;
-        // Removed when dropped (on an error too), unless committed.
-        let file = tempfile::Builder::new()
-            .permissions(std::fs::Permissions::from_mode(0o644))
-            .tempfile_in(&temps)
-            .map_err(io(&temps))?;
+        let file = self.temp_file()?;
         let mut w = BufWriter::new(file.as_file());
         index::write_cached(&mut w, entries).map_err(io(file.path()))?;
         w.flush().map_err(io(file.path()))?;
         drop(w);
         Ok(PreparedIndex { file })
+    }
+
+    /// A new temp file in [`TEMP_DIR`], removed when dropped (on an error
+    /// too) unless persisted.
+    fn temp_file(&self) -> Result<tempfile::NamedTempFile, CacheError> {
+        let temps = self.root.join(TEMP_DIR);
+        std::fs::create_dir_all(&temps).map_err(io(&temps))?;
+        tempfile::Builder::new()
+            .permissions(std::fs::Permissions::from_mode(0o644))
+            .tempfile_in(&temps)
+            .map_err(io(&temps))
     }
 
     /// Makes a temp index durable as `durability` says, renames it over the
@@ -251,17 +268,24 @@ impl CacheDir {
     /// Replaces the cached copy of a profile atomically, but not durably:
     /// call [`CacheDir::sync_copies`] before the index that relies on it.
     pub fn write_profile(&self, name: &str, body: &[u8]) -> Result<(), CacheError> {
-        self.write_copy(name, body, &mut HashSet::new())
+        self.write_copy(name, body, &mut CopyState::default())
     }
 
-    /// [`CacheDir::write_profile`], creating directories not in `made` (and adding them).
-    fn write_copy(&self, name: &str, body: &[u8], made: &mut HashSet<PathBuf>) -> Result<(), CacheError> {
+    /// [`CacheDir::write_profile`]: first (once per `state`) the profile and
+    /// `state.suspects` are marked as unsynced, and directories `state`
+    /// does not know yet are created.
+    fn write_copy(&self, name: &str, body: &[u8], state: &mut CopyState) -> Result<(), CacheError> {
+        if !state.marked {
+            let names = state.suspects.iter().map(String::as_str).chain([name]);
+            self.mark_unsynced(names)?;
+            state.marked = true;
+        }
         let path = self.profile_path(name);
         let spare = self.root.join(SPARE_DIR).join(name);
         for dir in [path.parent(), spare.parent()].into_iter().flatten() {
-            if !made.contains(dir) {
+            if !state.made.contains(dir) {
                 std::fs::create_dir_all(dir).map_err(io(dir))?;
-                made.insert(dir.to_path_buf());
+                state.made.insert(dir.to_path_buf());
             }
         }
         let written = OpenOptions::new()
@@ -276,9 +300,81 @@ impl CacheDir {
         swap_into_place(&spare, &path).map_err(io(&path))
     }
 
-    /// Starts the thread that writes this run's cached copies (see [`CopyWriter`]).
-    pub fn copy_writer(&self) -> CopyWriter {
-        CopyWriter::start(self.clone())
+    /// The profiles whose cached copies cannot be trusted (usually none).
+    ///
+    /// A run writes a profile's copy after the broker confirmed it, and
+    /// records the profile in the cached index only later, after one
+    /// `syncfs`. Should the run die in between (killed, a crash, a power
+    /// cut) or fail before it records its index, the profile is looked at
+    /// again by the next run, but its copy may hold anything after a crash:
+    /// the new JSON, the previous one, the spare's, a mix. Compared against,
+    /// it could make a change look like no change (a profile reverted to
+    /// what the stale copy holds, while the broker last got the newer
+    /// version): a lost rebuild. So before a run writes its first copy it
+    /// durably records the profiles it may write copies for, and a later
+    /// run publishes those whatever their copy says (a duplicate, never a
+    /// loss) until one records them.
+    pub fn unsynced(&self) -> Result<HashSet<String>, CacheError> {
+        let path = self.root.join(UNSYNCED_MARK);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(text.lines().filter(|l| !l.is_empty()).map(str::to_string).collect()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HashSet::new()),
+            Err(e) => Err(io(&path)(e)),
+        }
+    }
+
+    /// Adds `names` to [`UNSYNCED_MARK`], durably, before any copy of theirs
+    /// can reach the disk.
+    fn mark_unsynced<'a>(&self, names: impl IntoIterator<Item = &'a str>) -> Result<(), CacheError> {
+        let mut all = self.unsynced()?;
+        all.extend(names.into_iter().map(str::to_string));
+        self.write_unsynced(all)
+    }
+
+    /// Once an index recording the profiles in `settled` is durably in
+    /// place, their copies are trusted again: they leave [`UNSYNCED_MARK`],
+    /// which goes when it is empty.
+    pub fn settle_unsynced(&self, settled: impl Fn(&str) -> bool) -> Result<(), CacheError> {
+        let before = self.unsynced()?;
+        if before.is_empty() {
+            return Ok(());
+        }
+        let after: HashSet<String> = before.iter().filter(|n| !settled(n)).cloned().collect();
+        if after.len() == before.len() {
+            Ok(())
+        } else if after.is_empty() {
+            // Need not be durable: were the removal lost, the next run would
+            // only publish more than it needs to.
+            let path = self.root.join(UNSYNCED_MARK);
+            std::fs::remove_file(&path).map_err(io(&path))
+        } else {
+            self.write_unsynced(after)
+        }
+    }
+
+    /// Replaces [`UNSYNCED_MARK`] with `names`, atomically and durably.
+    fn write_unsynced(&self, names: HashSet<String>) -> Result<(), CacheError> {
+        let mut names: Vec<String> = names.into_iter().collect();
+        names.sort();
+        let mut text = names.join("\n");
+        text.push('\n');
+        let temp = self.temp_file()?;
+        let path = self.root.join(UNSYNCED_MARK);
+        let mut file = temp.as_file();
+        file.write_all(text.as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(io(temp.path()))?;
+        temp.persist(&path).map_err(|e| io(&path)(e.error))?;
+        File::open(&self.root)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&self.root))
+    }
+
+    /// Starts the thread that writes this run's cached copies (see
+    /// [`CopyWriter`]), of some of the profiles `may_write` (with the
+    /// first copy, all of them are marked [unsynced](CacheDir::unsynced)).
+    pub fn copy_writer(&self, may_write: Vec<String>) -> CopyWriter {
+        CopyWriter::start(self.clone(), may_write)
     }
 
     /// Makes every profile copy written so far durable, with one
@@ -337,6 +433,17 @@ pub struct CopyWriter {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// What a writer of cached copies has done so far.
+#[derive(Default)]
+struct CopyState {
+    /// The profiles this writer may write copies for (marked unsynced with the first copy).
+    suspects: Vec<String>,
+    /// [`UNSYNCED_MARK`] has this writer's profiles.
+    marked: bool,
+    /// Directories known to exist.
+    made: HashSet<PathBuf>,
+}
+
 struct CopyJob {
     name: String,
     body: Vec<u8>,
@@ -344,16 +451,20 @@ struct CopyJob {
 }
 
 impl CopyWriter {
-    fn start(cache: CacheDir) -> CopyWriter {
+    fn start(cache: CacheDir, suspects: Vec<String>) -> CopyWriter {
         let (jobs, queue) = mpsc::channel::<CopyJob>();
         let thread = std::thread::Builder::new()
             .name("cache-writer".into())
             .spawn(move || {
+                let mut state = CopyState {
+                    suspects,
+                    ..CopyState::default()
+                };
                 // Directories known to exist: mkdir once per namespace, not per copy.
-                let mut made: HashSet<PathBuf> = HashSet::from([cache.root.clone()]);
+                state.made.insert(cache.root.clone());
                 for job in queue {
                     let start = std::time::Instant::now();
-                    let result = cache.write_copy(&job.name, &job.body, &mut made);
+                    let result = cache.write_copy(&job.name, &job.body, &mut state);
                     tracing::debug!("cached copy of {} written in {:?}", job.name, start.elapsed());
                     let _ = job.done.send(result);
                 }
@@ -491,10 +602,13 @@ mod tests {
                 ".cdb2rabbit-spare",
                 ".cdb2rabbit-spare/ns",
                 ".cdb2rabbit-spare/ns/a.json",
+                ".cdb2rabbit-tmp",
+                ".cdb2rabbit-unsynced",
                 "ns",
                 "ns/a.json"
             ]
         );
+        assert_eq!(std::fs::read_dir(dir.path().join(TEMP_DIR)).unwrap().count(), 0);
         let mode = std::fs::metadata(dir.path().join("ns/a.json"))
             .unwrap()
             .permissions()
@@ -528,7 +642,7 @@ mod tests {
         // A file where a namespace directory should be: that copy fails, the others do not.
         std::fs::write(dir.path().join("blocked"), b"").unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let writer = cache.copy_writer();
+        let writer = cache.copy_writer(Vec::new());
         runtime.block_on(async {
             writer.write("a.json".into(), b"1".to_vec()).await.unwrap();
             writer.write("ns/b.json".into(), b"2".to_vec()).await.unwrap();
@@ -543,9 +657,56 @@ mod tests {
         assert_eq!(cache.read_profile("ns/d.json").unwrap().unwrap(), b"5");
         let temps: Vec<_> = walk(dir.path())
             .into_iter()
-            .filter(|p| p.starts_with(dir.path().join(TEMP_DIR)))
+            .filter(|p| p.starts_with(dir.path().join(TEMP_DIR)) && *p != dir.path().join(TEMP_DIR))
             .collect();
         assert!(temps.is_empty(), "temp files left: {temps:?}");
+    }
+
+    #[test]
+    fn copies_are_unsynced_from_the_first_write_until_settled() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CacheDir::new(dir.path());
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<HashSet<String>>();
+        assert!(cache.unsynced().unwrap().is_empty());
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+
+        // A writer that writes nothing marks nothing.
+        drop(cache.copy_writer(vec!["idle.json".into()]));
+        assert!(cache.unsynced().unwrap().is_empty());
+        assert!(!dir.path().join(UNSYNCED_MARK).exists());
+
+        // The first copy marks every profile the writer may write, before it is written.
+        let writer = cache.copy_writer(vec!["a.json".into(), "ns/b.json".into(), "c.json".into()]);
+        runtime
+            .block_on(writer.write("ns/b.json".into(), b"{}".to_vec()))
+            .unwrap();
+        drop(writer);
+        assert_eq!(cache.unsynced().unwrap(), names(&["a.json", "ns/b.json", "c.json"]));
+        // A later writer adds to what is marked, never takes away.
+        cache.write_profile("d.json", b"{}").unwrap();
+        assert_eq!(
+            cache.unsynced().unwrap(),
+            names(&["a.json", "ns/b.json", "c.json", "d.json"])
+        );
+
+        // Settling some keeps the others, in a file replaced atomically.
+        cache
+            .settle_unsynced(|n| ["a.json", "ns/b.json", "x.json"].contains(&n))
+            .unwrap();
+        assert_eq!(cache.unsynced().unwrap(), names(&["c.json", "d.json"]));
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(UNSYNCED_MARK)).unwrap(),
+            "c.json\nd.json\n"
+        );
+        assert_eq!(std::fs::read_dir(dir.path().join(TEMP_DIR)).unwrap().count(), 0);
+        // Settling what is not marked changes nothing.
+        cache.settle_unsynced(|n| n == "zzz.json").unwrap();
+        assert_eq!(cache.unsynced().unwrap(), names(&["c.json", "d.json"]));
+        // Settling the rest removes the mark.
+        cache.settle_unsynced(|_| true).unwrap();
+        assert!(!dir.path().join(UNSYNCED_MARK).exists());
+        assert!(cache.unsynced().unwrap().is_empty());
+        cache.settle_unsynced(|_| true).unwrap();
     }
 
     #[test]

@@ -197,6 +197,15 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
         let cache = cache.clone();
         tokio::task::spawn_blocking(move || cache.read_index())
     };
+    // Profiles whose cached copies a run that died may have left in any state.
+    let unsynced = cache.unsynced()?;
+    if !unsynced.is_empty() {
+        warn!(
+            "A previous run stopped before it recorded {} profile(s) it had published; they are \
+             published again if they changed, whatever their cached copy says",
+            unsynced.len()
+        );
+    }
     let fetcher = Fetcher::new(config).map_err(RunError::Config)?;
     let started = std::time::Instant::now();
     let raw = fetcher
@@ -276,6 +285,7 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
         fetcher: &fetcher,
         dry_run: options.dry_run,
         force: options.mode != Mode::Changed,
+        unsynced: &unsynced,
         summary,
         copies_written: 0,
     };
@@ -368,6 +378,13 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
         "cached index and {copies_written} cached copies made durable in {:?}",
         start.elapsed()
     );
+    // The index now records the profiles that succeeded, with their copies.
+    let settled: HashSet<&str> = candidates
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|name| !failed.contains(name))
+        .collect();
+    cache.settle_unsynced(|name| settled.contains(name))?;
     if summary.failed.is_empty() {
         info!("Exiting normally");
     } else {
@@ -457,6 +474,8 @@ struct Pipeline<'a> {
     dry_run: bool,
     /// `--all` / `--profile`: publish even when the JSON equals the cached copy.
     force: bool,
+    /// Profiles published whatever their cached copy says (see [`CacheDir::unsynced`]).
+    unsynced: &'a HashSet<String>,
     summary: Summary,
     /// Cached copies written (made durable at once before the index).
     copies_written: usize,
@@ -465,12 +484,13 @@ struct Pipeline<'a> {
 impl Pipeline<'_> {
     async fn run(&mut self, candidates: &[(&str, u64)]) -> Result<(), RunError> {
         let (fetcher, cache, base) = (self.fetcher, self.cache, &self.config.profile_dir_url);
-        let force = self.force;
+        let (force, unsynced) = (self.force, self.unsynced);
         let mut downloads = futures::stream::iter(candidates.iter().copied())
             .map(|(name, mtime)| async move {
                 // As the original, profile by profile (not all before the first download).
                 info!("CI profile rebuilt: {name}");
                 info!("Downloading profile {name}");
+                let force = force || unsynced.contains(name);
                 (name, mtime, examine(fetcher, cache, base, name, force).await)
             })
             .buffer_unordered(self.config.download_concurrency);
@@ -479,7 +499,8 @@ impl Pipeline<'_> {
         let mut publisher: Option<Publisher> = None;
         let mut connecting: Option<LocalBoxFuture<'_, Result<Publisher, PublishError>>> = None;
         let mut in_flight: FuturesUnordered<LocalBoxFuture<'static, InFlight>> = FuturesUnordered::new();
-        let writer = Rc::new(self.cache.copy_writer());
+        let may_write = candidates.iter().map(|(name, _)| name.to_string()).collect();
+        let writer = Rc::new(self.cache.copy_writer(may_write));
         // Changed profiles waiting for their batch; when the batch is due at the latest.
         let mut batch: Vec<(&str, u64, Vec<u8>)> = Vec::with_capacity(PUBLISH_BATCH);
         let mut batch_due = tokio::time::Instant::now();

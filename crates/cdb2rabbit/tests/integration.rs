@@ -822,6 +822,95 @@ fn a_run_killed_mid_way_loses_nothing_and_leaves_no_temp_file_behind() {
     );
 }
 
+#[test]
+fn a_copy_a_crash_took_back_does_not_hide_a_revert_from_the_broker() {
+    let site = fast_and_slow_changes(Duration::from_secs(30));
+    let fast_v1 = serde_json::to_vec_pretty(&profile("fast", 1)).unwrap();
+    let fast_v2 = serde_json::to_vec_pretty(&profile("fast", 2)).unwrap();
+    // The run publishes ci-fast.json (v2), writes its cached copy, and is
+    // killed while ci-slow.json still downloads: nothing recorded yet.
+    let mut child = site.spawn(&[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while site.cached_copy("ci-fast.json") != Some(fast_v2.clone()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ci-fast.json's copy was never written"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(site.published_names(), ["ci-fast.json"]);
+    assert_eq!(
+        site.cached_mtime("ci-fast.json"),
+        Some(100),
+        "a killed run recorded something"
+    );
+    // What a crash can leave of a copy that was never made durable: the old
+    // JSON. And before the next run the profile goes back to that JSON.
+    std::fs::write(site.cache().join("ci-fast.json"), &fast_v1).unwrap();
+    site.put("ci-fast.json", &profile("fast", 1), 102);
+    site.server.clear_faults();
+
+    let out = site.run(&[]);
+    out.assert_status(0);
+    out.assert_logs_in_order(&["A previous run stopped before it recorded 2 profile(s)"]);
+    // The broker last got v2: v1 must go out although the copy says v1.
+    let published = site.published();
+    let fast: Vec<String> = published
+        .iter()
+        .filter(|m| m.profile_header.as_deref() == Some("ci-fast.json"))
+        .map(|m| String::from_utf8_lossy(&m.body).into_owned())
+        .collect();
+    assert_eq!(
+        fast,
+        [String::from_utf8_lossy(&fast_v1)],
+        "the revert of ci-fast.json was not published"
+    );
+    assert!(!site.cache().join(".cdb2rabbit-unsynced").exists());
+
+    // Recorded: the copies are trusted again, and a recompile is no change.
+    site.put("ci-fast.json", &profile("fast", 1), 103);
+    let out = site.run(&[]);
+    out.assert_status(0);
+    assert!(
+        out.stderr.contains("Profile has not updated: ci-fast.json"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(site.published_names(), Vec::<String>::new());
+}
+
+#[test]
+fn a_profile_that_fails_after_a_dead_run_stays_untrusted_until_recorded() {
+    let site = fast_and_slow_changes(Duration::from_secs(30));
+    let mut child = site.spawn(&[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !site.cache().join(".cdb2rabbit-unsynced").exists() {
+        assert!(std::time::Instant::now() < deadline, "no copy was written");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    site.published_names();
+    // The next run: ci-fast.json goes through, ci-slow.json fails.
+    site.server.set_fault("profiles/ci-slow.json", Fault::Status(500));
+    site.run(&[]).assert_status(1);
+    assert_eq!(site.published_names(), ["ci-fast.json"]);
+    assert_eq!(
+        std::fs::read_to_string(site.cache().join(".cdb2rabbit-unsynced")).unwrap(),
+        "ci-slow.json\n",
+        "only the profile still not recorded stays untrusted"
+    );
+    // Once ci-slow.json downloads it is published and recorded, and nothing
+    // is left untrusted.
+    site.server.clear_faults();
+    site.put("ci-slow.json", &profile("slow", 1), 102);
+    site.run(&[]).assert_status(0);
+    assert_eq!(site.published_names(), ["ci-slow.json"]);
+    assert!(!site.cache().join(".cdb2rabbit-unsynced").exists());
+}
+
 /// A site where ci-fast.json and ci-slow.json changed since the baseline,
 /// and ci-slow.json takes `delay` to download.
 fn fast_and_slow_changes(delay: Duration) -> Site {
