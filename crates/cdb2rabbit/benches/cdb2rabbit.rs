@@ -31,8 +31,9 @@ const TOTAL: usize = 100_000;
 const SIZES: [usize; 3] = [10_000, 50_000, 100_000];
 /// Every 50th profile is a CI profile: 2%.
 const CI_EVERY: usize = 50;
-/// Measured runs per size (the table shows medians: the machine is shared).
-const REPS: usize = 3;
+/// Measured runs per size (the table shows medians: the machine is shared,
+/// and one run's ratio swings by a tenth either way with the floor's own noise).
+const REPS: usize = 7;
 /// Changed runs before the measured ones (see where it is used).
 const WARMUP: usize = 2;
 
@@ -262,8 +263,8 @@ fn main() {
     let queue = TestQueue::new("cdb2rabbit-bench");
 
     let mut table = String::from(
-        "| index entries | changed CI profiles | cdb2rabbit wall | curl floor | ratio | cdb2rabbit CPU | peak RSS | no-change run | dry run (downloads only) |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| index entries | changed CI profiles | cdb2rabbit wall | curl floor | ratio | ratio, run by run | cdb2rabbit CPU | peak RSS | no-change run | dry run (downloads only) |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let mut rows = Vec::new();
     // DOWNLOAD_CONCURRENCY of the runs (default 8, as an installation's default).
@@ -352,13 +353,22 @@ fn main() {
             unsafe { libc::sync() };
             floors.push(curl_floor(&urls, &run_dir));
         }
+        // Each run against the floor measured just after it.
+        let mut run_ratios: Vec<f64> = walls
+            .iter()
+            .zip(&floors)
+            .map(|(w, f)| w.as_secs_f64() / f.as_secs_f64())
+            .collect();
+        run_ratios.sort_by(f64::total_cmp);
         let (wall, floor) = (median(&mut walls), median(&mut floors));
         let ratio = wall.as_secs_f64() / floor.as_secs_f64();
         let _ = writeln!(
             table,
-            "| {size} | {changes} | {:.2} s | {:.2} s | {ratio:.2}x | {:.2} s | {:.1} MB | {:.2} s | {:.2} s ({:.2}x) |",
+            "| {size} | {changes} | {:.2} s | {:.2} s | {ratio:.2}x | {:.2}x-{:.2}x | {:.2} s | {:.1} MB | {:.2} s | {:.2} s ({:.2}x) |",
             wall.as_secs_f64(),
             floor.as_secs_f64(),
+            run_ratios[0],
+            run_ratios[run_ratios.len() - 1],
             median(&mut cpu).as_secs_f64(),
             rss as f64 / 1024.0,
             median(&mut warm).as_secs_f64(),
@@ -379,7 +389,7 @@ fn main() {
          DOWNLOAD_CONCURRENCY {concurrency}, publishing with confirms to the local RabbitMQ, cached copies made durable by one syncfs and the cached index fsynced. \
          Everything flushed (sync) before each timed run. {WARMUP} changed runs before the measured ones, so that \
          each changed profile has its cached copy and spare (the steady state). Dry run: `cdb2rabbit --dry-run` just before \
-         each measured run, the same downloads and comparisons with nothing published or written. Medians of {REPS} runs; CPU and peak RSS of the cdb2rabbit process from wait4(2). Total bench time {:.0?}.",
+         each measured run, the same downloads and comparisons with nothing published or written. Medians of {REPS} runs (ratio: of the median wall to the median floor; run by run: the lowest and highest of each run's wall to the floor measured just after it); CPU and peak RSS of the cdb2rabbit process from wait4(2). Total bench time {:.0?}.",
         server.describe(),
         started.elapsed()
     );
