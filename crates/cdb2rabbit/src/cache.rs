@@ -327,7 +327,11 @@ impl CacheDir {
     /// version): a lost rebuild. So before a run writes its first copy it
     /// durably records the profiles it may write copies for, and a later
     /// run publishes those whatever their copy says (a duplicate, never a
-    /// loss) until one records them.
+    /// loss) until one records them. A run that ends normally keeps listed
+    /// only what was listed before it and is still not recorded, and the
+    /// profiles whose copy it could not write after the broker confirmed
+    /// them (see `settle_unsynced`); the copy of a profile that failed
+    /// otherwise was not touched.
     pub fn unsynced(&self) -> Result<HashSet<String>, CacheError> {
         let path = self.root.join(UNSYNCED_MARK);
         match std::fs::read_to_string(&path) {

@@ -288,6 +288,7 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
         unsynced: &unsynced,
         summary,
         copies_written: 0,
+        copies_failed: HashSet::new(),
     };
     if let Err(e) = processed.run(&candidates).await {
         // The index written ahead is not wanted: its temp file goes.
@@ -299,6 +300,7 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
     let Pipeline {
         mut summary,
         copies_written,
+        copies_failed,
         ..
     } = processed;
 
@@ -379,12 +381,22 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
         start.elapsed()
     );
     // The index now records the profiles that succeeded, with their copies.
-    let settled: HashSet<&str> = candidates
+    // A profile listed before this run stays listed until it succeeds; of
+    // this run's own, only those whose copy could not be written after the
+    // broker confirmed them stay (the others' copies were not touched, or are
+    // durable now).
+    let succeeded: HashSet<&str> = candidates
         .iter()
         .map(|(name, _)| *name)
         .filter(|name| !failed.contains(name))
         .collect();
-    cache.settle_unsynced(|name| settled.contains(name))?;
+    cache.settle_unsynced(|name| {
+        if unsynced.contains(name) {
+            succeeded.contains(name)
+        } else {
+            !copies_failed.contains(name)
+        }
+    })?;
     if summary.failed.is_empty() {
         info!("Exiting normally");
     } else {
@@ -479,6 +491,8 @@ struct Pipeline<'a> {
     summary: Summary,
     /// Cached copies written (made durable at once before the index).
     copies_written: usize,
+    /// Profiles the broker confirmed whose cached copy could not be written.
+    copies_failed: HashSet<String>,
 }
 
 impl Pipeline<'_> {
@@ -598,13 +612,15 @@ impl Pipeline<'_> {
                 self.copies_written += 1;
                 self.summary.published.push(done);
             }
-            // Published, but the next comparison would use a stale copy: fail it
-            // so the next run publishes it again (a duplicate, never a loss).
+            // Published, but the next comparison would use a stale copy: fail it,
+            // and it stays listed as unsynced, so the next run publishes it
+            // again whatever the copy says (a duplicate, never a loss).
             (Ok(done), Some(Err(source))) => {
                 info!(
                     "Broker confirmed profile {} (message id {})",
                     done.profile, done.message_id
                 );
+                self.copies_failed.insert(name.clone());
                 self.summary.fail(
                     &name,
                     &ProfileError::Cache {

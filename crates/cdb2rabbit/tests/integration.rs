@@ -911,6 +911,67 @@ fn a_profile_that_fails_after_a_dead_run_stays_untrusted_until_recorded() {
     assert!(!site.cache().join(".cdb2rabbit-unsynced").exists());
 }
 
+#[test]
+fn a_profile_whose_download_failed_is_still_compared_with_its_copy_next_time() {
+    let site = Site::new("ci-");
+    site.put("ci-a.json", &profile("a", 1), 100);
+    site.put("ci-b.json", &profile("b", 1), 100);
+    site.run(&[]).assert_status(0);
+    site.put("ci-a.json", &profile("a", 2), 101);
+    site.put("ci-b.json", &profile("b", 2), 101);
+    site.run(&[]).assert_status(0);
+    assert_eq!(site.published_names(), ["ci-a.json", "ci-b.json"]);
+    // ci-a.json changes (its new copy is written) and ci-b.json is
+    // recompiled, but cannot be downloaded this time.
+    site.put("ci-a.json", &profile("a", 3), 102);
+    site.put("ci-b.json", &profile("b", 2), 102);
+    site.server.set_fault("profiles/ci-b.json", Fault::Status(500));
+    site.run(&[]).assert_status(1);
+    assert_eq!(site.published_names(), ["ci-a.json"]);
+    assert!(
+        !site.cache().join(".cdb2rabbit-unsynced").exists(),
+        "a failed download leaves the cached copy as trustworthy as it was"
+    );
+    site.server.clear_faults();
+    let out = site.run(&[]);
+    out.assert_status(0);
+    assert!(
+        out.stderr.contains("Profile has not updated: ci-b.json"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(site.published_names(), Vec::<String>::new(), "a recompile was rebuilt");
+}
+
+#[test]
+fn a_copy_that_could_not_be_written_after_the_publish_is_not_trusted() {
+    let site = Site::new("ci-");
+    site.put("ci-a.json", &profile("a", 1), 100);
+    site.run(&[]).assert_status(0);
+    let v1 = site.put("ci-a.json", &profile("a", 1), 101);
+    site.run(&[]).assert_status(0);
+    assert_eq!(site.published_names(), ["ci-a.json"]);
+    // v2 is published, but its cached copy cannot be written (a directory
+    // where its spare file goes): the copy still says v1.
+    site.put("ci-a.json", &profile("a", 2), 102);
+    let spare = site.cache().join(".cdb2rabbit-spare/ci-a.json");
+    std::fs::remove_file(&spare).ok();
+    std::fs::create_dir_all(spare.join("in-the-way")).unwrap();
+    let out = site.run(&[]);
+    out.assert_status(1);
+    assert!(out.stderr.contains("cached copy of ci-a.json"), "{}", out.stderr);
+    assert_eq!(site.published_names(), ["ci-a.json"]);
+    assert_eq!(site.cached_copy("ci-a.json"), Some(v1.clone()));
+    std::fs::remove_dir_all(&spare).unwrap();
+    // Back to v1: the copy says v1, but the broker last got v2.
+    site.put("ci-a.json", &profile("a", 1), 103);
+    site.run(&[]).assert_status(0);
+    let published = site.published();
+    assert_eq!(published.len(), 1, "the revert to v1 was not published");
+    assert_eq!(published[0].body, v1);
+    assert!(!site.cache().join(".cdb2rabbit-unsynced").exists());
+}
+
 /// A site where ci-fast.json and ci-slow.json changed since the baseline,
 /// and ci-slow.json takes `delay` to download.
 fn fast_and_slow_changes(delay: Duration) -> Site {
