@@ -148,7 +148,7 @@ impl Publisher {
     }
 
     /// Closes the channel and connection (every confirm should be in by now).
-    pub async fn close(self) {
+    pub async fn close(&self) {
         let _ = self.channel.close(200, "done".into()).await;
         let _ = self.connection.close(200, "done".into()).await;
     }

@@ -44,7 +44,7 @@ use crate::cache::{CacheDir, CacheError, CopyWriter};
 use crate::fetch::{profile_url, FetchError, Fetcher, PROFILE_LIMIT};
 use crate::index::{self, IndexError, INDEX_LIMIT};
 use crate::json;
-use crate::publish::{Confirmed, Pending, PublishError, Publisher};
+use crate::publish::{Confirmed, PublishError, Publisher};
 
 /// Changed profiles held for publishing or awaiting their confirm (or their
 /// cached copy) at once; bounds the bodies held in memory.
@@ -510,7 +510,7 @@ impl Pipeline<'_> {
             .buffer_unordered(self.config.download_concurrency);
         // The broker connection opens when the first changed profile is
         // found, while the downloads go on.
-        let mut publisher: Option<Publisher> = None;
+        let mut publisher: Option<Rc<Publisher>> = None;
         let mut connecting: Option<LocalBoxFuture<'_, Result<Publisher, PublishError>>> = None;
         let mut in_flight: FuturesUnordered<LocalBoxFuture<'static, InFlight>> = FuturesUnordered::new();
         let may_write = candidates.iter().map(|(name, _)| name.to_string()).collect();
@@ -528,7 +528,7 @@ impl Pipeline<'_> {
             if !batch.is_empty() {
                 match &publisher {
                     Some(p) if batch.len() >= PUBLISH_BATCH || downloads_done || overdue => {
-                        self.publish(p, &mut batch, &writer, &mut in_flight).await;
+                        self.publish(p, &mut batch, &writer, &mut in_flight);
                         overdue = false;
                     }
                     Some(_) => {}
@@ -544,7 +544,7 @@ impl Pipeline<'_> {
                 }
                 connected = async { connecting.as_mut().expect("checked").await }, if connecting.is_some() => {
                     connecting = None;
-                    publisher = Some(connected.map_err(RunError::Broker)?);
+                    publisher = Some(Rc::new(connected.map_err(RunError::Broker)?));
                 }
                 () = tokio::time::sleep_until(batch_due), if !batch.is_empty() && !overdue => overdue = true,
                 next = downloads.next(), if !downloads_done && in_flight.len() + batch.len() < MAX_IN_FLIGHT => {
@@ -589,21 +589,20 @@ impl Pipeline<'_> {
         Ok(())
     }
 
-    /// Publishes the batch; each publish's confirm, then its cached copy,
-    /// is awaited in `in_flight`.
-    async fn publish(
+    /// Publishes the batch: each profile's publish, confirm and then cached
+    /// copy go on in `in_flight`, alongside the downloads (awaiting each
+    /// publish here held up the downloads for 1-8 ms a batch).
+    fn publish(
         &mut self,
-        publisher: &Publisher,
+        publisher: &Rc<Publisher>,
         batch: &mut Vec<(&str, u64, Vec<u8>)>,
         writer: &Rc<CopyWriter>,
         in_flight: &mut FuturesUnordered<LocalBoxFuture<'static, InFlight>>,
     ) {
         for (name, mtime, body) in batch.drain(..) {
             info!(profile = name, "Pushing message to queue for build");
-            match publisher.publish(name, mtime, &body).await {
-                Ok(pending) => in_flight.push(confirm_then_copy(pending, body, writer.clone()).boxed_local()),
-                Err(e) => self.summary.fail(name, &e.into()),
-            }
+            let published = publish_then_copy(publisher.clone(), name.to_string(), mtime, body, writer.clone());
+            in_flight.push(published.boxed_local());
         }
     }
 
@@ -650,11 +649,21 @@ impl Pipeline<'_> {
 /// cached copy's write when the broker confirmed.
 type InFlight = (String, Result<Confirmed, PublishError>, Option<Result<(), CacheError>>);
 
-/// Awaits the broker's answer; only a confirmed publish replaces the cached copy.
-async fn confirm_then_copy(pending: Pending, body: Vec<u8>, writer: Rc<CopyWriter>) -> InFlight {
-    let name = pending.profile.clone();
+/// Publishes a profile and awaits the broker's answer; only a confirmed
+/// publish replaces the cached copy.
+async fn publish_then_copy(
+    publisher: Rc<Publisher>,
+    name: String,
+    mtime: u64,
+    body: Vec<u8>,
+    writer: Rc<CopyWriter>,
+) -> InFlight {
     let sent = std::time::Instant::now();
-    let result = pending.confirmed().await;
+    let result = match publisher.publish(&name, mtime, &body).await {
+        Ok(pending) => pending.confirmed().await,
+        Err(e) => Err(e),
+    };
+    drop(publisher);
     debug!("confirm of {name} took {:?}", sent.elapsed());
     let written = match result {
         Ok(_) => Some(writer.write(name.clone(), body).await),
