@@ -579,13 +579,18 @@ impl Pipeline<'_> {
                 else => break,
             }
         }
-        if let Some(p) = publisher {
-            p.close().await;
-        }
-        if let Some(sync) = early_sync {
-            // A failure is the closing syncfs's to report.
-            let _ = sync.await;
-        }
+        let close = async {
+            if let Some(p) = publisher {
+                p.close().await;
+            }
+        };
+        let synced = async {
+            if let Some(sync) = early_sync {
+                // A failure is the closing syncfs's to report.
+                let _ = sync.await;
+            }
+        };
+        futures::join!(close, synced);
         Ok(())
     }
 
