@@ -197,13 +197,15 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
         let cache = cache.clone();
         tokio::task::spawn_blocking(move || cache.read_index())
     };
-    // Profiles whose cached copies a run that died may have left in any state.
+    // Profiles whose cached copies an earlier run may have left in any state.
     let unsynced = cache.unsynced()?;
     if !unsynced.is_empty() {
         warn!(
-            "A previous run stopped before it recorded {} profile(s) it had published; they are \
-             published again if they changed, whatever their cached copy says",
-            unsynced.len()
+            "The cached copies of {} profile(s) are not trusted (an earlier run stopped before \
+             recording them, or could not write them; listed in {}): if they changed they are \
+             published, whatever their cached copy says",
+            unsynced.len(),
+            cache.root().join(crate::cache::UNSYNCED_MARK).display()
         );
     }
     let fetcher = Fetcher::new(config).map_err(RunError::Config)?;

@@ -854,7 +854,7 @@ fn a_copy_a_crash_took_back_does_not_hide_a_revert_from_the_broker() {
 
     let out = site.run(&[]);
     out.assert_status(0);
-    out.assert_logs_in_order(&["A previous run stopped before it recorded 2 profile(s)"]);
+    out.assert_logs_in_order(&["The cached copies of 2 profile(s) are not trusted"]);
     // The broker last got v2: v1 must go out although the copy says v1.
     let published = site.published();
     let fast: Vec<String> = published
