@@ -334,8 +334,13 @@ impl CacheDir {
     /// otherwise was not touched.
     pub fn unsynced(&self) -> Result<HashSet<String>, CacheError> {
         let path = self.root.join(UNSYNCED_MARK);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => Ok(text.lines().filter(|l| !l.is_empty()).map(str::to_string).collect()),
+        // Read leniently: a line that is not UTF-8 cannot name a profile anyway.
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(String::from_utf8_lossy(&bytes)
+                .lines()
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .collect()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HashSet::new()),
             Err(e) => Err(io(&path)(e)),
         }
@@ -750,6 +755,11 @@ mod tests {
         assert!(!dir.path().join(UNSYNCED_MARK).exists());
         assert!(cache.unsynced().unwrap().is_empty());
         cache.settle_unsynced(|_| true).unwrap();
+
+        // A damaged list still lists the names it can read.
+        std::fs::write(dir.path().join(UNSYNCED_MARK), b"e.json\n\xff\xfe\nf.json\n").unwrap();
+        let listed = cache.unsynced().unwrap();
+        assert!(listed.contains("e.json") && listed.contains("f.json"), "{listed:?}");
     }
 
     #[test]
