@@ -46,6 +46,14 @@ cargo test --workspace --no-fail-fast --lib --bins --tests 2>&1 | tee "$log" || 
 summary=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;/) p += $i; if ($(i+1) ~ /^failed;/) f += $i } }
                END { printf "%d passed, %d failed", p, f }' "$log")
 rm -f "$log"
+if [ "$status" != 0 ]; then
+  # What Keystone and Glance said, so a failure against them can be read from CI's output.
+  for f in "$os_state"/logs/*; do
+    [ -f "$f" ] || continue
+    echo "--- last lines of $(basename "$f") (errors and warnings)" >&2
+    grep -aiE 'error|warn|traceback|exception|signal|respawn|closed' "$f" | tail -n 25 >&2 || true
+  done
+fi
 echo "test: finished in $((SECONDS - t0)) s (exit $status)"
 echo "tests: $summary"
 exit $status
