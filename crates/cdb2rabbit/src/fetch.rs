@@ -1,14 +1,19 @@
 //! Downloading the index and profiles from the Aquilon broker's web server.
 //!
 //! One HTTP client for the run (connections are reused), verifying HTTPS
-//! with the built-in roots plus CA_BUNDLE, each request bounded by
-//! HTTP_TIMEOUT. Bodies are streamed and cut off past a size limit, so a
+//! with the system's roots plus CA_BUNDLE, each request bounded by
+//! HTTP_TIMEOUT. Loading the system's roots (some 150 certificates) takes
+//! 5-10 ms, on every run: plain `http://` URLs, the usual case for an
+//! Aquilon broker, are fetched by a client without them, and the HTTPS
+//! client is only built for an `https://` URL or when a plain URL
+//! redirects to one. Bodies are streamed and cut off past a size limit, so a
 //! hostile or broken server cannot exhaust memory. gzip is undone whether the
 //! server says so (`Content-Encoding`) or the file itself is gzip (a `.gz`
 //! name, recognised by its magic bytes). `file://` URLs read the local disk,
 //! for sites that copy the profiles directory to the image factory.
 
 use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use packuilon_common::config::Cdb2RabbitConfig;
@@ -25,6 +30,8 @@ pub enum FetchError {
     CaBundle { path: PathBuf, message: String },
     #[error("cannot build the HTTP client: {}", error_chain(.0))]
     Client(reqwest::Error),
+    #[error("{url}: cannot build the HTTPS client: {message}")]
+    Https { url: Url, message: String },
     #[error("{url}: HTTP status {status}")]
     Status { url: Url, status: reqwest::StatusCode },
     /// Shown with its whole source chain: reqwest's own message alone
@@ -59,20 +66,63 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
-/// The run's HTTP client.
-#[derive(Debug, Clone)]
+/// Redirects followed at most, as reqwest's default policy.
+const MAX_REDIRECTS: usize = 10;
+
+/// The run's HTTP clients.
+#[derive(Debug)]
 pub struct Fetcher {
-    client: reqwest::Client,
+    /// For `http://` URLs: no TLS roots, and stops at a redirect to `https://`.
+    plain: reqwest::Client,
+    /// For `https://` URLs (and plain ones that redirect there): the
+    /// system's roots plus CA_BUNDLE. Built when first needed.
+    secure: OnceLock<Result<reqwest::Client, String>>,
+    /// What the secure client is built from.
+    settings: ClientSettings,
+}
+
+#[derive(Debug)]
+struct ClientSettings {
     timeout: Duration,
+    concurrency: usize,
+    ca_bundle: Vec<reqwest::Certificate>,
+}
+
+impl ClientSettings {
+    fn builder(&self) -> reqwest::ClientBuilder {
+        reqwest::Client::builder()
+            .timeout(self.timeout)
+            .connect_timeout(self.timeout.min(Duration::from_secs(30)))
+            .pool_max_idle_per_host(self.concurrency)
+            .user_agent(concat!("cdb2rabbit/", env!("CARGO_PKG_VERSION")))
+    }
+
+    fn secure(&self) -> Result<reqwest::Client, reqwest::Error> {
+        let mut builder = self.builder();
+        for cert in &self.ca_bundle {
+            builder = builder.add_root_certificate(cert.clone());
+        }
+        builder.build()
+    }
+
+    fn plain(&self) -> Result<reqwest::Client, reqwest::Error> {
+        let policy = reqwest::redirect::Policy::custom(|attempt| {
+            if attempt.url().scheme() == "https" {
+                // Answered as it is: the request is made again by the secure client.
+                attempt.stop()
+            } else if attempt.previous().len() > MAX_REDIRECTS {
+                attempt.error("too many redirects")
+            } else {
+                attempt.follow()
+            }
+        });
+        self.builder().tls_built_in_root_certs(false).redirect(policy).build()
+    }
 }
 
 impl Fetcher {
     pub fn new(config: &Cdb2RabbitConfig) -> Result<Fetcher, FetchError> {
-        let mut builder = reqwest::Client::builder()
-            .timeout(config.http_timeout)
-            .connect_timeout(config.http_timeout.min(Duration::from_secs(30)))
-            .pool_max_idle_per_host(config.download_concurrency)
-            .user_agent(concat!("cdb2rabbit/", env!("CARGO_PKG_VERSION")));
+        let mut ca_bundle = Vec::new();
         if let Some(path) = &config.ca_bundle {
             let pem = std::fs::read(path).map_err(|e| FetchError::CaBundle {
                 path: path.clone(),
@@ -88,14 +138,39 @@ impl Fetcher {
                     message: "no PEM certificate in it".into(),
                 });
             }
-            for cert in certs {
-                builder = builder.add_root_certificate(cert);
-            }
+            ca_bundle = certs;
         }
-        Ok(Fetcher {
-            client: builder.build().map_err(FetchError::Client)?,
+        let settings = ClientSettings {
             timeout: config.http_timeout,
-        })
+            concurrency: config.download_concurrency,
+            ca_bundle,
+        };
+        let fetcher = Fetcher {
+            plain: settings.plain().map_err(FetchError::Client)?,
+            secure: OnceLock::new(),
+            settings,
+        };
+        // An https URL in the configuration: the secure client is needed
+        // anyway, and a failure to build it is a configuration matter.
+        if [&config.profile_info_url, &config.profile_dir_url]
+            .iter()
+            .any(|u| u.scheme() == "https")
+        {
+            let client = fetcher.settings.secure().map_err(FetchError::Client)?;
+            let _ = fetcher.secure.set(Ok(client));
+        }
+        Ok(fetcher)
+    }
+
+    /// The client with TLS roots, built on first use.
+    fn secure(&self, url: &Url) -> Result<&reqwest::Client, FetchError> {
+        self.secure
+            .get_or_init(|| self.settings.secure().map_err(|e| error_chain(&e)))
+            .as_ref()
+            .map_err(|message| FetchError::Https {
+                url: url.clone(),
+                message: message.clone(),
+            })
     }
 
     /// GETs `url` whole (at most `limit` bytes, gzip undone).
@@ -122,7 +197,7 @@ impl Fetcher {
             if source.is_timeout() {
                 FetchError::Timeout {
                     url: url.clone(),
-                    timeout: self.timeout,
+                    timeout: self.settings.timeout,
                 }
             } else {
                 FetchError::Http {
@@ -131,7 +206,16 @@ impl Fetcher {
                 }
             }
         };
-        let mut resp = self.client.get(url.clone()).send().await.map_err(http)?;
+        let mut resp = if url.scheme() == "https" {
+            self.secure(url)?.get(url.clone()).send().await.map_err(http)?
+        } else {
+            self.plain.get(url.clone()).send().await.map_err(http)?
+        };
+        if resp.status().is_redirection() && url.scheme() != "https" {
+            // A redirect to https (the plain client does not follow those):
+            // the whole request again, by the client that can.
+            resp = self.secure(url)?.get(url.clone()).send().await.map_err(http)?;
+        }
         let status = resp.status();
         if !status.is_success() {
             return Err(FetchError::Status {

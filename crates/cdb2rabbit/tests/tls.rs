@@ -68,3 +68,67 @@ fn profiles_come_over_https_trusting_ca_bundle_and_go_to_rabbitmq_over_amqps() {
     assert_eq!(site.published_names(), vec!["ci-a.example.org.json".to_string()]);
     assert_eq!(site.cached_mtime("ci-a.example.org.json"), Some(200));
 }
+
+#[test]
+fn plain_http_urls_that_redirect_to_https_are_followed_with_ca_bundle_trusted() {
+    use packuilon_testsupport::http::Fault;
+    let site = Site::new("ci-");
+    site.put("ci-a.example.org.json", &profile("a", 1), 100);
+    let certs = make_certs(site.dir.path());
+    let https_port = free_port();
+    let plain = site.server.base.trim_end_matches('/').to_string();
+    let _https = TlsProxy::start(&certs, https_port, plain.trim_start_matches("http://"));
+    // The configured URLs are plain http, under /old/; the server sends
+    // every one of them to the same file over https (index and profile), or
+    // over plain http (/moved/).
+    let https = format!("https://127.0.0.1:{https_port}");
+    site.server.set_fault(
+        "old/profiles-info.xml",
+        Fault::Redirect(format!("{https}/profiles-info.xml")),
+    );
+    site.server.set_fault(
+        "old/profiles/ci-a.example.org.json",
+        Fault::Redirect(format!("{https}/profiles/ci-a.example.org.json")),
+    );
+    site.server.set_fault(
+        "moved/profiles-info.xml",
+        Fault::Redirect(format!("{plain}/profiles-info.xml")),
+    );
+    let config = |info: &str, ca_bundle: bool| {
+        let mut text = site
+            .config_text()
+            .replace(&format!("{plain}/profiles-info.xml"), &format!("{plain}/{info}"))
+            .replace(&format!("{plain}/profiles/"), &format!("{plain}/old/profiles/"));
+        if ca_bundle {
+            text = text.replace(
+                "[cdb2rabbit]\n",
+                &format!("[cdb2rabbit]\nCA_BUNDLE = {}\n", certs.ca.display()),
+            );
+        }
+        assert!(text.contains(&format!("{plain}/{info}")), "{text}");
+        let path = site
+            .dir
+            .path()
+            .join(format!("redirect-{}-{ca_bundle}.ini", info.replace('/', "-")));
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+
+    // A plain redirect to plain http: followed as before.
+    site.run_with_config(&config("moved/profiles-info.xml", true), &[])
+        .assert_status(0);
+    site.put("ci-a.example.org.json", &profile("a", 2), 200);
+
+    // To https, without CA_BUNDLE: the system roots do not know this CA.
+    let out = site.run_with_config(&config("old/profiles-info.xml", false), &[]);
+    out.assert_status(1);
+    assert!(out.stderr.to_lowercase().contains("certificate"), "{}", out.stderr);
+    assert_eq!(site.cached_mtime("ci-a.example.org.json"), Some(100));
+
+    // With CA_BUNDLE: index and profile both fetched over https after the redirect.
+    let out = site.run_with_config(&config("old/profiles-info.xml", true), &[]);
+    out.assert_status(0);
+    out.assert_logs_in_order(&["Profile has updated: ci-a.example.org.json"]);
+    assert_eq!(site.published_names(), vec!["ci-a.example.org.json".to_string()]);
+    assert_eq!(site.cached_mtime("ci-a.example.org.json"), Some(200));
+}

@@ -32,6 +32,8 @@ pub enum Fault {
     /// Promise the whole file (Content-Length), send only its first N bytes,
     /// then close the connection: a transfer cut off mid-body.
     Truncate(usize),
+    /// Answer `301 Moved Permanently` with this `Location`.
+    Redirect(String),
 }
 
 struct Shared {
@@ -223,6 +225,9 @@ fn respond(shared: &Shared, req: &Request, w: &mut impl Write) -> std::io::Resul
     }
     if let Some(Fault::Status(code)) = fault {
         return send(w, req, code, &[], &[]);
+    }
+    if let Some(Fault::Redirect(location)) = &fault {
+        return send(w, req, 301, &[("Location", location)], &[]);
     }
     if path.split('/').any(|seg| seg == "..") {
         return send(w, req, 400, &[], &[]);
