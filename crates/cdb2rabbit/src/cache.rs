@@ -251,8 +251,13 @@ impl CacheDir {
             Durability::DurableWithCopies => syncfs(file.as_file()),
         }
         .map_err(io(file.path()))?;
-        let path = self.index_path();
-        file.persist(&path).map_err(|e| io(&path)(e.error))?;
+        self.install(file, &self.index_path())
+    }
+
+    /// Renames a temp file (already durable) to `path` in CACHE_DIR, and
+    /// fsyncs CACHE_DIR so that the rename is durable too.
+    fn install(&self, file: tempfile::NamedTempFile, path: &Path) -> Result<(), CacheError> {
+        file.persist(path).map_err(|e| io(path)(e.error))?;
         File::open(&self.root)
             .and_then(|d| d.sync_all())
             .map_err(io(&self.root))
@@ -382,15 +387,11 @@ impl CacheDir {
         let mut text = names.join("\n");
         text.push('\n');
         let temp = self.temp_file()?;
-        let path = self.root.join(UNSYNCED_MARK);
         let mut file = temp.as_file();
         file.write_all(text.as_bytes())
             .and_then(|()| file.sync_all())
             .map_err(io(temp.path()))?;
-        temp.persist(&path).map_err(|e| io(&path)(e.error))?;
-        File::open(&self.root)
-            .and_then(|d| d.sync_all())
-            .map_err(io(&self.root))
+        self.install(temp, &self.root.join(UNSYNCED_MARK))
     }
 
     /// Starts the thread that writes this run's cached copies (see

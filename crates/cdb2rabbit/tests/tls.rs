@@ -35,10 +35,7 @@ fn profiles_come_over_https_trusting_ca_bundle_and_go_to_rabbitmq_over_amqps() {
                 &format!("RABBIT_PORT = {amqp_port}\nRABBIT_CA_FILE = {}", certs.ca.display()),
             );
         if ca_bundle {
-            text = text.replace(
-                "[cdb2rabbit]\n",
-                &format!("[cdb2rabbit]\nCA_BUNDLE = {}\n", certs.ca.display()),
-            );
+            text = with_ca_bundle(&text, &certs.ca);
         }
         let path = site.dir.path().join(format!("tls-{ca_bundle}.ini"));
         std::fs::write(&path, text).unwrap();
@@ -100,10 +97,7 @@ fn plain_http_urls_that_redirect_to_https_are_followed_with_ca_bundle_trusted() 
             .replace(&format!("{plain}/profiles-info.xml"), &format!("{plain}/{info}"))
             .replace(&format!("{plain}/profiles/"), &format!("{plain}/old/profiles/"));
         if ca_bundle {
-            text = text.replace(
-                "[cdb2rabbit]\n",
-                &format!("[cdb2rabbit]\nCA_BUNDLE = {}\n", certs.ca.display()),
-            );
+            text = with_ca_bundle(&text, &certs.ca);
         }
         assert!(text.contains(&format!("{plain}/{info}")), "{text}");
         let path = site
@@ -131,4 +125,12 @@ fn plain_http_urls_that_redirect_to_https_are_followed_with_ca_bundle_trusted() 
     out.assert_logs_in_order(&["Profile has updated: ci-a.example.org.json"]);
     assert_eq!(site.published_names(), vec!["ci-a.example.org.json".to_string()]);
     assert_eq!(site.cached_mtime("ci-a.example.org.json"), Some(200));
+}
+
+/// `config` with CA_BUNDLE = `ca` in its [cdb2rabbit] section.
+fn with_ca_bundle(config: &str, ca: &std::path::Path) -> String {
+    config.replace(
+        "[cdb2rabbit]\n",
+        &format!("[cdb2rabbit]\nCA_BUNDLE = {}\n", ca.display()),
+    )
 }
