@@ -87,6 +87,32 @@ pub enum CacheError {
     LockTimeout { path: PathBuf, waited: Duration },
 }
 
+impl CacheError {
+    /// The filesystem (or the quota) is full.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, CacheError::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)))
+    }
+}
+
+/// Room left on CACHE_DIR's filesystem, as `statvfs(2)` tells it.
+#[derive(Debug, Clone, Copy)]
+pub struct Room {
+    /// Bytes free for us.
+    pub free: u64,
+    /// The allocation unit: a file takes whole blocks.
+    pub block: u64,
+    /// Inodes free, where the filesystem counts them.
+    pub files: Option<u64>,
+}
+
+impl Room {
+    /// What a file of `len` bytes takes, in whole blocks.
+    pub fn needed(&self, len: usize) -> u64 {
+        (len as u64).div_ceil(self.block.max(1)) * self.block
+    }
+}
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CacheError + '_ {
     move |source| CacheError::Io {
         path: path.to_path_buf(),
@@ -399,6 +425,25 @@ impl CacheDir {
     /// first copy, all of them are marked [unsynced](CacheDir::unsynced)).
     pub fn copy_writer(&self, may_write: Vec<String>) -> CopyWriter {
         CopyWriter::start(self.clone(), may_write)
+    }
+
+    /// The room left on CACHE_DIR's filesystem.
+    pub fn room(&self) -> std::io::Result<Room> {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(self.root.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in CACHE_DIR"))?;
+        // SAFETY: statvfs only writes into the struct we pass, and the path
+        // is NUL-terminated and lives across the call.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let block = (st.f_frsize as u64).max(1);
+        Ok(Room {
+            free: st.f_bavail as u64 * block,
+            block: (st.f_bsize as u64).max(block),
+            files: (st.f_files > 0).then_some(st.f_favail as u64),
+        })
     }
 
     /// Makes every profile copy written so far durable, with one

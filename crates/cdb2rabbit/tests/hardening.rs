@@ -1,0 +1,185 @@
+//! cdb2rabbit against what goes wrong in production (issue #16, and the
+//! blocking broker of #11): a broker that stalls or blocks publishers, a
+//! stop mid-run, a full or clashing cache, an oversized message, memory,
+//! long names, a downgrading redirect. Real binary, real servers, real
+//! RabbitMQ nodes (private ones where the test changes the node's settings).
+
+#[allow(dead_code)] // support serves the other test files too
+mod support;
+
+use std::net::TcpListener;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use packuilon_testsupport::broker::{PrivateBroker, TestQueue};
+use packuilon_testsupport::http::Fault;
+use support::{finish_within, profile, Site};
+
+/// A listening socket that accepts connections and never says a word: a
+/// stalled broker, or a proxy or firewall in front of one.
+struct SilentBroker {
+    port: u16,
+}
+
+impl SilentBroker {
+    fn start() -> SilentBroker {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for stream in listener.incoming().flatten() {
+                held.push(stream);
+            }
+        });
+        SilentBroker { port }
+    }
+}
+
+/// `rabbitmqctl` for a private node.
+fn ctl(broker: &PrivateBroker, args: &[&str]) {
+    let out = Command::new("/usr/lib/rabbitmq/bin/rabbitmqctl")
+        .env("HOME", broker.dir())
+        .arg("-n")
+        .arg(&broker.node)
+        .args(args)
+        .output()
+        .expect("rabbitmqctl");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A site publishing to a queue of its own on `broker`.
+fn site_on(broker: &PrivateBroker, profile_match: &str) -> Site {
+    let mut site = Site::new(profile_match);
+    site.queue = TestQueue::on(&broker.addr, "cdb2rabbit-hard");
+    site
+}
+
+#[test]
+fn a_broker_that_never_completes_the_handshake_fails_the_run_in_bounded_time() {
+    let silent = SilentBroker::start();
+    let site = Site::new("ci-").with_extra_global("RABBIT_CONNECT_TIMEOUT = 1\n");
+    site.put("ci-a.json", &profile("a", 1), 100);
+    site.run(&[]).assert_status(0);
+    site.put("ci-a.json", &profile("a", 2), 101);
+    site.set_broker_port(Some(silent.port));
+
+    let started = Instant::now();
+    let out = finish_within(site.spawn(&[]), Duration::from_secs(30));
+    out.assert_status(1);
+    // Two attempts of 1 s each, 0.1 s apart.
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    out.assert_logs_in_order(&["Could not connect to RabbitMQ at", "cannot reach RabbitMQ at"]);
+    assert!(
+        out.stderr
+            .contains("after 2 attempt(s): IO error: no AMQP handshake within 1s (RABBIT_CONNECT_TIMEOUT)"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(site.cached_mtime("ci-a.json"), Some(100), "the cache changed");
+
+    // The lock went with the run: the next one, with the broker back, publishes.
+    site.set_broker_port(None);
+    let out = site.run(&["--lock-wait", "1"]);
+    out.assert_status(0);
+    assert_eq!(site.published_names(), ["ci-a.json"]);
+}
+
+#[test]
+fn a_broker_that_blocks_publishers_is_logged_and_the_run_ends_after_publish_timeout() {
+    let broker = PrivateBroker::start().unwrap();
+    let site = site_on(&broker, "ci-").with_extra_global("PUBLISH_TIMEOUT = 2\n");
+    site.put("ci-a.json", &profile("a", 1), 100);
+    site.put("ci-b.json", &profile("b", 1), 100);
+    site.run(&[]).assert_status(0);
+    site.put("ci-a.json", &profile("a", 2), 101);
+    site.put("ci-b.json", &profile("b", 2), 101);
+
+    // A memory alarm: the broker blocks every publishing connection.
+    ctl(&broker, &["set_vm_memory_high_watermark", "0"]);
+    let started = Instant::now();
+    let out = finish_within(site.spawn(&[]), Duration::from_secs(60));
+    out.assert_status(1);
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}\n{}",
+        started.elapsed(),
+        out.stderr
+    );
+    out.assert_logs_in_order(&[
+        "Pushing message to queue for build",
+        "RabbitMQ blocked the publishing connection",
+        "PUBLISH_TIMEOUT",
+    ]);
+    assert!(
+        out.stderr.to_lowercase().contains("memory"),
+        "the broker's reason is not logged:\n{}",
+        out.stderr
+    );
+    assert_eq!(
+        site.cached_mtimes(),
+        support::mt([("ci-a.json", 100), ("ci-b.json", 100)]),
+        "an unconfirmed profile was recorded"
+    );
+
+    // The alarm clears: the next run publishes both.
+    ctl(&broker, &["set_vm_memory_high_watermark", "0.4"]);
+    let out = finish_within(site.spawn(&[]), Duration::from_secs(60));
+    out.assert_status(0);
+    let mut names = site.published_names();
+    names.dedup();
+    assert_eq!(names, ["ci-a.json", "ci-b.json"]);
+    assert_eq!(
+        site.cached_mtimes(),
+        support::mt([("ci-a.json", 101), ("ci-b.json", 101)])
+    );
+}
+
+#[test]
+fn a_stop_mid_run_records_what_the_broker_confirmed_and_exits_1() {
+    let site = Site::new("ci-");
+    site.put("ci-fast.json", &profile("fast", 1), 100);
+    site.put("ci-slow.json", &profile("slow", 1), 100);
+    site.run(&[]).assert_status(0);
+    site.put("ci-slow.json", &profile("slow", 2), 101);
+    site.server
+        .set_fault("profiles/ci-slow.json", Fault::Delay(Duration::from_secs(30)));
+
+    // ci-fast.json is published and confirmed, ci-slow.json still
+    // downloads, and the run is told to stop.
+    for (signal, name, mtime) in [(libc::SIGTERM, "SIGTERM", 101), (libc::SIGINT, "SIGINT", 102)] {
+        let body = site.put("ci-fast.json", &profile("fast", mtime as u32), mtime);
+        let child = site.spawn(&[]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while site.cached_copy("ci-fast.json").as_deref() != Some(&body[..]) {
+            assert!(Instant::now() < deadline, "ci-fast.json was never published");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        // SAFETY: signals our own child.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let out = finish_within(child, Duration::from_secs(10));
+        out.assert_status(1);
+        out.assert_logs_in_order(&[&format!("Received {name}"), &format!("Run stopped ({name} received)")]);
+        assert!(
+            out.stderr
+                .contains("1 profile(s) not processed are left for the next run: ci-slow.json"),
+            "{}",
+            out.stderr
+        );
+        assert_eq!(site.published_names(), ["ci-fast.json"]);
+        assert_eq!(
+            site.cached_mtimes(),
+            support::mt([("ci-fast.json", mtime), ("ci-slow.json", 100)]),
+            "after {name}: the confirmed profile was not recorded"
+        );
+    }
+    // The next run publishes only what is left.
+    site.server.clear_faults();
+    site.run(&[]).assert_status(0);
+    assert_eq!(site.published_names(), ["ci-slow.json"]);
+}
