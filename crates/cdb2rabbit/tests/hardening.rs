@@ -183,3 +183,117 @@ fn a_stop_mid_run_records_what_the_broker_confirmed_and_exits_1() {
     site.run(&[]).assert_status(0);
     assert_eq!(site.published_names(), ["ci-slow.json"]);
 }
+
+/// A small tmpfs mounted on `dir` for one test; unmounted when dropped
+/// (a failing test too).
+struct Tmpfs {
+    dir: std::path::PathBuf,
+}
+
+impl Tmpfs {
+    fn mount(dir: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .expect("mount");
+        assert!(out.status.success(), "mount: {}", String::from_utf8_lossy(&out.stderr));
+        Tmpfs { dir: dir.to_path_buf() }
+    }
+
+    /// Fills the filesystem up to `left` bytes from full, with one file.
+    fn fill(&self, left: u64) -> std::path::PathBuf {
+        use std::io::Write;
+        let path = self.dir.join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let chunk = vec![0u8; 4096];
+        let mut len = 0u64;
+        while f.write_all(&chunk).is_ok() {
+            len += 4096;
+        }
+        f.set_len(len.saturating_sub(left)).unwrap();
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+#[test]
+fn a_full_cache_dir_stops_the_run_before_publishing_what_it_cannot_cache() {
+    let site = Site::new("ci-");
+    let cache = Tmpfs::mount(&site.cache(), "512k");
+    site.put("ci-a.json", &profile("a", 1), 100);
+    site.put("ci-b.json", &profile("b", 1), 100);
+    site.run(&[]).assert_status(0);
+    let mut big = profile("a", 2);
+    big["blob"] = serde_json::Value::String("x".repeat(200_000));
+    site.put("ci-a.json", &big, 101);
+    site.put("ci-b.json", &profile("b", 2), 101);
+    let filler = cache.fill(48 * 1024);
+
+    let mut published = Vec::new();
+    for _ in 0..2 {
+        let out = site.run(&[]);
+        out.assert_status(1);
+        assert!(
+            out.stderr.contains("no room for the cached copy of ci-a.json"),
+            "{}",
+            out.stderr
+        );
+        let names = site.published_names();
+        assert!(
+            !names.contains(&"ci-a.json".to_string()),
+            "ci-a.json was published although its copy cannot be written:\n{}",
+            out.stderr
+        );
+        assert_eq!(site.cached_mtime("ci-a.json"), Some(100));
+        published.extend(names);
+    }
+    // Room again: what is left goes out, once.
+    std::fs::remove_file(filler).unwrap();
+    site.run(&[]).assert_status(0);
+    published.extend(site.published_names());
+    published.sort();
+    assert_eq!(published, ["ci-a.json", "ci-b.json"]);
+    site.run(&[]).assert_status(0);
+    assert_eq!(site.published_names(), Vec::<String>::new());
+    assert_eq!(
+        site.cached_mtimes(),
+        support::mt([("ci-a.json", 101), ("ci-b.json", 101)])
+    );
+}
+
+#[test]
+fn a_name_below_another_profiles_name_is_a_bad_entry_and_never_published() {
+    let site = Site::new("ci-");
+    site.put("ci-x.json", &profile("x", 1), 100);
+    // Served (the web server redirects it), but its copy would have to live
+    // inside ci-x.json's.
+    site.put_raw("elsewhere/ci-y.json", &serde_json::to_vec(&profile("y", 1)).unwrap(), 1);
+    site.server.set_fault(
+        "profiles/ci-x.json/ci-y.json",
+        Fault::Redirect(site.server.url("profiles/elsewhere/ci-y.json")),
+    );
+    site.set_index_extra("<profile mtime='5'>ci-x.json/ci-y.json</profile>\n");
+    site.run(&[]).assert_status(1);
+    site.put("ci-x.json", &profile("x", 2), 101);
+    site.set_index_extra("<profile mtime='6'>ci-x.json/ci-y.json</profile>\n");
+    for round in 0..2 {
+        let out = site.run(&[]);
+        out.assert_status(1);
+        assert!(
+            out.stderr.contains(
+                "index entry \"ci-x.json/ci-y.json\" cannot be cached: it would need the cached copy of \"ci-x.json\" to be a directory"
+            ),
+            "{}",
+            out.stderr
+        );
+        let want: &[&str] = if round == 0 { &["ci-x.json"] } else { &[] };
+        assert_eq!(site.published_names(), want, "round {round}:\n{}", out.stderr);
+    }
+}
