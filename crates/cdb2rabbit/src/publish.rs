@@ -251,7 +251,20 @@ impl Publisher {
 
     /// Sends one profile; await [`Pending::confirmed`] for the broker's answer.
     pub async fn publish(&self, profile: &str, mtime: u64, body: &[u8]) -> Result<Pending, PublishError> {
-        let message_id = uuid::Uuid::new_v4().to_string();
+        self.publish_as(new_message_id(), profile, mtime, body).await
+    }
+
+    /// As [`Publisher::publish`], with this message id: a profile published
+    /// again after its channel was lost keeps its id, so that a consumer
+    /// that got the first copy too (the broker may have taken it before the
+    /// channel closed) knows it for the same request.
+    pub async fn publish_as(
+        &self,
+        message_id: String,
+        profile: &str,
+        mtime: u64,
+        body: &[u8],
+    ) -> Result<Pending, PublishError> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -321,6 +334,11 @@ impl Drop for Publisher {
             w.abort();
         }
     }
+}
+
+/// A new message id.
+pub fn new_message_id() -> String {
+    uuid::Uuid::new_v4().to_string()
 }
 
 /// Logs at once when the broker blocks (and unblocks) the connection, and

@@ -848,10 +848,11 @@ async fn publish_then_copy(
     let size = body.len();
     let publish = async {
         let mut retries = 0;
+        let message_id = crate::publish::new_message_id();
         loop {
             publisher.check_size(&name, size)?;
             let generation = publisher.generation();
-            let result = match publisher.publish(&name, mtime, &body).await {
+            let result = match publisher.publish_as(message_id.clone(), &name, mtime, &body).await {
                 Ok(pending) => pending.confirmed().await,
                 Err(e) => Err(e),
             };
