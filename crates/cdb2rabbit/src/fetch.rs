@@ -239,6 +239,10 @@ impl Fetcher {
             }
             body.extend_from_slice(&chunk);
         }
+        // Without a Content-Length the buffer grew by doubling (see gunzip_if_gzip).
+        if body.capacity() - body.len() > body.len() / 8 {
+            body.shrink_to_fit();
+        }
         Ok(body)
     }
 

@@ -109,6 +109,11 @@ pub fn gunzip_if_gzip(bytes: Vec<u8>, limit: u64) -> Result<Vec<u8>, GunzipError
     if out.len() as u64 > limit {
         return Err(GunzipError::TooLarge);
     }
+    // The buffer grew by doubling: up to twice the profile, held as long as
+    // the profile is (until its copy is written).
+    if out.capacity() - out.len() > out.len() / 8 {
+        out.shrink_to_fit();
+    }
     Ok(out)
 }
 

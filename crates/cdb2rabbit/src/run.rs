@@ -52,7 +52,7 @@ const MAX_IN_FLIGHT: usize = 256;
 /// The bytes of the bodies held for publishing or awaiting their confirm (or
 /// their cached copy): no download is taken in while they are over this
 /// (profiles of up to 64 MiB each, 256 at once, would be 16 GiB).
-const MAX_BYTES_IN_FLIGHT: usize = 128 * 1024 * 1024;
+const MAX_BYTES_IN_FLIGHT: usize = 64 * 1024 * 1024;
 /// Changed profiles published together.
 const PUBLISH_BATCH: usize = 64;
 /// The longest a changed profile waits for its batch to fill.
