@@ -425,3 +425,39 @@ fn memory_is_bounded_by_the_bytes_in_flight_not_their_count() {
         "peak RSS {peak_mib} MiB for {total_mib} MiB of profiles\n{stderr}"
     );
 }
+
+#[test]
+fn a_profile_name_with_a_segment_too_long_for_a_file_name_is_published_and_cached() {
+    let site = Site::new("ci-");
+    // An <fqdn>.json of 271 bytes: no filesystem takes it as a file name, so
+    // the web server here serves it from elsewhere.
+    let long = format!("ci-{}.example.org.json", "h".repeat(250));
+    let served = "store/long.json";
+    site.put_raw(served, &serde_json::to_vec(&profile("long", 1)).unwrap(), 1);
+    site.server.set_fault(
+        &format!("profiles/ns/{long}"),
+        Fault::Redirect(site.server.url(&format!("profiles/{served}"))),
+    );
+    let name = format!("ns/{long}");
+    let entry = |mtime: u64| format!("<profile mtime='{mtime}'>{name}</profile>\n");
+    site.set_index_extra(&entry(100));
+    site.run(&[]).assert_status(0);
+
+    site.set_index_extra(&entry(101));
+    let out = site.run(&[]);
+    out.assert_status(0);
+    assert_eq!(site.published_names(), [name.clone()]);
+    assert_eq!(site.cached_mtime(&name), Some(101));
+
+    // Recompiled, same JSON: compared with its cached copy, not published again.
+    site.set_index_extra(&entry(102));
+    let out = site.run(&[]);
+    out.assert_status(0);
+    assert!(
+        out.stderr.contains("Profile has not updated: ns/ci-hhh"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(site.published_names(), Vec::<String>::new());
+    assert_eq!(site.cached_mtime(&name), Some(102));
+}
