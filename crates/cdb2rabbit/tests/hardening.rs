@@ -461,3 +461,47 @@ fn a_profile_name_with_a_segment_too_long_for_a_file_name_is_published_and_cache
     assert_eq!(site.published_names(), Vec::<String>::new());
     assert_eq!(site.cached_mtime(&name), Some(102));
 }
+
+#[test]
+fn an_https_profile_redirected_to_plain_http_fails_naming_both_urls() {
+    use packuilon_testsupport::free_port;
+    use packuilon_testsupport::tls::{make_certs, TlsProxy};
+    let site = Site::new("ci-");
+    site.put("ci-a.json", &profile("a", 1), 100);
+    site.put("ci-b.json", &profile("b", 1), 100);
+    let certs = make_certs(site.dir.path());
+    let port = free_port();
+    let plain = site.server.base.trim_end_matches('/').to_string();
+    let _https = TlsProxy::start(&certs, port, plain.trim_start_matches("http://"));
+    let https = format!("https://127.0.0.1:{port}");
+    let config = site.dir.path().join("https.ini");
+    std::fs::write(
+        &config,
+        site.config_text()
+            .replace(&format!("{plain}/"), &format!("{https}/"))
+            .replace(
+                "[cdb2rabbit]\n",
+                &format!("[cdb2rabbit]\nCA_BUNDLE = {}\n", certs.ca.display()),
+            ),
+    )
+    .unwrap();
+    site.run_with_config(&config, &[]).assert_status(0);
+    site.put("ci-a.json", &profile("a", 2), 101);
+    site.put("ci-b.json", &profile("b", 2), 101);
+    site.server.set_fault(
+        "profiles/ci-b.json",
+        Fault::Redirect(format!("{plain}/profiles/ci-b.json")),
+    );
+
+    let out = site.run_with_config(&config, &[]);
+    out.assert_status(1);
+    assert!(
+        out.stderr.contains(&format!(
+            "refusing the redirect from {https}/profiles/ci-b.json to {plain}/profiles/ci-b.json"
+        )),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(site.published_names(), ["ci-a.json"]);
+    assert_eq!(site.cached_mtime("ci-b.json"), Some(100));
+}
