@@ -238,14 +238,14 @@ impl Publisher {
 
     /// Refuses, without sending it, a body the broker is known to refuse
     /// (it would close the channel, failing every publish in flight).
-    pub fn check_size(&self, profile: &str, size: usize) -> Result<(), PublishError> {
+    pub fn oversized(&self, profile: &str, size: usize) -> Option<PublishError> {
         match self.max_size.get() {
-            Some(max) if size > max => Err(PublishError::TooLarge {
+            Some(max) if size > max => Some(PublishError::TooLarge {
                 profile: profile.to_string(),
                 size,
                 max,
             }),
-            _ => Ok(()),
+            _ => None,
         }
     }
 

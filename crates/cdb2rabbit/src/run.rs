@@ -850,7 +850,9 @@ async fn publish_then_copy(
         let mut retries = 0;
         let message_id = crate::publish::new_message_id();
         loop {
-            publisher.check_size(&name, size)?;
+            if let Some(e) = publisher.oversized(&name, size) {
+                return Err(e);
+            }
             let generation = publisher.generation();
             let result = match publisher.publish_as(message_id.clone(), &name, mtime, &body).await {
                 Ok(pending) => pending.confirmed().await,
@@ -859,7 +861,7 @@ async fn publish_then_copy(
             match result {
                 Err(e) if e.channel_lost() && retries < CHANNEL_RETRIES => {
                     publisher.reopen(generation, &e).await?;
-                    if publisher.check_size(&name, size).is_ok() {
+                    if publisher.oversized(&name, size).is_none() {
                         warn!("{e}; publishing {name} again on a new channel");
                     }
                     retries += 1;
@@ -874,7 +876,10 @@ async fn publish_then_copy(
         }
     };
     let result = tokio::select! {
-        r = tokio::time::timeout(publisher.timeout(), publish) => r.unwrap_or_else(|_| Err(publisher.timed_out(&name))),
+        r = tokio::time::timeout(publisher.timeout(), publish) => match r {
+            Ok(answer) => answer,
+            Err(_) => Err(publisher.timed_out(&name)),
+        },
         () = given_up => Err(PublishError::GaveUp { profile: name.clone() }),
     };
     drop(publisher);
