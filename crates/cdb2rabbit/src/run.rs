@@ -20,6 +20,13 @@
 //! looked at again by the next run. The broker is contacted only when
 //! something is to be published.
 //!
+//! A run can also stop half-way (SIGTERM or SIGINT, a broker that stops
+//! confirming within PUBLISH_TIMEOUT, a CACHE_DIR without room for the
+//! copies): nothing new starts, the publishes in flight are awaited, and the
+//! profiles the broker confirmed are recorded as usual; the others keep
+//! their cached state, so a stop costs the next run no duplicate. At most
+//! `MAX_BYTES_IN_FLIGHT` bytes of bodies are held for publishing.
+//!
 //! Profiles that left the index are dropped from the cached index but their
 //! cached copies are kept, as the original kept them: a host removed and
 //! re-added (or briefly missing from the index) comes back as a new entry,
@@ -559,7 +566,8 @@ impl Pipeline<'_> {
             })
             .buffer_unordered(self.config.download_concurrency);
         // SIGTERM or SIGINT (systemd, an operator's Ctrl-C) stops the run
-        // cleanly: see `stop`. A second one stops waiting for confirms.
+        // cleanly (see `Summary::stopped`). A second one stops waiting for
+        // the confirms still due.
         let mut signals = Signals::register(self.dry_run);
         // Set when the run stops waiting for the confirms still due.
         let (give_up, gave_up) = tokio::sync::watch::channel(false);
