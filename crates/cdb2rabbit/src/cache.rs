@@ -87,6 +87,32 @@ pub enum CacheError {
     LockTimeout { path: PathBuf, waited: Duration },
 }
 
+impl CacheError {
+    /// The filesystem (or the quota) is full.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, CacheError::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT)))
+    }
+}
+
+/// Room left on CACHE_DIR's filesystem, as `statvfs(2)` tells it.
+#[derive(Debug, Clone, Copy)]
+pub struct Room {
+    /// Bytes free for us.
+    pub free: u64,
+    /// The allocation unit: a file takes whole blocks.
+    pub block: u64,
+    /// Inodes free, where the filesystem counts them.
+    pub files: Option<u64>,
+}
+
+impl Room {
+    /// What a file of `len` bytes takes, in whole blocks.
+    pub fn needed(&self, len: usize) -> u64 {
+        (len as u64).div_ceil(self.block.max(1)) * self.block
+    }
+}
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CacheError + '_ {
     move |source| CacheError::Io {
         path: path.to_path_buf(),
@@ -123,7 +149,7 @@ impl CacheDir {
     /// Where the cached copy of `name` lives. `name` must have passed [`index::check_name`].
     pub fn profile_path(&self, name: &str) -> PathBuf {
         debug_assert!(index::check_name(name).is_ok());
-        self.root.join(name)
+        self.root.join(copy_path(name))
     }
 
     /// Takes the exclusive run lock, creating CACHE_DIR if needed. Waits at
@@ -289,7 +315,7 @@ impl CacheDir {
             state.marked = true;
         }
         let path = self.profile_path(name);
-        let spare = self.root.join(SPARE_DIR).join(name);
+        let spare = self.root.join(SPARE_DIR).join(copy_path(name));
         for dir in [path.parent(), spare.parent()].into_iter().flatten() {
             if !state.made.contains(dir) {
                 std::fs::create_dir_all(dir).map_err(io(dir))?;
@@ -401,6 +427,25 @@ impl CacheDir {
         CopyWriter::start(self.clone(), may_write)
     }
 
+    /// The room left on CACHE_DIR's filesystem.
+    pub fn room(&self) -> std::io::Result<Room> {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(self.root.as_os_str().as_bytes())
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in CACHE_DIR"))?;
+        // SAFETY: statvfs only writes into the struct we pass, and the path
+        // is NUL-terminated and lives across the call.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let block = (st.f_frsize as u64).max(1);
+        Ok(Room {
+            free: st.f_bavail as u64 * block,
+            block: (st.f_bsize as u64).max(block),
+            files: (st.f_files > 0).then_some(st.f_favail as u64),
+        })
+    }
+
     /// Makes every profile copy written so far durable, with one
     /// `syncfs(2)` of the filesystem holding CACHE_DIR (new namespace
     /// directories included) instead of an fsync per copy.
@@ -408,6 +453,36 @@ impl CacheDir {
         let dir = File::open(&self.root).map_err(io(&self.root))?;
         syncfs(&dir).map_err(io(&self.root))
     }
+}
+
+/// The longest file name most filesystems take (NAME_MAX).
+const NAME_MAX: usize = 255;
+
+/// A profile's copy, relative to CACHE_DIR (and to [`SPARE_DIR`]): its name,
+/// except that a path segment too long for a file name (an `<fqdn>.json`
+/// can reach 258 bytes) is stored as `.long-<SHA-256 of the segment>`. The
+/// leading dot keeps it clear of every profile's name ([`index::check_name`]
+/// refuses segments starting with one) and of cdb2rabbit's own files.
+pub fn copy_path(name: &str) -> std::borrow::Cow<'_, Path> {
+    use std::fmt::Write;
+    if name.len() <= NAME_MAX {
+        return Path::new(name).into();
+    }
+    let mut path = PathBuf::new();
+    for segment in name.split('/') {
+        if segment.len() <= NAME_MAX {
+            path.push(segment);
+        } else {
+            let digest = <sha2::Sha256 as sha2::Digest>::digest(segment.as_bytes());
+            let mut hashed = String::with_capacity(70);
+            hashed.push_str(".long-");
+            for byte in digest {
+                let _ = write!(hashed, "{byte:02x}");
+            }
+            path.push(hashed);
+        }
+    }
+    path.into()
 }
 
 /// Puts `spare` in place of `path` atomically: swapped with it when it is
@@ -577,6 +652,25 @@ fn syncfs(_: &File) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_over_long_segment_is_stored_under_its_hash() {
+        let long = format!("{}.example.org.json", "h".repeat(250));
+        assert_eq!(copy_path("ns/a.json"), Path::new("ns/a.json"));
+        let name = format!("ns/{long}");
+        let path = copy_path(&name);
+        let hashed = path.file_name().unwrap().to_str().unwrap();
+        assert!(hashed.starts_with(".long-") && hashed.len() == 70, "{hashed}");
+        assert_eq!(path.parent().unwrap(), Path::new("ns"));
+        assert_ne!(copy_path(&format!("ns/{long}x")), path, "another name, another file");
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CacheDir::new(dir.path());
+        cache.write_profile(&name, b"{}").unwrap();
+        cache.write_profile(&name, b"[]").unwrap();
+        assert_eq!(cache.read_profile(&name).unwrap().unwrap(), b"[]");
+        assert!(dir.path().join("ns").join(hashed).is_file());
+        assert!(dir.path().join(SPARE_DIR).join("ns").join(hashed).is_file());
+    }
 
     #[test]
     fn profile_copies_go_in_namespace_directories() {

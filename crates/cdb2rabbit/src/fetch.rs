@@ -98,7 +98,24 @@ impl ClientSettings {
     }
 
     fn secure(&self) -> Result<reqwest::Client, reqwest::Error> {
-        let mut builder = self.builder();
+        // What was asked for over HTTPS (with CA_BUNDLE to trust) is never
+        // fetched over plain HTTP: a redirect that downgrades is an error.
+        let policy = reqwest::redirect::Policy::custom(|attempt| {
+            let previous = attempt.previous();
+            if attempt.url().scheme() != "https" && previous.iter().any(|u| u.scheme() == "https") {
+                let from = previous.last().map(|u| u.to_string()).unwrap_or_default();
+                let message = format!(
+                    "refusing the redirect from {from} to {}: HTTPS is not downgraded to plain HTTP",
+                    attempt.url()
+                );
+                attempt.error(message)
+            } else if previous.len() > MAX_REDIRECTS {
+                attempt.error("too many redirects")
+            } else {
+                attempt.follow()
+            }
+        });
+        let mut builder = self.builder().redirect(policy);
         for cert in &self.ca_bundle {
             builder = builder.add_root_certificate(cert.clone());
         }
@@ -238,6 +255,10 @@ impl Fetcher {
                 return Err(too_large());
             }
             body.extend_from_slice(&chunk);
+        }
+        // Without a Content-Length the buffer grew by doubling (see gunzip_if_gzip).
+        if body.capacity() - body.len() > body.len() / 8 {
+            body.shrink_to_fit();
         }
         Ok(body)
     }

@@ -61,6 +61,10 @@ pub enum EntryError {
     Duplicate { name: String },
     #[error("index entry {name:?}: {problem}")]
     HostileName { name: String, problem: &'static str },
+    /// `x.json` and `x.json/y.json`: the second one's cached copy would
+    /// need a directory where the first one's copy is a file.
+    #[error("index entry {name:?} cannot be cached: it would need the cached copy of {other:?} to be a directory")]
+    Clash { name: String, other: String },
 }
 
 impl EntryError {
@@ -70,7 +74,8 @@ impl EntryError {
             EntryError::NoMtime { name }
             | EntryError::BadMtime { name, .. }
             | EntryError::Duplicate { name }
-            | EntryError::HostileName { name, .. } => name,
+            | EntryError::HostileName { name, .. }
+            | EntryError::Clash { name, .. } => name,
         }
     }
 }
@@ -103,6 +108,11 @@ pub fn gunzip_if_gzip(bytes: Vec<u8>, limit: u64) -> Result<Vec<u8>, GunzipError
         .map_err(GunzipError::Corrupt)?;
     if out.len() as u64 > limit {
         return Err(GunzipError::TooLarge);
+    }
+    // The buffer grew by doubling: up to twice the profile, held as long as
+    // the profile is (until its copy is written).
+    if out.capacity() - out.len() > out.len() / 8 {
+        out.shrink_to_fit();
     }
     Ok(out)
 }
@@ -280,6 +290,7 @@ fn parse_xml(bytes: &[u8]) -> Result<Index, IndexError> {
         return Err(IndexError::Truncated);
     }
     drop_duplicates(&mut entries, &mut problems);
+    drop_clashes(&mut entries, &mut problems);
     Ok(Index { entries, problems })
 }
 
@@ -301,6 +312,38 @@ fn drop_duplicates(entries: &mut Vec<Entry>, problems: &mut Vec<EntryError>) {
     let set: HashSet<&str> = duplicated.iter().map(String::as_str).collect();
     entries.retain(|e| !set.contains(e.name.as_str()));
     problems.extend(duplicated.into_iter().map(|name| EntryError::Duplicate { name }));
+}
+
+/// Removes every entry below another one (`x.json/y.json` below
+/// `x.json`): its cached copy would need a directory where the other's copy
+/// is a file, so it could never be cached and would be published on every
+/// run. It fails as a bad entry; the other is kept.
+fn drop_clashes(entries: &mut Vec<Entry>, problems: &mut Vec<EntryError>) {
+    if !entries.iter().any(|e| e.name.contains('/')) {
+        return;
+    }
+    let names: HashSet<&str> = entries.iter().map(|e| e.name.as_str()).collect();
+    let clashes: Vec<(String, String)> = entries
+        .iter()
+        .filter_map(|e| {
+            let parent = e
+                .name
+                .match_indices('/')
+                .map(|(i, _)| &e.name[..i])
+                .find(|p| names.contains(p))?;
+            Some((e.name.clone(), parent.to_string()))
+        })
+        .collect();
+    if clashes.is_empty() {
+        return;
+    }
+    let below: HashSet<&str> = clashes.iter().map(|(n, _)| n.as_str()).collect();
+    entries.retain(|e| !below.contains(e.name.as_str()));
+    problems.extend(
+        clashes
+            .into_iter()
+            .map(|(name, other)| EntryError::Clash { name, other }),
+    );
 }
 
 /// The broker's index set against the cached one.
@@ -557,6 +600,28 @@ mod tests {
         assert_eq!(
             idx.problems[1].to_string(),
             "index entry \"bad.json\" has a non-numeric mtime \"soon\""
+        );
+    }
+
+    #[test]
+    fn a_name_below_another_is_a_bad_entry() {
+        let doc = "<profiles><profile mtime='1'>x.json/y.json</profile><profile mtime='1'>x.json</profile>\
+            <profile mtime='1'>ns/a.json</profile><profile mtime='1'>x.json/z/w.json</profile></profiles>";
+        let idx = parse(doc.as_bytes().to_vec()).unwrap();
+        let names: Vec<_> = idx.entries.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["x.json", "ns/a.json"]);
+        assert_eq!(
+            idx.problems,
+            [
+                EntryError::Clash {
+                    name: "x.json/y.json".into(),
+                    other: "x.json".into()
+                },
+                EntryError::Clash {
+                    name: "x.json/z/w.json".into(),
+                    other: "x.json".into()
+                },
+            ]
         );
     }
 

@@ -20,6 +20,13 @@
 //! looked at again by the next run. The broker is contacted only when
 //! something is to be published.
 //!
+//! A run can also stop half-way (SIGTERM or SIGINT, a broker that stops
+//! confirming within PUBLISH_TIMEOUT, a CACHE_DIR without room for the
+//! copies): nothing new starts, the publishes in flight are awaited, and the
+//! profiles the broker confirmed are recorded as usual; the others keep
+//! their cached state, so a stop costs the next run no duplicate. At most
+//! `MAX_BYTES_IN_FLIGHT` bytes of bodies are held for publishing.
+//!
 //! Profiles that left the index are dropped from the cached index but their
 //! cached copies are kept, as the original kept them: a host removed and
 //! re-added (or briefly missing from the index) comes back as a new entry,
@@ -47,8 +54,12 @@ use crate::json;
 use crate::publish::{Confirmed, PublishError, Publisher};
 
 /// Changed profiles held for publishing or awaiting their confirm (or their
-/// cached copy) at once; bounds the bodies held in memory.
+/// cached copy) at once.
 const MAX_IN_FLIGHT: usize = 256;
+/// The bytes of the bodies held for publishing or awaiting their confirm (or
+/// their cached copy): no download is taken in while they are over this
+/// (profiles of up to 64 MiB each, 256 at once, would be 16 GiB).
+const MAX_BYTES_IN_FLIGHT: usize = 64 * 1024 * 1024;
 /// Changed profiles published together.
 const PUBLISH_BATCH: usize = 64;
 /// The longest a changed profile waits for its batch to fill.
@@ -151,11 +162,17 @@ pub struct Summary {
     pub skipped: Vec<String>,
     /// Failed profiles and why; retried next run.
     pub failed: Vec<(String, String)>,
+    /// Why the run stopped before it had looked at every candidate (a
+    /// signal, a broker that stopped confirming, a full CACHE_DIR); what it
+    /// had not finished is left for the next run.
+    pub stopped: Option<String>,
+    /// Candidates a stopped run left for the next run, unprocessed.
+    pub left: Vec<String>,
 }
 
 impl Summary {
     pub fn exit_status(&self) -> i32 {
-        if self.failed.is_empty() {
+        if self.failed.is_empty() && self.stopped.is_none() {
             0
         } else {
             EXIT_FAILED
@@ -291,6 +308,7 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
         summary,
         copies_written: 0,
         copies_failed: HashSet::new(),
+        in_flight_bytes: 0,
     };
     if let Err(e) = processed.run(&candidates).await {
         // The index written ahead is not wanted: its temp file goes.
@@ -305,12 +323,33 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
         copies_failed,
         ..
     } = processed;
+    // A stopped run: the candidates it did not finish keep their cached state.
+    let mut left: HashSet<&str> = HashSet::new();
+    if summary.stopped.is_some() {
+        let done: HashSet<&str> = summary
+            .published
+            .iter()
+            .map(|c| c.profile.as_str())
+            .chain(summary.unchanged.iter().map(String::as_str))
+            .chain(summary.would_publish.iter().map(String::as_str))
+            .chain(summary.failed.iter().map(|(n, _)| n.as_str()))
+            .collect();
+        left = candidates
+            .iter()
+            .map(|(name, _)| *name)
+            .filter(|name| !done.contains(name))
+            .collect();
+        let mut names: Vec<String> = left.iter().map(|n| n.to_string()).collect();
+        names.sort();
+        summary.left = names;
+    }
 
     if options.dry_run {
         return Ok(summary);
     }
-    let all_succeeded = summary.failed.len() == failed_before;
-    let failed: HashSet<&str> = summary.failed.iter().map(|(n, _)| n.as_str()).collect();
+    let all_succeeded = summary.failed.len() == failed_before && left.is_empty();
+    let mut failed: HashSet<&str> = summary.failed.iter().map(|(n, _)| n.as_str()).collect();
+    failed.extend(left.iter().copied());
     // With --profile, other profiles were not looked at: their cached state stays
     // as it was (or becomes the baseline on a first run).
     let only: Option<HashSet<&str>> = match &options.mode {
@@ -399,9 +438,20 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
             !copies_failed.contains(name)
         }
     })?;
-    if summary.failed.is_empty() {
+    if let Some(why) = &summary.stopped {
+        error!(
+            "Run stopped ({why}): what the broker confirmed is recorded; {} profile(s) not processed are left for the next run{}",
+            summary.left.len(),
+            if summary.left.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", summary.left.join(", "))
+            }
+        );
+    }
+    if summary.failed.is_empty() && summary.stopped.is_none() {
         info!("Exiting normally");
-    } else {
+    } else if !summary.failed.is_empty() {
         summary.failed.sort();
         error!(
             "{} profile(s) failed and will be retried by the next run: {}",
@@ -495,7 +545,12 @@ struct Pipeline<'a> {
     copies_written: usize,
     /// Profiles the broker confirmed whose cached copy could not be written.
     copies_failed: HashSet<String>,
+    /// Bytes of the bodies published whose cached copies are not written yet.
+    in_flight_bytes: usize,
 }
+
+/// Publishes still waiting for their confirm (or cached copy).
+type InFlightSet = FuturesUnordered<LocalBoxFuture<'static, InFlight>>;
 
 impl Pipeline<'_> {
     async fn run(&mut self, candidates: &[(&str, u64)]) -> Result<(), RunError> {
@@ -510,15 +565,23 @@ impl Pipeline<'_> {
                 (name, mtime, examine(fetcher, cache, base, name, force).await)
             })
             .buffer_unordered(self.config.download_concurrency);
+        // SIGTERM or SIGINT (systemd, an operator's Ctrl-C) stops the run
+        // cleanly (see `Summary::stopped`). A second one stops waiting for
+        // the confirms still due.
+        let mut signals = Signals::register(self.dry_run);
+        // Set when the run stops waiting for the confirms still due.
+        let (give_up, gave_up) = tokio::sync::watch::channel(false);
         // The broker connection opens when the first changed profile is
         // found, while the downloads go on.
         let mut publisher: Option<Rc<Publisher>> = None;
         let mut connecting: Option<LocalBoxFuture<'_, Result<Publisher, PublishError>>> = None;
-        let mut in_flight: FuturesUnordered<LocalBoxFuture<'static, InFlight>> = FuturesUnordered::new();
+        let mut in_flight: InFlightSet = FuturesUnordered::new();
         let may_write = candidates.iter().map(|(name, _)| name.to_string()).collect();
         let writer = Rc::new(self.cache.copy_writer(may_write));
-        // Changed profiles waiting for their batch; when the batch is due at the latest.
+        // Changed profiles waiting for their batch (and their bytes); when
+        // the batch is due at the latest.
         let mut batch: Vec<(&str, u64, Vec<u8>)> = Vec::with_capacity(PUBLISH_BATCH);
+        let mut batch_bytes = 0usize;
         let mut batch_due = tokio::time::Instant::now();
         let mut overdue = false;
         let mut downloads_done = candidates.is_empty();
@@ -527,29 +590,60 @@ impl Pipeline<'_> {
         // syncfs finds little left (at 1,000 copies, 12 ms -> 4 ms).
         let mut early_sync = None;
         loop {
+            let stopping = self.summary.stopped.is_some();
+            if stopping {
+                // Nothing new starts: what waits for its batch, or for the
+                // connection, is left for the next run.
+                batch.clear();
+                batch_bytes = 0;
+                connecting = None;
+            }
             if !batch.is_empty() {
                 match &publisher {
                     Some(p) if batch.len() >= PUBLISH_BATCH || downloads_done || overdue => {
-                        self.publish(p, &mut batch, &writer, &mut in_flight);
+                        self.publish(p, &mut batch, &writer, &mut in_flight, &gave_up);
+                        batch_bytes = 0;
                         overdue = false;
+                        continue;
                     }
                     Some(_) => {}
                     None if connecting.is_none() => connecting = Some(Publisher::connect(self.global).boxed_local()),
                     None => {}
                 }
             }
+            let downloading = !downloads_done && !stopping;
+            if in_flight.is_empty() && batch.is_empty() && !downloading {
+                break;
+            }
+            let held = self.in_flight_bytes + batch_bytes;
             tokio::select! {
                 // Confirms first: they free memory and let downloads continue.
                 biased;
-                Some((name, result, written)) = in_flight.next(), if !in_flight.is_empty() => {
-                    self.confirmed(name, result, written);
+                signal = signals.next() => {
+                    if stopping {
+                        warn!("Received {signal} again: no longer waiting for the broker's confirms");
+                        let _ = give_up.send(true);
+                    } else {
+                        warn!(
+                            "Received {signal}: stopping; no new download or publish starts, the {} publish(es) \
+                             in flight are awaited (at most PUBLISH_TIMEOUT) and what the broker confirmed is recorded",
+                            in_flight.len()
+                        );
+                        self.summary.stopped = Some(format!("{signal} received"));
+                    }
+                }
+                Some((name, size, result, written)) = in_flight.next(), if !in_flight.is_empty() => {
+                    self.in_flight_bytes -= size;
+                    self.confirmed(name, result, written, &give_up);
                 }
                 connected = async { connecting.as_mut().expect("checked").await }, if connecting.is_some() => {
                     connecting = None;
                     publisher = Some(Rc::new(connected.map_err(RunError::Broker)?));
                 }
                 () = tokio::time::sleep_until(batch_due), if !batch.is_empty() && !overdue => overdue = true,
-                next = downloads.next(), if !downloads_done && in_flight.len() + batch.len() < MAX_IN_FLIGHT => {
+                next = downloads.next(), if downloading
+                    && in_flight.len() + batch.len() < MAX_IN_FLIGHT
+                    && held < MAX_BYTES_IN_FLIGHT => {
                     let Some((name, mtime, verdict)) = next else {
                         downloads_done = true;
                         if self.copies_written > 0 {
@@ -574,13 +668,15 @@ impl Pipeline<'_> {
                             if batch.is_empty() {
                                 batch_due = tokio::time::Instant::now() + PUBLISH_WAIT;
                             }
+                            batch_bytes += body.len();
                             batch.push((name, mtime, body));
                         }
                     }
                 }
-                else => break,
             }
         }
+        // Downloads a stopped run had started are abandoned here.
+        drop(downloads);
         let close = async {
             if let Some(p) = publisher {
                 p.close().await;
@@ -598,17 +694,48 @@ impl Pipeline<'_> {
 
     /// Publishes the batch: each profile's publish, confirm and then cached
     /// copy go on in `in_flight`, alongside the downloads (awaiting each
-    /// publish here held up the downloads for 1-8 ms a batch).
+    /// publish here held up the downloads for 1-8 ms a batch). Only what
+    /// CACHE_DIR has room for is published: a copy that cannot be written
+    /// would make the next run publish the profile again (and the next...).
     fn publish(
         &mut self,
         publisher: &Rc<Publisher>,
         batch: &mut Vec<(&str, u64, Vec<u8>)>,
         writer: &Rc<CopyWriter>,
-        in_flight: &mut FuturesUnordered<LocalBoxFuture<'static, InFlight>>,
+        in_flight: &mut InFlightSet,
+        gave_up: &tokio::sync::watch::Receiver<bool>,
     ) {
+        // statvfs(2) once a batch. Unknown (an error): the writes will tell.
+        let room = self.cache.room().ok();
+        let mut needed = room.map_or(0, |r| r.needed(self.in_flight_bytes) + r.block);
+        for (i, (name, _, body)) in batch.iter().enumerate() {
+            if let Some(room) = room {
+                needed += room.needed(body.len());
+                if needed > room.free || room.files.is_some_and(|files| files < 2 * (i as u64 + 1)) {
+                    error!(
+                        "{}: no room for the cached copy of {name} ({} bytes; {} bytes free): not publishing it \
+                         (the broker would get it again on every run); stopping the run",
+                        self.cache.root().display(),
+                        body.len(),
+                        room.free
+                    );
+                    self.summary.stopped = Some(format!("{} is full", self.cache.root().display()));
+                    batch.truncate(i);
+                    break;
+                }
+            }
+        }
         for (name, mtime, body) in batch.drain(..) {
             info!(profile = name, "Pushing message to queue for build");
-            let published = publish_then_copy(publisher.clone(), name.to_string(), mtime, body, writer.clone());
+            self.in_flight_bytes += body.len();
+            let published = publish_then_copy(
+                publisher.clone(),
+                name.to_string(),
+                mtime,
+                body,
+                writer.clone(),
+                gave_up.clone(),
+            );
             in_flight.push(published.boxed_local());
         }
     }
@@ -619,9 +746,18 @@ impl Pipeline<'_> {
         name: String,
         result: Result<Confirmed, PublishError>,
         written: Option<Result<(), CacheError>>,
+        give_up: &tokio::sync::watch::Sender<bool>,
     ) {
         match (result, written) {
-            (Err(e), _) => self.summary.fail(&name, &e.into()),
+            (Err(e), _) => {
+                // A broker that stopped confirming (stalled, or blocking
+                // publishers) will not confirm the others either.
+                if matches!(e, PublishError::Timeout { .. }) && !*give_up.borrow() {
+                    self.summary.stopped = Some("the broker stopped confirming publishes".to_string());
+                    let _ = give_up.send(true);
+                }
+                self.summary.fail(&name, &e.into())
+            }
             (Ok(done), Some(Ok(()))) => {
                 info!(
                     "Broker confirmed profile {} (message id {})",
@@ -638,6 +774,9 @@ impl Pipeline<'_> {
                     "Broker confirmed profile {} (message id {})",
                     done.profile, done.message_id
                 );
+                if source.is_no_space() && self.summary.stopped.is_none() {
+                    self.summary.stopped = Some(format!("{} is full", self.cache.root().display()));
+                }
                 self.copies_failed.insert(name.clone());
                 self.summary.fail(
                     &name,
@@ -652,11 +791,58 @@ impl Pipeline<'_> {
     }
 }
 
-/// What a publish came to: the profile, the broker's answer, and the
-/// cached copy's write when the broker confirmed.
-type InFlight = (String, Result<Confirmed, PublishError>, Option<Result<(), CacheError>>);
+/// SIGTERM and SIGINT, caught for the pipeline (before it, and in a dry
+/// run, they end the process as usual: nothing was published yet).
+struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
 
-/// Publishes a profile and awaits the broker's answer; only a confirmed
+impl Signals {
+    fn register(dry_run: bool) -> Signals {
+        use tokio::signal::unix::{signal, SignalKind};
+        if dry_run {
+            return Signals { term: None, int: None };
+        }
+        Signals {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
+        }
+    }
+
+    /// The next signal's name (never, without handlers).
+    async fn next(&mut self) -> &'static str {
+        async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+            let received = match s {
+                Some(s) => s.recv().await.is_some(),
+                None => false,
+            };
+            if !received {
+                std::future::pending::<()>().await;
+            }
+        }
+        tokio::select! {
+            () = recv(&mut self.term) => "SIGTERM",
+            () = recv(&mut self.int) => "SIGINT",
+        }
+    }
+}
+
+/// What a publish came to: the profile, its size, the broker's answer, and
+/// the cached copy's write when the broker confirmed.
+type InFlight = (
+    String,
+    usize,
+    Result<Confirmed, PublishError>,
+    Option<Result<(), CacheError>>,
+);
+
+/// Times a profile is published again after the broker closed the channel
+/// under it (another profile too large for it, say).
+const CHANNEL_RETRIES: u32 = 3;
+
+/// Publishes a profile and awaits the broker's answer (at most
+/// PUBLISH_TIMEOUT, less if the run gives up first); only a confirmed
 /// publish replaces the cached copy.
 async fn publish_then_copy(
     publisher: Rc<Publisher>,
@@ -664,11 +850,45 @@ async fn publish_then_copy(
     mtime: u64,
     body: Vec<u8>,
     writer: Rc<CopyWriter>,
+    mut gave_up: tokio::sync::watch::Receiver<bool>,
 ) -> InFlight {
     let sent = std::time::Instant::now();
-    let result = match publisher.publish(&name, mtime, &body).await {
-        Ok(pending) => pending.confirmed().await,
-        Err(e) => Err(e),
+    let size = body.len();
+    let publish = async {
+        let mut retries = 0;
+        let message_id = crate::publish::new_message_id();
+        loop {
+            if let Some(e) = publisher.oversized(&name, size) {
+                return Err(e);
+            }
+            let generation = publisher.generation();
+            let result = match publisher.publish_as(message_id.clone(), &name, mtime, &body).await {
+                Ok(pending) => pending.confirmed().await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Err(e) if e.channel_lost() && retries < CHANNEL_RETRIES => {
+                    publisher.reopen(generation, &e).await?;
+                    if publisher.oversized(&name, size).is_none() {
+                        warn!("{e}; publishing {name} again on a new channel");
+                    }
+                    retries += 1;
+                }
+                other => return other,
+            }
+        }
+    };
+    let given_up = async {
+        if gave_up.wait_for(|g| *g).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let result = tokio::select! {
+        r = tokio::time::timeout(publisher.timeout(), publish) => match r {
+            Ok(answer) => answer,
+            Err(_) => Err(publisher.timed_out(&name)),
+        },
+        () = given_up => Err(PublishError::GaveUp { profile: name.clone() }),
     };
     drop(publisher);
     debug!("confirm of {name} took {:?}", sent.elapsed());
@@ -676,7 +896,7 @@ async fn publish_then_copy(
         Ok(_) => Some(writer.write(name.clone(), body).await),
         Err(_) => None,
     };
-    (name, result, written)
+    (name, size, result, written)
 }
 
 /// Downloads one profile and compares it, as JSON, with its cached copy

@@ -471,7 +471,9 @@ fn config_errors_name_the_file_section_and_key_and_exit_2() {
 
 #[test]
 fn the_config_path_comes_from_packer_utils_config_and_unknown_keys_only_warn() {
-    let site = Site::new("ci-").with_extra_cdb("PROFILE_MACTH = typo\n");
+    let site = Site::new("ci-")
+        .with_extra_cdb("PROFILE_MACTH = typo\n")
+        .with_extra_global("PUBLISH_TIMEOUT = 90\nRABBIT_CONNECT_TIMEOUT = 5s\n");
     site.put("ci-a.json", &profile("a", 1), 100);
     let out = site.run_env_config(&[]);
     out.assert_status(0);
@@ -480,6 +482,7 @@ fn the_config_path_comes_from_packer_utils_config_and_unknown_keys_only_warn() {
         "{}",
         out.stderr
     );
+    assert!(!out.stderr.contains("TIMEOUT"), "{}", out.stderr);
     assert!(site.cache().join("cached_info.xml").exists());
 }
 
@@ -782,7 +785,7 @@ fn a_changed_profile_is_published_without_waiting_for_slower_downloads() {
         child.try_wait().unwrap().is_none(),
         "the run ended before the check: ci-slow.json was not slow enough"
     );
-    let out = support::finish(child);
+    let out = support::finish_within(child, Duration::from_secs(60));
     out.assert_status(0);
     out.assert_logs_in_order(&["Profile has updated: ci-fast.json", "Profile has updated: ci-slow.json"]);
     assert_eq!(site.published_names(), ["ci-fast.json", "ci-slow.json"]);

@@ -62,6 +62,9 @@ pub struct GlobalConfig {
     /// QUEUE: the durable queue cdb2rabbit publishes to and rabbit2packer consumes.
     pub queue: String,
     pub rabbit: RabbitSettings,
+    /// PUBLISH_TIMEOUT: the longest a publish waits for the broker's
+    /// confirm (default 60 s); a broker that blocks or stalls fails the run.
+    pub publish_timeout: Duration,
 }
 
 /// How to reach the broker (`[global]` RABBIT_* keys).
@@ -81,6 +84,9 @@ pub struct RabbitSettings {
     pub retries: u32,
     /// RABBIT_RETRY_DELAY: pause between attempts (original: 2 s).
     pub retry_delay: Duration,
+    /// RABBIT_CONNECT_TIMEOUT: bounds each attempt, the AMQP handshake
+    /// included (default 30 s).
+    pub connect_timeout: Duration,
 }
 
 impl fmt::Debug for RabbitSettings {
@@ -96,6 +102,7 @@ impl fmt::Debug for RabbitSettings {
             .field("ca_file", &self.ca_file)
             .field("retries", &self.retries)
             .field("retry_delay", &self.retry_delay)
+            .field("connect_timeout", &self.connect_timeout)
             .finish()
     }
 }
@@ -262,6 +269,12 @@ impl IniFile {
         let retry_delay = s
             .duration_optional("RABBIT_RETRY_DELAY")?
             .unwrap_or(Duration::from_secs(2));
+        let connect_timeout = s
+            .positive_duration_optional("RABBIT_CONNECT_TIMEOUT")?
+            .unwrap_or(Duration::from_secs(30));
+        let publish_timeout = s
+            .positive_duration_optional("PUBLISH_TIMEOUT")?
+            .unwrap_or(Duration::from_secs(60));
         warnings.extend(s.unknown_keys(
             &[
                 "QUEUE",
@@ -274,6 +287,8 @@ impl IniFile {
                 "RABBIT_CA_FILE",
                 "RABBIT_RETRIES",
                 "RABBIT_RETRY_DELAY",
+                "RABBIT_CONNECT_TIMEOUT",
+                "PUBLISH_TIMEOUT",
             ],
             // Later versions of the original kept mail addresses here.
             |k| k.to_ascii_uppercase().contains("MAIL"),
@@ -290,7 +305,9 @@ impl IniFile {
                 ca_file,
                 retries,
                 retry_delay,
+                connect_timeout,
             },
+            publish_timeout,
         })
     }
 
@@ -724,6 +741,15 @@ impl Section<'_> {
         )
     }
 
+    /// A duration that must not be zero (a timeout of nothing fails everything).
+    fn positive_duration_optional(&self, key: &str) -> Result<Option<Duration>> {
+        self.parse_optional(
+            key,
+            "a duration above zero, in seconds or with units (e.g. 90, 2.5, 5m)",
+            |v| parse_duration(v).filter(|d| !d.is_zero()),
+        )
+    }
+
     fn url(&self, key: &str) -> Result<url::Url> {
         let v = self.required_nonempty(key)?;
         let u = url::Url::parse(&v).map_err(|e| self.err(key, format!("not a valid URL ({e}): {v:?}")))?;
@@ -809,6 +835,8 @@ CACHE_DIR = /etc/packer-utils/profiles/
         assert_eq!(g.rabbit.vhost, "/");
         assert_eq!(g.rabbit.retries, 10);
         assert_eq!(g.rabbit.retry_delay, Duration::from_secs(2));
+        assert_eq!(g.rabbit.connect_timeout, Duration::from_secs(30));
+        assert_eq!(g.publish_timeout, Duration::from_secs(60));
         let c = f.cdb2rabbit(&mut w).unwrap();
         assert_eq!(c.profile_match, "");
         assert_eq!(c.profile_dir_url.as_str(), "http://aquilon.example.org/profiles/");
@@ -837,6 +865,29 @@ CACHE_DIR = /etc/packer-utils/profiles/
         let f = load(&format!("{GOOD}DOWNLOAD_CONCURRENCY = 0\n"));
         let e = f.cdb2rabbit(&mut Vec::new()).unwrap_err();
         assert!(e.to_string().contains("[cdb2rabbit] DOWNLOAD_CONCURRENCY"), "{e}");
+    }
+
+    #[test]
+    fn broker_timeouts_are_durations_above_zero() {
+        let with = |lines: &str| load(&GOOD.replace("[cdb2rabbit]", &format!("{lines}\n[cdb2rabbit]")));
+        let g = with("PUBLISH_TIMEOUT = 2m\nRABBIT_CONNECT_TIMEOUT = 2.5")
+            .global(&mut Vec::new())
+            .unwrap();
+        assert_eq!(g.publish_timeout, Duration::from_secs(120));
+        assert_eq!(g.rabbit.connect_timeout, Duration::from_millis(2500));
+        for (line, key) in [
+            ("PUBLISH_TIMEOUT = 0", "PUBLISH_TIMEOUT"),
+            ("PUBLISH_TIMEOUT = soon", "PUBLISH_TIMEOUT"),
+            ("RABBIT_CONNECT_TIMEOUT = 0s", "RABBIT_CONNECT_TIMEOUT"),
+        ] {
+            let e = with(line).global(&mut Vec::new()).unwrap_err();
+            assert!(
+                e.to_string().starts_with(&format!(
+                    "/etc/packer-utils/config.ini: [global] {key}: must be a duration above zero"
+                )),
+                "{e}"
+            );
+        }
     }
 
     #[test]

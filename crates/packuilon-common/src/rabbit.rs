@@ -66,14 +66,34 @@ pub fn uri(settings: &RabbitSettings, heartbeat: Option<u16>) -> AMQPUri {
         vhost: settings.vhost.clone(),
         query: AMQPQueryString {
             heartbeat,
-            connection_timeout: Some(10_000),
+            connection_timeout: Some(settings.connect_timeout.as_millis().clamp(1, u64::MAX as u128) as u64),
             ..Default::default()
         },
     }
 }
 
-/// One connection attempt.
+/// One connection attempt, bounded by RABBIT_CONNECT_TIMEOUT from the TCP
+/// connect to the end of the AMQP handshake: a broker (or a proxy or
+/// firewall in front of it) that accepts the connection and never answers
+/// fails the attempt, instead of hanging it for ever.
 pub async fn connect_once(settings: &RabbitSettings, connection_name: &str) -> Result<Connection, RabbitError> {
+    match tokio::time::timeout(settings.connect_timeout, connect_unbounded(settings, connection_name)).await {
+        Ok(connected) => connected,
+        Err(_) => Err(RabbitError::Amqp {
+            endpoint: endpoint(settings),
+            source: std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "no AMQP handshake within {:?} (RABBIT_CONNECT_TIMEOUT)",
+                    settings.connect_timeout
+                ),
+            )
+            .into(),
+        }),
+    }
+}
+
+async fn connect_unbounded(settings: &RabbitSettings, connection_name: &str) -> Result<Connection, RabbitError> {
     let tls = match &settings.ca_file {
         Some(path) => OwnedTLSConfig {
             identity: None,

@@ -51,6 +51,7 @@ pub struct Site {
     gzip_index: Cell<bool>,
     dir_url_slash: Cell<bool>,
     extra_cdb: RefCell<String>,
+    extra_global: RefCell<String>,
     broker_port: Cell<Option<u16>>,
     file_urls: Cell<bool>,
 }
@@ -110,6 +111,7 @@ impl Site {
             gzip_index: Cell::new(false),
             dir_url_slash: Cell::new(true),
             extra_cdb: RefCell::new(String::new()),
+            extra_global: RefCell::new(String::new()),
             broker_port: Cell::new(None),
             file_urls: Cell::new(false),
         };
@@ -139,6 +141,12 @@ impl Site {
     /// Extra lines for `[cdb2rabbit]`.
     pub fn with_extra_cdb(self, lines: &str) -> Site {
         self.extra_cdb.borrow_mut().push_str(lines);
+        self
+    }
+
+    /// Extra lines for `[global]`.
+    pub fn with_extra_global(self, lines: &str) -> Site {
+        self.extra_global.borrow_mut().push_str(lines);
         self
     }
 
@@ -232,9 +240,10 @@ impl Site {
             url("profiles")
         };
         format!(
-            "{global}RABBIT_RETRIES = 2\nRABBIT_RETRY_DELAY = 0.1\nADMIN_MAIL = ops@example.org\n\n\
+            "{global}RABBIT_RETRIES = 2\nRABBIT_RETRY_DELAY = 0.1\nADMIN_MAIL = ops@example.org\n{}\n\
              [cdb2rabbit]\nPROFILE_INFO_URL = {}\nPROFILE_DIR_URL = {dir_url}\nPROFILE_MATCH = {}\nCACHE_DIR = {}\n{}\n\
              [rabbit2packer]\nTHREAD_COUNT = 4\n",
+            self.extra_global.borrow(),
             url(self.index_name()),
             self.profile_match,
             self.cache().display(),
@@ -404,6 +413,46 @@ impl Site {
         walk(&self.cache(), &self.cache(), &mut out);
         out
     }
+}
+
+/// Waits for a spawned run at most `limit`; a run still going then is
+/// killed and the test fails, showing what it logged.
+pub fn finish_within(mut child: Child, limit: std::time::Duration) -> Outcome {
+    let mut stderr = child.stderr.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut stderr, &mut s).ok();
+        s
+    });
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut s).ok();
+        s
+    });
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().ok();
+            child.wait().ok();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let outcome = Outcome {
+        status: status.and_then(|s| s.code()).unwrap_or(-1),
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    };
+    assert!(
+        status.is_some(),
+        "cdb2rabbit still ran after {limit:?} (killed)\n--- stderr\n{}",
+        outcome.stderr
+    );
+    outcome
 }
 
 pub fn finish(child: Child) -> Outcome {
