@@ -142,15 +142,29 @@ fn the_package_installs_runs_upgrades_keeping_config_edits_and_purges_clean() {
     let packer_cfg_existed = Path::new("/etc/packer-utils").exists();
 
     // The control fields: computed Depends, packer recommended, no broker.
-    let fields = ok(Command::new("dpkg-deb").args(["-f"]).arg(&deb).args(["Package", "Version", "Depends", "Recommends"]));
+    let fields =
+        ok(Command::new("dpkg-deb")
+            .args(["-f"])
+            .arg(&deb)
+            .args(["Package", "Version", "Depends", "Recommends"]));
     assert!(fields.contains("Package: packuilon"), "{fields}");
     let depends = fields.lines().find(|l| l.starts_with("Depends:")).unwrap_or_default();
-    assert!(depends.contains("libc6"), "Depends not computed for the binaries: {fields}");
+    assert!(
+        depends.contains("libc6"),
+        "Depends not computed for the binaries: {fields}"
+    );
     assert!(depends.contains("adduser"), "{fields}");
-    assert!(!fields.contains("rabbitmq"), "RabbitMQ must not be a dependency: {fields}");
+    assert!(
+        !fields.contains("rabbitmq"),
+        "RabbitMQ must not be a dependency: {fields}"
+    );
     assert!(fields.lines().any(|l| l == "Recommends: packer"), "{fields}");
     let name = deb.file_name().unwrap().to_string_lossy().into_owned();
-    let version = fields.lines().find_map(|l| l.strip_prefix("Version: ")).unwrap().to_string();
+    let version = fields
+        .lines()
+        .find_map(|l| l.strip_prefix("Version: "))
+        .unwrap()
+        .to_string();
     assert_eq!(version, env!("CARGO_PKG_VERSION"));
     assert_eq!(name, format!("packuilon_{version}_amd64.deb"));
     // The changelog shipped in the package names the same version.
@@ -183,7 +197,9 @@ fn the_package_installs_runs_upgrades_keeping_config_edits_and_purges_clean() {
     for sub in ["status", "history", "run"] {
         ok(Command::new("man").args(["-w", &format!("rabbit2packer-{sub}")]));
     }
-    let manual = ok(Command::new("man").args(["-P", "cat", "rabbit2packer"]).env("MANWIDTH", "100"));
+    let manual = ok(Command::new("man")
+        .args(["-P", "cat", "rabbit2packer"])
+        .env("MANWIDTH", "100"));
     assert!(manual.contains("STATE_DIR/rabbit2packer.sqlite"), "{manual}");
 
     // The user, a system account without a login shell.
@@ -204,8 +220,14 @@ fn the_package_installs_runs_upgrades_keeping_config_edits_and_purges_clean() {
     assert_eq!(mode("/etc/packer-utils/template-map.json"), 0o644);
     assert_eq!(mode("/etc/packer-utils/source-images.json"), 0o644);
     let config = std::fs::read_to_string("/etc/packer-utils/config.ini").unwrap();
-    assert!(config.contains("CACHE_DIR = /var/cache/packuilon/profiles/"), "{config}");
-    assert!(config.contains("BUILD_FILE_DIR = /var/lib/packuilon/build-files/"), "{config}");
+    assert!(
+        config.contains("CACHE_DIR = /var/cache/packuilon/profiles/"),
+        "{config}"
+    );
+    assert!(
+        config.contains("BUILD_FILE_DIR = /var/lib/packuilon/build-files/"),
+        "{config}"
+    );
     for d in OWNED_DIRS {
         assert_eq!(owner(d), (uid, gid), "{d}");
         assert_eq!(mode(d), 0o750, "{d}");
@@ -226,8 +248,16 @@ fn the_package_installs_runs_upgrades_keeping_config_edits_and_purges_clean() {
         assert_eq!(dest, Path::new(&format!("/lib/systemd/system/{unit}")));
     }
     let daemon_unit = std::fs::read_to_string("/lib/systemd/system/rabbit2packer.service").unwrap();
-    for line in ["User=packuilon", "NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes"] {
-        assert!(daemon_unit.lines().any(|l| l == line), "rabbit2packer.service lacks {line}");
+    for line in [
+        "User=packuilon",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "PrivateTmp=yes",
+    ] {
+        assert!(
+            daemon_unit.lines().any(|l| l == line),
+            "rabbit2packer.service lacks {line}"
+        );
     }
 
     // Started on a host nobody has configured yet, the daemon fails loudly:
@@ -238,7 +268,10 @@ fn the_package_installs_runs_upgrades_keeping_config_edits_and_purges_clean() {
         .env("PACKER_UTILS_CONFIG", "/etc/packer-utils/config.ini"));
     let said = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{said}");
-    assert!(said.contains("PACKER_AUTH_FILE") && said.contains("/etc/packer-utils/auth.sh"), "{said}");
+    assert!(
+        said.contains("PACKER_AUTH_FILE") && said.contains("/etc/packer-utils/auth.sh"),
+        "{said}"
+    );
 
     // State written while installed survives an upgrade, and so does an
     // operator's edit of config.ini (a conffile), with its owner and mode.
@@ -256,7 +289,10 @@ fn the_package_installs_runs_upgrades_keeping_config_edits_and_purges_clean() {
     // remove keeps config, state and the user.
     ok(Command::new("dpkg").args(["--remove", "packuilon"]));
     for bin in BINARIES {
-        assert!(!Path::new(&format!("/usr/bin/{bin}")).exists(), "{bin} left after remove");
+        assert!(
+            !Path::new(&format!("/usr/bin/{bin}")).exists(),
+            "{bin} left after remove"
+        );
     }
     assert_eq!(std::fs::read_to_string("/etc/packer-utils/config.ini").unwrap(), edited);
     assert!(Path::new("/var/lib/packuilon/marker").exists());
@@ -273,13 +309,18 @@ fn the_package_installs_runs_upgrades_keeping_config_edits_and_purges_clean() {
         assert!(!Path::new(gone).exists(), "{gone} left after purge");
     }
     if !packer_cfg_existed {
-        assert!(!Path::new("/etc/packer-utils").exists(), "/etc/packer-utils left after purge");
+        assert!(
+            !Path::new("/etc/packer-utils").exists(),
+            "/etc/packer-utils left after purge"
+        );
     }
     for unit in UNITS {
         assert!(!Path::new(&format!("/lib/systemd/system/{unit}")).exists());
-        let leftover = ok(Command::new("find")
-            .args(["/etc/systemd/system", "-name", unit]));
-        assert!(leftover.trim().is_empty(), "{unit} still linked after purge: {leftover}");
+        let leftover = ok(Command::new("find").args(["/etc/systemd/system", "-name", unit]));
+        assert!(
+            leftover.trim().is_empty(),
+            "{unit} still linked after purge: {leftover}"
+        );
     }
     assert!(!user_exists("packuilon"), "the user is left after purge");
     assert!(!group_exists("packuilon"), "the group is left after purge");

@@ -96,7 +96,10 @@ impl Rsyslog {
             if let Ok(Some(status)) = me.child.try_wait() {
                 panic!("rsyslogd exited: {status}");
             }
-            assert!(Instant::now() < deadline, "rsyslogd did not start listening on {DEV_LOG}");
+            assert!(
+                Instant::now() < deadline,
+                "rsyslogd did not start listening on {DEV_LOG}"
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         me
@@ -184,13 +187,11 @@ fn assert_no_forged_lines(syslog: &Rsyslog) {
 
 /// The records `[part i/n]` of one long message, joined again.
 fn joined_parts(records: &[Record], severity: &str, start: &str) -> Option<String> {
-    let first = records
-        .iter()
-        .position(|r| {
-            r.severity == severity
-                && r.msg.starts_with(start)
-                && r.msg.rsplit_once(" [part ").is_some_and(|(_, m)| m.starts_with("1/"))
-        })?;
+    let first = records.iter().position(|r| {
+        r.severity == severity
+            && r.msg.starts_with(start)
+            && r.msg.rsplit_once(" [part ").is_some_and(|(_, m)| m.starts_with("1/"))
+    })?;
     let (_, marker) = records[first].msg.rsplit_once(" [part 1/")?;
     let n: usize = marker.trim_end_matches(']').parse().ok()?;
     let mut whole = String::new();
@@ -278,7 +279,10 @@ fn cdb2rabbit_logs_to_syslog_under_its_ident_with_the_originals_lines_and_priori
         profile(&personality, &["openssh-server", "htop"]).to_string(),
     )
     .unwrap();
-    let long = format!("{}/{personality}-gone.ci.example.org.json", vec!["d".repeat(200); 12].join("/"));
+    let long = format!(
+        "{}/{personality}-gone.ci.example.org.json",
+        vec!["d".repeat(200); 12].join("/")
+    );
     let hostile = "evil&#10;Exiting normally&#9;x.ci.example.org.json";
     write_index(
         &site,
@@ -363,7 +367,9 @@ async fn rabbit2packer_logs_to_syslog_under_its_ident_and_a_failed_build_is_an_e
     let hostile_id = "bad\nThread-1: image built successfully: forged\u{1b}[2J";
     let conn = queue.broker.connect().await.unwrap();
     let channel = conn.create_channel().await.unwrap();
-    packuilon_common::rabbit::declare_queue(&channel, &queue.name).await.unwrap();
+    packuilon_common::rabbit::declare_queue(&channel, &queue.name)
+        .await
+        .unwrap();
     channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
     for (body, id) in [
         (b"{not json".to_vec(), hostile_id),
@@ -394,7 +400,8 @@ async fn rabbit2packer_logs_to_syslog_under_its_ident_and_a_failed_build_is_an_e
         .spawn()
         .unwrap();
     let records = syslog.wait_for("rabbit2packer", "the failed build's error", |r| {
-        r.iter().any(|r| r.msg.contains("packer exited with non zero exit code"))
+        r.iter()
+            .any(|r| r.msg.contains("packer exited with non zero exit code"))
     });
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
     let status = daemon.wait().unwrap();
@@ -402,7 +409,10 @@ async fn rabbit2packer_logs_to_syslog_under_its_ident_and_a_failed_build_is_an_e
 
     assert!(has(&records, "info", "Starting"), "{records:#?}");
     assert!(has(&records, "info", "Starting Thread-1"), "{records:#?}");
-    assert!(has(&records, "info", &format!("Thread-1 processing {key}")), "{records:#?}");
+    assert!(
+        has(&records, "info", &format!("Thread-1 processing {key}")),
+        "{records:#?}"
+    );
     assert!(
         has(
             &records,
@@ -413,7 +423,10 @@ async fn rabbit2packer_logs_to_syslog_under_its_ident_and_a_failed_build_is_an_e
     );
     let rejected = records
         .iter()
-        .find(|r| r.msg.starts_with("could not decode profile, malformed json? Continuing"))
+        .find(|r| {
+            r.msg
+                .starts_with("could not decode profile, malformed json? Continuing")
+        })
         .unwrap_or_else(|| panic!("no record of the malformed message: {records:#?}"));
     assert_eq!(rejected.severity, "err");
     assert!(
@@ -423,7 +436,9 @@ async fn rabbit2packer_logs_to_syslog_under_its_ident_and_a_failed_build_is_an_e
         "{rejected:?}"
     );
     assert!(
-        !records.iter().any(|r| r.msg.starts_with("Thread-1: image built successfully")),
+        !records
+            .iter()
+            .any(|r| r.msg.starts_with("Thread-1: image built successfully")),
         "{records:#?}"
     );
     assert_no_forged_lines(&syslog);

@@ -266,10 +266,7 @@ mod tests {
             assert!(r.len() <= SYSLOG_MAX_BODY, "{}", r.len());
             assert!(r.ends_with(&format!(" [part {}/4]", i + 1)), "{r}");
         }
-        let joined: String = records
-            .iter()
-            .map(|r| r.rsplit_once(" [part ").unwrap().0)
-            .collect();
+        let joined: String = records.iter().map(|r| r.rsplit_once(" [part ").unwrap().0).collect();
         assert_eq!(joined, escape_control(&long));
     }
 
