@@ -6,6 +6,7 @@
 
 mod support;
 
+use serde_json::{json, Value};
 use support::*;
 
 #[test]
@@ -19,4 +20,62 @@ fn an_overlong_personality_is_refused_naming_the_limit_and_showing_only_its_star
     assert!(line.contains("(10000 characters)"), "{line}");
     assert!(line.len() < 1_000, "the value is cut: {} characters logged", line.len());
     d.stop();
+}
+
+#[test]
+fn control_characters_never_break_the_lines_of_status_and_history() {
+    let site = Site::new(1, "");
+    site.template("a.json", Step { sleep: 2.0, exit: 0 });
+    let mut d = site.start();
+    site.publish(&profile("inventory", "7x", "v1", prod()), Some("m1"));
+    site.wait_runs("the first build to start", T, |r| !r.is_empty());
+    let hostile = "host.example.org\n#99 fake-sl7x-x86_64 succeeded\u{1b}[2J";
+    publish_all_as(
+        &site.queue.broker,
+        &site.queue.name,
+        &[(
+            serde_json::to_vec(&profile("inventory", "7x", "v2", prod())).unwrap(),
+            Some("m2\r".into()),
+        )],
+        hostile,
+    );
+    site.wait_jobs("the waiting job", T, |j| j.len() == 2);
+    let escaped = "host.example.org\\n#99 fake-sl7x-x86_64 succeeded\\u{1b}[2J";
+    let (code, out, err) = site.cli(&["status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(escaped), "{out}");
+    assert!(!out.contains('\u{1b}'), "{out:?}");
+    assert_eq!(out.lines().filter(|l| l.starts_with("  #")).count(), 2, "{out}");
+
+    site.wait_jobs("both builds", T, |j| succeeded(j) == 2);
+    let (code, out, _) = site.cli(&["history"]);
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = out.lines().collect();
+    // Each job: its line and its build's line.
+    assert_eq!(lines.len(), 4, "{out}");
+    assert!(
+        lines[0].contains(escaped) && lines[0].ends_with("message m2\\r"),
+        "{out:?}"
+    );
+    d.stop();
+}
+
+/// A profile of about `size` bytes: a real one's bulk is its software
+/// components and packages, thousands of small objects.
+fn big_profile(size: usize) -> Value {
+    let mut v = profile("inventory", "7x", "big", prod());
+    let mut packages = serde_json::Map::new();
+    let mut n = 0;
+    let mut bytes = 0;
+    while bytes < size {
+        let name = format!("package-number-{n}");
+        bytes += name.len() + 90;
+        packages.insert(
+            name,
+            json!({"version": "1.2.3-4.el7", "arch": ["x86_64"], "repository": format!("repo_{}", n % 50)}),
+        );
+        n += 1;
+    }
+    v["software"] = json!({ "packages": packages });
+    v
 }
