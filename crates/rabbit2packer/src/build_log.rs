@@ -215,21 +215,45 @@ impl BuildLog {
         let _ = self.out.write_all(line.as_bytes());
     }
 
-    /// Writes the trailer, prunes old logs, and returns what was learned.
-    pub fn finish(mut self, exit_code: i32) -> std::io::Result<Summary> {
+    /// Prunes old logs, writes the trailer, and returns what was learned.
+    /// On a full LOG_DIR the trailer may fail: pruning still happens (first,
+    /// so that it frees space for the trailer), and what was learned during
+    /// the build comes back inside the error.
+    pub fn finish(mut self, exit_code: i32) -> Result<Summary, Unfinished> {
         // An artifact without its `end` line still counts.
         for (_, a) in self.pending_artifact.drain(..) {
             self.summary.artifacts.push(a);
         }
-        writeln!(
+        self.summary.path = self.path.clone();
+        let pruned = prune(&self.log_dir, &self.stem, self.keep);
+        let trailer = writeln!(
             self.out,
             "rabbit2packer: Build finished at {} (epoch) with exit code {exit_code}",
             epoch_now()
-        )?;
-        self.out.sync_all()?;
-        prune(&self.log_dir, &self.stem, self.keep)?;
-        self.summary.path = self.path.clone();
-        Ok(self.summary)
+        )
+        .and_then(|()| self.out.sync_all());
+        let error = match (trailer, pruned) {
+            (Ok(()), Ok(())) => return Ok(self.summary),
+            (Err(e), _) => std::io::Error::new(e.kind(), format!("cannot write the trailer: {e}")),
+            (Ok(()), Err(e)) => std::io::Error::new(e.kind(), format!("cannot remove old logs: {e}")),
+        };
+        Err(Unfinished {
+            summary: self.summary,
+            error,
+        })
+    }
+}
+
+/// The trailer or the pruning failed; the build's summary is still here.
+#[derive(Debug)]
+pub struct Unfinished {
+    pub summary: Summary,
+    pub error: std::io::Error,
+}
+
+impl std::fmt::Display for Unfinished {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
     }
 }
 

@@ -261,6 +261,7 @@ async fn build_template(
     )
     .await;
 
+    let started_packer = outcome.is_ok();
     let (rc, error, cancelled) = match outcome {
         Err(e) => {
             let e = format!("cannot run {} (PACKER_PATH): {e}", cfg.packer_path.display());
@@ -292,9 +293,10 @@ async fn build_template(
     };
     let summary = match log.finish(rc) {
         Ok(s) => s,
-        Err(e) => {
-            tracing::error!("{thread}: build log {}: {e}", log_path.display());
-            Summary::default()
+        // The build's result stands whatever became of its log.
+        Err(unfinished) => {
+            tracing::error!("{thread}: build log {}: {unfinished}", log_path.display());
+            unfinished.summary
         }
     };
     let error = error.map(|e| match &summary.last_error {
@@ -313,7 +315,11 @@ async fn build_template(
         return TemplateResult::Cancelled;
     }
     if let Some(e) = error {
-        tracing::error!("{thread}: packer exited with non zero exit code, {key}.{tname} build failed");
+        if started_packer {
+            tracing::error!("{thread}: packer exited with non zero exit code, {key}.{tname} build failed");
+        } else {
+            tracing::error!("{thread}: packer could not be started, {key}.{tname} build failed: {e}");
+        }
         return TemplateResult::Failed(e);
     }
     tracing::info!("{thread}: image built successfully: {key}.{tname}");

@@ -6,8 +6,65 @@
 
 mod support;
 
+use std::time::Duration;
+
+use rabbit2packer::journal::JobState;
 use serde_json::{json, Value};
 use support::*;
+
+#[test]
+fn a_full_log_dir_still_prunes_old_logs_and_keeps_the_build_result() {
+    let site = Site::new(1, "LOG_KEEP = 1");
+    site.template("a.json", Step { sleep: 0.1, exit: 0 });
+    let logs = Tmpfs::mount(&site.log_dir, "1m");
+    let mut d = site.start();
+    site.publish(&profile("inventory", "7x", "v1", prod()), None);
+    site.wait_jobs("the first build", T, |j| succeeded(j) == 1);
+    let _filler = logs.fill();
+    for n in 2..=3 {
+        site.publish(&profile("inventory", "7x", &format!("v{n}"), prod()), None);
+        site.wait_jobs("a build on a full LOG_DIR", T, |j| succeeded(j) == n);
+    }
+    let kept = site.logs("inventory-sl7x-x86_64.a.json");
+    assert_eq!(kept.len(), 1, "LOG_KEEP = 1: {kept:?}");
+    for job in site.journal() {
+        assert!(
+            job.builds[0]
+                .artifact_id
+                .as_deref()
+                .is_some_and(|a| a.starts_with("Null")),
+            "the artifact learned during the build is recorded: {job:#?}"
+        );
+    }
+    d.stop();
+}
+
+#[test]
+fn a_packer_that_cannot_be_started_is_reported_as_not_started() {
+    let site = Site::new(1, "");
+    // PACKER_PATH is checked at start-up; then it goes (a package upgrade half done).
+    let packer = site.dir.path().join("packer");
+    std::os::unix::fs::symlink(PACKER, &packer).unwrap();
+    let text = std::fs::read_to_string(&site.config).unwrap();
+    std::fs::write(
+        &site.config,
+        text.replace(
+            &format!("PACKER_PATH = {PACKER}"),
+            &format!("PACKER_PATH = {}", packer.display()),
+        ),
+    )
+    .unwrap();
+    let mut d = site.start();
+    d.wait_log("Consuming from queue", T);
+    std::fs::remove_file(&packer).unwrap();
+    site.publish(&profile("inventory", "7x", "a", prod()), None);
+    let jobs = site.wait_jobs("the failed job", T, |j| in_state(j, JobState::Failed).len() == 1);
+    assert!(jobs[0].error.as_deref().unwrap().contains("PACKER_PATH"), "{jobs:#?}");
+    let line = d.wait_log("packer could not be started", Duration::from_secs(10));
+    assert!(line.contains("inventory-sl7x-x86_64.a.json"), "{line}");
+    assert_eq!(d.count("packer exited with non zero exit code"), 0, "{}", d.output());
+    d.stop();
+}
 
 #[test]
 fn an_overlong_personality_is_refused_naming_the_limit_and_showing_only_its_start() {
