@@ -271,7 +271,7 @@ pub async fn run(config_file: &Path) -> Result<(), DaemonError> {
             _ = sigint.recv() => break "SIGINT",
             _ = sighup.recv() => {
                 tracing::info!("SIGHUP: checking the template map, source images and templates");
-                ctx.catalog.refresh();
+                ctx.catalog.reload();
             }
             // Jobs run in tasks of their own, so this should never happen; if it
             // does, the worker is not lost silently.

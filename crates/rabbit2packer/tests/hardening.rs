@@ -67,6 +67,30 @@ fn a_packer_that_cannot_be_started_is_reported_as_not_started() {
 }
 
 #[test]
+fn every_sighup_names_each_broken_file() {
+    let site = Site::new(1, "");
+    let mut d = site.start();
+    d.wait_log("Consuming from queue", T);
+    std::fs::write(&site.map, "{\"DEFAULT\": [").unwrap();
+    std::fs::write(&site.images, "[\"not an object\"]").unwrap();
+    let (map, images) = (site.map.display().to_string(), site.images.display().to_string());
+
+    d.signal(libc::SIGHUP);
+    let line = d.wait_log("keeping the last good version", T);
+    assert!(
+        line.contains(&map) && line.contains(&images),
+        "both files are named: {line}"
+    );
+    d.signal(libc::SIGHUP);
+    let again = d.wait_log("still in use", Duration::from_secs(10));
+    assert!(again.contains(&map) && again.contains(&images), "{again}");
+    // The last good version builds meanwhile.
+    site.publish(&profile("inventory", "7x", "a", prod()), None);
+    site.wait_jobs("the build", T, |j| succeeded(j) == 1);
+    d.stop();
+}
+
+#[test]
 fn an_overlong_personality_is_refused_naming_the_limit_and_showing_only_its_start() {
     let site = Site::new(1, "");
     let mut d = site.start();
