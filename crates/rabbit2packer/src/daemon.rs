@@ -98,34 +98,39 @@ pub fn validate(s: &Settings) -> Result<Catalog, DaemonError> {
     Catalog::load(&s.r2p.packer_template_map, &s.r2p.images_config).map_err(|e| DaemonError::Config(e.to_string()))
 }
 
-/// Takes STATE_DIR/rabbit2packer.lock (flock; released by the kernel when
-/// the process ends, however it ends) and writes our pid in it.
+/// Locks STATE_DIR itself (flock on the directory; released by the kernel
+/// when the process ends, however it ends). A lock file could be deleted
+/// under a running daemon (a clean-up script), letting a second one in on
+/// the same journal to kill the first one's builds as "left over"; the
+/// directory cannot go while it holds the journal.
 fn lock_state_dir(s: &Settings) -> Result<std::fs::File, DaemonError> {
-    use std::io::{Read, Seek, Write};
     use std::os::fd::AsRawFd;
-    let path = s.r2p.state_dir.join("rabbit2packer.lock");
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| DaemonError::Runtime(format!("{}: {e}", path.display())))?;
+    let dir = &s.r2p.state_dir;
+    let file = std::fs::File::open(dir).map_err(|e| DaemonError::Runtime(format!("{}: {e}", dir.display())))?;
     // SAFETY: plain syscall on an fd we own.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let mut holder = String::new();
-        let _ = file.read_to_string(&mut holder);
+        let holder = lock_holder(&file).map_or_else(|| "pid unknown".to_string(), |p| format!("pid {p}"));
         return Err(DaemonError::Config(format!(
-            "{}: [rabbit2packer] STATE_DIR: {} is in use by another rabbit2packer (pid {})",
+            "{}: [rabbit2packer] STATE_DIR: {} is in use by another rabbit2packer ({holder})",
             s.config_file.display(),
-            s.r2p.state_dir.display(),
-            holder.trim()
+            dir.display(),
         )));
     }
-    let _ = file.set_len(0);
-    let _ = file.rewind();
-    let _ = writeln!(file, "{}", std::process::id());
     Ok(file)
+}
+
+/// The process holding a flock on `file`, from /proc/locks
+/// (`1: FLOCK  ADVISORY  WRITE <pid> <major>:<minor>:<inode> 0 EOF`).
+fn lock_holder(file: &std::fs::File) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let m = file.metadata().ok()?;
+    let (major, minor) = (libc::major(m.dev()), libc::minor(m.dev()));
+    let want = format!("{major:02x}:{minor:02x}:{}", m.ino());
+    std::fs::read_to_string("/proc/locks").ok()?.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // Blocked waiters are listed with "->"; only the holder counts.
+        (f.len() >= 6 && f[1] == "FLOCK" && f[5] == want).then(|| f[4].parse().ok())?
+    })
 }
 
 fn find_program(p: &Path) -> Option<PathBuf> {

@@ -12,6 +12,38 @@ use rabbit2packer::journal::JobState;
 use serde_json::{json, Value};
 use support::*;
 
+/// How long a daemon that should stop by itself is given.
+const EXIT: Duration = Duration::from_secs(60);
+
+#[test]
+fn a_second_daemon_refuses_to_start_even_when_every_file_but_the_journal_was_deleted() {
+    let site = Site::new(1, "");
+    site.template("a.json", Step { sleep: 30.0, exit: 0 });
+    let mut first = site.start();
+    site.publish(&profile("inventory", "7x", "a", prod()), None);
+    let runs = site.wait_runs("the first daemon's build to start", T, |r| !r.is_empty());
+    let pgid: i32 = runs[0][4].parse().unwrap();
+
+    // Whatever lock file there is, a clean-up script removes it.
+    for entry in std::fs::read_dir(&site.state_dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if path.is_file() && !name.starts_with("rabbit2packer.sqlite") {
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+    let mut second = site.start();
+    assert_eq!(second.wait_exit(EXIT), 2, "{}", second.output());
+    let out = second.output();
+    assert!(
+        out.contains("STATE_DIR") && out.contains(&format!("another rabbit2packer (pid {})", first.pid())),
+        "{out}"
+    );
+    assert!(group_alive(pgid), "the first daemon's build goes on");
+    assert_eq!(site.starts().len(), 1, "and is not started again");
+    first.stop();
+}
+
 #[test]
 fn a_full_log_dir_still_prunes_old_logs_and_keeps_the_build_result() {
     let site = Site::new(1, "LOG_KEEP = 1");
