@@ -1,10 +1,11 @@
 //! Taking requests off the queue: `basic_consume` (the broker pushes; the
 //! original polled every 2 s per thread), manual acks, a bounded prefetch.
 //!
-//! Each delivery is journaled first and acked after the commit, so a
-//! message is never lost and RabbitMQ's consumer timeout (30 min) never
+//! Each delivery is journaled first and acked after the commit (to the
+//! journal file that is on disk, see [`crate::journal::Journal::check_on_disk`]),
+//! so a message is never lost and RabbitMQ's consumer timeout (30 min) never
 //! meets a build. A message that cannot name an image is saved whole to
-//! `STATE_DIR/rejected/` and acked; nothing else stops. When the broker
+//! `STATE_DIR/rejected/` and acked once saved; nothing else stops. When the broker
 //! goes away the consumer reconnects with backoff (RABBIT_RETRY_DELAY,
 //! doubling, at most 30 s) while builds go on.
 
@@ -16,8 +17,9 @@ use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use packuilon_common::config::GlobalConfig;
-use packuilon_common::profile::ImageNames;
+use packuilon_common::profile::{ImageNames, ProfileError};
 use packuilon_common::rabbit;
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
@@ -38,10 +40,23 @@ fn reconnect_pause(first: Duration, attempt: u32) -> Duration {
 }
 
 /// Why consuming stopped: the broker could not be reached at all, or a
-/// connection that worked went wrong.
+/// connection that worked went wrong, or the journal is no longer the one
+/// on disk (the daemon must stop).
 enum Lost {
     Unreachable(lapin::Error),
     Broken(lapin::Error),
+    Fatal(String),
+}
+
+/// Why a delivery is not acked: it stays the broker's (requeued).
+#[derive(Debug, thiserror::Error)]
+pub enum NotAcked {
+    /// The journal could not commit it; fatal when the journal file is gone.
+    #[error("{0}")]
+    Journal(#[from] crate::journal::JournalError),
+    /// A malformed message could not be saved whole to `STATE_DIR/rejected/`.
+    #[error("{0}")]
+    NotSaved(String),
 }
 
 impl From<lapin::Error> for Lost {
@@ -51,16 +66,23 @@ impl From<lapin::Error> for Lost {
 }
 
 /// Consumes until `stop` fires, reconnecting with backoff. The daemon runs
-/// journaled jobs meanwhile: it does not wait for this to connect.
-pub async fn run(global: &GlobalConfig, state_dir: &Path, scheduler: Arc<Scheduler>, stop: CancellationToken) {
+/// journaled jobs meanwhile: it does not wait for this to connect. An error
+/// means the daemon must exit (the journal it writes is not the one on disk).
+pub async fn run(
+    global: &GlobalConfig,
+    state_dir: &Path,
+    scheduler: Arc<Scheduler>,
+    stop: CancellationToken,
+) -> Result<(), String> {
     let endpoint = rabbit::endpoint(&global.rabbit);
     let mut attempt = 0u32;
     loop {
         if stop.is_cancelled() {
-            return;
+            return Ok(());
         }
         match consume(global, state_dir, &scheduler, &stop, &mut attempt).await {
-            Ok(()) => return,
+            Ok(()) => return Ok(()),
+            Err(Lost::Fatal(e)) => return Err(e),
             Err(lost) => {
                 let pause = reconnect_pause(global.rabbit.retry_delay, attempt);
                 match lost {
@@ -71,11 +93,12 @@ pub async fn run(global: &GlobalConfig, state_dir: &Path, scheduler: Arc<Schedul
                     Lost::Broken(e) => {
                         tracing::warn!("RabbitMQ at {endpoint}: {e}; reconnecting to channel in {pause:?}")
                     }
+                    Lost::Fatal(_) => unreachable!("returned above"),
                 }
                 attempt = attempt.saturating_add(1);
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
-                    _ = stop.cancelled() => return,
+                    _ = stop.cancelled() => return Ok(()),
                 }
             }
         }
@@ -119,7 +142,7 @@ async fn consume(
                 return Ok(());
             }
         };
-        let delivery = match delivery {
+        let mut delivery = match delivery {
             Some(Ok(d)) => d,
             Some(Err(e)) => return Err(e.into()),
             None => {
@@ -128,18 +151,30 @@ async fn consume(
                 ))))
             }
         };
-        match handle(
-            state_dir,
-            scheduler,
-            &delivery.data,
-            &delivery.properties,
-            delivery.redelivered,
-        ) {
+        // The body moves into the job: a large message is not copied.
+        let body = std::mem::take(&mut delivery.data);
+        match handle(state_dir, scheduler, body, &delivery.properties, delivery.redelivered) {
             Ok(()) => {
                 delivery.ack(BasicAckOptions::default()).await?;
             }
+            Err(NotAcked::Journal(e)) if e.is_fatal() => {
+                // Acking now would lose the message at the next start: it goes
+                // back to the queue, with every other unacked one, and the
+                // daemon exits for systemd to restart it on the journal on disk.
+                let _ = delivery
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await;
+                let _ = channel.close(200, "rabbit2packer: job journal lost".into()).await;
+                let _ = conn.close(200, "rabbit2packer: job journal lost".into()).await;
+                return Err(Lost::Fatal(format!(
+                    "{e}; message returned to the queue; no more messages are acked"
+                )));
+            }
             Err(e) => {
-                // The journal could not commit: the message stays the broker's.
+                // Not journaled, or not saved: the message stays the broker's.
                 tracing::error!("{e}; message returned to the queue");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -160,32 +195,41 @@ async fn consume(
 pub fn handle(
     state_dir: &Path,
     scheduler: &Scheduler,
-    body: &[u8],
+    body: Vec<u8>,
     props: &lapin::BasicProperties,
     redelivered: bool,
-) -> Result<(), crate::journal::JournalError> {
+) -> Result<(), NotAcked> {
     let message_id = props.message_id().as_ref().map(|m| m.to_string());
-    let sha = hex::encode(Sha256::digest(body));
+    let sha = hex::encode(Sha256::digest(&body));
     let shown_id = message_id.clone().unwrap_or_else(|| format!("(none; sha256 {sha})"));
-    let names = match ImageNames::from_slice(body) {
+    let parsed = Fields::parse(&body)
+        .map_err(|e| ProfileError::NotJson(e.to_string()))
+        .and_then(|f| Ok((f.names()?, f)));
+    let (names, fields) = match parsed {
         Ok(n) => n,
         Err(e) => {
-            let saved = save_rejected(state_dir, message_id.as_deref(), &sha, body);
-            let saved = match saved {
-                Ok(p) => format!("saved whole to {}", p.display()),
-                Err(err) => format!("could not be saved to {}/rejected: {err}", state_dir.display()),
-            };
-            tracing::error!("could not decode profile, malformed json? Continuing: message {shown_id}: {e}; {saved}");
+            // README promises the body is kept whole: until it is, the broker keeps it.
+            let path = save_rejected(state_dir, message_id.as_deref(), &sha, &body).map_err(|err| {
+                NotAcked::NotSaved(format!(
+                    "could not decode profile, malformed json? Continuing: message {shown_id}: {e}; \
+                     it could not be saved to {}/rejected: {err}",
+                    state_dir.display()
+                ))
+            })?;
+            tracing::error!(
+                "could not decode profile, malformed json? Continuing: message {shown_id}: {e}; saved whole to {}",
+                path.display()
+            );
             return Ok(());
         }
     };
-    let profile = profile_name(props, body);
+    let profile = header_profile(props).or_else(|| fields.host_name());
     let job = NewJob {
         message_id,
         body_sha256: sha,
         profile,
         image_key: names.image_key(),
-        body: body.to_vec(),
+        body,
     };
     let key = job.image_key.clone();
     match scheduler.accept(job, redelivered)? {
@@ -200,27 +244,98 @@ pub fn handle(
     Ok(())
 }
 
-/// The profile's name: the `profile` header when the publisher set one,
-/// else `<hostname>.<domainname>` from the profile.
-fn profile_name(props: &lapin::BasicProperties, body: &[u8]) -> Option<String> {
-    if let Some(h) = props.headers() {
-        for (k, v) in h.inner() {
-            if k.as_str() == "profile" {
-                match v {
-                    AMQPValue::LongString(s) => return Some(s.to_string()),
-                    AMQPValue::ShortString(s) => return Some(s.to_string()),
-                    _ => {}
-                }
+/// The `profile` header, when the publisher set one.
+fn header_profile(props: &lapin::BasicProperties) -> Option<String> {
+    for (k, v) in props.headers().as_ref()?.inner() {
+        if k.as_str() == "profile" {
+            match v {
+                AMQPValue::LongString(s) => return Some(s.to_string()),
+                AMQPValue::ShortString(s) => return Some(s.to_string()),
+                _ => {}
             }
         }
     }
-    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let net = v.get("system")?.get("network")?;
-    let host = net.get("hostname")?.as_str()?;
-    Some(match net.get("domainname").and_then(|d| d.as_str()) {
-        Some(d) if !d.is_empty() => format!("{host}.{d}"),
-        _ => host.to_string(),
-    })
+    None
+}
+
+/// The parts of a profile that rabbit2packer reads, and nothing else: a
+/// profile can be tens of megabytes, and a whole `serde_json::Value` of it
+/// costs several times that (the rest is skipped without being kept).
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct Fields {
+    #[serde(default)]
+    system: Option<SystemFields>,
+    #[serde(default)]
+    metadata: Option<MetadataFields>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct SystemFields {
+    #[serde(default)]
+    personality: Option<Value>,
+    #[serde(default)]
+    archetype: Option<Value>,
+    #[serde(default)]
+    os: Option<Value>,
+    #[serde(default)]
+    network: Option<Value>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct MetadataFields {
+    #[serde(default)]
+    template: Option<TemplateFields>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct TemplateFields {
+    #[serde(default)]
+    branch: Option<Value>,
+}
+
+impl Fields {
+    /// Reads the fields from a profile as published (JSON).
+    pub fn parse(body: &[u8]) -> Result<Fields, serde_json::Error> {
+        serde_json::from_slice(body)
+    }
+
+    /// The image names, as [`ImageNames::from_json`] takes them from the whole profile.
+    pub fn names(&self) -> Result<ImageNames, ProfileError> {
+        let mut system = serde_json::Map::new();
+        if let Some(s) = &self.system {
+            for (k, v) in [
+                ("personality", &s.personality),
+                ("archetype", &s.archetype),
+                ("os", &s.os),
+            ] {
+                if let Some(v) = v {
+                    system.insert(k.into(), v.clone());
+                }
+            }
+        }
+        let mut v = serde_json::json!({ "system": system });
+        if let Some(branch) = self.metadata.as_ref().and_then(|m| m.template.as_ref()?.branch.clone()) {
+            v["metadata"] = serde_json::json!({ "template": { "branch": branch } });
+        }
+        ImageNames::from_json(&v)
+    }
+
+    /// `<hostname>.<domainname>` from the profile.
+    fn host_name(&self) -> Option<String> {
+        let net = self.system.as_ref()?.network.as_ref()?;
+        let host = net.get("hostname")?.as_str()?;
+        Some(match net.get("domainname").and_then(|d| d.as_str()) {
+            Some(d) if !d.is_empty() => format!("{host}.{d}"),
+            _ => host.to_string(),
+        })
+    }
+}
+
+/// Image names of a profile (reads only the fields that make them).
+pub fn image_names(body: &[u8]) -> Result<ImageNames, ProfileError> {
+    Fields::parse(body)
+        .map_err(|e| ProfileError::NotJson(e.to_string()))?
+        .names()
 }
 
 /// `STATE_DIR/rejected/<epoch>-<message id or sha256>.msg`, the body as received.

@@ -183,7 +183,14 @@ pub async fn run(config_file: &Path) -> Result<(), DaemonError> {
     // Held until exit: a second daemon on this STATE_DIR would build images twice at once.
     let _lock = lock_state_dir(&settings)?;
 
-    let journal = Arc::new(Journal::open(&cfg.state_dir).map_err(|e| DaemonError::Runtime(e.to_string()))?);
+    let journal = Arc::new(Journal::open(&cfg.state_dir).map_err(|e| match e {
+        // Like an unwritable STATE_DIR: a restart will not fix it.
+        crate::journal::JournalError::NotWritable { .. } => DaemonError::Config(format!(
+            "{}: [rabbit2packer] STATE_DIR: {e}",
+            settings.config_file.display()
+        )),
+        e => DaemonError::Runtime(e.to_string()),
+    })?);
     let recovery = journal.recover().map_err(|e| DaemonError::Runtime(e.to_string()))?;
     for g in &recovery.groups {
         let n = runner::kill_leftover_group(g.pgid, &g.boot_id, cfg.stop_timeout).await;
@@ -262,21 +269,35 @@ pub async fn run(config_file: &Path) -> Result<(), DaemonError> {
         packuilon_common::rabbit::endpoint(&settings.global.rabbit)
     );
     let stop_consuming = CancellationToken::new();
-    let consumer = {
+    let mut consumer = {
         let global = settings.global.clone();
         let state_dir = cfg.state_dir.clone();
         let scheduler = scheduler.clone();
         let stop = stop_consuming.clone();
         tokio::spawn(async move { crate::consumer::run(&global, &state_dir, scheduler, stop).await })
     };
+    let mut consumer_ended = false;
 
-    let signal_name = loop {
+    let (signal_name, fatal) = loop {
         tokio::select! {
-            _ = sigterm.recv() => break "SIGTERM",
-            _ = sigint.recv() => break "SIGINT",
+            _ = sigterm.recv() => break ("SIGTERM", None),
+            _ = sigint.recv() => break ("SIGINT", None),
             _ = sighup.recv() => {
                 tracing::info!("SIGHUP: checking the template map, source images and templates");
                 ctx.catalog.reload();
+            }
+            // The consumer ends on its own only when it must not go on (the
+            // journal file was deleted or replaced): stop, and exit non-zero
+            // so that systemd starts a daemon on the journal on disk.
+            ended = &mut consumer, if !consumer_ended => {
+                consumer_ended = true;
+                let why = match ended {
+                    Ok(Ok(())) => "the consumer ended".to_string(),
+                    Ok(Err(e)) => e,
+                    Err(e) => format!("the consumer failed: {e}"),
+                };
+                tracing::error!("{why}; stopping");
+                break ("a fatal error", Some(why));
             }
             // Jobs run in tasks of their own, so this should never happen; if it
             // does, the worker is not lost silently.
@@ -299,7 +320,9 @@ pub async fn run(config_file: &Path) -> Result<(), DaemonError> {
     stop_consuming.cancel();
     stop_workers.cancel();
     stop_builds.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(10), consumer).await;
+    if !consumer_ended {
+        let _ = tokio::time::timeout(Duration::from_secs(10), consumer).await;
+    }
     // Each runner waits STOP_TIMEOUT for packer and then kills its group.
     let all_done = async { while workers.join_next().await.is_some() {} };
     if tokio::time::timeout(cfg.stop_timeout + Duration::from_secs(10), all_done)
@@ -312,6 +335,9 @@ pub async fn run(config_file: &Path) -> Result<(), DaemonError> {
         Ok(0) => {}
         Ok(n) => tracing::warn!("{n} job(s) marked interrupted"),
         Err(e) => tracing::error!("{e}"),
+    }
+    if let Some(why) = fatal {
+        return Err(DaemonError::Runtime(why));
     }
     tracing::info!("Exiting normally");
     Ok(())

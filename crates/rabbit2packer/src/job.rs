@@ -53,7 +53,7 @@ impl Finished {
 /// Runs `job` on worker `thread` (`Thread-N`) and returns its final state.
 /// Journal writes that fail are logged; they never stop the build.
 pub async fn execute(ctx: &Context, thread: &str, job: &JobRef) -> Finished {
-    let names = match ImageNames::from_slice(&job.body) {
+    let names = match crate::consumer::image_names(&job.body) {
         Ok(n) => n,
         // Checked when the message arrived; only a journal edited by hand gets here.
         Err(e) => {

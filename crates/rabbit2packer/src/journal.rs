@@ -25,6 +25,21 @@ pub enum JournalError {
     Sql { file: String, source: rusqlite::Error },
     #[error("job journal {file}: {problem}")]
     Other { file: String, problem: String },
+    /// The file cannot be written (mode, owner, read-only mount): a
+    /// configuration error, which no restart fixes.
+    #[error("job journal {file}: {problem}")]
+    NotWritable { file: String, problem: String },
+    /// The file the daemon writes is no longer the one at its path (deleted
+    /// or replaced): what it commits would be lost at the next start.
+    #[error("job journal {file}: {problem}")]
+    Replaced { file: String, problem: String },
+}
+
+impl JournalError {
+    /// Writing on is pointless: the daemon must stop (and be restarted).
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, JournalError::Replaced { .. } | JournalError::NotWritable { .. })
+    }
 }
 
 pub type Result<T, E = JournalError> = std::result::Result<T, E>;
@@ -184,6 +199,14 @@ CREATE TABLE IF NOT EXISTS builds (
     boot_id TEXT
 );
 CREATE INDEX IF NOT EXISTS builds_job ON builds(job_id);
+-- Message bodies (jobs.body is empty for jobs journaled since this table).
+-- The body is the last column, so that a zeroblob() placeholder is never
+-- expanded in memory and the body is written straight from the delivery:
+-- a message costs its size once, not again in SQLite.
+CREATE TABLE IF NOT EXISTS bodies (
+    job_id INTEGER PRIMARY KEY REFERENCES jobs(id),
+    body BLOB NOT NULL
+);
 CREATE INDEX IF NOT EXISTS builds_pgid ON builds(pgid) WHERE pgid IS NOT NULL;
 ";
 
@@ -192,11 +215,20 @@ pub fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
+/// Above this many free pages (4 KiB each), [`Journal::finish`] gives the
+/// space of cleared bodies back to the file system.
+const VACUUM_FREE_PAGES: i64 = 256;
+/// The WAL is cut back to this size after a checkpoint (a large body grows it).
+const WAL_SIZE_LIMIT: i64 = 4 << 20;
+
 /// The journal, opened for writing by the daemon. Calls are short
 /// transactions; one connection behind a mutex is plenty.
 pub struct Journal {
     file: PathBuf,
     conn: Mutex<Connection>,
+    /// The files SQLite writes (database, WAL, shared memory), each held open
+    /// by us too, to tell whether the path still leads to them.
+    on_disk: Vec<(PathBuf, std::fs::File)>,
 }
 
 impl std::fmt::Debug for Journal {
@@ -213,8 +245,28 @@ impl Journal {
             file: file.display().to_string(),
             source,
         };
+        // SQLite opens a file it may not write read-only, silently, and fails
+        // at the first write with "attempt to write a readonly database".
+        for f in sqlite_files(&file) {
+            check_writable(&f)?;
+        }
         let conn = Connection::open(&file).map_err(err)?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
+        if conn.is_readonly(rusqlite::MAIN_DB).map_err(err)? {
+            return Err(not_writable(&file, "SQLite opened it read-only".into()));
+        }
+        // Space of cleared bodies goes back to the file system
+        // (`incremental_vacuum`); an older journal is converted once.
+        let auto_vacuum: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0)).map_err(err)?;
+        if auto_vacuum != 2 {
+            conn.execute_batch("PRAGMA auto_vacuum=INCREMENTAL").map_err(err)?;
+            let tables: i64 = conn
+                .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+                .map_err(err)?;
+            if tables > 0 {
+                conn.execute_batch("VACUUM").map_err(err)?;
+            }
+        }
         let mode: String = conn
             .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
             .map_err(err)?;
@@ -225,13 +277,62 @@ impl Journal {
             });
         }
         // FULL: a commit is fsynced before the delivery it records is acked.
-        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
-            .map_err(err)?;
+        conn.execute_batch(&format!(
+            "PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA journal_size_limit={WAL_SIZE_LIMIT};"
+        ))
+        .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
-        Ok(Journal {
+        // The WAL and shared-memory files exist now (WAL mode, schema written).
+        let mut on_disk = Vec::new();
+        for f in sqlite_files(&file) {
+            match std::fs::File::open(&f) {
+                Ok(h) => on_disk.push((f, h)),
+                Err(e) if f == file || e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(JournalError::Other {
+                        file: f.display().to_string(),
+                        problem: format!("cannot open: {e}"),
+                    })
+                }
+                Err(_) => {}
+            }
+        }
+        let journal = Journal {
             file,
             conn: Mutex::new(conn),
-        })
+            on_disk,
+        };
+        journal.check_on_disk()?;
+        Ok(journal)
+    }
+
+    /// Is what we write still the journal at STATE_DIR/rabbit2packer.sqlite
+    /// (and its WAL and shared memory)? A file deleted or replaced under a
+    /// running daemon (`rm STATE_DIR/rabbit2packer.sqlite*`) takes every
+    /// commit since with it at the next start: a delivery must not be acked.
+    pub fn check_on_disk(&self) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        for (path, held) in &self.on_disk {
+            let ours = held.metadata().map_err(|e| JournalError::Replaced {
+                file: path.display().to_string(),
+                problem: format!("cannot stat the open file: {e}"),
+            })?;
+            let problem = if ours.nlink() == 0 {
+                Some("was deleted while rabbit2packer was writing it".to_string())
+            } else {
+                match std::fs::metadata(path) {
+                    Ok(m) if (m.dev(), m.ino()) == (ours.dev(), ours.ino()) => None,
+                    Ok(_) => Some("was replaced by another file while rabbit2packer was writing it".into()),
+                    Err(e) => Some(format!("is gone from its path while rabbit2packer was writing it: {e}")),
+                }
+            };
+            if let Some(problem) = problem {
+                return Err(JournalError::Replaced {
+                    file: path.display().to_string(),
+                    problem: format!("{problem}; what rabbit2packer commits now would be lost at the next start"),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Opens the journal read-only (for `status` and `history` while the daemon runs).
@@ -252,6 +353,7 @@ impl Journal {
         Ok(Journal {
             file,
             conn: Mutex::new(conn),
+            on_disk: Vec::new(),
         })
     }
 
@@ -299,26 +401,35 @@ impl Journal {
             }
             tx.execute(
                 "INSERT INTO jobs (message_id, body_sha256, profile, image_key, body, state, received_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'waiting', ?6)",
-                params![
-                    job.message_id,
-                    job.body_sha256,
-                    job.profile,
-                    job.image_key,
-                    job.body,
-                    now()
-                ],
+                 VALUES (?1, ?2, ?3, ?4, X'', 'waiting', ?5)",
+                params![job.message_id, job.body_sha256, job.profile, job.image_key, now()],
             )?;
             let id = tx.last_insert_rowid();
+            tx.execute(
+                "INSERT INTO bodies (job_id, body) VALUES (?1, zeroblob(?2))",
+                params![id, job.body.len() as i64],
+            )?;
+            if !job.body.is_empty() {
+                let mut blob = tx.blob_open(rusqlite::MAIN_DB, "bodies", "body", id, false)?;
+                blob.write_at(&job.body, 0)?;
+            }
             if let Some(old) = supersede {
-                tx.execute(
+                let n = tx.execute(
                     "UPDATE jobs SET state = 'superseded', superseded_by = ?1, finished_at = ?2, body = X''
                      WHERE id = ?3 AND state = 'waiting'",
                     params![id, now(), old],
                 )?;
+                if n > 0 {
+                    tx.execute("DELETE FROM bodies WHERE job_id = ?1", [old])?;
+                }
             }
             tx.commit()?;
             Ok(Inserted::New(id))
+        })
+        .and_then(|inserted| {
+            // Committed, but to the file at STATE_DIR? Only then may it be acked.
+            self.check_on_disk()?;
+            Ok(inserted)
         })
     }
 
@@ -349,7 +460,14 @@ impl Journal {
                  AND id < ?1 AND state IN ('succeeded', 'failed', 'superseded') AND length(body) > 0",
                 [id],
             )?;
-            tx.commit()
+            tx.execute(
+                "DELETE FROM bodies WHERE job_id IN (SELECT id FROM jobs
+                 WHERE image_key = (SELECT image_key FROM jobs WHERE id = ?1)
+                 AND id < ?1 AND state IN ('succeeded', 'failed', 'superseded'))",
+                [id],
+            )?;
+            tx.commit()?;
+            reclaim_space(c)
         })
     }
 
@@ -454,7 +572,10 @@ impl Journal {
                 [],
             )?;
             let pending: Vec<(i64, String, Vec<u8>)> = {
-                let mut st = tx.prepare("SELECT id, image_key, body FROM jobs WHERE state = 'waiting' ORDER BY id")?;
+                let mut st = tx.prepare(
+                    "SELECT id, image_key, COALESCE((SELECT body FROM bodies WHERE job_id = jobs.id), body)
+                     FROM jobs WHERE state = 'waiting' ORDER BY id",
+                )?;
                 let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
                 rows.collect::<rusqlite::Result<_>>()?
             };
@@ -585,6 +706,95 @@ impl Journal {
     }
 }
 
+/// Gives the pages of cleared bodies back to the file system once there are
+/// enough of them: a 40 MB profile superseded by a small one must not keep
+/// the journal at 40 MB for ever.
+fn reclaim_space(c: &Connection) -> rusqlite::Result<()> {
+    let free: i64 = c.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+    if free < VACUUM_FREE_PAGES {
+        return Ok(());
+    }
+    // Each step frees some pages: step it to the end.
+    let mut st = c.prepare("PRAGMA incremental_vacuum")?;
+    let mut rows = st.query([])?;
+    while rows.next()?.is_some() {}
+    drop(rows);
+    // Copies the WAL into the database, which is cut to its new size, and
+    // empties the WAL. A reader in the way (`status`) only delays it.
+    let _: (i64, i64, i64) = c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+    })?;
+    Ok(())
+}
+
+/// The journal and the files SQLite keeps beside it in WAL mode.
+fn sqlite_files(file: &Path) -> Vec<PathBuf> {
+    let mut files = vec![file.to_path_buf()];
+    for suffix in ["-wal", "-shm"] {
+        let mut name = file.as_os_str().to_owned();
+        name.push(suffix);
+        files.push(PathBuf::from(name));
+    }
+    files
+}
+
+/// Opens `path`, if it exists, for writing (as SQLite will), to name the
+/// file, its owner and its mode when that fails.
+fn check_writable(path: &Path) -> Result<()> {
+    match std::fs::OpenOptions::new().read(true).write(true).open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(not_writable(path, e.to_string())),
+    }
+}
+
+fn not_writable(path: &Path, why: String) -> JournalError {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: plain syscalls.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let owner = match std::fs::metadata(path) {
+        Ok(m) => format!(
+            "owner {}, group {}, mode {:04o}",
+            account_name(m.uid(), false),
+            account_name(m.gid(), true),
+            m.mode() & 0o7777
+        ),
+        Err(e) => format!("owner and mode unknown: {e}"),
+    };
+    JournalError::NotWritable {
+        file: path.display().to_string(),
+        problem: format!(
+            "cannot be written by rabbit2packer (running as {}, group {}): {why}; it has {owner} \
+             (fix its owner or mode, or the mount; STATE_DIR must be writable)",
+            account_name(uid, false),
+            account_name(gid, true),
+        ),
+    }
+}
+
+/// `name (id)`, or the id alone when no name is known.
+fn account_name(id: u32, group: bool) -> String {
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let name = unsafe {
+        // SAFETY: the buffers outlive the calls; the result pointers point into them.
+        if group {
+            let mut grp: libc::group = std::mem::zeroed();
+            let mut res: *mut libc::group = std::ptr::null_mut();
+            let rc = libc::getgrgid_r(id, &mut grp, buf.as_mut_ptr(), buf.len(), &mut res);
+            (rc == 0 && !res.is_null()).then(|| std::ffi::CStr::from_ptr(grp.gr_name).to_string_lossy().into_owned())
+        } else {
+            let mut pwd: libc::passwd = std::mem::zeroed();
+            let mut res: *mut libc::passwd = std::ptr::null_mut();
+            let rc = libc::getpwuid_r(id, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut res);
+            (rc == 0 && !res.is_null()).then(|| std::ffi::CStr::from_ptr(pwd.pw_name).to_string_lossy().into_owned())
+        }
+    };
+    match name {
+        Some(n) => format!("{n} ({id})"),
+        None => id.to_string(),
+    }
+}
+
 /// The one-word summary history shows: the state, or `built, rotation failed`.
 fn outcome(job: &JobRecord) -> String {
     if job.state == JobState::Succeeded
@@ -682,7 +892,9 @@ mod tests {
         }
         let bodies: Vec<usize> = j
             .with(|c| {
-                let mut st = c.prepare("SELECT length(body) FROM jobs ORDER BY id")?;
+                let mut st = c.prepare(
+                    "SELECT length(COALESCE((SELECT body FROM bodies WHERE job_id = jobs.id), body)) FROM jobs ORDER BY id",
+                )?;
                 let rows = st.query_map([], |r| r.get::<_, i64>(0))?;
                 rows.map(|r| r.map(|n| n as usize)).collect()
             })

@@ -6,6 +6,7 @@
 
 mod support;
 
+use std::path::Path;
 use std::time::Duration;
 
 use rabbit2packer::journal::JobState;
@@ -14,6 +15,78 @@ use support::*;
 
 /// How long a daemon that should stop by itself is given.
 const EXIT: Duration = Duration::from_secs(60);
+
+fn journal_files(state_dir: &Path) -> Vec<std::path::PathBuf> {
+    ["", "-wal", "-shm"]
+        .iter()
+        .map(|s| state_dir.join(format!("rabbit2packer.sqlite{s}")))
+        .collect()
+}
+
+#[test]
+fn a_deleted_journal_is_noticed_before_the_ack_and_the_request_waits_in_the_queue() {
+    let site = Site::new(1, "");
+    site.template("a.json", Step { sleep: 0.1, exit: 0 });
+    let mut d = site.start();
+    site.publish(&profile("inventory", "7x", "v1", prod()), Some("before"));
+    site.wait_jobs("the first build", T, |j| succeeded(j) == 1);
+
+    // A clean-up script, or an operator "resetting" state.
+    for f in journal_files(&site.state_dir) {
+        let _ = std::fs::remove_file(f);
+    }
+    site.publish(&profile("inventory", "7x", "v2", prod()), Some("after"));
+    let code = d.wait_exit(EXIT);
+    let out = d.output();
+    assert_eq!(code, 1, "exit status (systemd restarts on failure); it said:\n{out}");
+    assert!(
+        out.contains("rabbit2packer.sqlite") && out.contains("deleted"),
+        "the error names the journal and what happened to it:\n{out}"
+    );
+    assert_eq!(site.queue_len(), 1, "the request is the broker's again");
+
+    // The restarted daemon builds it, on a journal that is on disk.
+    let mut d = site.start();
+    let jobs = site.wait_jobs("the request accepted after the rm", T, |j| {
+        j.iter()
+            .any(|j| j.message_id.as_deref() == Some("after") && j.state == JobState::Succeeded)
+    });
+    assert_eq!(jobs.len(), 1, "{jobs:#?}");
+    d.stop();
+}
+
+#[test]
+fn a_malformed_message_that_cannot_be_saved_stays_with_the_broker_until_it_is() {
+    let site = Site::new(1, "");
+    let state = Tmpfs::mount(&site.state_dir, "2m");
+    let mut d = site.start();
+    d.wait_log("Consuming from queue", T);
+    let filler = state.fill();
+
+    let body = b"this is { not json, and kept whole";
+    site.publish_bytes(body, Some("broken-on-full-disk"));
+    let line = d.wait_log("could not be saved", T);
+    assert!(line.contains("broken-on-full-disk"), "{line}");
+    assert!(line.contains("returned to the queue"), "{line}");
+
+    // Space again: the next delivery of it is saved, then acked.
+    std::fs::remove_file(filler).unwrap();
+    let rejected = site.state_dir.join("rejected");
+    wait_for("the message saved to rejected/", EXIT, || {
+        std::fs::read_dir(&rejected)
+            .map(|mut e| e.next().is_some())
+            .unwrap_or(false)
+    });
+    let saved: Vec<Vec<u8>> = std::fs::read_dir(&rejected)
+        .unwrap()
+        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    assert_eq!(saved, vec![body.to_vec()]);
+    d.wait_log("saved whole to", T);
+    wait_for("the queue to be empty", T, || site.queue_len() == 0);
+    assert!(site.journal().is_empty(), "rejected messages are not jobs");
+    d.stop();
+}
 
 #[test]
 fn a_second_daemon_refuses_to_start_even_when_every_file_but_the_journal_was_deleted() {
@@ -42,6 +115,49 @@ fn a_second_daemon_refuses_to_start_even_when_every_file_but_the_journal_was_del
     assert!(group_alive(pgid), "the first daemon's build goes on");
     assert_eq!(site.starts().len(), 1, "and is not started again");
     first.stop();
+}
+
+#[test]
+fn an_unwritable_journal_is_a_configuration_error_naming_the_file_its_owner_and_mode() {
+    let site = Site::new(1, "");
+    let mut d = site.start();
+    d.wait_log("Consuming from queue", T);
+    d.stop();
+    let journal = site.state_dir.join("rabbit2packer.sqlite");
+    let chmod = |mode| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&journal, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    // Root writes whatever the mode says: the daemon runs as root without
+    // CAP_DAC_OVERRIDE, bound by mode bits as any other user is.
+    let as_bound_root = [
+        "setpriv",
+        "--bounding-set",
+        "-dac_override,-dac_read_search",
+        "--inh-caps",
+        "-dac_override,-dac_read_search",
+        "--",
+    ];
+
+    chmod(0o444);
+    let mut d = site.start_via(&as_bound_root, &[]);
+    let code = d.wait_exit(EXIT);
+    let out = d.output();
+    assert_eq!(code, 2, "a configuration error, not retried by systemd:\n{out}");
+    assert!(out.contains(&journal.display().to_string()), "{out}");
+    assert!(out.contains("owner root (0)") && out.contains("mode 0444"), "{out}");
+
+    // Restored from a backup with the wrong owner.
+    chmod(0o644);
+    std::os::unix::fs::chown(&journal, Some(65534), Some(65534)).unwrap();
+    let mut d = site.start_via(&as_bound_root, &[]);
+    let code = d.wait_exit(EXIT);
+    let out = d.output();
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("owner nobody (65534)") && out.contains("mode 0644"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -191,4 +307,45 @@ fn big_profile(size: usize) -> Value {
     }
     v["software"] = json!({ "packages": packages });
     v
+}
+
+#[test]
+fn a_40_mb_message_costs_bounded_memory_and_its_journal_space_comes_back() {
+    let site = Site::new(1, "");
+    site.template("a.json", Step { sleep: 0.1, exit: 0 });
+    let mut d = site.start();
+    d.wait_log("Consuming from queue", T);
+    let body = serde_json::to_vec(&big_profile(40 << 20)).unwrap();
+    let before = peak_rss(d.pid());
+    site.publish_bytes(&body, Some("big"));
+    site.wait_jobs("the big build", T, |j| succeeded(j) == 1);
+    let grown = peak_rss(d.pid()).saturating_sub(before);
+    let ratio = grown as f64 / body.len() as f64;
+    eprintln!(
+        "message {} MB, peak RSS grew {} MB ({ratio:.2}x)",
+        body.len() >> 20,
+        grown >> 20
+    );
+    assert!(ratio < 2.5, "peak RSS grew {ratio:.2}x the message");
+
+    // A newer, small profile of the image: the big body is not needed any more.
+    site.publish(&profile("inventory", "7x", "small", prod()), Some("small"));
+    site.wait_jobs("the small build", T, |j| succeeded(j) == 2);
+    // Given back once the small job is recorded as finished.
+    let on_disk = || -> Vec<(String, u64)> {
+        journal_files(&site.state_dir)
+            .iter()
+            .filter_map(|f| Some((f.display().to_string(), std::fs::metadata(f).ok()?.len())))
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while on_disk().iter().map(|(_, n)| n).sum::<u64>() >= 8 << 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the journal did not give the space back: {:?}",
+            on_disk()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    d.stop();
 }
