@@ -8,6 +8,8 @@
 //! SIGTERM/SIGINT: stop consuming, SIGINT to every packer group (packer's
 //! clean cancel, see [`crate::runner`]), wait up to STOP_TIMEOUT, record
 //! unfinished jobs as interrupted (they run at the next start), exit 0.
+//! The same stop, with exit 1, when the consumer finds that the journal it
+//! writes is no longer the file on disk (see [`crate::journal::Journal::check_on_disk`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -297,7 +299,7 @@ pub async fn run(config_file: &Path) -> Result<(), DaemonError> {
                     Err(e) => format!("the consumer failed: {e}"),
                 };
                 tracing::error!("{why}; stopping");
-                break ("a fatal error", Some(why));
+                break ("", Some(why));
             }
             // Jobs run in tasks of their own, so this should never happen; if it
             // does, the worker is not lost silently.
@@ -312,8 +314,12 @@ pub async fn run(config_file: &Path) -> Result<(), DaemonError> {
             }
         }
     };
+    let why = match fatal {
+        Some(_) => "Cannot go on".to_string(),
+        None => format!("{signal_name} received"),
+    };
     tracing::info!(
-        "{signal_name} received: stopping (packer builds are interrupted; waiting up to {:?})",
+        "{why}: stopping (packer builds are interrupted; waiting up to {:?})",
         cfg.stop_timeout
     );
     notify(&[sd_notify::NotifyState::Stopping]);

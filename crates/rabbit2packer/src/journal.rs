@@ -8,6 +8,10 @@
 //! `status` and `history` — other processes reading the same file — always
 //! see the truth, and a restart after `kill -9` knows what was running and
 //! which packer process groups may still be alive.
+//!
+//! Committed must also mean: in the file a restart will open. Before a
+//! delivery is acked, [`Journal::check_on_disk`] makes sure the files SQLite
+//! writes are still the ones at their paths (not deleted nor replaced).
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
