@@ -261,12 +261,14 @@ fn header_profile(props: &lapin::BasicProperties) -> Option<String> {
 /// The parts of a profile that rabbit2packer reads, and nothing else: a
 /// profile can be tens of megabytes, and a whole `serde_json::Value` of it
 /// costs several times that (the rest is skipped without being kept).
+/// Where the whole profile's lookups find something else than an object
+/// on the way (`"system": "x"`), the field is simply absent, as there.
 #[derive(Debug, Default, serde::Deserialize)]
 pub struct Fields {
     #[serde(default)]
-    system: Option<SystemFields>,
+    system: Lenient<SystemFields>,
     #[serde(default)]
-    metadata: Option<MetadataFields>,
+    metadata: Lenient<MetadataFields>,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -284,7 +286,7 @@ struct SystemFields {
 #[derive(Debug, Default, serde::Deserialize)]
 struct MetadataFields {
     #[serde(default)]
-    template: Option<TemplateFields>,
+    template: Lenient<TemplateFields>,
 }
 
 #[derive(Debug, Default, serde::Deserialize)]
@@ -293,16 +295,67 @@ struct TemplateFields {
     branch: Option<Value>,
 }
 
+/// An object read as `T`; anything else (a string, a list, null) read as
+/// nothing, and skipped without being kept.
+#[derive(Debug)]
+struct Lenient<T>(Option<T>);
+
+impl<T> Default for Lenient<T> {
+    fn default() -> Self {
+        Lenient(None)
+    }
+}
+
+impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for Lenient<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: serde::Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = Lenient<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(|t| Lenient(Some(t)))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Lenient(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
 impl Fields {
     /// Reads the fields from a profile as published (JSON).
     pub fn parse(body: &[u8]) -> Result<Fields, serde_json::Error> {
-        serde_json::from_slice(body)
+        let fields: Lenient<Fields> = serde_json::from_slice(body)?;
+        Ok(fields.0.unwrap_or_default())
     }
 
     /// The image names, as [`ImageNames::from_json`] takes them from the whole profile.
     pub fn names(&self) -> Result<ImageNames, ProfileError> {
         let mut system = serde_json::Map::new();
-        if let Some(s) = &self.system {
+        if let Some(s) = &self.system.0 {
             for (k, v) in [
                 ("personality", &s.personality),
                 ("archetype", &s.archetype),
@@ -314,7 +367,12 @@ impl Fields {
             }
         }
         let mut v = serde_json::json!({ "system": system });
-        if let Some(branch) = self.metadata.as_ref().and_then(|m| m.template.as_ref()?.branch.clone()) {
+        if let Some(branch) = self
+            .metadata
+            .0
+            .as_ref()
+            .and_then(|m| m.template.0.as_ref()?.branch.clone())
+        {
             v["metadata"] = serde_json::json!({ "template": { "branch": branch } });
         }
         ImageNames::from_json(&v)
@@ -322,7 +380,7 @@ impl Fields {
 
     /// `<hostname>.<domainname>` from the profile.
     fn host_name(&self) -> Option<String> {
-        let net = self.system.as_ref()?.network.as_ref()?;
+        let net = self.system.0.as_ref()?.network.as_ref()?;
         let host = net.get("hostname")?.as_str()?;
         Some(match net.get("domainname").and_then(|d| d.as_str()) {
             Some(d) if !d.is_empty() => format!("{host}.{d}"),
@@ -367,6 +425,40 @@ fn save_rejected(state_dir: &Path, message_id: Option<&str>, sha: &str, body: &[
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fields_read_give_the_names_and_errors_of_the_whole_profile() {
+        let good = r#"{"software": {"big": [1, 2, {"x": "y"}]},
+            "system": {"personality": {"name": "inv"}, "archetype": {"name": "a"}, "filesystems": [],
+                       "os": {"distribution": {"name": "sl"}, "version": {"name": "7x"}, "architecture": "x86_64"},
+                       "network": {"hostname": "h", "domainname": "d.org"}},
+            "metadata": {"template": {"branch": {"name": "s", "type": "sandbox", "author": "me"}}}}"#;
+        let bodies = [
+            good.to_string(),
+            good.replace(r#""architecture": "x86_64""#, r#""architecture": 5"#),
+            good.replace(r#"{"name": "inv"}"#, r#""inv""#),
+            good.replace(r#"{"name": "inv"}"#, r#"{"name": "../x"}"#),
+            good.replace(r#""type": "sandbox", "#, ""),
+            good.replace(r#"{"template": {"branch""#, r#"{"template": {"nobranch""#),
+            good.replace(r#""metadata": {"#, r#""metadata": "x", "unused": {"#),
+            r#"{"system": "x"}"#.to_string(),
+            r#"{"system": null, "metadata": [1]}"#.to_string(),
+            "[1, 2]".to_string(),
+            "\"just a string\"".to_string(),
+            "{ not json".to_string(),
+        ];
+        for body in bodies {
+            let whole = ImageNames::from_slice(body.as_bytes());
+            let read = image_names(body.as_bytes());
+            match (&whole, &read) {
+                (Err(ProfileError::NotJson(_)), Err(ProfileError::NotJson(_))) => {}
+                _ => assert_eq!(read, whole, "{body}"),
+            }
+        }
+        let fields = Fields::parse(good.as_bytes()).unwrap();
+        assert_eq!(fields.host_name().as_deref(), Some("h.d.org"));
+        assert_eq!(fields.names().unwrap().image_key(), "inv-sl7x-x86_64");
+    }
 
     #[test]
     fn reconnect_pause_doubles_from_retry_delay_up_to_the_cap() {
