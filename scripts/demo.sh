@@ -42,7 +42,7 @@ trap cleanup EXIT
 kport=$(free_port); gport=$(free_port); hport=$(free_port)
 scripts/openstack-up.sh "$demo/openstack" "$kport" "$gport" > "$demo/openstack-up.log" 2>&1 &
 os_up=$!
-cargo build -q --bins
+cargo build -q --workspace --bins
 bin=$repo/target/debug
 wait "$os_up" || { cat "$demo/openstack-up.log"; exit 1; }
 rc=$demo/openstack/admin-openrc.sh

@@ -8,11 +8,17 @@
 #     loopback ports, state in a temp dir, stopped and removed at the end.
 #     Tests find it through PACKUILON_TEST_OPENRC.
 #   - Packer: Debian's packer (null builder; no cloud needed).
+#   - The Debian package: built with `make deb` (cargo-deb is installed when
+#     missing) and named in PACKUILON_TEST_DEB for tests/package.rs, which
+#     checks it with lintian and installs, upgrades and purges it here;
+#     tests/syslog.rs starts its own rsyslogd.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 t0=$SECONDS
 
 scripts/install-packages.sh
+# The package's tests: lintian, man, systemd-analyze, dpkg-shlibdeps, rsyslogd.
+scripts/install-packages.sh lintian man-db systemd dpkg-dev rsyslog
 scripts/rabbitmq-up.sh
 
 free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -29,6 +35,9 @@ scripts/openstack-up.sh "$os_state" "$kport" "$gport" > "$os_state.up.log" 2>&1 
 os_pid=$!
 
 cargo build --workspace --bins --tests
+make -s deb
+deb=$(ls -t target/debian/packuilon_*_amd64.deb | head -1)
+export PACKUILON_TEST_DEB="$PWD/$deb"
 
 if ! wait "$os_pid"; then
   cat "$os_state.up.log" >&2

@@ -11,6 +11,7 @@
 //! Not here: building images (rabbit2packer) or anything about Glance.
 
 pub mod cache;
+pub mod cli;
 pub mod fetch;
 pub mod index;
 pub mod json;

@@ -15,6 +15,7 @@
 //! Not here: deciding when to rotate (rabbit2packer does, after a build) and
 //! retrying a failed rotation later (rabbit2packer's job, with backoff).
 
+pub mod cli;
 pub mod credentials;
 pub mod glance;
 pub mod keystone;

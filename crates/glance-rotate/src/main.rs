@@ -5,45 +5,15 @@
 //! Exit status: 0 done (or nothing to do), 1 the rotation failed (the HTTP
 //! status and Glance's message are logged), 2 bad arguments or configuration.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
+use glance_rotate::cli::Cli;
 use glance_rotate::{credentials_from_rc, Credentials, RotateOptions, Target};
 use packuilon_common::config::{self, IniFile, RotationConfig};
-use packuilon_common::logging::{self, LogTarget};
+use packuilon_common::logging;
 use packuilon_common::{EXIT_CONFIG, EXIT_FAILED};
-
-/// Archive older Glance images of a name and move their members to the new image.
-///
-/// Credentials: --auth-file, else [rabbit2packer] PACKER_ADMIN_AUTH_FILE of the
-/// config (default /etc/packer-utils/admin-auth.sh when it exists), else the OS_*
-/// variables of the environment. Rotation keys come from the config's
-/// [rabbit2packer] section: ARCHIVE_NAME, HIDE_ARCHIVED, KEEP_ARCHIVES.
-#[derive(Debug, Parser)]
-#[command(name = "rename-old-images", version)]
-struct Cli {
-    /// config.ini (default: $PACKER_UTILS_CONFIG, else /etc/packer-utils/config.ini; a missing default is fine).
-    #[arg(long, value_name = "PATH")]
-    config: Option<PathBuf>,
-    /// OpenStack RC file to source with bash (admin credentials).
-    #[arg(long, value_name = "RC")]
-    auth_file: Option<PathBuf>,
-    /// The new image's ID (instead of a name).
-    #[arg(long, value_name = "ID", conflicts_with = "name")]
-    image_id: Option<String>,
-    /// Print the plan, change nothing.
-    #[arg(long)]
-    dry_run: bool,
-    /// Where log lines go (default: stderr on a terminal, journald under systemd, syslog otherwise).
-    #[arg(long, value_enum, value_name = "TARGET")]
-    log: Option<LogTarget>,
-    /// The image name; several words are joined with spaces. The new image is
-    /// the newest active image of exactly that name.
-    #[arg(value_name = "WORD", required_unless_present = "image_id")]
-    name: Vec<String>,
-}
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {

@@ -6,7 +6,16 @@
 //! cannot be opened (no journald socket, no `/dev/log`) falls back to stderr
 //! with a warning there, so a message is never silently dropped. The level
 //! comes from `PACKUILON_LOG` (`RUST_LOG` syntax; default [`DEFAULT_FILTER`]).
+//!
+//! Syslog gets each event at the priority of its level (error → `err`,
+//! warn → `warning`, info → `info`, debug/trace → `debug`), facility `user`.
+//! A line may carry text from a profile, a message or a URL: its control
+//! characters are escaped (a newline becomes `\n`), so it stays one record
+//! and cannot forge another. A line longer than [`SYSLOG_MAX_BODY`] bytes,
+//! which some syslog daemons would cut, is sent as several records marked
+//! `[part i/n]`, so it arrives whole.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::io::IsTerminal;
 use std::sync::Mutex;
@@ -112,20 +121,79 @@ impl<S: Subscriber> Layer<S> for SyslogLayer {
         let text = line.finish();
         let Ok(mut logger) = self.logger.lock() else { return };
         let level = *event.metadata().level();
-        let result = if level == Level::ERROR {
-            logger.err(&text)
-        } else if level == Level::WARN {
-            logger.warning(&text)
-        } else if level == Level::INFO {
-            logger.info(&text)
-        } else {
-            logger.debug(&text)
-        };
-        if result.is_err() {
-            // syslogd went away: the line still reaches someone.
-            eprintln!("{text}");
+        for record in syslog_records(&text) {
+            let result = if level == Level::ERROR {
+                logger.err(&record)
+            } else if level == Level::WARN {
+                logger.warning(&record)
+            } else if level == Level::INFO {
+                logger.info(&record)
+            } else {
+                logger.debug(&record)
+            };
+            if result.is_err() {
+                // syslogd went away: the line still reaches someone.
+                eprintln!("{record}");
+            }
         }
     }
+}
+
+/// The longest message body sent in one syslog record, in bytes. RFC 3164
+/// allows 1024 bytes for the whole packet (priority, time stamp, ident and
+/// pid take about 50 of them); rsyslog's default is 8 KiB, other daemons
+/// keep to 1024 or 2048.
+pub const SYSLOG_MAX_BODY: usize = 960;
+
+/// `text` as the records syslog gets: control characters escaped, then cut
+/// on character boundaries into bodies of at most [`SYSLOG_MAX_BODY`]
+/// bytes, each but a lone one ending in ` [part i/n]`.
+pub fn syslog_records(text: &str) -> Vec<String> {
+    let text = escape_control(text);
+    if text.len() <= SYSLOG_MAX_BODY {
+        return vec![text.into_owned()];
+    }
+    // Room for the " [part 999/999]" marker.
+    let room = SYSLOG_MAX_BODY - 16;
+    let mut parts = Vec::new();
+    let mut rest: &str = &text;
+    while !rest.is_empty() {
+        let mut end = rest.len().min(room);
+        while !rest.is_char_boundary(end) {
+            end -= 1;
+        }
+        parts.push(&rest[..end]);
+        rest = &rest[end..];
+    }
+    let n = parts.len();
+    parts
+        .iter()
+        .enumerate()
+        .map(|(i, part)| format!("{part} [part {}/{n}]", i + 1))
+        .collect()
+}
+
+/// Escapes what a terminal or a log reader would act on: `\n`, `\r`, `\t`,
+/// and `\u{..}` for other control characters (C0, DEL, C1) and the Unicode
+/// line and paragraph separators. A backslash is left as it is.
+pub fn escape_control(text: &str) -> Cow<'_, str> {
+    let needs = |c: char| c.is_control() || c == '\u{2028}' || c == '\u{2029}';
+    if !text.chars().any(needs) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if needs(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
 }
 
 #[derive(Default)]
@@ -176,6 +244,33 @@ mod tests {
             event.record(&mut line);
             self.0.lock().unwrap().push(line.finish());
         }
+    }
+
+    #[test]
+    fn control_characters_are_escaped_and_plain_lines_kept_as_they_are() {
+        assert!(matches!(escape_control("Starting"), Cow::Borrowed("Starting")));
+        assert_eq!(
+            escape_control("a\nb\r\tc\u{1b}[31m\u{7f}\u{85}\u{2028}é\\n"),
+            "a\\nb\\r\\tc\\u{1b}[31m\\u{7f}\\u{85}\\u{2028}é\\n"
+        );
+    }
+
+    #[test]
+    fn a_long_line_is_cut_into_marked_records_on_character_boundaries() {
+        let short = "x".repeat(SYSLOG_MAX_BODY);
+        assert_eq!(syslog_records(&short), [short.clone()]);
+        let long = "é".repeat(1500) + "\n" + &"z".repeat(10);
+        let records = syslog_records(&long);
+        assert_eq!(records.len(), 4, "{records:?}");
+        for (i, r) in records.iter().enumerate() {
+            assert!(r.len() <= SYSLOG_MAX_BODY, "{}", r.len());
+            assert!(r.ends_with(&format!(" [part {}/4]", i + 1)), "{r}");
+        }
+        let joined: String = records
+            .iter()
+            .map(|r| r.rsplit_once(" [part ").unwrap().0)
+            .collect();
+        assert_eq!(joined, escape_control(&long));
     }
 
     #[test]

@@ -15,6 +15,7 @@
 
 pub mod build_log;
 pub mod catalog;
+pub mod cli;
 pub mod consumer;
 pub mod daemon;
 pub mod history;

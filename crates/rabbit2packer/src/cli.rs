@@ -1,0 +1,70 @@
+//! The command line of `rabbit2packer` and its subcommands, shared by the
+//! binary and by the man pages and shell completions (`cargo xtask`).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use packuilon_common::logging::LogTarget;
+
+const AFTER_HELP: &str = "\
+Exit status: 0 clean stop; 1 runtime failure (systemd restarts it), such as the journal file
+deleted or replaced under the daemon; 2 configuration error (named file and key, or an
+unwritable journal named with its owner and mode; fix it, a restart will not).
+
+Signals:
+  SIGTERM/SIGINT  stop taking requests, interrupt each packer build (it cleans up in the
+                  cloud), wait up to STOP_TIMEOUT; unfinished jobs rerun at the next start.
+  SIGHUP          re-read the template map, source images and templates and say what was
+                  found (edits are also picked up by themselves when a job starts; a broken
+                  one keeps the last good).
+
+Files:
+  --config PATH, else $PACKER_UTILS_CONFIG, else /etc/packer-utils/config.ini
+  STATE_DIR/rabbit2packer.sqlite  job journal (status, history); STATE_DIR/rejected/ bad messages
+  LOG_DIR/<image key>.<template>.<epoch>.log  build logs; <image key>.<template>.log: the newest
+  BUILD_FILE_DIR/<image key>.<template>.json  rendered templates packer runs";
+
+/// Builds OpenStack images with Packer for every profile change queued by cdb2rabbit.
+#[derive(Debug, Parser)]
+// No `help` subcommand (`rabbit2packer status --help` is the way): it would
+// only add a man page per subcommand that says "print this message".
+#[command(name = "rabbit2packer", version, about, long_about = None, after_help = AFTER_HELP, disable_help_subcommand = true)]
+pub struct Cli {
+    /// config.ini to read [default: $PACKER_UTILS_CONFIG, else /etc/packer-utils/config.ini]
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// Where log lines go [default: stderr on a terminal, journald under systemd, syslog otherwise]
+    #[arg(long, global = true, value_enum, value_name = "TARGET")]
+    pub log: Option<LogTarget>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon in the foreground (the default; as systemd runs it).
+    Run,
+    /// Show pending work: running, waiting and interrupted jobs (reads the journal; works while the daemon runs).
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Read the journal in this directory instead of the config's STATE_DIR.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
+    /// Show the last finished builds, newest first.
+    History {
+        /// Only this image key (e.g. inventory-sl7x-x86_64).
+        image: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// How many jobs.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        limit: usize,
+        /// Read the journal in this directory instead of the config's STATE_DIR.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
+}
