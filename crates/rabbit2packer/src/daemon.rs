@@ -370,25 +370,26 @@ async fn worker(thread: String, ctx: Arc<Context>, scheduler: Arc<Scheduler>, st
         let finished = match handle.await {
             Ok(f) => f,
             Err(e) => {
-                let what = if e.is_panic() {
+                let error = if e.is_panic() {
                     let p = e.into_panic();
                     let msg = p
                         .downcast_ref::<&str>()
                         .map(|s| s.to_string())
                         .or_else(|| p.downcast_ref::<String>().cloned())
                         .unwrap_or_else(|| "unknown panic".into());
-                    format!("internal error (panic): {msg}")
+                    job::JobError::Panicked(msg)
                 } else {
-                    format!("internal error: {e}")
+                    job::JobError::Aborted(e)
                 };
-                tracing::error!("{thread}: job {} for {} failed: {what}", job.id, job.image_key);
+                tracing::error!("{thread}: job {} for {} failed: {error}", job.id, job.image_key);
                 job::Finished {
                     state: JobState::Failed,
-                    error: Some(what),
+                    error: Some(error),
                 }
             }
         };
-        if let Err(e) = ctx.journal.finish(job.id, finished.state, finished.error.as_deref()) {
+        let error = finished.error.as_ref().map(ToString::to_string);
+        if let Err(e) = ctx.journal.finish(job.id, finished.state, error.as_deref()) {
             tracing::error!("{thread}: {e}");
         }
         match finished.state {
@@ -402,7 +403,7 @@ async fn worker(thread: String, ctx: Arc<Context>, scheduler: Arc<Scheduler>, st
                 "{thread}: job {} for {} failed: {}",
                 job.id,
                 job.image_key,
-                finished.error.as_deref().unwrap_or("")
+                error.as_deref().unwrap_or("")
             ),
         }
         scheduler.done(&job.image_key);

@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use rabbit2packer::cli::{Cli, Command};
 use packuilon_common::logging;
+use rabbit2packer::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
