@@ -45,8 +45,14 @@ fn reconnect_pause(first: Duration, attempt: u32) -> Duration {
 enum Lost {
     Unreachable(lapin::Error),
     Broken(lapin::Error),
-    Fatal(String),
+    Fatal(JournalLost),
 }
+
+/// The journal file was deleted or replaced under the daemon: the message
+/// went back to the queue, no more are acked, and the daemon must exit.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}; message returned to the queue; no more messages are acked")]
+pub struct JournalLost(pub crate::journal::JournalError);
 
 /// Why a delivery is not acked: it stays the broker's (requeued).
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +79,7 @@ pub async fn run(
     state_dir: &Path,
     scheduler: Arc<Scheduler>,
     stop: CancellationToken,
-) -> Result<(), String> {
+) -> Result<(), JournalLost> {
     let endpoint = rabbit::endpoint(&global.rabbit);
     let mut attempt = 0u32;
     loop {
@@ -169,9 +175,7 @@ async fn consume(
                     .await;
                 let _ = channel.close(200, "rabbit2packer: job journal lost".into()).await;
                 let _ = conn.close(200, "rabbit2packer: job journal lost".into()).await;
-                return Err(Lost::Fatal(format!(
-                    "{e}; message returned to the queue; no more messages are acked"
-                )));
+                return Err(Lost::Fatal(JournalLost(e)));
             }
             Err(e) => {
                 // Not journaled, or not saved: the message stays the broker's.
