@@ -5,7 +5,7 @@
 //! - [`credentials`]: `OS_*` variables (an RC file or the environment) into typed credentials.
 //! - [`keystone`]: tokens (reused until shortly before expiry) and the image endpoint.
 //! - [`glance`]: the Glance v2 calls a rotation needs.
-//! - [`rotate`]: the plan (what is to be done, read-only) and its execution.
+//! - [`rotate`](mod@rotate): the plan (what is to be done, read-only) and its execution.
 //!
 //! API contract used by rabbit2packer (keep it stable):
 //! - [`Target`]: which new image to rotate for.

@@ -17,13 +17,15 @@ use serde_json::Value;
 use crate::render::{self, Values};
 
 /// The template map key used for images without an entry of their own.
-pub const DEFAULT_KEY: &str = "DEFAULT";
+pub(crate) const DEFAULT_KEY: &str = "DEFAULT";
 
 /// A problem with one of the catalog's files.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{file}: {}{problem}", key.as_ref().map(|k| format!("{k}: ")).unwrap_or_default())]
 pub struct CatalogError {
+    /// The template map, the source images or a template.
     pub file: PathBuf,
+    /// The entry of the file the problem is in, if one.
     pub key: Option<String>,
     pub problem: String,
 }
@@ -77,7 +79,7 @@ fn stamp(path: &Path) -> Stamp {
 
 /// One validated version of the three kinds of files.
 #[derive(Debug, Clone)]
-pub struct Catalog {
+pub(crate) struct Catalog {
     map_file: PathBuf,
     images_file: PathBuf,
     map: BTreeMap<String, Vec<PathBuf>>,
@@ -88,15 +90,15 @@ pub struct Catalog {
 
 /// Templates chosen for an image.
 #[derive(Debug, Clone)]
-pub struct Choice {
-    pub templates: Vec<PathBuf>,
+pub(crate) struct Choice {
+    pub(crate) templates: Vec<PathBuf>,
     /// No entry of its own: DEFAULT was used.
-    pub default: bool,
+    pub(crate) default: bool,
 }
 
 impl Catalog {
     /// Reads and validates everything; the error names every broken file.
-    pub fn load(map_file: &Path, images_file: &Path) -> Result<Catalog, LoadError> {
+    pub(crate) fn load(map_file: &Path, images_file: &Path) -> Result<Catalog, LoadError> {
         let mut stamps = vec![
             (map_file.to_path_buf(), stamp(map_file)),
             (images_file.to_path_buf(), stamp(images_file)),
@@ -156,7 +158,7 @@ impl Catalog {
     }
 
     /// The image's own entry, else DEFAULT.
-    pub fn templates_for(&self, image_key: &str) -> Option<Choice> {
+    pub(crate) fn templates_for(&self, image_key: &str) -> Option<Choice> {
         if let Some(t) = self.map.get(image_key) {
             return Some(Choice {
                 templates: t.clone(),
@@ -169,20 +171,20 @@ impl Catalog {
         })
     }
 
-    pub fn source_image(&self, source_key: &str) -> Option<&str> {
+    pub(crate) fn source_image(&self, source_key: &str) -> Option<&str> {
         self.source_images.get(source_key).map(String::as_str)
     }
 
     /// The text of a template named by the map (read when the catalog was loaded).
-    pub fn template_text(&self, path: &Path) -> Option<Arc<str>> {
+    pub(crate) fn template_text(&self, path: &Path) -> Option<Arc<str>> {
         self.templates.get(path).cloned()
     }
 
-    pub fn map_file(&self) -> &Path {
+    pub(crate) fn map_file(&self) -> &Path {
         &self.map_file
     }
 
-    pub fn images_file(&self) -> &Path {
+    pub(crate) fn images_file(&self) -> &Path {
         &self.images_file
     }
 
@@ -191,7 +193,7 @@ impl Catalog {
     }
 
     /// Has any file changed since this version was read?
-    pub fn changed(&self) -> bool {
+    pub(crate) fn changed(&self) -> bool {
         self.stamps.iter().any(|(p, s)| stamp(p) != *s)
     }
 }
@@ -265,7 +267,7 @@ fn read_json(file: &Path) -> Result<Value, CatalogError> {
 
 /// The catalog in use, replaced when its files change and validate.
 #[derive(Debug)]
-pub struct LiveCatalog {
+pub(crate) struct LiveCatalog {
     state: Mutex<Live>,
 }
 
@@ -277,7 +279,7 @@ struct Live {
 }
 
 impl LiveCatalog {
-    pub fn new(catalog: Catalog) -> LiveCatalog {
+    pub(crate) fn new(catalog: Catalog) -> LiveCatalog {
         LiveCatalog {
             state: Mutex::new(Live {
                 current: Arc::new(catalog),
@@ -288,13 +290,13 @@ impl LiveCatalog {
 
     /// The catalog to use now: re-read first if any file changed. A broken
     /// edit is reported once (this runs at every job start).
-    pub fn refresh(&self) -> Arc<Catalog> {
+    pub(crate) fn refresh(&self) -> Arc<Catalog> {
         self.check(false)
     }
 
     /// SIGHUP: re-read what changed, and always say what was found; a
     /// broken edit already reported is named again (the operator asked).
-    pub fn reload(&self) -> Arc<Catalog> {
+    pub(crate) fn reload(&self) -> Arc<Catalog> {
         self.check(true)
     }
 
@@ -337,11 +339,6 @@ impl LiveCatalog {
             }
         }
         live.current.clone()
-    }
-
-    /// The catalog in use, without checking the files.
-    pub fn current(&self) -> Arc<Catalog> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).current.clone()
     }
 }
 

@@ -27,9 +27,9 @@ use crate::journal::NewJob;
 use crate::scheduler::{Accepted, Scheduler};
 
 /// Unacked deliveries the broker may push ahead of the journal.
-pub const PREFETCH: u16 = 64;
+pub(crate) const PREFETCH: u16 = 64;
 /// The longest pause between reconnection attempts.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// RABBIT_RETRY_DELAY, doubling after each failed attempt, at most MAX_BACKOFF.
 fn reconnect_pause(first: Duration, attempt: u32) -> Duration {
@@ -50,13 +50,12 @@ enum Lost {
 
 /// The journal file was deleted or replaced under the daemon: the message
 /// went back to the queue, no more are acked, and the daemon must exit.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}; message returned to the queue; no more messages are acked")]
-pub struct JournalLost(pub crate::journal::JournalError);
+#[derive(Debug)]
+pub(crate) struct JournalLost(pub crate::journal::JournalError);
 
 /// Why a delivery is not acked: it stays the broker's (requeued).
 #[derive(Debug, thiserror::Error)]
-pub enum NotAcked {
+pub(crate) enum NotAcked {
     /// The journal could not commit it; fatal when the journal file is gone.
     #[error("{0}")]
     Journal(#[from] crate::journal::JournalError),
@@ -74,7 +73,7 @@ impl From<lapin::Error> for Lost {
 /// Consumes until `stop` fires, reconnecting with backoff. The daemon runs
 /// journaled jobs meanwhile: it does not wait for this to connect. An error
 /// means the daemon must exit (the journal it writes is not the one on disk).
-pub async fn run(
+pub(crate) async fn run(
     global: &GlobalConfig,
     state_dir: &Path,
     scheduler: Arc<Scheduler>,
@@ -196,7 +195,7 @@ async fn consume(
 }
 
 /// Journals (or rejects) one delivery. Ok means: ack it.
-pub fn handle(
+pub(crate) fn handle(
     state_dir: &Path,
     scheduler: &Scheduler,
     body: Vec<u8>,
@@ -268,7 +267,7 @@ fn header_profile(props: &lapin::BasicProperties) -> Option<String> {
 /// Where the whole profile's lookups find something else than an object
 /// on the way (`"system": "x"`), the field is simply absent, as there.
 #[derive(Debug, Default, serde::Deserialize)]
-pub struct Fields {
+pub(crate) struct Fields {
     #[serde(default)]
     system: Lenient<SystemFields>,
     #[serde(default)]
@@ -351,13 +350,13 @@ impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for Lenient<T> {
 
 impl Fields {
     /// Reads the fields from a profile as published (JSON).
-    pub fn parse(body: &[u8]) -> Result<Fields, serde_json::Error> {
+    pub(crate) fn parse(body: &[u8]) -> Result<Fields, serde_json::Error> {
         let fields: Lenient<Fields> = serde_json::from_slice(body)?;
         Ok(fields.0.unwrap_or_default())
     }
 
     /// The image names, as [`ImageNames::from_json`] takes them from the whole profile.
-    pub fn names(&self) -> Result<ImageNames, ProfileError> {
+    pub(crate) fn names(&self) -> Result<ImageNames, ProfileError> {
         let mut system = serde_json::Map::new();
         if let Some(s) = &self.system.0 {
             for (k, v) in [
@@ -394,7 +393,7 @@ impl Fields {
 }
 
 /// Image names of a profile (reads only the fields that make them).
-pub fn image_names(body: &[u8]) -> Result<ImageNames, ProfileError> {
+pub(crate) fn image_names(body: &[u8]) -> Result<ImageNames, ProfileError> {
     Fields::parse(body)
         .map_err(|e| ProfileError::NotJson(e.to_string()))?
         .names()

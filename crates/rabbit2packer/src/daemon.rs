@@ -9,7 +9,7 @@
 //! clean cancel, see [`crate::runner`]), wait up to STOP_TIMEOUT, record
 //! unfinished jobs as interrupted (they run at the next start), exit 0.
 //! The same stop, with exit 1, when the consumer finds that the journal it
-//! writes is no longer the file on disk (see [`crate::journal::Journal::check_on_disk`]).
+//! writes is no longer the file on disk (see `Journal::check_on_disk`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -38,7 +38,9 @@ pub enum DaemonError {
     /// A key whose value the daemon cannot use (exit 2).
     #[error("{}: [rabbit2packer] {key}: {problem}", file.display())]
     Setting {
+        /// config.ini.
         file: PathBuf,
+        /// The key in `[rabbit2packer]`.
         key: &'static str,
         problem: Box<SettingProblem>,
     },
@@ -57,9 +59,10 @@ pub enum DaemonError {
     /// A signal handler could not be installed (exit 1).
     #[error("{0}")]
     Signals(std::io::Error),
-    /// The journal file was deleted or replaced under the daemon (exit 1).
-    #[error(transparent)]
-    JournalLost(#[from] JournalLost),
+    /// The journal file was deleted or replaced under the daemon: the
+    /// message being journaled went back to the queue (exit 1).
+    #[error("{0}; message returned to the queue; no more messages are acked")]
+    JournalLost(JournalError),
     /// The consumer ended on its own (exit 1).
     #[error("the consumer ended")]
     ConsumerEnded,
@@ -71,12 +74,16 @@ pub enum DaemonError {
 /// What is wrong with a key's value (see [`DaemonError::Setting`]).
 #[derive(Debug, thiserror::Error)]
 pub enum SettingProblem {
+    /// The directory could not be created.
     #[error("{}: {source}", dir.display())]
     CreateDir { dir: PathBuf, source: std::io::Error },
+    /// No file can be created in the directory.
     #[error("{} is not writable: {source}", dir.display())]
     NotWritable { dir: PathBuf, source: std::io::Error },
+    /// PACKER_PATH names no executable.
     #[error("{} is not an executable file (nor found in PATH)", .0.display())]
     NotExecutable(PathBuf),
+    /// PACKER_AUTH_FILE could not be sourced.
     #[error(transparent)]
     RcFile(#[from] RcFileError),
     /// Another daemon holds STATE_DIR's lock.
@@ -102,8 +109,11 @@ impl DaemonError {
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// config.ini, named in every configuration error.
     pub config_file: PathBuf,
+    /// `[global]`: the queue and the broker.
     pub global: GlobalConfig,
+    /// `[rabbit2packer]`.
     pub r2p: Rabbit2PackerConfig,
 }
 
@@ -135,7 +145,7 @@ pub fn load_settings(config_file: &Path) -> Result<Settings, DaemonError> {
 
 /// Everything start-up checks beyond the keys themselves: directories
 /// (created when missing), the packer binary, the RC file, the catalog.
-pub fn validate(s: &Settings) -> Result<Catalog, DaemonError> {
+pub(crate) fn validate(s: &Settings) -> Result<Catalog, DaemonError> {
     let err = |key: &'static str, problem: SettingProblem| s.setting_error(key, problem);
     for (key, dir) in [
         ("STATE_DIR", &s.r2p.state_dir),
@@ -240,8 +250,8 @@ fn notify(state: &[sd_notify::NotifyState<'_>]) {
     }
 }
 
-/// Runs the daemon until SIGTERM/SIGINT: start-up checks, [`recover`],
-/// [`Running::start`] (workers, then the consumer), [`Running::shut_down`].
+/// Runs the daemon until SIGTERM/SIGINT: start-up checks, `recover`,
+/// `Running::start` (workers, then the consumer), `Running::shut_down`.
 pub async fn run(config_file: &Path) -> Result<(), DaemonError> {
     let settings = load_settings(config_file)?;
     let catalog = validate(&settings)?;
@@ -426,7 +436,7 @@ impl Running {
                     self.consumer = None;
                     let why = match ended {
                         Ok(Ok(())) => DaemonError::ConsumerEnded,
-                        Ok(Err(e)) => e.into(),
+                        Ok(Err(JournalLost(e))) => DaemonError::JournalLost(e),
                         Err(e) => DaemonError::ConsumerFailed(e),
                     };
                     tracing::error!("{why}; stopping");

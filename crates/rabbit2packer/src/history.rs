@@ -136,7 +136,7 @@ fn write_job(out: &mut String, j: &JobRecord) {
 
 /// `s` with its control characters escaped as Rust writes them (`\n`,
 /// `\t`, `\u{1b}`); everything else, other languages included, as is.
-pub fn esc(s: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn esc(s: &str) -> std::borrow::Cow<'_, str> {
     if !s.chars().any(char::is_control) {
         return s.into();
     }

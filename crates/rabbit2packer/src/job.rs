@@ -21,25 +21,25 @@ use crate::runner::{self, PackerCommand, Spawner, Stream};
 
 /// Everything a worker needs, shared by all workers.
 #[derive(Debug)]
-pub struct Context {
-    pub config: Rabbit2PackerConfig,
-    pub journal: Arc<Journal>,
-    pub catalog: Arc<LiveCatalog>,
-    pub spawner: Spawner,
+pub(crate) struct Context {
+    pub(crate) config: Rabbit2PackerConfig,
+    pub(crate) journal: Arc<Journal>,
+    pub(crate) catalog: Arc<LiveCatalog>,
+    pub(crate) spawner: Spawner,
     /// Fires when the daemon stops: running builds are interrupted.
-    pub stop: CancellationToken,
-    pub boot_id: String,
+    pub(crate) stop: CancellationToken,
+    pub(crate) boot_id: String,
     /// Pauses between rotation attempts (a few, growing).
-    pub rotation_backoff: Vec<Duration>,
+    pub(crate) rotation_backoff: Vec<Duration>,
     /// PACKER_AUTH_FILE's exports.
-    pub auth_env: AuthEnv,
+    pub(crate) auth_env: AuthEnv,
 }
 
 /// How a job ended.
 #[derive(Debug)]
-pub struct Finished {
-    pub state: JobState,
-    pub error: Option<JobError>,
+pub(crate) struct Finished {
+    pub(crate) state: JobState,
+    pub(crate) error: Option<JobError>,
 }
 
 impl Finished {
@@ -58,7 +58,7 @@ impl Finished {
 /// Why a job did not succeed. Its text is what the journal and the logs
 /// show; the variant says which step failed.
 #[derive(Debug, thiserror::Error)]
-pub enum JobError {
+pub(crate) enum JobError {
     /// The body names no image (checked when it arrived; only a journal
     /// edited by hand gets here).
     #[error("{0}")]
@@ -89,14 +89,14 @@ pub enum JobError {
 /// One failed template of a job: `<template name>: <error>`.
 #[derive(Debug, thiserror::Error)]
 #[error("{template}: {error}")]
-pub struct TemplateFailure {
-    pub template: String,
-    pub error: TemplateError,
+pub(crate) struct TemplateFailure {
+    pub(crate) template: String,
+    pub(crate) error: TemplateError,
 }
 
 /// Why one template gave no image.
 #[derive(Debug, thiserror::Error)]
-pub enum TemplateError {
+pub(crate) enum TemplateError {
     /// The template is in the map but its text was not loaded.
     #[error("template {} is not in the catalog", .0.display())]
     NotInCatalog(PathBuf),
@@ -121,7 +121,7 @@ pub enum TemplateError {
 
 /// How a packer run failed.
 #[derive(Debug, thiserror::Error)]
-pub enum PackerFailure {
+pub(crate) enum PackerFailure {
     #[error("cannot run {} (PACKER_PATH): {source}", packer.display())]
     NotStarted { packer: PathBuf, source: std::io::Error },
     #[error("build timed out after {} (BUILD_TIMEOUT); packer was interrupted", humanize(*.0))]
@@ -135,7 +135,7 @@ pub enum PackerFailure {
 
 /// Runs `job` on worker `thread` (`Thread-N`) and returns its final state.
 /// Journal writes that fail are logged; they never stop the build.
-pub async fn execute(ctx: &Context, thread: &str, job: &JobRef) -> Finished {
+pub(crate) async fn execute(ctx: &Context, thread: &str, job: &JobRef) -> Finished {
     let names = match crate::consumer::image_names(&job.body) {
         Ok(n) => n,
         // Checked when the message arrived; only a journal edited by hand gets here.
@@ -224,7 +224,7 @@ pub(crate) enum TemplateResult {
 /// changes (so an edited RC file needs no restart, and no bash runs between
 /// a request and its packer start otherwise).
 #[derive(Debug, Default)]
-pub struct AuthEnv {
+pub(crate) struct AuthEnv {
     cached: std::sync::Mutex<Option<(FileStamp, BTreeMap<String, String>)>>,
 }
 
@@ -256,7 +256,7 @@ impl AuthEnv {
 
 /// Why PACKER_AUTH_FILE gave no environment for packer.
 #[derive(Debug, thiserror::Error)]
-pub enum AuthError {
+pub(crate) enum AuthError {
     /// The task sourcing it did not finish.
     #[error("sourcing PACKER_AUTH_FILE: {0}")]
     Sourcing(tokio::task::JoinError),
@@ -522,7 +522,7 @@ fn humanize(d: Duration) -> String {
 /// How the rotation for one new image ended. Its text is the journal's
 /// rotation field.
 #[derive(Debug, thiserror::Error)]
-pub enum Rotation {
+pub(crate) enum Rotation {
     #[error("skipped: {0}")]
     Skipped(String),
     #[error("done: {}", done_text(.0))]
@@ -546,7 +546,7 @@ fn done_text(report: &glance_rotate::Report) -> String {
 
 /// Why one rotation attempt failed.
 #[derive(Debug, thiserror::Error)]
-pub enum RotationError {
+pub(crate) enum RotationError {
     /// The task sourcing the admin RC file did not finish.
     #[error("sourcing {} failed: {source}", rc.display())]
     Sourcing {

@@ -10,7 +10,7 @@
 //! which packer process groups may still be alive.
 //!
 //! Committed must also mean: in the file a restart will open. Before a
-//! delivery is acked, [`Journal::check_on_disk`] makes sure the files SQLite
+//! delivery is acked, `Journal::check_on_disk` makes sure the files SQLite
 //! writes are still the ones at their paths (not deleted nor replaced).
 
 use std::path::{Path, PathBuf};
@@ -21,12 +21,15 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde::Serialize;
 
 /// The journal's file name inside STATE_DIR.
-pub const FILE_NAME: &str = "rabbit2packer.sqlite";
+pub(crate) const FILE_NAME: &str = "rabbit2packer.sqlite";
 
+/// A journal operation that failed; every variant names the journal's file.
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
+    /// SQLite failed.
     #[error("job journal {file}: {source}")]
     Sql { file: String, source: rusqlite::Error },
+    /// Anything else: the file cannot be opened, or holds no journal.
     #[error("job journal {file}: {problem}")]
     Other { file: String, problem: String },
     /// The file cannot be written (mode, owner, read-only mount): a
@@ -41,27 +44,34 @@ pub enum JournalError {
 
 impl JournalError {
     /// Writing on is pointless: the daemon must stop (and be restarted).
-    pub fn is_fatal(&self) -> bool {
+    pub(crate) fn is_fatal(&self) -> bool {
         matches!(self, JournalError::Replaced { .. } | JournalError::NotWritable { .. })
     }
 }
 
+/// What the journal's operations return.
 pub type Result<T, E = JournalError> = std::result::Result<T, E>;
 
 /// Where a job is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {
+    /// Journaled, not started (at most one per image).
     Waiting,
+    /// A worker builds it.
     Running,
+    /// Every template built.
     Succeeded,
+    /// A template (or the job itself) failed.
     Failed,
+    /// A newer request for the image replaced it before it started.
     Superseded,
+    /// The daemon stopped during it; it runs again at the next start.
     Interrupted,
 }
 
 impl JobState {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             JobState::Waiting => "waiting",
             JobState::Running => "running",
@@ -72,7 +82,7 @@ impl JobState {
         }
     }
 
-    pub fn parse(s: &str) -> Option<JobState> {
+    pub(crate) fn parse(s: &str) -> Option<JobState> {
         Some(match s {
             "waiting" => JobState::Waiting,
             "running" => JobState::Running,
@@ -87,80 +97,97 @@ impl JobState {
 
 /// A request as it arrives, before it has an id.
 #[derive(Debug, Clone)]
-pub struct NewJob {
-    pub message_id: Option<String>,
+pub(crate) struct NewJob {
+    pub(crate) message_id: Option<String>,
     /// sha256 of the body, hex: the identity of messages without an id.
-    pub body_sha256: String,
-    pub profile: Option<String>,
-    pub image_key: String,
-    pub body: Vec<u8>,
+    pub(crate) body_sha256: String,
+    pub(crate) profile: Option<String>,
+    pub(crate) image_key: String,
+    pub(crate) body: Vec<u8>,
 }
 
 /// What the scheduler needs to run a job.
 #[derive(Debug, Clone)]
-pub struct JobRef {
-    pub id: i64,
-    pub image_key: String,
-    pub body: std::sync::Arc<Vec<u8>>,
+pub(crate) struct JobRef {
+    pub(crate) id: i64,
+    pub(crate) image_key: String,
+    pub(crate) body: std::sync::Arc<Vec<u8>>,
 }
 
 /// One template build of a job, as recorded.
 #[derive(Debug, Clone, Serialize)]
 pub struct BuildRecord {
+    /// The template's name (its file name without `.json`).
     pub template: String,
+    /// RFC 3339 times.
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
+    /// Packer's exit code (127: it could not be started).
     pub exit_code: Option<i64>,
+    /// The build log.
     pub log_path: Option<String>,
+    /// The artifact packer reported (the new image's ID).
     pub artifact_id: Option<String>,
+    /// `skipped: ...`, `done: ...` or `failed after N attempt(s): ...`.
     pub rotation: Option<String>,
+    /// Why the build failed, naming its log.
     pub error: Option<String>,
 }
 
 /// One job, as `status` and `history` show it.
 #[derive(Debug, Clone, Serialize)]
 pub struct JobRecord {
+    /// The job's number in the journal.
     pub id: i64,
+    /// `<personality>-<os><version>-<arch>`.
     pub image_key: String,
+    /// The message's `profile` header.
     pub profile: Option<String>,
+    /// The message's id, when it had one.
     pub message_id: Option<String>,
     pub state: JobState,
     /// `built, rotation failed` when the image was built but its rotation was not done.
     pub outcome: String,
+    /// RFC 3339 times.
     pub received_at: Option<String>,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
+    /// The newer job that replaced this waiting one.
     pub superseded_by: Option<i64>,
+    /// How often the job was started (a restart runs it again).
     pub attempts: i64,
+    /// The worker (`Thread-N`) that runs or ran it.
     pub worker: Option<String>,
+    /// Why it failed or was interrupted.
     pub error: Option<String>,
+    /// Its template builds, in order.
     pub builds: Vec<BuildRecord>,
 }
 
 /// A packer process group recorded as running when the daemon last stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LeftoverGroup {
-    pub build_id: i64,
-    pub pgid: i32,
-    pub boot_id: String,
+pub(crate) struct LeftoverGroup {
+    pub(crate) build_id: i64,
+    pub(crate) pgid: i32,
+    pub(crate) boot_id: String,
 }
 
 /// What a restart finds in the journal.
 #[derive(Debug, Default)]
-pub struct Recovery {
+pub(crate) struct Recovery {
     /// Jobs to run, oldest first, at most one per image key.
-    pub jobs: Vec<JobRef>,
+    pub(crate) jobs: Vec<JobRef>,
     /// Jobs that were running when the daemon died (rebuilt).
-    pub rebuilt: Vec<i64>,
+    pub(crate) rebuilt: Vec<i64>,
     /// Process groups of packer runs that never finished.
-    pub groups: Vec<LeftoverGroup>,
+    pub(crate) groups: Vec<LeftoverGroup>,
     /// Build logs of template builds that never finished (no trailer).
-    pub unfinished_logs: Vec<PathBuf>,
+    pub(crate) unfinished_logs: Vec<PathBuf>,
 }
 
 /// Outcome of recording a delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Inserted {
+pub(crate) enum Inserted {
     New(i64),
     /// Already journaled as this job: ack it, build nothing.
     Duplicate(i64),
@@ -215,7 +242,7 @@ CREATE INDEX IF NOT EXISTS builds_pgid ON builds(pgid) WHERE pgid IS NOT NULL;
 ";
 
 /// Time stamps as operators read them (UTC, RFC 3339, seconds).
-pub fn now() -> String {
+pub(crate) fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
@@ -243,7 +270,7 @@ impl std::fmt::Debug for Journal {
 
 impl Journal {
     /// Opens (creating) STATE_DIR/rabbit2packer.sqlite for the daemon.
-    pub fn open(state_dir: &Path) -> Result<Journal> {
+    pub(crate) fn open(state_dir: &Path) -> Result<Journal> {
         let file = state_dir.join(FILE_NAME);
         let err = |source| JournalError::Sql {
             file: file.display().to_string(),
@@ -313,7 +340,7 @@ impl Journal {
     /// (and its WAL and shared memory)? A file deleted or replaced under a
     /// running daemon (`rm STATE_DIR/rabbit2packer.sqlite*`) takes every
     /// commit since with it at the next start: a delivery must not be acked.
-    pub fn check_on_disk(&self) -> Result<()> {
+    pub(crate) fn check_on_disk(&self) -> Result<()> {
         use std::os::unix::fs::MetadataExt;
         for (path, held) in &self.on_disk {
             let ours = held.metadata().map_err(|e| JournalError::Replaced {
@@ -361,10 +388,6 @@ impl Journal {
         })
     }
 
-    pub fn file(&self) -> &Path {
-        &self.file
-    }
-
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T> {
         // A panic elsewhere while holding the lock leaves the connection usable.
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
@@ -378,7 +401,7 @@ impl Journal {
     /// the same message id, or (for messages without one, as the original
     /// cdb2rabbit sends) a redelivery whose body was journaled before.
     /// `supersede` is the image's waiting job that the new one replaces.
-    pub fn insert(&self, job: &NewJob, redelivered: bool, supersede: Option<i64>) -> Result<Inserted> {
+    pub(crate) fn insert(&self, job: &NewJob, redelivered: bool, supersede: Option<i64>) -> Result<Inserted> {
         self.with(|conn| {
             let tx = conn.transaction()?;
             let existing: Option<i64> = match &job.message_id {
@@ -438,7 +461,7 @@ impl Journal {
     }
 
     /// A worker took the job.
-    pub fn set_running(&self, id: i64, worker: &str) -> Result<()> {
+    pub(crate) fn set_running(&self, id: i64, worker: &str) -> Result<()> {
         self.with(|c| {
             c.execute(
                 "UPDATE jobs SET state = 'running', started_at = ?1, finished_at = NULL, worker = ?2,
@@ -450,7 +473,7 @@ impl Journal {
     }
 
     /// The job's final state (succeeded, failed, interrupted).
-    pub fn finish(&self, id: i64, state: JobState, error: Option<&str>) -> Result<()> {
+    pub(crate) fn finish(&self, id: i64, state: JobState, error: Option<&str>) -> Result<()> {
         self.with(|c| {
             let tx = c.transaction()?;
             tx.execute(
@@ -476,7 +499,7 @@ impl Journal {
     }
 
     /// A template build starts: returns its id.
-    pub fn start_build(&self, job_id: i64, template: &str, log_path: &Path, build_file: &Path) -> Result<i64> {
+    pub(crate) fn start_build(&self, job_id: i64, template: &str, log_path: &Path, build_file: &Path) -> Result<i64> {
         self.with(|c| {
             c.execute(
                 "INSERT INTO builds (job_id, template, started_at, log_path, build_file) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -493,7 +516,7 @@ impl Journal {
     }
 
     /// Records the build's packer process group (killed at the next start if still alive).
-    pub fn set_build_pgid(&self, build_id: i64, pgid: i32, boot_id: &str) -> Result<()> {
+    pub(crate) fn set_build_pgid(&self, build_id: i64, pgid: i32, boot_id: &str) -> Result<()> {
         self.with(|c| {
             c.execute(
                 "UPDATE builds SET pgid = ?1, boot_id = ?2 WHERE id = ?3",
@@ -504,7 +527,7 @@ impl Journal {
     }
 
     /// A template build ended (the process group is gone).
-    pub fn finish_build(
+    pub(crate) fn finish_build(
         &self,
         build_id: i64,
         exit_code: Option<i32>,
@@ -522,7 +545,7 @@ impl Journal {
     }
 
     /// The rotation result of a build (`done: ...`, `skipped: ...`, `failed: ...`).
-    pub fn set_rotation(&self, build_id: i64, rotation: &str) -> Result<()> {
+    pub(crate) fn set_rotation(&self, build_id: i64, rotation: &str) -> Result<()> {
         self.with(|c| {
             c.execute(
                 "UPDATE builds SET rotation = ?1 WHERE id = ?2",
@@ -536,7 +559,7 @@ impl Journal {
     /// waiting ones go back to waiting; of several for one image only the
     /// newest stays, the others superseded by it. Returns them to schedule,
     /// and the process groups of builds that never finished.
-    pub fn recover(&self) -> Result<Recovery> {
+    pub(crate) fn recover(&self) -> Result<Recovery> {
         self.with(|conn| {
             let tx = conn.transaction()?;
             let mut rec = Recovery::default();
@@ -614,7 +637,7 @@ impl Journal {
     }
 
     /// Marks every job still running as interrupted (the end of a stop).
-    pub fn interrupt_running(&self) -> Result<usize> {
+    pub(crate) fn interrupt_running(&self) -> Result<usize> {
         self.with(|c| {
             c.execute(
                 "UPDATE jobs SET state = 'interrupted', finished_at = ?1,
@@ -626,12 +649,12 @@ impl Journal {
 
     /// Pending work, oldest first: running and waiting jobs, and the ones a
     /// stop interrupted (they run again at the next start).
-    pub fn active(&self) -> Result<Vec<JobRecord>> {
+    pub(crate) fn active(&self) -> Result<Vec<JobRecord>> {
         self.jobs_where("state IN ('running', 'waiting', 'interrupted') ORDER BY id", params![])
     }
 
     /// The newest `limit` finished or superseded jobs (of `image` when given), newest first.
-    pub fn history(&self, image: Option<&str>, limit: usize) -> Result<Vec<JobRecord>> {
+    pub(crate) fn history(&self, image: Option<&str>, limit: usize) -> Result<Vec<JobRecord>> {
         let limit = limit as i64;
         match image {
             Some(img) => self.jobs_where(
@@ -645,8 +668,9 @@ impl Journal {
         }
     }
 
-    /// One job by id.
-    pub fn job(&self, id: i64) -> Result<Option<JobRecord>> {
+    /// One job by id (for the unit tests).
+    #[cfg(test)]
+    pub(crate) fn job(&self, id: i64) -> Result<Option<JobRecord>> {
         Ok(self.jobs_where("id = ?1", params![id])?.into_iter().next())
     }
 
