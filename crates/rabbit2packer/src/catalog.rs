@@ -200,14 +200,7 @@ impl Catalog {
 
 /// template-map.json: image key -> template paths (relative to the map's directory).
 fn load_map(map_file: &Path) -> Result<BTreeMap<String, Vec<PathBuf>>, CatalogError> {
-    let map_json = read_json(map_file)?;
-    let Value::Object(entries) = map_json else {
-        return Err(CatalogError::new(
-            map_file,
-            None,
-            "must be a JSON object: image key -> list of template paths",
-        ));
-    };
+    let entries = read_object(map_file, "image key -> list of template paths")?;
     let base = map_file.parent().unwrap_or(Path::new("/"));
     let mut map = BTreeMap::new();
     for (key, value) in entries {
@@ -241,14 +234,7 @@ fn load_map(map_file: &Path) -> Result<BTreeMap<String, Vec<PathBuf>>, CatalogEr
 
 /// source-images.json: `<os><version>-<arch>` -> image ID.
 fn load_images(images_file: &Path) -> Result<BTreeMap<String, String>, CatalogError> {
-    let images_json = read_json(images_file)?;
-    let Value::Object(images) = images_json else {
-        return Err(CatalogError::new(
-            images_file,
-            None,
-            "must be a JSON object: \"<os><version>-<arch>\" -> image ID",
-        ));
-    };
+    let images = read_object(images_file, "\"<os><version>-<arch>\" -> image ID")?;
     let mut source_images = BTreeMap::new();
     for (key, value) in images {
         let id = value
@@ -263,6 +249,14 @@ fn load_images(images_file: &Path) -> Result<BTreeMap<String, String>, CatalogEr
 fn read_json(file: &Path) -> Result<Value, CatalogError> {
     let text = std::fs::read_to_string(file).map_err(|e| CatalogError::new(file, None, format!("cannot read: {e}")))?;
     serde_json::from_str(&text).map_err(|e| CatalogError::new(file, None, format!("not valid JSON: {e}")))
+}
+
+/// A JSON file that must hold an object; `what` says what it maps.
+fn read_object(file: &Path, what: &str) -> Result<serde_json::Map<String, Value>, CatalogError> {
+    match read_json(file)? {
+        Value::Object(entries) => Ok(entries),
+        _ => Err(CatalogError::new(file, None, format!("must be a JSON object: {what}"))),
+    }
 }
 
 /// The catalog in use, replaced when its files change and validate.
