@@ -301,12 +301,14 @@ pub(crate) struct TemplateBuild<'a> {
 }
 
 /// A template rendered to its build file.
+#[derive(Debug)]
 pub(crate) struct Rendered {
     build_file: PathBuf,
     json: serde_json::Value,
 }
 
 /// A packer run whose log is finished, not yet recorded.
+#[derive(Debug)]
 pub(crate) struct Ran {
     build_id: Option<i64>,
     log_path: PathBuf,
@@ -656,4 +658,133 @@ async fn rotate_call(
             source,
         })??;
     Ok(glance_rotate::rotate_with_credentials(creds, target, opts).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A site in a temp dir: config.ini, one template, the catalog and a
+    /// worker's context on them (no daemon, no packer run).
+    fn site(dir: &Path) -> (Context, Arc<Catalog>) {
+        let d = dir.display();
+        std::fs::write(dir.join("auth.sh"), "export OS_AUTH_URL=http://127.0.0.1:1/v3\n").unwrap();
+        std::fs::write(
+            dir.join("t.json"),
+            r#"{"builders": [{"type": "null", "name": "$NAME", "x": "$IMAGE"}]}"#,
+        )
+        .unwrap();
+        std::fs::write(dir.join("template-map.json"), r#"{"DEFAULT": ["t.json"]}"#).unwrap();
+        std::fs::write(dir.join("source-images.json"), r#"{"sl7x-x86_64": "abc"}"#).unwrap();
+        let config = dir.join("config.ini");
+        std::fs::write(
+            &config,
+            format!(
+                "[rabbit2packer]\nTHREAD_COUNT = 1\nLOG_DIR = {d}/logs\nBUILD_FILE_DIR = {d}/build-files\n\
+                 PACKER_AUTH_FILE = {d}/auth.sh\nPACKER_TEMPLATE_MAP = {d}/template-map.json\n\
+                 IMAGES_CONFIG = {d}/source-images.json\nSTATE_DIR = {d}/state\n"
+            ),
+        )
+        .unwrap();
+        let ini = packuilon_common::config::IniFile::load(&config).unwrap();
+        let cfg = ini.rabbit2packer(&mut Vec::new()).unwrap();
+        for d in [&cfg.log_dir, &cfg.build_file_dir, &cfg.state_dir] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let catalog = Catalog::load(&cfg.packer_template_map, &cfg.images_config).unwrap();
+        let ctx = Context {
+            journal: Arc::new(Journal::open(&cfg.state_dir).unwrap()),
+            catalog: Arc::new(LiveCatalog::new(catalog)),
+            spawner: Spawner::start().unwrap(),
+            stop: CancellationToken::new(),
+            boot_id: runner::boot_id(),
+            rotation_backoff: Vec::new(),
+            auth_env: AuthEnv::default(),
+            config: cfg,
+        };
+        let catalog = ctx.catalog.refresh();
+        (ctx, catalog)
+    }
+
+    fn job() -> JobRef {
+        JobRef {
+            id: 1,
+            image_key: "sample-sl7x-x86_64".into(),
+            body: Arc::new(Vec::new()),
+        }
+    }
+
+    #[test]
+    fn render_writes_the_build_file_with_the_jobs_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ctx, catalog) = site(dir.path());
+        let (job, values, env) = (job(), Values::sample(), BTreeMap::new());
+        let template = dir.path().join("t.json");
+        let build = TemplateBuild {
+            ctx: &ctx,
+            thread: "Thread-1",
+            job: &job,
+            key: "sample-sl7x-x86_64",
+            values: &values,
+            env: &env,
+            template: &template,
+        };
+        let rendered = build.render(&catalog).unwrap();
+        assert!(rendered.build_file.starts_with(&ctx.config.build_file_dir));
+        let written: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&rendered.build_file).unwrap()).unwrap();
+        assert_eq!(written, rendered.json);
+        assert_eq!(written["builders"][0]["name"], values.raw_name.as_str());
+        assert_eq!(written["builders"][0]["x"], "00000000-0000-0000-0000-000000000000");
+
+        let other = dir.path().join("other.json");
+        let missing = TemplateBuild {
+            template: &other,
+            ..build
+        };
+        let e = missing.render(&catalog).unwrap_err();
+        assert!(matches!(e, TemplateError::NotInCatalog(_)), "{e}");
+    }
+
+    #[test]
+    fn record_tells_a_failed_run_from_an_interrupted_one_and_names_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ctx, _) = site(dir.path());
+        let (job, values, env) = (job(), Values::sample(), BTreeMap::new());
+        let template = dir.path().join("t.json");
+        let build = TemplateBuild {
+            ctx: &ctx,
+            thread: "Thread-1",
+            job: &job,
+            key: "sample-sl7x-x86_64",
+            values: &values,
+            env: &env,
+            template: &template,
+        };
+        let ran = |failure| Ran {
+            build_id: None,
+            log_path: PathBuf::from("/logs/t.log"),
+            exit_code: 1,
+            failure,
+            summary: Summary {
+                last_error: Some("boom".into()),
+                ..Summary::default()
+            },
+            started: chrono::Utc::now(),
+        };
+        let TemplateResult::Failed(e) = build.record(&mut ran(Some(PackerFailure::Exit(1)))) else {
+            panic!("a failed run is a failed template");
+        };
+        assert!(matches!(
+            e,
+            TemplateError::Packer {
+                failure: PackerFailure::Exit(1),
+                ..
+            }
+        ));
+        assert_eq!(e.to_string(), "packer exited with code 1: boom (log: /logs/t.log)");
+        let interrupted = build.record(&mut ran(Some(PackerFailure::Interrupted)));
+        assert!(matches!(interrupted, TemplateResult::Cancelled), "{interrupted:?}");
+        assert!(matches!(build.record(&mut ran(None)), TemplateResult::Ok));
+    }
 }
