@@ -521,29 +521,36 @@ fn humanize(d: Duration) -> String {
     }
 }
 
-/// How the rotation for one new image ended. Its text is the journal's
-/// rotation field.
-#[derive(Debug, thiserror::Error)]
+/// How the rotation for one new image ended (an outcome, not always an
+/// error). Its text is the journal's rotation field.
+#[derive(Debug)]
 pub(crate) enum Rotation {
-    #[error("skipped: {0}")]
     Skipped(String),
-    #[error("done: {}", done_text(.0))]
     Done(glance_rotate::Report),
     /// Every attempt failed (the image is not rebuilt for it); `last` is the
     /// last attempt's error.
-    #[error("failed after {attempts} attempt(s): {last}")]
-    Failed { attempts: usize, last: RotationError },
+    Failed {
+        attempts: usize,
+        last: RotationError,
+    },
 }
 
-fn done_text(report: &glance_rotate::Report) -> String {
-    format!(
-        "{} ({}): archived {}, moved {} member(s), deleted {}",
-        report.name,
-        report.new_image_id,
-        report.archived.len(),
-        report.members_moved.len(),
-        report.deleted.len()
-    )
+impl std::fmt::Display for Rotation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rotation::Skipped(why) => write!(f, "skipped: {why}"),
+            Rotation::Done(r) => write!(
+                f,
+                "done: {} ({}): archived {}, moved {} member(s), deleted {}",
+                r.name,
+                r.new_image_id,
+                r.archived.len(),
+                r.members_moved.len(),
+                r.deleted.len()
+            ),
+            Rotation::Failed { attempts, last } => write!(f, "failed after {attempts} attempt(s): {last}"),
+        }
+    }
 }
 
 /// Why one rotation attempt failed.
