@@ -2,6 +2,14 @@
 //! template (one after another, as the original) a rendered build file, a
 //! packer run with its build log, and the rotation of the image it made.
 //! Every step is recorded in the journal as it happens.
+//!
+//! A template's build is a `TemplateBuild` in three steps, each testable
+//! alone: `render` (the build file), `run` (packer and its build log),
+//! `record` (the journal and the log lines operators know); then `rotate`.
+//! Failures are typed (`JobError`, `TemplateError`, `PackerFailure`,
+//! `RotationError`), so a reader of the outcome can tell a render error from
+//! a packer failure from a rotation error; their texts are what the journal
+//! and the logs show.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
