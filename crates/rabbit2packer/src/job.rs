@@ -721,11 +721,36 @@ mod tests {
         (ctx, catalog)
     }
 
-    fn job() -> JobRef {
-        JobRef {
-            id: 1,
-            image_key: "sample-sl7x-x86_64".into(),
-            body: Arc::new(Vec::new()),
+    /// What a template's build borrows: the job, its values and environment.
+    struct Job {
+        job: JobRef,
+        values: Values,
+        env: BTreeMap<String, String>,
+    }
+
+    impl Job {
+        fn new() -> Job {
+            Job {
+                job: JobRef {
+                    id: 1,
+                    image_key: "sample-sl7x-x86_64".into(),
+                    body: Arc::new(Vec::new()),
+                },
+                values: Values::sample(),
+                env: BTreeMap::new(),
+            }
+        }
+
+        fn build<'a>(&'a self, ctx: &'a Context, template: &'a Path) -> TemplateBuild<'a> {
+            TemplateBuild {
+                ctx,
+                thread: "Thread-1",
+                job: &self.job,
+                key: &self.job.image_key,
+                values: &self.values,
+                env: &self.env,
+                template,
+            }
         }
     }
 
@@ -733,31 +758,18 @@ mod tests {
     fn render_writes_the_build_file_with_the_jobs_values() {
         let dir = tempfile::tempdir().unwrap();
         let (ctx, catalog) = site(dir.path());
-        let (job, values, env) = (job(), Values::sample(), BTreeMap::new());
-        let template = dir.path().join("t.json");
-        let build = TemplateBuild {
-            ctx: &ctx,
-            thread: "Thread-1",
-            job: &job,
-            key: "sample-sl7x-x86_64",
-            values: &values,
-            env: &env,
-            template: &template,
-        };
+        let (job, template) = (Job::new(), dir.path().join("t.json"));
+        let build = job.build(&ctx, &template);
         let rendered = build.render(&catalog).unwrap();
         assert!(rendered.build_file.starts_with(&ctx.config.build_file_dir));
         let written: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&rendered.build_file).unwrap()).unwrap();
         assert_eq!(written, rendered.json);
-        assert_eq!(written["builders"][0]["name"], values.raw_name.as_str());
+        assert_eq!(written["builders"][0]["name"], job.values.raw_name.as_str());
         assert_eq!(written["builders"][0]["x"], "00000000-0000-0000-0000-000000000000");
 
         let other = dir.path().join("other.json");
-        let missing = TemplateBuild {
-            template: &other,
-            ..build
-        };
-        let e = missing.render(&catalog).unwrap_err();
+        let e = job.build(&ctx, &other).render(&catalog).unwrap_err();
         assert!(matches!(e, TemplateError::NotInCatalog(_)), "{e}");
     }
 
@@ -765,17 +777,8 @@ mod tests {
     fn record_tells_a_failed_run_from_an_interrupted_one_and_names_the_log() {
         let dir = tempfile::tempdir().unwrap();
         let (ctx, _) = site(dir.path());
-        let (job, values, env) = (job(), Values::sample(), BTreeMap::new());
-        let template = dir.path().join("t.json");
-        let build = TemplateBuild {
-            ctx: &ctx,
-            thread: "Thread-1",
-            job: &job,
-            key: "sample-sl7x-x86_64",
-            values: &values,
-            env: &env,
-            template: &template,
-        };
+        let (job, template) = (Job::new(), dir.path().join("t.json"));
+        let build = job.build(&ctx, &template);
         let ran = |failure| Ran {
             build_id: None,
             log_path: PathBuf::from("/logs/t.log"),
