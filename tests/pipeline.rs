@@ -4,14 +4,12 @@
 //! Keystone + Glance on loopback. The build's shell-local step creates the
 //! image `$NAME` in that Glance, as the openstack builder would.
 
-#[path = "../crates/glance-rotate/tests/support/mod.rs"]
-mod cloud;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use packuilon_testsupport::broker::TestQueue;
+use packuilon_testsupport::cloud::Cloud;
 use packuilon_testsupport::http::ProfileServer;
 use packuilon_testsupport::{unique_name, workspace_bin};
 use serde_json::{json, Value};
@@ -112,7 +110,7 @@ impl Drop for Daemon {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_changed_profile_is_published_built_once_and_the_older_image_archived_with_its_members() {
-    let cloud = cloud::Cloud::new().await;
+    let cloud = Cloud::new().await;
     let owner = cloud.admin_project.clone();
     let personality = unique_name("e2e");
     let name = format!("sl7x-x86_64 {personality}");

@@ -11,15 +11,12 @@
 //! every old image's member list and the new image's, one add and one accept
 //! per distinct member, one removal per (image, member), one PATCH per image.
 
-#[path = "../tests/support/mod.rs"]
-mod support;
-
 use std::time::Instant;
 
 use futures::stream::{self, StreamExt};
 use glance_rotate::{rotate, RotateOptions, Target};
+use packuilon_testsupport::cloud::Cloud;
 use packuilon_testsupport::unique_name;
-use support::Cloud;
 
 const IMAGES: usize = 200;
 const MEMBERS: usize = 20;

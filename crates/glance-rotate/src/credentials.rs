@@ -1,7 +1,7 @@
 //! OpenStack credentials as an RC file or the environment gives them (`OS_*`
 //! variables): Keystone v3 password or application-credential auth, the
 //! project scope, and where the image endpoint is (interface, region,
-//! `OS_IMAGE_URL`). Secrets are wrapped in [`Secret`] so that no `Debug`,
+//! `OS_IMAGE_URL`). Secrets are wrapped in `Secret` so that no `Debug`,
 //! `Display` or error ever shows them.
 
 use std::collections::BTreeMap;
@@ -10,14 +10,14 @@ use std::path::PathBuf;
 
 /// A password or application-credential secret: printed as `***`.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
+pub(crate) struct Secret(String);
 
 impl Secret {
-    pub fn new(s: impl Into<String>) -> Secret {
+    pub(crate) fn new(s: impl Into<String>) -> Secret {
         Secret(s.into())
     }
     /// The value, for the one place that sends it to Keystone.
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 }
@@ -30,21 +30,21 @@ impl fmt::Debug for Secret {
 
 /// A name within a domain, or an ID.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Named {
+pub(crate) enum Named {
     Id(String),
     Name { name: String, domain: Domain },
 }
 
 /// A domain by ID or by name.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Domain {
+pub(crate) enum Domain {
     Id(String),
     Name(String),
 }
 
 /// How to prove who we are.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AuthMethod {
+pub(crate) enum AuthMethod {
     Password {
         user: Named,
         password: Secret,
@@ -60,7 +60,7 @@ pub enum AuthMethod {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AppCredentialRef {
+pub(crate) enum AppCredentialRef {
     Id(String),
     Name { name: String, user: Named },
 }
@@ -69,16 +69,16 @@ pub enum AppCredentialRef {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Credentials {
     /// Keystone v3 base URL (`OS_AUTH_URL`, `/v3` added when missing).
-    pub auth_url: String,
-    pub method: AuthMethod,
+    pub(crate) auth_url: String,
+    pub(crate) method: AuthMethod,
     /// `OS_INTERFACE` (`public` by default; `publicURL` style accepted).
-    pub interface: String,
+    pub(crate) interface: String,
     /// `OS_REGION_NAME`: only endpoints of that region.
-    pub region: Option<String>,
+    pub(crate) region: Option<String>,
     /// `OS_IMAGE_URL`: use this Glance instead of the catalog's.
     pub image_url: Option<String>,
     /// `OS_CACERT`: trust these CA certificates (PEM) instead of the system roots.
-    pub cacert: Option<PathBuf>,
+    pub(crate) cacert: Option<PathBuf>,
 }
 
 /// The variables do not describe usable credentials. Names variables, never values of secrets.

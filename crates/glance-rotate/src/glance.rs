@@ -16,7 +16,7 @@ use crate::keystone::{error_message, transport_message, Session};
 use crate::RotateError;
 
 /// JSON-patch media type of Glance's image API.
-pub const PATCH_CONTENT_TYPE: &str = "application/openstack-images-v2.1-json-patch";
+pub(crate) const PATCH_CONTENT_TYPE: &str = "application/openstack-images-v2.1-json-patch";
 
 /// An image as Glance describes it (fields a rotation reads; the rest in `extra`).
 #[derive(Debug, Clone, Deserialize)]
@@ -25,31 +25,33 @@ pub struct Image {
     #[serde(default)]
     pub name: Option<String>,
     #[serde(default)]
-    pub owner: Option<String>,
+    pub(crate) owner: Option<String>,
     pub status: String,
     pub visibility: String,
-    pub created_at: String,
+    pub(crate) created_at: String,
     #[serde(default)]
     pub os_hidden: bool,
     #[serde(default)]
-    pub protected: bool,
+    pub(crate) protected: bool,
     /// Custom properties and everything else.
     #[serde(flatten)]
-    pub extra: serde_json::Map<String, Value>,
+    pub(crate) extra: serde_json::Map<String, Value>,
 }
 
 impl Image {
+    /// The image's name ("" when it has none).
     pub fn name(&self) -> &str {
         self.name.as_deref().unwrap_or("")
     }
 
     /// `created_at` as a time (Glance writes RFC 3339, whole seconds).
-    pub fn created(&self) -> Option<DateTime<Utc>> {
+    pub(crate) fn created(&self) -> Option<DateTime<Utc>> {
         DateTime::parse_from_rfc3339(&self.created_at)
             .ok()
             .map(|t| t.with_timezone(&Utc))
     }
 
+    /// A string property (`os_hidden` and the like are fields of their own).
     pub fn property(&self, key: &str) -> Option<&str> {
         self.extra.get(key).and_then(Value::as_str)
     }
@@ -59,13 +61,13 @@ impl Image {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 pub struct Member {
     pub member_id: String,
-    pub image_id: String,
+    pub(crate) image_id: String,
     pub status: String,
 }
 
 /// One JSON-patch operation.
 #[derive(Debug, Clone, PartialEq)]
-pub enum PatchOp {
+pub(crate) enum PatchOp {
     /// `replace` when the image has the property, `add` when not (Glance refuses the other).
     Set { path: String, value: Value, exists: bool },
 }
@@ -129,6 +131,7 @@ pub struct Glance {
 }
 
 impl Glance {
+    /// A client on `session`'s image endpoint, listing 100 images a page.
     pub fn new(session: Arc<Session>) -> Glance {
         Glance {
             session,
@@ -136,6 +139,7 @@ impl Glance {
         }
     }
 
+    /// The Keystone session it authenticates with.
     pub fn session(&self) -> &Session {
         &self.session
     }
@@ -274,7 +278,7 @@ impl Glance {
     }
 
     /// Images (visible or hidden) whose name is one of `names`, with extra filters.
-    pub async fn list_names(
+    pub(crate) async fn list_names(
         &self,
         names: &[&str],
         hidden: Hidden,
@@ -301,7 +305,7 @@ impl Glance {
     }
 
     /// PATCH /v2/images/{id}.
-    pub async fn patch(&self, id: &str, ops: &[PatchOp]) -> Result<Image, RotateError> {
+    pub(crate) async fn patch(&self, id: &str, ops: &[PatchOp]) -> Result<Image, RotateError> {
         let body = Value::Array(ops.iter().map(PatchOp::to_json).collect());
         let (_, v) = self
             .call(
@@ -353,7 +357,7 @@ impl Glance {
     }
 
     /// DELETE /v2/images/{id}/members/{member}. `Ok(false)`: it was gone already (404).
-    pub async fn remove_member(&self, image_id: &str, member: &str) -> Result<bool, RotateError> {
+    pub(crate) async fn remove_member(&self, image_id: &str, member: &str) -> Result<bool, RotateError> {
         let r = self
             .call(
                 Method::DELETE,

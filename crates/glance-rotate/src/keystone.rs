@@ -18,8 +18,8 @@ use crate::RotateError;
 #[derive(Debug, Clone)]
 pub struct Token {
     value: Secret,
-    pub expires_at: DateTime<Utc>,
-    pub issued_at: DateTime<Utc>,
+    pub(crate) expires_at: DateTime<Utc>,
+    pub(crate) issued_at: DateTime<Utc>,
     /// Glance's base URL (without `/v2`).
     pub image_url: String,
     pub project_id: Option<String>,
@@ -27,6 +27,7 @@ pub struct Token {
 }
 
 impl Token {
+    /// The token itself (`X-Auth-Token`).
     pub fn value(&self) -> &str {
         self.value.expose()
     }
@@ -86,12 +87,8 @@ impl Session {
         })
     }
 
-    pub fn http(&self) -> &reqwest::Client {
+    pub(crate) fn http(&self) -> &reqwest::Client {
         &self.http
-    }
-
-    pub fn credentials(&self) -> &Credentials {
-        &self.creds
     }
 
     /// HTTP requests made so far (Keystone and Glance).
@@ -117,7 +114,7 @@ impl Session {
     }
 
     /// Forgets `rejected` (Glance said 401) unless another task already replaced it.
-    pub async fn invalidate(&self, rejected: &Token) {
+    pub(crate) async fn invalidate(&self, rejected: &Token) {
         let mut guard = self.token.lock().await;
         if guard.as_ref().map(|t| t.value()) == Some(rejected.value()) {
             *guard = None;

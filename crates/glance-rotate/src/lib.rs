@@ -5,12 +5,15 @@
 //! - [`credentials`]: `OS_*` variables (an RC file or the environment) into typed credentials.
 //! - [`keystone`]: tokens (reused until shortly before expiry) and the image endpoint.
 //! - [`glance`]: the Glance v2 calls a rotation needs.
-//! - [`rotate`]: the plan (what is to be done, read-only) and its execution.
+//! - [`rotate`](mod@rotate): the plan (what is to be done, read-only) and its execution.
 //!
 //! API contract used by rabbit2packer (keep it stable):
 //! - [`Target`]: which new image to rotate for.
 //! - [`RotateOptions`]: from `[rabbit2packer]` rotation keys.
-//! - [`rotate_with_rc`]: sources an admin RC file, authenticates, rotates.
+//! - [`credentials_from_rc`]: sources an admin RC file (a blocking bash run;
+//!   rabbit2packer calls it on the blocking pool).
+//! - [`rotate_with_credentials`]: authenticates, rotates.
+//! - [`RotateError`], [`Report`]: what a rotation failed on, or what it did.
 //!
 //! Not here: deciding when to rotate (rabbit2packer does, after a build) and
 //! retrying a failed rotation later (rabbit2packer's job, with backoff).

@@ -34,7 +34,7 @@ use crate::{Report, RotateError, RotateOptions, Target};
 /// Property naming the image an archive was made from.
 pub const ARCHIVE_OF: &str = "packuilon_archive_of";
 /// Property holding when an image was archived (RFC 3339, UTC).
-pub const ARCHIVED_AT: &str = "packuilon_archived_at";
+pub(crate) const ARCHIVED_AT: &str = "packuilon_archived_at";
 
 /// Requests in flight at once while executing (Glance serialises writes on
 /// its database anyway; a few in flight hide the round trips).
@@ -42,7 +42,7 @@ const CONCURRENCY: usize = 4;
 
 /// An older image to archive.
 #[derive(Debug, Clone)]
-pub struct PlannedArchive {
+pub(crate) struct PlannedArchive {
     pub image: Image,
     pub archive_name: String,
     /// Members to move to the new image (empty when the new image needs none).
@@ -52,21 +52,21 @@ pub struct PlannedArchive {
 /// What a rotation will do. Made by [`plan`] with read-only requests.
 #[derive(Debug, Clone)]
 pub struct Plan {
-    pub new_image: Image,
+    pub(crate) new_image: Image,
     /// Make the (private) new image `shared` first.
-    pub share_new: bool,
+    pub(crate) share_new: bool,
     /// Members to add to the new image.
-    pub add: Vec<String>,
+    pub(crate) add: Vec<String>,
     /// Members of the new image to set `accepted` (the added ones included).
-    pub accept: Vec<String>,
+    pub(crate) accept: Vec<String>,
     /// Oldest first.
-    pub archives: Vec<PlannedArchive>,
+    pub(crate) archives: Vec<PlannedArchive>,
     /// Archives beyond KEEP_ARCHIVES to delete.
-    pub delete: Vec<Image>,
+    pub(crate) delete: Vec<Image>,
     /// Archives beyond KEEP_ARCHIVES that stay: (id, reason).
-    pub kept: Vec<(String, String)>,
+    pub(crate) kept: Vec<(String, String)>,
     /// Images of the name not touched: (id, reason).
-    pub left_alone: Vec<(String, String)>,
+    pub(crate) left_alone: Vec<(String, String)>,
     archived_at: DateTime<Utc>,
     hide: bool,
 }
@@ -321,7 +321,7 @@ async fn plan_pruning(
 
 impl Plan {
     /// The plan as a report (what will be done).
-    pub fn report(&self) -> Report {
+    pub(crate) fn report(&self) -> Report {
         let new = &self.new_image;
         Report {
             new_image_id: new.id.clone(),
@@ -352,7 +352,7 @@ impl Plan {
     }
 
     /// Logs what the plan would do (for `--dry-run`).
-    pub fn log(&self) {
+    pub(crate) fn log(&self) {
         let new = &self.new_image;
         tracing::info!(
             "Plan for {:?}: new image {} (owner {})",
@@ -397,7 +397,7 @@ impl Plan {
     }
 
     /// Carries the plan out. Every step tolerates having been done already.
-    pub async fn execute(&self, glance: &Glance) -> Result<Report, RotateError> {
+    pub(crate) async fn execute(&self, glance: &Glance) -> Result<Report, RotateError> {
         let new = &self.new_image;
         if self.share_new {
             glance

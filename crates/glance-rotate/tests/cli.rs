@@ -2,16 +2,14 @@
 //! it, against a real Keystone + Glance: exit codes, the word-joined name,
 //! --dry-run, the config's rotation keys, and what the log lines say.
 
-mod support;
-
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use glance_rotate::rotate::archive_name;
 use glance_rotate::RotateOptions;
+use packuilon_testsupport::cloud::{write_rc, Cloud};
 use packuilon_testsupport::unique_name;
-use support::{write_rc, Cloud};
 
 /// Runs the binary with only PATH from this environment (no stray OS_* variables).
 fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {

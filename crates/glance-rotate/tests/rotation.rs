@@ -2,18 +2,16 @@
 //! exports PACKUILON_TEST_OPENRC; otherwise the fixture starts its own).
 //! Every test owns its projects and images (unique names) and deletes them.
 
-mod support;
-
 use std::sync::Arc;
 use std::time::Duration;
 
 use glance_rotate::glance::Glance;
 use glance_rotate::rotate::{archive_name, ARCHIVE_OF};
 use glance_rotate::{rotate, rotate_with_credentials, Credentials, RotateError, RotateOptions, Session, Target};
+use packuilon_testsupport::cloud::Cloud;
 use packuilon_testsupport::openstack::OpenStack;
 use packuilon_testsupport::unique_name;
 use serde_json::json;
-use support::Cloud;
 
 fn today_archive(name: &str) -> String {
     archive_name(&RotateOptions::default().archive_name, name, chrono::Local::now())

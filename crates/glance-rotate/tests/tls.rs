@@ -2,12 +2,10 @@
 //! throw-away CA made by openssl). With OS_CACERT naming that CA the token is
 //! issued; without it the certificate is refused and the error says so.
 
-mod support;
-
 use glance_rotate::{Credentials, Session};
+use packuilon_testsupport::cloud::Cloud;
 use packuilon_testsupport::free_port;
 use packuilon_testsupport::tls::{make_certs, TlsProxy};
-use support::Cloud;
 
 #[tokio::test]
 async fn keystone_over_tls_is_trusted_through_os_cacert_only() {

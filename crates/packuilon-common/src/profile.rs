@@ -26,7 +26,7 @@ pub enum ProfileError {
     Missing(&'static str),
     #[error("profile field {field} must be a string")]
     NotAString { field: &'static str },
-    #[error("profile field {field} has an unsafe value {value:?} (allowed: letters, digits, '.', '_', '-', '+'; not starting with '.' or '-')")]
+    #[error("profile field {field} has an unsafe value {} (allowed: 1 to {MAX_NAME_LEN} characters, each a letter, digit, '.', '_', '-' or '+'; not starting with '.' or '-')", shown(value))]
     Unsafe { field: &'static str, value: String },
 }
 
@@ -158,9 +158,24 @@ fn string_at<'a>(v: &'a Value, path: &'static str) -> Result<&'a str, ProfileErr
     }
 }
 
+/// The longest name part: file names of build files and logs are made of them.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// A value as an error shows it: quoted, cut after 40 characters (a profile
+/// may hold megabytes in a field; a log line must not).
+fn shown(value: &str) -> String {
+    const SHOWN: usize = 40;
+    let n = value.chars().count();
+    if n <= SHOWN {
+        return format!("{value:?}");
+    }
+    let head: String = value.chars().take(SHOWN).collect();
+    format!("{head:?}... ({n} characters)")
+}
+
 fn safe(field: &'static str, value: &str) -> Result<String, ProfileError> {
     let ok = !value.is_empty()
-        && value.len() <= 128
+        && value.len() <= MAX_NAME_LEN
         && !value.starts_with(['.', '-'])
         && value
             .chars()

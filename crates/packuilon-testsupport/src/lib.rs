@@ -1,10 +1,17 @@
 //! Test harness for Packuilon's suites and benchmarks. Everything here is
 //! real: a real RabbitMQ (the shared node `make test` starts, or a private
 //! node a test may stop and kill), a real HTTP server for profiles, real
-//! temp dirs. Each test gets its own queue names, ports and directories and
-//! cleans up what it declares.
+//! temp dirs, a real Keystone and Glance. Each test gets its own queue
+//! names, ports and directories and cleans up what it declares.
+//!
+//! - [`broker`]: RabbitMQ queues and private nodes.
+//! - [`http`]: the profiles' web server (profiles-info.xml and the profiles).
+//! - [`tls`]: certificates and a TLS proxy in front of a plain server.
+//! - [`openstack`]: the Keystone + Glance deployment.
+//! - [`cloud`]: an admin session on it that creates projects, images and members.
 
 pub mod broker;
+pub mod cloud;
 pub mod http;
 pub mod openstack;
 pub mod tls;

@@ -14,29 +14,29 @@ use std::path::{Path, PathBuf};
 
 /// One artifact Packer reported.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Artifact {
-    pub builder_id: String,
-    pub id: String,
+pub(crate) struct Artifact {
+    pub(crate) builder_id: String,
+    pub(crate) id: String,
 }
 
 /// The builder id of Packer's openstack builder: its artifact ID is a Glance image ID.
-pub const OPENSTACK_BUILDER_ID: &str = "mitchellh.openstack";
+pub(crate) const OPENSTACK_BUILDER_ID: &str = "mitchellh.openstack";
 
 /// What the log learned from Packer's output.
 #[derive(Debug, Clone, Default)]
-pub struct Summary {
-    pub path: PathBuf,
-    pub artifacts: Vec<Artifact>,
+pub(crate) struct Summary {
+    pub(crate) path: PathBuf,
+    pub(crate) artifacts: Vec<Artifact>,
     /// `Image: <uuid>` from a UI message: the image exists even when a
     /// post-processor failed and no artifact lines came.
-    pub image_seen: Option<String>,
+    pub(crate) image_seen: Option<String>,
     /// The last `ui,error` line (for the job's error).
-    pub last_error: Option<String>,
+    pub(crate) last_error: Option<String>,
 }
 
 impl Summary {
     /// The artifact ID recorded in the journal.
-    pub fn artifact_id(&self) -> Option<String> {
+    pub(crate) fn artifact_id(&self) -> Option<String> {
         if self.artifacts.is_empty() {
             return self.image_seen.clone();
         }
@@ -50,7 +50,7 @@ impl Summary {
     }
 
     /// Glance image IDs of the openstack artifacts.
-    pub fn openstack_images(&self) -> Vec<String> {
+    pub(crate) fn openstack_images(&self) -> Vec<String> {
         self.artifacts
             .iter()
             .filter(|a| a.builder_id == OPENSTACK_BUILDER_ID)
@@ -61,14 +61,14 @@ impl Summary {
 
 /// A decoded machine-readable line.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MachineLine {
-    pub target: String,
-    pub kind: String,
-    pub data: Vec<String>,
+pub(crate) struct MachineLine {
+    pub(crate) target: String,
+    pub(crate) kind: String,
+    pub(crate) data: Vec<String>,
 }
 
 /// `timestamp,target,type,data...` with each data field unescaped.
-pub fn decode(line: &str) -> Option<MachineLine> {
+pub(crate) fn decode(line: &str) -> Option<MachineLine> {
     let mut parts = line.split(',');
     let ts = parts.next()?;
     if ts.is_empty() || !ts.bytes().all(|b| b.is_ascii_digit()) {
@@ -81,12 +81,12 @@ pub fn decode(line: &str) -> Option<MachineLine> {
 }
 
 /// Restores what `-machine-readable` escaped.
-pub fn unescape(field: &str) -> String {
+pub(crate) fn unescape(field: &str) -> String {
     field.replace("%!(PACKER_COMMA)", ",").replace("\\n", "\n")
 }
 
 /// The log file of one template build, being written.
-pub struct BuildLog {
+pub(crate) struct BuildLog {
     path: PathBuf,
     /// Unbuffered: each line is one write(2), so the log is readable during
     /// the build and keeps what packer printed if the daemon is killed.
@@ -115,7 +115,7 @@ impl BuildLog {
     /// Creates `LOG_DIR/<image key>.<template>.<epoch>.log` and points
     /// `<image key>.<template>.log` at it. Two builds in the same second get
     /// consecutive epochs rather than one file.
-    pub fn create(log_dir: &Path, image_key: &str, template: &str, keep: usize) -> std::io::Result<BuildLog> {
+    pub(crate) fn create(log_dir: &Path, image_key: &str, template: &str, keep: usize) -> std::io::Result<BuildLog> {
         let stem = format!("{image_key}.{template}");
         let mut epoch = epoch_now();
         loop {
@@ -147,12 +147,12 @@ impl BuildLog {
         }
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// One line of packer's stdout (machine-readable).
-    pub fn packer_line(&mut self, line: &str) {
+    pub(crate) fn packer_line(&mut self, line: &str) {
         let Some(m) = decode(line) else {
             // Not machine-readable (a panic, a plugin's stray output): keep it as is.
             self.write(line);
@@ -198,12 +198,12 @@ impl BuildLog {
     }
 
     /// A line of packer's stderr, kept as is.
-    pub fn raw_line(&mut self, line: &str) {
+    pub(crate) fn raw_line(&mut self, line: &str) {
         self.write(line);
     }
 
     /// A line from rabbit2packer itself (timeouts, stops, spawn failures).
-    pub fn note(&mut self, text: &str) {
+    pub(crate) fn note(&mut self, text: &str) {
         self.write(&format!("rabbit2packer: {text}"));
     }
 
@@ -215,21 +215,45 @@ impl BuildLog {
         let _ = self.out.write_all(line.as_bytes());
     }
 
-    /// Writes the trailer, prunes old logs, and returns what was learned.
-    pub fn finish(mut self, exit_code: i32) -> std::io::Result<Summary> {
+    /// Prunes old logs, writes the trailer, and returns what was learned.
+    /// On a full LOG_DIR the trailer may fail: pruning still happens (first,
+    /// so that it frees space for the trailer), and what was learned during
+    /// the build comes back inside the error.
+    pub(crate) fn finish(mut self, exit_code: i32) -> Result<Summary, Unfinished> {
         // An artifact without its `end` line still counts.
         for (_, a) in self.pending_artifact.drain(..) {
             self.summary.artifacts.push(a);
         }
-        writeln!(
+        self.summary.path = self.path.clone();
+        let pruned = prune(&self.log_dir, &self.stem, self.keep);
+        let trailer = writeln!(
             self.out,
             "rabbit2packer: Build finished at {} (epoch) with exit code {exit_code}",
             epoch_now()
-        )?;
-        self.out.sync_all()?;
-        prune(&self.log_dir, &self.stem, self.keep)?;
-        self.summary.path = self.path.clone();
-        Ok(self.summary)
+        )
+        .and_then(|()| self.out.sync_all());
+        let error = match (trailer, pruned) {
+            (Ok(()), Ok(())) => return Ok(self.summary),
+            (Err(e), _) => std::io::Error::new(e.kind(), format!("cannot write the trailer: {e}")),
+            (Ok(()), Err(e)) => std::io::Error::new(e.kind(), format!("cannot remove old logs: {e}")),
+        };
+        Err(Unfinished {
+            summary: self.summary,
+            error,
+        })
+    }
+}
+
+/// The trailer or the pruning failed; the build's summary is still here.
+#[derive(Debug)]
+pub(crate) struct Unfinished {
+    pub(crate) summary: Summary,
+    pub(crate) error: std::io::Error,
+}
+
+impl std::fmt::Display for Unfinished {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
     }
 }
 
@@ -283,7 +307,7 @@ pub fn logs_of(log_dir: &Path, stem: &str) -> std::io::Result<Vec<(u64, PathBuf)
 }
 
 /// Deletes all but the newest `keep` logs of `<stem>`.
-pub fn prune(log_dir: &Path, stem: &str, keep: usize) -> std::io::Result<()> {
+pub(crate) fn prune(log_dir: &Path, stem: &str, keep: usize) -> std::io::Result<()> {
     let logs = logs_of(log_dir, stem)?;
     let excess = logs.len().saturating_sub(keep);
     for (_, path) in logs.into_iter().take(excess) {

@@ -7,14 +7,16 @@ use clap::{Parser, Subcommand};
 use packuilon_common::logging::LogTarget;
 
 const AFTER_HELP: &str = "\
-Exit status: 0 clean stop; 1 runtime failure (systemd restarts it); 2 configuration error
-(named file and key; fix it, a restart will not).
+Exit status: 0 clean stop; 1 runtime failure (systemd restarts it), such as the journal file
+deleted or replaced under the daemon; 2 configuration error (named file and key, or an
+unwritable journal named with its owner and mode; fix it, a restart will not).
 
 Signals:
   SIGTERM/SIGINT  stop taking requests, interrupt each packer build (it cleans up in the
                   cloud), wait up to STOP_TIMEOUT; unfinished jobs rerun at the next start.
-  SIGHUP          re-read the template map, source images and templates (edits are also
-                  picked up by themselves when a job starts; a broken one keeps the last good).
+  SIGHUP          re-read the template map, source images and templates and say what was
+                  found (edits are also picked up by themselves when a job starts; a broken
+                  one keeps the last good).
 
 Files:
   --config PATH, else $PACKER_UTILS_CONFIG, else /etc/packer-utils/config.ini

@@ -1,10 +1,11 @@
 //! Taking requests off the queue: `basic_consume` (the broker pushes; the
 //! original polled every 2 s per thread), manual acks, a bounded prefetch.
 //!
-//! Each delivery is journaled first and acked after the commit, so a
-//! message is never lost and RabbitMQ's consumer timeout (30 min) never
+//! Each delivery is journaled first and acked after the commit (to the
+//! journal file that is on disk, see [`crate::journal::Journal::check_on_disk`]),
+//! so a message is never lost and RabbitMQ's consumer timeout (30 min) never
 //! meets a build. A message that cannot name an image is saved whole to
-//! `STATE_DIR/rejected/` and acked; nothing else stops. When the broker
+//! `STATE_DIR/rejected/` and acked once saved; nothing else stops. When the broker
 //! goes away the consumer reconnects with backoff (RABBIT_RETRY_DELAY,
 //! doubling, at most 30 s) while builds go on.
 
@@ -16,8 +17,9 @@ use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use packuilon_common::config::GlobalConfig;
-use packuilon_common::profile::ImageNames;
+use packuilon_common::profile::{ImageNames, ProfileError};
 use packuilon_common::rabbit;
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
@@ -25,9 +27,9 @@ use crate::journal::NewJob;
 use crate::scheduler::{Accepted, Scheduler};
 
 /// Unacked deliveries the broker may push ahead of the journal.
-pub const PREFETCH: u16 = 64;
+pub(crate) const PREFETCH: u16 = 64;
 /// The longest pause between reconnection attempts.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// RABBIT_RETRY_DELAY, doubling after each failed attempt, at most MAX_BACKOFF.
 fn reconnect_pause(first: Duration, attempt: u32) -> Duration {
@@ -38,10 +40,28 @@ fn reconnect_pause(first: Duration, attempt: u32) -> Duration {
 }
 
 /// Why consuming stopped: the broker could not be reached at all, or a
-/// connection that worked went wrong.
+/// connection that worked went wrong, or the journal is no longer the one
+/// on disk (the daemon must stop).
 enum Lost {
     Unreachable(lapin::Error),
     Broken(lapin::Error),
+    Fatal(JournalLost),
+}
+
+/// The journal file was deleted or replaced under the daemon: the message
+/// went back to the queue, no more are acked, and the daemon must exit.
+#[derive(Debug)]
+pub(crate) struct JournalLost(pub crate::journal::JournalError);
+
+/// Why a delivery is not acked: it stays the broker's (requeued).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum NotAcked {
+    /// The journal could not commit it; fatal when the journal file is gone.
+    #[error("{0}")]
+    Journal(#[from] crate::journal::JournalError),
+    /// A malformed message could not be saved whole to `STATE_DIR/rejected/`.
+    #[error("{0}")]
+    NotSaved(String),
 }
 
 impl From<lapin::Error> for Lost {
@@ -51,16 +71,23 @@ impl From<lapin::Error> for Lost {
 }
 
 /// Consumes until `stop` fires, reconnecting with backoff. The daemon runs
-/// journaled jobs meanwhile: it does not wait for this to connect.
-pub async fn run(global: &GlobalConfig, state_dir: &Path, scheduler: Arc<Scheduler>, stop: CancellationToken) {
+/// journaled jobs meanwhile: it does not wait for this to connect. An error
+/// means the daemon must exit (the journal it writes is not the one on disk).
+pub(crate) async fn run(
+    global: &GlobalConfig,
+    state_dir: &Path,
+    scheduler: Arc<Scheduler>,
+    stop: CancellationToken,
+) -> Result<(), JournalLost> {
     let endpoint = rabbit::endpoint(&global.rabbit);
     let mut attempt = 0u32;
     loop {
         if stop.is_cancelled() {
-            return;
+            return Ok(());
         }
         match consume(global, state_dir, &scheduler, &stop, &mut attempt).await {
-            Ok(()) => return,
+            Ok(()) => return Ok(()),
+            Err(Lost::Fatal(e)) => return Err(e),
             Err(lost) => {
                 let pause = reconnect_pause(global.rabbit.retry_delay, attempt);
                 match lost {
@@ -71,11 +98,12 @@ pub async fn run(global: &GlobalConfig, state_dir: &Path, scheduler: Arc<Schedul
                     Lost::Broken(e) => {
                         tracing::warn!("RabbitMQ at {endpoint}: {e}; reconnecting to channel in {pause:?}")
                     }
+                    Lost::Fatal(_) => unreachable!("returned above"),
                 }
                 attempt = attempt.saturating_add(1);
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
-                    _ = stop.cancelled() => return,
+                    _ = stop.cancelled() => return Ok(()),
                 }
             }
         }
@@ -119,7 +147,7 @@ async fn consume(
                 return Ok(());
             }
         };
-        let delivery = match delivery {
+        let mut delivery = match delivery {
             Some(Ok(d)) => d,
             Some(Err(e)) => return Err(e.into()),
             None => {
@@ -128,18 +156,28 @@ async fn consume(
                 ))))
             }
         };
-        match handle(
-            state_dir,
-            scheduler,
-            &delivery.data,
-            &delivery.properties,
-            delivery.redelivered,
-        ) {
+        // The body moves into the job: a large message is not copied.
+        let body = std::mem::take(&mut delivery.data);
+        match handle(state_dir, scheduler, body, &delivery.properties, delivery.redelivered) {
             Ok(()) => {
                 delivery.ack(BasicAckOptions::default()).await?;
             }
+            Err(NotAcked::Journal(e)) if e.is_fatal() => {
+                // Acking now would lose the message at the next start: it goes
+                // back to the queue, with every other unacked one, and the
+                // daemon exits for systemd to restart it on the journal on disk.
+                let _ = delivery
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await;
+                let _ = channel.close(200, "rabbit2packer: job journal lost".into()).await;
+                let _ = conn.close(200, "rabbit2packer: job journal lost".into()).await;
+                return Err(Lost::Fatal(JournalLost(e)));
+            }
             Err(e) => {
-                // The journal could not commit: the message stays the broker's.
+                // Not journaled, or not saved: the message stays the broker's.
                 tracing::error!("{e}; message returned to the queue");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -157,35 +195,44 @@ async fn consume(
 }
 
 /// Journals (or rejects) one delivery. Ok means: ack it.
-pub fn handle(
+pub(crate) fn handle(
     state_dir: &Path,
     scheduler: &Scheduler,
-    body: &[u8],
+    body: Vec<u8>,
     props: &lapin::BasicProperties,
     redelivered: bool,
-) -> Result<(), crate::journal::JournalError> {
+) -> Result<(), NotAcked> {
     let message_id = props.message_id().as_ref().map(|m| m.to_string());
-    let sha = hex::encode(Sha256::digest(body));
+    let sha = hex::encode(Sha256::digest(&body));
     let shown_id = message_id.clone().unwrap_or_else(|| format!("(none; sha256 {sha})"));
-    let names = match ImageNames::from_slice(body) {
+    let parsed = Fields::parse(&body)
+        .map_err(|e| ProfileError::NotJson(e.to_string()))
+        .and_then(|f| Ok((f.names()?, f)));
+    let (names, fields) = match parsed {
         Ok(n) => n,
         Err(e) => {
-            let saved = save_rejected(state_dir, message_id.as_deref(), &sha, body);
-            let saved = match saved {
-                Ok(p) => format!("saved whole to {}", p.display()),
-                Err(err) => format!("could not be saved to {}/rejected: {err}", state_dir.display()),
-            };
-            tracing::error!("could not decode profile, malformed json? Continuing: message {shown_id}: {e}; {saved}");
+            // README promises the body is kept whole: until it is, the broker keeps it.
+            let path = save_rejected(state_dir, message_id.as_deref(), &sha, &body).map_err(|err| {
+                NotAcked::NotSaved(format!(
+                    "could not decode profile, malformed json? Continuing: message {shown_id}: {e}; \
+                     it could not be saved to {}/rejected: {err}",
+                    state_dir.display()
+                ))
+            })?;
+            tracing::error!(
+                "could not decode profile, malformed json? Continuing: message {shown_id}: {e}; saved whole to {}",
+                path.display()
+            );
             return Ok(());
         }
     };
-    let profile = profile_name(props, body);
+    let profile = header_profile(props).or_else(|| fields.host_name());
     let job = NewJob {
         message_id,
         body_sha256: sha,
         profile,
         image_key: names.image_key(),
-        body: body.to_vec(),
+        body,
     };
     let key = job.image_key.clone();
     match scheduler.accept(job, redelivered)? {
@@ -200,27 +247,156 @@ pub fn handle(
     Ok(())
 }
 
-/// The profile's name: the `profile` header when the publisher set one,
-/// else `<hostname>.<domainname>` from the profile.
-fn profile_name(props: &lapin::BasicProperties, body: &[u8]) -> Option<String> {
-    if let Some(h) = props.headers() {
-        for (k, v) in h.inner() {
-            if k.as_str() == "profile" {
-                match v {
-                    AMQPValue::LongString(s) => return Some(s.to_string()),
-                    AMQPValue::ShortString(s) => return Some(s.to_string()),
-                    _ => {}
-                }
+/// The `profile` header, when the publisher set one.
+fn header_profile(props: &lapin::BasicProperties) -> Option<String> {
+    for (k, v) in props.headers().as_ref()?.inner() {
+        if k.as_str() == "profile" {
+            match v {
+                AMQPValue::LongString(s) => return Some(s.to_string()),
+                AMQPValue::ShortString(s) => return Some(s.to_string()),
+                _ => {}
             }
         }
     }
-    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let net = v.get("system")?.get("network")?;
-    let host = net.get("hostname")?.as_str()?;
-    Some(match net.get("domainname").and_then(|d| d.as_str()) {
-        Some(d) if !d.is_empty() => format!("{host}.{d}"),
-        _ => host.to_string(),
-    })
+    None
+}
+
+/// The parts of a profile that rabbit2packer reads, and nothing else: a
+/// profile can be tens of megabytes, and a whole `serde_json::Value` of it
+/// costs several times that (the rest is skipped without being kept).
+/// Where the whole profile's lookups find something else than an object
+/// on the way (`"system": "x"`), the field is simply absent, as there.
+#[derive(Debug, Default, serde::Deserialize)]
+pub(crate) struct Fields {
+    #[serde(default)]
+    system: Lenient<SystemFields>,
+    #[serde(default)]
+    metadata: Lenient<MetadataFields>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct SystemFields {
+    #[serde(default)]
+    personality: Option<Value>,
+    #[serde(default)]
+    archetype: Option<Value>,
+    #[serde(default)]
+    os: Option<Value>,
+    #[serde(default)]
+    network: Option<Value>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct MetadataFields {
+    #[serde(default)]
+    template: Lenient<TemplateFields>,
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct TemplateFields {
+    #[serde(default)]
+    branch: Option<Value>,
+}
+
+/// An object read as `T`; anything else (a string, a list, null) read as
+/// nothing, and skipped without being kept.
+#[derive(Debug)]
+struct Lenient<T>(Option<T>);
+
+impl<T> Default for Lenient<T> {
+    fn default() -> Self {
+        Lenient(None)
+    }
+}
+
+impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for Lenient<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: serde::Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = Lenient<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(|t| Lenient(Some(t)))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(Lenient(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Lenient(None))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+impl Fields {
+    /// Reads the fields from a profile as published (JSON).
+    pub(crate) fn parse(body: &[u8]) -> Result<Fields, serde_json::Error> {
+        let fields: Lenient<Fields> = serde_json::from_slice(body)?;
+        Ok(fields.0.unwrap_or_default())
+    }
+
+    /// The image names, as [`ImageNames::from_json`] takes them from the whole profile.
+    pub(crate) fn names(&self) -> Result<ImageNames, ProfileError> {
+        let mut system = serde_json::Map::new();
+        if let Some(s) = &self.system.0 {
+            for (k, v) in [
+                ("personality", &s.personality),
+                ("archetype", &s.archetype),
+                ("os", &s.os),
+            ] {
+                if let Some(v) = v {
+                    system.insert(k.into(), v.clone());
+                }
+            }
+        }
+        let mut v = serde_json::json!({ "system": system });
+        if let Some(branch) = self
+            .metadata
+            .0
+            .as_ref()
+            .and_then(|m| m.template.0.as_ref()?.branch.clone())
+        {
+            v["metadata"] = serde_json::json!({ "template": { "branch": branch } });
+        }
+        ImageNames::from_json(&v)
+    }
+
+    /// `<hostname>.<domainname>` from the profile.
+    fn host_name(&self) -> Option<String> {
+        let net = self.system.0.as_ref()?.network.as_ref()?;
+        let host = net.get("hostname")?.as_str()?;
+        Some(match net.get("domainname").and_then(|d| d.as_str()) {
+            Some(d) if !d.is_empty() => format!("{host}.{d}"),
+            _ => host.to_string(),
+        })
+    }
+}
+
+/// Image names of a profile (reads only the fields that make them).
+pub(crate) fn image_names(body: &[u8]) -> Result<ImageNames, ProfileError> {
+    Fields::parse(body)
+        .map_err(|e| ProfileError::NotJson(e.to_string()))?
+        .names()
 }
 
 /// `STATE_DIR/rejected/<epoch>-<message id or sha256>.msg`, the body as received.
@@ -252,6 +428,40 @@ fn save_rejected(state_dir: &Path, message_id: Option<&str>, sha: &str, body: &[
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fields_read_give_the_names_and_errors_of_the_whole_profile() {
+        let good = r#"{"software": {"big": [1, 2, {"x": "y"}]},
+            "system": {"personality": {"name": "inv"}, "archetype": {"name": "a"}, "filesystems": [],
+                       "os": {"distribution": {"name": "sl"}, "version": {"name": "7x"}, "architecture": "x86_64"},
+                       "network": {"hostname": "h", "domainname": "d.org"}},
+            "metadata": {"template": {"branch": {"name": "s", "type": "sandbox", "author": "me"}}}}"#;
+        let bodies = [
+            good.to_string(),
+            good.replace(r#""architecture": "x86_64""#, r#""architecture": 5"#),
+            good.replace(r#"{"name": "inv"}"#, r#""inv""#),
+            good.replace(r#"{"name": "inv"}"#, r#"{"name": "../x"}"#),
+            good.replace(r#""type": "sandbox", "#, ""),
+            good.replace(r#"{"template": {"branch""#, r#"{"template": {"nobranch""#),
+            good.replace(r#""metadata": {"#, r#""metadata": "x", "unused": {"#),
+            r#"{"system": "x"}"#.to_string(),
+            r#"{"system": null, "metadata": [1]}"#.to_string(),
+            "[1, 2]".to_string(),
+            "\"just a string\"".to_string(),
+            "{ not json".to_string(),
+        ];
+        for body in bodies {
+            let whole = ImageNames::from_slice(body.as_bytes());
+            let read = image_names(body.as_bytes());
+            match (&whole, &read) {
+                (Err(ProfileError::NotJson(_)), Err(ProfileError::NotJson(_))) => {}
+                _ => assert_eq!(read, whole, "{body}"),
+            }
+        }
+        let fields = Fields::parse(good.as_bytes()).unwrap();
+        assert_eq!(fields.host_name().as_deref(), Some("h.d.org"));
+        assert_eq!(fields.names().unwrap().image_key(), "inv-sl7x-x86_64");
+    }
 
     #[test]
     fn reconnect_pause_doubles_from_retry_delay_up_to_the_cap() {

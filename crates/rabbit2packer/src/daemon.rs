@@ -8,37 +8,100 @@
 //! SIGTERM/SIGINT: stop consuming, SIGINT to every packer group (packer's
 //! clean cancel, see [`crate::runner`]), wait up to STOP_TIMEOUT, record
 //! unfinished jobs as interrupted (they run at the next start), exit 0.
+//! The same stop, with exit 1, when the consumer finds that the journal it
+//! writes is no longer the file on disk (see `Journal::check_on_disk`).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use packuilon_common::config::{GlobalConfig, IniFile, Rabbit2PackerConfig};
+use packuilon_common::config::{ConfigError, GlobalConfig, IniFile, Rabbit2PackerConfig};
+use packuilon_common::rcfile::RcFileError;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::{Catalog, LiveCatalog};
+use crate::catalog::{Catalog, LiveCatalog, LoadError};
+use crate::consumer::JournalLost;
 use crate::job::{self, Context};
-use crate::journal::{JobState, Journal};
+use crate::journal::{JobRef, JobState, Journal, JournalError};
 use crate::runner::{self, Spawner};
 use crate::scheduler::Scheduler;
 
-/// Why the daemon could not start or run.
+/// Why the daemon could not start or run. Its text is the line logged
+/// before the daemon exits; [`DaemonError::exit_code`] is its exit status.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    /// Bad configuration: exit 2.
+    /// config.ini: a missing file, section or key, or a bad value (exit 2).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A key whose value the daemon cannot use (exit 2).
+    #[error("{}: [rabbit2packer] {key}: {problem}", file.display())]
+    Setting {
+        /// config.ini.
+        file: PathBuf,
+        /// The key in `[rabbit2packer]`.
+        key: &'static str,
+        problem: Box<SettingProblem>,
+    },
+    /// The template map, the source images or a template (exit 2).
+    #[error(transparent)]
+    Catalog(#[from] LoadError),
+    /// STATE_DIR could not be opened to lock it (exit 1).
+    #[error("{}: {source}", dir.display())]
+    StateDir { dir: PathBuf, source: std::io::Error },
+    /// The journal could not be opened or recovered (exit 1).
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// The thread that spawns packer could not start (exit 1).
+    #[error("cannot start the packer-spawner thread: {0}")]
+    Spawner(std::io::Error),
+    /// A signal handler could not be installed (exit 1).
     #[error("{0}")]
-    Config(String),
-    /// Anything else: exit 1.
-    #[error("{0}")]
-    Runtime(String),
+    Signals(std::io::Error),
+    /// The journal file was deleted or replaced under the daemon: the
+    /// message being journaled went back to the queue (exit 1).
+    #[error("{0}; message returned to the queue; no more messages are acked")]
+    JournalLost(JournalError),
+    /// The consumer ended on its own (exit 1).
+    #[error("the consumer ended")]
+    ConsumerEnded,
+    /// The consumer's task panicked (exit 1).
+    #[error("the consumer failed: {0}")]
+    ConsumerFailed(tokio::task::JoinError),
+}
+
+/// What is wrong with a key's value (see [`DaemonError::Setting`]).
+#[derive(Debug, thiserror::Error)]
+pub enum SettingProblem {
+    /// The directory could not be created.
+    #[error("{}: {source}", dir.display())]
+    CreateDir { dir: PathBuf, source: std::io::Error },
+    /// No file can be created in the directory.
+    #[error("{} is not writable: {source}", dir.display())]
+    NotWritable { dir: PathBuf, source: std::io::Error },
+    /// PACKER_PATH names no executable.
+    #[error("{} is not an executable file (nor found in PATH)", .0.display())]
+    NotExecutable(PathBuf),
+    /// PACKER_AUTH_FILE could not be sourced.
+    #[error(transparent)]
+    RcFile(#[from] RcFileError),
+    /// Another daemon holds STATE_DIR's lock.
+    #[error("{} is in use by another rabbit2packer ({})", dir.display(), holder.map_or_else(|| "pid unknown".to_string(), |p| format!("pid {p}")))]
+    InUse { dir: PathBuf, holder: Option<u32> },
+    /// The journal in STATE_DIR cannot be written: a restart will not fix it.
+    #[error(transparent)]
+    Journal(JournalError),
 }
 
 impl DaemonError {
+    /// 2 for a configuration error (systemd does not restart on it), else 1.
     pub fn exit_code(&self) -> i32 {
         match self {
-            DaemonError::Config(_) => packuilon_common::EXIT_CONFIG,
-            DaemonError::Runtime(_) => packuilon_common::EXIT_FAILED,
+            DaemonError::Config(_) | DaemonError::Setting { .. } | DaemonError::Catalog(_) => {
+                packuilon_common::EXIT_CONFIG
+            }
+            _ => packuilon_common::EXIT_FAILED,
         }
     }
 }
@@ -46,21 +109,30 @@ impl DaemonError {
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// config.ini, named in every configuration error.
     pub config_file: PathBuf,
+    /// `[global]`: the queue and the broker.
     pub global: GlobalConfig,
+    /// `[rabbit2packer]`.
     pub r2p: Rabbit2PackerConfig,
+}
+
+impl Settings {
+    fn setting_error(&self, key: &'static str, problem: SettingProblem) -> DaemonError {
+        DaemonError::Setting {
+            file: self.config_file.clone(),
+            key,
+            problem: Box::new(problem),
+        }
+    }
 }
 
 /// Reads config.ini (`[global]`, `[rabbit2packer]`); warnings are logged.
 pub fn load_settings(config_file: &Path) -> Result<Settings, DaemonError> {
-    let ini = IniFile::load(config_file).map_err(|e| DaemonError::Config(e.to_string()))?;
+    let ini = IniFile::load(config_file)?;
     let mut warnings = Vec::new();
-    let global = ini
-        .global(&mut warnings)
-        .map_err(|e| DaemonError::Config(e.to_string()))?;
-    let r2p = ini
-        .rabbit2packer(&mut warnings)
-        .map_err(|e| DaemonError::Config(e.to_string()))?;
+    let global = ini.global(&mut warnings)?;
+    let r2p = ini.rabbit2packer(&mut warnings)?;
     for w in warnings {
         tracing::warn!("{w}");
     }
@@ -73,59 +145,68 @@ pub fn load_settings(config_file: &Path) -> Result<Settings, DaemonError> {
 
 /// Everything start-up checks beyond the keys themselves: directories
 /// (created when missing), the packer binary, the RC file, the catalog.
-pub fn validate(s: &Settings) -> Result<Catalog, DaemonError> {
-    let file = s.config_file.display();
-    let err = |key: &str, problem: String| DaemonError::Config(format!("{file}: [rabbit2packer] {key}: {problem}"));
+pub(crate) fn validate(s: &Settings) -> Result<Catalog, DaemonError> {
+    let err = |key: &'static str, problem: SettingProblem| s.setting_error(key, problem);
     for (key, dir) in [
         ("STATE_DIR", &s.r2p.state_dir),
         ("LOG_DIR", &s.r2p.log_dir),
         ("BUILD_FILE_DIR", &s.r2p.build_file_dir),
     ] {
-        std::fs::create_dir_all(dir).map_err(|e| err(key, format!("{}: {e}", dir.display())))?;
-        let probe = tempfile::tempfile_in(dir);
-        probe.map_err(|e| err(key, format!("{} is not writable: {e}", dir.display())))?;
+        let dir_error = |source| SettingProblem::CreateDir {
+            dir: dir.clone(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| err(key, dir_error(e)))?;
+        let not_writable = |source| SettingProblem::NotWritable {
+            dir: dir.clone(),
+            source,
+        };
+        tempfile::tempfile_in(dir).map_err(|e| err(key, not_writable(e)))?;
     }
-    find_program(&s.r2p.packer_path).ok_or_else(|| {
-        err(
-            "PACKER_PATH",
-            format!(
-                "{} is not an executable file (nor found in PATH)",
-                s.r2p.packer_path.display()
-            ),
-        )
-    })?;
-    packuilon_common::rcfile::source(&s.r2p.packer_auth_file).map_err(|e| err("PACKER_AUTH_FILE", e.to_string()))?;
-    Catalog::load(&s.r2p.packer_template_map, &s.r2p.images_config).map_err(|e| DaemonError::Config(e.to_string()))
+    find_program(&s.r2p.packer_path)
+        .ok_or_else(|| err("PACKER_PATH", SettingProblem::NotExecutable(s.r2p.packer_path.clone())))?;
+    packuilon_common::rcfile::source(&s.r2p.packer_auth_file).map_err(|e| err("PACKER_AUTH_FILE", e.into()))?;
+    Ok(Catalog::load(&s.r2p.packer_template_map, &s.r2p.images_config)?)
 }
 
-/// Takes STATE_DIR/rabbit2packer.lock (flock; released by the kernel when
-/// the process ends, however it ends) and writes our pid in it.
+/// Locks STATE_DIR itself (flock on the directory; released by the kernel
+/// when the process ends, however it ends). A lock file could be deleted
+/// under a running daemon (a clean-up script), letting a second one in on
+/// the same journal to kill the first one's builds as "left over"; the
+/// directory cannot go while it holds the journal.
 fn lock_state_dir(s: &Settings) -> Result<std::fs::File, DaemonError> {
-    use std::io::{Read, Seek, Write};
     use std::os::fd::AsRawFd;
-    let path = s.r2p.state_dir.join("rabbit2packer.lock");
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| DaemonError::Runtime(format!("{}: {e}", path.display())))?;
+    let dir = &s.r2p.state_dir;
+    let file = std::fs::File::open(dir).map_err(|source| DaemonError::StateDir {
+        dir: dir.clone(),
+        source,
+    })?;
     // SAFETY: plain syscall on an fd we own.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let mut holder = String::new();
-        let _ = file.read_to_string(&mut holder);
-        return Err(DaemonError::Config(format!(
-            "{}: [rabbit2packer] STATE_DIR: {} is in use by another rabbit2packer (pid {})",
-            s.config_file.display(),
-            s.r2p.state_dir.display(),
-            holder.trim()
-        )));
+        let holder = lock_holder(&file);
+        return Err(s.setting_error(
+            "STATE_DIR",
+            SettingProblem::InUse {
+                dir: dir.clone(),
+                holder,
+            },
+        ));
     }
-    let _ = file.set_len(0);
-    let _ = file.rewind();
-    let _ = writeln!(file, "{}", std::process::id());
     Ok(file)
+}
+
+/// The process holding a flock on `file`, from /proc/locks
+/// (`1: FLOCK  ADVISORY  WRITE <pid> <major>:<minor>:<inode> 0 EOF`).
+fn lock_holder(file: &std::fs::File) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let m = file.metadata().ok()?;
+    let (major, minor) = (libc::major(m.dev()), libc::minor(m.dev()));
+    let want = format!("{major:02x}:{minor:02x}:{}", m.ino());
+    std::fs::read_to_string("/proc/locks").ok()?.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // Blocked waiters are listed with "->"; only the holder counts.
+        (f.len() >= 6 && f[1] == "FLOCK" && f[5] == want).then(|| f[4].parse().ok())?
+    })
 }
 
 fn find_program(p: &Path) -> Option<PathBuf> {
@@ -169,17 +250,34 @@ fn notify(state: &[sd_notify::NotifyState<'_>]) {
     }
 }
 
-/// Runs the daemon until SIGTERM/SIGINT.
+/// Runs the daemon until SIGTERM/SIGINT: start-up checks, `recover`,
+/// `Running::start` (workers, then the consumer), `Running::shut_down`.
 pub async fn run(config_file: &Path) -> Result<(), DaemonError> {
     let settings = load_settings(config_file)?;
     let catalog = validate(&settings)?;
     tracing::info!("Starting");
-    let cfg = settings.r2p.clone();
     // Held until exit: a second daemon on this STATE_DIR would build images twice at once.
     let _lock = lock_state_dir(&settings)?;
+    let journal = Arc::new(open_journal(&settings)?);
+    let jobs = recover(&journal, &settings.r2p).await?;
+    let mut running = Running::start(&settings, journal, catalog, jobs)?;
+    let why = running.until_stopped().await;
+    running.shut_down(why).await
+}
 
-    let journal = Arc::new(Journal::open(&cfg.state_dir).map_err(|e| DaemonError::Runtime(e.to_string()))?);
-    let recovery = journal.recover().map_err(|e| DaemonError::Runtime(e.to_string()))?;
+fn open_journal(settings: &Settings) -> Result<Journal, DaemonError> {
+    Journal::open(&settings.r2p.state_dir).map_err(|e| match e {
+        // Like an unwritable STATE_DIR: a restart will not fix it.
+        JournalError::NotWritable { .. } => settings.setting_error("STATE_DIR", SettingProblem::Journal(e)),
+        e => DaemonError::Journal(e),
+    })
+}
+
+/// What a crashed or stopped run left: packer groups still alive are
+/// stopped, unfinished build logs say why they end there, and the jobs to
+/// run again (interrupted, waiting or running) are returned.
+async fn recover(journal: &Journal, cfg: &Rabbit2PackerConfig) -> Result<Vec<JobRef>, DaemonError> {
+    let recovery = journal.recover()?;
     for g in &recovery.groups {
         let n = runner::kill_leftover_group(g.pgid, &g.boot_id, cfg.stop_timeout).await;
         if n > 0 {
@@ -207,109 +305,196 @@ pub async fn run(config_file: &Path) -> Result<(), DaemonError> {
     if !recovery.jobs.is_empty() {
         tracing::info!("{} job(s) from the journal will run", recovery.jobs.len());
     }
+    Ok(recovery.jobs)
+}
 
-    let scheduler = Arc::new(Scheduler::new(journal.clone()));
-    scheduler.restore(recovery.jobs);
+/// Why the daemon stops: a signal, or an error it cannot go on with.
+enum Stop {
+    Signal(&'static str),
+    Fatal(DaemonError),
+}
 
-    let stop_builds = CancellationToken::new();
-    let ctx = Arc::new(Context {
-        config: cfg.clone(),
-        journal: journal.clone(),
-        catalog: Arc::new(LiveCatalog::new(catalog)),
-        spawner: Spawner::start()
-            .map_err(|e| DaemonError::Runtime(format!("cannot start the packer-spawner thread: {e}")))?,
-        stop: stop_builds.clone(),
-        boot_id: runner::boot_id(),
-        rotation_backoff: rotation_backoff(),
-        auth_env: Default::default(),
-    });
+/// The running daemon: its workers, its consumer and what stops them.
+struct Running {
+    cfg: Rabbit2PackerConfig,
+    ctx: Arc<Context>,
+    workers: Workers,
+    consumer: Option<tokio::task::JoinHandle<Result<(), JournalLost>>>,
+    stop_consuming: CancellationToken,
+    signals: Signals,
+}
 
-    let stop_workers = CancellationToken::new();
-    let mut workers = tokio::task::JoinSet::new();
-    let mut names = std::collections::HashMap::new();
-    let start_worker = |workers: &mut tokio::task::JoinSet<()>,
-                        names: &mut std::collections::HashMap<tokio::task::Id, String>,
-                        thread: String| {
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+/// THREAD_COUNT workers (`Thread-N`), each restarted should its task end.
+struct Workers {
+    set: tokio::task::JoinSet<()>,
+    names: HashMap<tokio::task::Id, String>,
+    ctx: Arc<Context>,
+    scheduler: Arc<Scheduler>,
+    /// Fires when the daemon stops: workers take no new job.
+    stop: CancellationToken,
+}
+
+impl Workers {
+    fn start(&mut self, thread: String) {
         tracing::info!("Starting {thread}");
-        let handle = workers.spawn(worker(
+        let handle = self.set.spawn(worker(
             thread.clone(),
-            ctx.clone(),
-            scheduler.clone(),
-            stop_workers.clone(),
+            self.ctx.clone(),
+            self.scheduler.clone(),
+            self.stop.clone(),
         ));
-        names.insert(handle.id(), thread);
-    };
-    for n in 1..=cfg.thread_count {
-        start_worker(&mut workers, &mut names, format!("Thread-{n}"));
+        self.names.insert(handle.id(), thread);
+    }
+}
+
+impl Running {
+    /// Starts the workers on the recovered jobs, tells systemd READY=1, then
+    /// starts the consumer.
+    fn start(
+        settings: &Settings,
+        journal: Arc<Journal>,
+        catalog: Catalog,
+        jobs: Vec<JobRef>,
+    ) -> Result<Running, DaemonError> {
+        let cfg = settings.r2p.clone();
+        let scheduler = Arc::new(Scheduler::new(journal.clone()));
+        scheduler.restore(jobs);
+        let ctx = Arc::new(Context {
+            config: cfg.clone(),
+            journal,
+            catalog: Arc::new(LiveCatalog::new(catalog)),
+            spawner: Spawner::start().map_err(DaemonError::Spawner)?,
+            stop: CancellationToken::new(),
+            boot_id: runner::boot_id(),
+            rotation_backoff: rotation_backoff(),
+            auth_env: Default::default(),
+        });
+        let mut workers = Workers {
+            set: tokio::task::JoinSet::new(),
+            names: HashMap::new(),
+            ctx: ctx.clone(),
+            scheduler: scheduler.clone(),
+            stop: CancellationToken::new(),
+        };
+        for n in 1..=cfg.thread_count {
+            workers.start(format!("Thread-{n}"));
+        }
+        let install = |kind| signal(kind).map_err(DaemonError::Signals);
+        let signals = Signals {
+            term: install(SignalKind::terminate())?,
+            int: install(SignalKind::interrupt())?,
+            hup: install(SignalKind::hangup())?,
+        };
+
+        // Journal open, recovery done, workers started: we are doing our job
+        // whether or not the broker answers.
+        notify(&[sd_notify::NotifyState::Ready]);
+        tracing::info!(
+            "Ready: {} worker(s); taking requests from queue {} at {}",
+            cfg.thread_count,
+            settings.global.queue,
+            packuilon_common::rabbit::endpoint(&settings.global.rabbit)
+        );
+        let stop_consuming = CancellationToken::new();
+        let consumer = {
+            let global = settings.global.clone();
+            let state_dir = cfg.state_dir.clone();
+            let stop = stop_consuming.clone();
+            tokio::spawn(async move { crate::consumer::run(&global, &state_dir, scheduler, stop).await })
+        };
+        Ok(Running {
+            cfg,
+            ctx,
+            workers,
+            consumer: Some(consumer),
+            stop_consuming,
+            signals,
+        })
     }
 
-    let mut sigterm = signal(SignalKind::terminate()).map_err(|e| DaemonError::Runtime(e.to_string()))?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(|e| DaemonError::Runtime(e.to_string()))?;
-    let mut sighup = signal(SignalKind::hangup()).map_err(|e| DaemonError::Runtime(e.to_string()))?;
-
-    // Journal open, recovery done, workers started: we are doing our job
-    // whether or not the broker answers.
-    notify(&[sd_notify::NotifyState::Ready]);
-    tracing::info!(
-        "Ready: {} worker(s); taking requests from queue {} at {}",
-        cfg.thread_count,
-        settings.global.queue,
-        packuilon_common::rabbit::endpoint(&settings.global.rabbit)
-    );
-    let stop_consuming = CancellationToken::new();
-    let consumer = {
-        let global = settings.global.clone();
-        let state_dir = cfg.state_dir.clone();
-        let scheduler = scheduler.clone();
-        let stop = stop_consuming.clone();
-        tokio::spawn(async move { crate::consumer::run(&global, &state_dir, scheduler, stop).await })
-    };
-
-    let signal_name = loop {
-        tokio::select! {
-            _ = sigterm.recv() => break "SIGTERM",
-            _ = sigint.recv() => break "SIGINT",
-            _ = sighup.recv() => {
-                tracing::info!("SIGHUP: checking the template map, source images and templates");
-                ctx.catalog.refresh();
-            }
-            // Jobs run in tasks of their own, so this should never happen; if it
-            // does, the worker is not lost silently.
-            Some(ended) = workers.join_next_with_id() => {
-                let (id, why) = match ended {
-                    Ok((id, ())) => (id, "ended".to_string()),
-                    Err(e) => (e.id(), format!("failed: {e}")),
-                };
-                let thread = names.remove(&id).unwrap_or_else(|| "a worker".into());
-                tracing::error!("{thread} {why}; starting it again");
-                start_worker(&mut workers, &mut names, thread);
+    /// Serves SIGHUP and restarts lost workers until a stop signal, or
+    /// until the consumer ends.
+    async fn until_stopped(&mut self) -> Stop {
+        loop {
+            tokio::select! {
+                _ = self.signals.term.recv() => return Stop::Signal("SIGTERM"),
+                _ = self.signals.int.recv() => return Stop::Signal("SIGINT"),
+                _ = self.signals.hup.recv() => {
+                    tracing::info!("SIGHUP: checking the template map, source images and templates");
+                    self.ctx.catalog.reload();
+                }
+                // The consumer ends on its own only when it must not go on (the
+                // journal file was deleted or replaced): stop, and exit non-zero
+                // so that systemd starts a daemon on the journal on disk.
+                ended = async { self.consumer.as_mut().expect("guarded").await }, if self.consumer.is_some() => {
+                    self.consumer = None;
+                    let why = match ended {
+                        Ok(Ok(())) => DaemonError::ConsumerEnded,
+                        Ok(Err(JournalLost(e))) => DaemonError::JournalLost(e),
+                        Err(e) => DaemonError::ConsumerFailed(e),
+                    };
+                    tracing::error!("{why}; stopping");
+                    return Stop::Fatal(why);
+                }
+                // Jobs run in tasks of their own, so this should never happen; if it
+                // does, the worker is not lost silently.
+                Some(ended) = self.workers.set.join_next_with_id() => {
+                    let (id, why) = match ended {
+                        Ok((id, ())) => (id, "ended".to_string()),
+                        Err(e) => (e.id(), format!("failed: {e}")),
+                    };
+                    let thread = self.workers.names.remove(&id).unwrap_or_else(|| "a worker".into());
+                    tracing::error!("{thread} {why}; starting it again");
+                    self.workers.start(thread);
+                }
             }
         }
-    };
-    tracing::info!(
-        "{signal_name} received: stopping (packer builds are interrupted; waiting up to {:?})",
-        cfg.stop_timeout
-    );
-    notify(&[sd_notify::NotifyState::Stopping]);
-    stop_consuming.cancel();
-    stop_workers.cancel();
-    stop_builds.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(10), consumer).await;
-    // Each runner waits STOP_TIMEOUT for packer and then kills its group.
-    let all_done = async { while workers.join_next().await.is_some() {} };
-    if tokio::time::timeout(cfg.stop_timeout + Duration::from_secs(10), all_done)
-        .await
-        .is_err()
-    {
-        tracing::error!("builds still running after STOP_TIMEOUT; marking them interrupted");
     }
-    match journal.interrupt_running() {
-        Ok(0) => {}
-        Ok(n) => tracing::warn!("{n} job(s) marked interrupted"),
-        Err(e) => tracing::error!("{e}"),
+
+    /// Stops consuming, interrupts the builds (SIGINT to every packer
+    /// group), waits up to STOP_TIMEOUT, records unfinished jobs as
+    /// interrupted. A fatal stop is returned as the daemon's error.
+    async fn shut_down(mut self, stop: Stop) -> Result<(), DaemonError> {
+        let why = match &stop {
+            Stop::Fatal(_) => "Cannot go on".to_string(),
+            Stop::Signal(name) => format!("{name} received"),
+        };
+        tracing::info!(
+            "{why}: stopping (packer builds are interrupted; waiting up to {:?})",
+            self.cfg.stop_timeout
+        );
+        notify(&[sd_notify::NotifyState::Stopping]);
+        self.stop_consuming.cancel();
+        self.workers.stop.cancel();
+        self.ctx.stop.cancel();
+        if let Some(consumer) = self.consumer.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), consumer).await;
+        }
+        // Each runner waits STOP_TIMEOUT for packer and then kills its group.
+        let all_done = async { while self.workers.set.join_next().await.is_some() {} };
+        if tokio::time::timeout(self.cfg.stop_timeout + Duration::from_secs(10), all_done)
+            .await
+            .is_err()
+        {
+            tracing::error!("builds still running after STOP_TIMEOUT; marking them interrupted");
+        }
+        match self.ctx.journal.interrupt_running() {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!("{n} job(s) marked interrupted"),
+            Err(e) => tracing::error!("{e}"),
+        }
+        if let Stop::Fatal(e) = stop {
+            return Err(e);
+        }
+        tracing::info!("Exiting normally");
+        Ok(())
     }
-    tracing::info!("Exiting normally");
-    Ok(())
 }
 
 /// One worker (`Thread-N`): takes ready jobs until the daemon stops. A job
@@ -333,25 +518,26 @@ async fn worker(thread: String, ctx: Arc<Context>, scheduler: Arc<Scheduler>, st
         let finished = match handle.await {
             Ok(f) => f,
             Err(e) => {
-                let what = if e.is_panic() {
+                let error = if e.is_panic() {
                     let p = e.into_panic();
                     let msg = p
                         .downcast_ref::<&str>()
                         .map(|s| s.to_string())
                         .or_else(|| p.downcast_ref::<String>().cloned())
                         .unwrap_or_else(|| "unknown panic".into());
-                    format!("internal error (panic): {msg}")
+                    job::JobError::Panicked(msg)
                 } else {
-                    format!("internal error: {e}")
+                    job::JobError::Aborted(e)
                 };
-                tracing::error!("{thread}: job {} for {} failed: {what}", job.id, job.image_key);
+                tracing::error!("{thread}: job {} for {} failed: {error}", job.id, job.image_key);
                 job::Finished {
                     state: JobState::Failed,
-                    error: Some(what),
+                    error: Some(error),
                 }
             }
         };
-        if let Err(e) = ctx.journal.finish(job.id, finished.state, finished.error.as_deref()) {
+        let error = finished.error.as_ref().map(ToString::to_string);
+        if let Err(e) = ctx.journal.finish(job.id, finished.state, error.as_deref()) {
             tracing::error!("{thread}: {e}");
         }
         match finished.state {
@@ -365,7 +551,7 @@ async fn worker(thread: String, ctx: Arc<Context>, scheduler: Arc<Scheduler>, st
                 "{thread}: job {} for {} failed: {}",
                 job.id,
                 job.image_key,
-                finished.error.as_deref().unwrap_or("")
+                error.as_deref().unwrap_or("")
             ),
         }
         scheduler.done(&job.image_key);

@@ -1,6 +1,11 @@
 //! `rabbit2packer status` and `rabbit2packer history`: what is running and
 //! waiting, and the last builds, read from the journal (safe while the
 //! daemon runs: SQLite WAL lets readers in beside the writer).
+//!
+//! Text output is one line per job (and per build): every value that came
+//! from outside (a message's `profile` header or id, packer's errors, paths)
+//! has its control characters escaped (`\n`, `\u{1b}`), so no value can
+//! break a line or send a terminal escape.
 
 use std::fmt::Write as _;
 
@@ -23,12 +28,13 @@ pub fn status(journal: &Journal, json: bool) -> Result<String, JournalError> {
             out,
             "  #{} {} since {} on {}{}{}",
             j.id,
-            j.image_key,
-            j.started_at.as_deref().unwrap_or("-"),
-            j.worker.as_deref().unwrap_or("-"),
-            b.map(|b| format!(", building {}", b.template)).unwrap_or_default(),
+            esc(&j.image_key),
+            esc(j.started_at.as_deref().unwrap_or("-")),
+            esc(j.worker.as_deref().unwrap_or("-")),
+            b.map(|b| format!(", building {}", esc(&b.template)))
+                .unwrap_or_default(),
             b.and_then(|b| b.log_path.as_deref())
-                .map(|p| format!(", log {p}"))
+                .map(|p| format!(", log {}", esc(p)))
                 .unwrap_or_default(),
         );
     }
@@ -38,11 +44,11 @@ pub fn status(journal: &Journal, json: bool) -> Result<String, JournalError> {
             out,
             "  #{} {} since {}{}{}",
             j.id,
-            j.image_key,
-            j.received_at.as_deref().unwrap_or("-"),
+            esc(&j.image_key),
+            esc(j.received_at.as_deref().unwrap_or("-")),
             j.profile
                 .as_deref()
-                .map(|p| format!(", profile {p}"))
+                .map(|p| format!(", profile {}", esc(p)))
                 .unwrap_or_default(),
             if j.attempts > 0 {
                 format!(", attempt {}", j.attempts + 1)
@@ -64,11 +70,12 @@ pub fn status(journal: &Journal, json: bool) -> Result<String, JournalError> {
                 out,
                 "  #{} {} at {}{}{}",
                 j.id,
-                j.image_key,
-                j.finished_at.as_deref().unwrap_or("-"),
-                b.map(|b| format!(", was building {}", b.template)).unwrap_or_default(),
+                esc(&j.image_key),
+                esc(j.finished_at.as_deref().unwrap_or("-")),
+                b.map(|b| format!(", was building {}", esc(&b.template)))
+                    .unwrap_or_default(),
                 b.and_then(|b| b.log_path.as_deref())
-                    .map(|p| format!(", log {p}"))
+                    .map(|p| format!(", log {}", esc(p)))
                     .unwrap_or_default(),
             );
         }
@@ -97,32 +104,59 @@ fn write_job(out: &mut String, j: &JobRecord) {
         out,
         "#{} {} {} finished {}",
         j.id,
-        j.image_key,
-        j.outcome,
-        j.finished_at.as_deref().unwrap_or("-")
+        esc(&j.image_key),
+        esc(&j.outcome),
+        esc(j.finished_at.as_deref().unwrap_or("-"))
     );
     if let Some(p) = &j.profile {
-        let _ = write!(out, " profile {p}");
+        let _ = write!(out, " profile {}", esc(p));
     }
     if let Some(m) = &j.message_id {
-        let _ = write!(out, " message {m}");
+        let _ = write!(out, " message {}", esc(m));
     }
     if let Some(s) = j.superseded_by {
         let _ = write!(out, " superseded by #{s}");
     }
     out.push('\n');
     if let Some(e) = &j.error {
-        let _ = writeln!(out, "    error: {e}");
+        let _ = writeln!(out, "    error: {}", esc(e));
     }
     for b in &j.builds {
         let _ = writeln!(
             out,
             "    {} exit {} artifact {} rotation {} log {}",
-            b.template,
+            esc(&b.template),
             b.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
-            b.artifact_id.as_deref().unwrap_or("-"),
-            b.rotation.as_deref().unwrap_or("-"),
-            b.log_path.as_deref().unwrap_or("-"),
+            esc(b.artifact_id.as_deref().unwrap_or("-")),
+            esc(b.rotation.as_deref().unwrap_or("-")),
+            esc(b.log_path.as_deref().unwrap_or("-")),
         );
+    }
+}
+
+/// `s` with its control characters escaped as Rust writes them (`\n`,
+/// `\t`, `\u{1b}`); everything else, other languages included, as is.
+pub(crate) fn esc(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.chars().any(char::is_control) {
+        return s.into();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn control_characters_are_escaped_and_the_rest_kept() {
+        assert_eq!(super::esc("plain é ü"), "plain é ü");
+        assert_eq!(super::esc("a\nb\tc\u{1b}[2J"), "a\\nb\\tc\\u{1b}[2J");
     }
 }

@@ -2,73 +2,163 @@
 //! template (one after another, as the original) a rendered build file, a
 //! packer run with its build log, and the rotation of the image it made.
 //! Every step is recorded in the journal as it happens.
+//!
+//! A template's build is a `TemplateBuild` in three steps, each testable
+//! alone: `render` (the build file), `run` (packer and its build log),
+//! `record` (the journal and the log lines operators know); then `rotate`.
+//! Failures are typed (`JobError`, `TemplateError`, `PackerFailure`,
+//! `RotationError`), so a reader of the outcome can tell a render error from
+//! a packer failure from a rotation error; their texts are what the journal
+//! and the logs show.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use packuilon_common::config::Rabbit2PackerConfig;
-use packuilon_common::profile::ImageNames;
+use packuilon_common::profile::ProfileError;
+use packuilon_common::rcfile::RcFileError;
 use tokio_util::sync::CancellationToken;
 
 use crate::build_log::{BuildLog, Summary};
-use crate::catalog::LiveCatalog;
+use crate::catalog::{Catalog, LiveCatalog};
 use crate::journal::{JobRef, JobState, Journal};
-use crate::render::{self, Values};
+use crate::render::{self, RenderError, Values};
 use crate::runner::{self, PackerCommand, Spawner, Stream};
 
 /// Everything a worker needs, shared by all workers.
 #[derive(Debug)]
-pub struct Context {
-    pub config: Rabbit2PackerConfig,
-    pub journal: Arc<Journal>,
-    pub catalog: Arc<LiveCatalog>,
-    pub spawner: Spawner,
+pub(crate) struct Context {
+    pub(crate) config: Rabbit2PackerConfig,
+    pub(crate) journal: Arc<Journal>,
+    pub(crate) catalog: Arc<LiveCatalog>,
+    pub(crate) spawner: Spawner,
     /// Fires when the daemon stops: running builds are interrupted.
-    pub stop: CancellationToken,
-    pub boot_id: String,
+    pub(crate) stop: CancellationToken,
+    pub(crate) boot_id: String,
     /// Pauses between rotation attempts (a few, growing).
-    pub rotation_backoff: Vec<Duration>,
+    pub(crate) rotation_backoff: Vec<Duration>,
     /// PACKER_AUTH_FILE's exports.
-    pub auth_env: AuthEnv,
+    pub(crate) auth_env: AuthEnv,
 }
 
 /// How a job ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Finished {
-    pub state: JobState,
-    pub error: Option<String>,
+#[derive(Debug)]
+pub(crate) struct Finished {
+    pub(crate) state: JobState,
+    pub(crate) error: Option<JobError>,
 }
 
 impl Finished {
-    fn failed(error: impl Into<String>) -> Finished {
+    fn failed(error: JobError) -> Finished {
+        let state = match error {
+            JobError::Interrupted { .. } => JobState::Interrupted,
+            _ => JobState::Failed,
+        };
         Finished {
-            state: JobState::Failed,
-            error: Some(error.into()),
+            state,
+            error: Some(error),
         }
     }
 }
 
+/// Why a job did not succeed. Its text is what the journal and the logs
+/// show; the variant says which step failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum JobError {
+    /// The body names no image (checked when it arrived; only a journal
+    /// edited by hand gets here).
+    #[error("{0}")]
+    Profile(#[from] ProfileError),
+    /// The template map has neither the image's key nor a default entry.
+    #[error("no Packer template for {key} and no {} entry in {}", crate::catalog::DEFAULT_KEY, map.display())]
+    NoTemplate { key: String, map: PathBuf },
+    /// IMAGES_CONFIG has no source image for `<os><version>-<arch>`.
+    #[error("source image was not found for {source_key} in {} (IMAGES_CONFIG)", images.display())]
+    NoSourceImage { source_key: String, images: PathBuf },
+    /// PACKER_AUTH_FILE could not be sourced.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    /// One or more templates failed (the others were built).
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Templates(Vec<TemplateFailure>),
+    /// The daemon stopped before the job ended; it runs again at the next start.
+    #[error("interrupted{}: rabbit2packer stopped", during.as_ref().map(|t| format!(" during {t}")).unwrap_or_default())]
+    Interrupted { during: Option<String> },
+    /// The job's task panicked.
+    #[error("internal error (panic): {0}")]
+    Panicked(String),
+    /// The job's task ended otherwise.
+    #[error("internal error: {0}")]
+    Aborted(tokio::task::JoinError),
+}
+
+/// One failed template of a job: `<template name>: <error>`.
+#[derive(Debug, thiserror::Error)]
+#[error("{template}: {error}")]
+pub(crate) struct TemplateFailure {
+    pub(crate) template: String,
+    pub(crate) error: TemplateError,
+}
+
+/// Why one template gave no image.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TemplateError {
+    /// The template is in the map but its text was not loaded.
+    #[error("template {} is not in the catalog", .0.display())]
+    NotInCatalog(PathBuf),
+    /// The template did not render to JSON.
+    #[error("{}: {source}", template.display())]
+    Render { template: PathBuf, source: RenderError },
+    /// The rendered build file could not be written to BUILD_FILE_DIR.
+    #[error("cannot write build file {}: {source}", path.display())]
+    BuildFile { path: PathBuf, source: std::io::Error },
+    /// No build log could be created in LOG_DIR.
+    #[error("cannot create a build log in {} (LOG_DIR): {source}", dir.display())]
+    BuildLog { dir: PathBuf, source: std::io::Error },
+    /// Packer ran (or could not start) and made no image; `last_error` is
+    /// the last error packer printed.
+    #[error("{failure}{} (log: {})", last_error.as_ref().map(|l| format!(": {l}")).unwrap_or_default(), log.display())]
+    Packer {
+        failure: PackerFailure,
+        last_error: Option<String>,
+        log: PathBuf,
+    },
+}
+
+/// How a packer run failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PackerFailure {
+    #[error("cannot run {} (PACKER_PATH): {source}", packer.display())]
+    NotStarted { packer: PathBuf, source: std::io::Error },
+    #[error("build timed out after {} (BUILD_TIMEOUT); packer was interrupted", humanize(*.0))]
+    TimedOut(Duration),
+    #[error("packer exited with code {0}")]
+    Exit(i32),
+    /// The daemon is stopping (SIGINT to packer's process group).
+    #[error("interrupted: rabbit2packer stopped")]
+    Interrupted,
+}
+
 /// Runs `job` on worker `thread` (`Thread-N`) and returns its final state.
 /// Journal writes that fail are logged; they never stop the build.
-pub async fn execute(ctx: &Context, thread: &str, job: &JobRef) -> Finished {
-    let names = match ImageNames::from_slice(&job.body) {
+pub(crate) async fn execute(ctx: &Context, thread: &str, job: &JobRef) -> Finished {
+    let names = match crate::consumer::image_names(&job.body) {
         Ok(n) => n,
         // Checked when the message arrived; only a journal edited by hand gets here.
         Err(e) => {
             tracing::error!("{thread}: could not decode profile, malformed json? Continuing ({e})");
-            return Finished::failed(e.to_string());
+            return Finished::failed(e.into());
         }
     };
     let key = names.image_key();
     let catalog = ctx.catalog.refresh();
     let Some(choice) = catalog.templates_for(&key) else {
-        let e = format!(
-            "no Packer template for {key} and no {} entry in {}",
-            crate::catalog::DEFAULT_KEY,
-            catalog.map_file().display()
-        );
+        let e = JobError::NoTemplate {
+            key,
+            map: catalog.map_file().to_path_buf(),
+        };
         tracing::error!("{thread}: {e}");
         return Finished::failed(e);
     };
@@ -78,10 +168,10 @@ pub async fn execute(ctx: &Context, thread: &str, job: &JobRef) -> Finished {
     let source_key = names.source_key();
     let Some(source_image) = catalog.source_image(&source_key) else {
         tracing::error!("{thread}: source image was not found, check IMAGES_CONFIG. Continuing");
-        return Finished::failed(format!(
-            "source image was not found for {source_key} in {} (IMAGES_CONFIG)",
-            catalog.images_file().display()
-        ));
+        return Finished::failed(JobError::NoSourceImage {
+            source_key,
+            images: catalog.images_file().to_path_buf(),
+        });
     };
     let values = Values::new(&names, source_image);
 
@@ -89,44 +179,52 @@ pub async fn execute(ctx: &Context, thread: &str, job: &JobRef) -> Finished {
         Ok(env) => env,
         Err(e) => {
             tracing::error!("{thread}: {key}: {e}");
-            return Finished::failed(e);
+            return Finished::failed(e.into());
         }
     };
 
-    let mut errors = Vec::new();
+    let mut failures = Vec::new();
     for template in &choice.templates {
         if ctx.stop.is_cancelled() {
-            return Finished {
-                state: JobState::Interrupted,
-                error: Some("interrupted: rabbit2packer stopped".into()),
-            };
+            return Finished::failed(JobError::Interrupted { during: None });
         }
-        let tname = render::template_name(template);
-        let result = build_template(ctx, thread, job, &names, &values, &env, template, &catalog).await;
-        match result {
+        let build = TemplateBuild {
+            ctx,
+            thread,
+            job,
+            key: &key,
+            values: &values,
+            env: &env,
+            template,
+        };
+        match build.build(&catalog).await {
             TemplateResult::Ok => {}
             TemplateResult::Cancelled => {
-                return Finished {
-                    state: JobState::Interrupted,
-                    error: Some(format!("interrupted during {tname}: rabbit2packer stopped")),
-                }
+                return Finished::failed(JobError::Interrupted {
+                    during: Some(build.name()),
+                })
             }
-            TemplateResult::Failed(e) => errors.push(format!("{tname}: {e}")),
+            TemplateResult::Failed(error) => failures.push(TemplateFailure {
+                template: build.name(),
+                error,
+            }),
         }
     }
-    if errors.is_empty() {
+    if failures.is_empty() {
         Finished {
             state: JobState::Succeeded,
             error: None,
         }
     } else {
-        Finished::failed(errors.join("; "))
+        Finished::failed(JobError::Templates(failures))
     }
 }
 
-enum TemplateResult {
+/// How one template's build ended.
+#[derive(Debug)]
+pub(crate) enum TemplateResult {
     Ok,
-    Failed(String),
+    Failed(TemplateError),
     Cancelled,
 }
 
@@ -134,7 +232,7 @@ enum TemplateResult {
 /// changes (so an edited RC file needs no restart, and no bash runs between
 /// a request and its packer start otherwise).
 #[derive(Debug, Default)]
-pub struct AuthEnv {
+pub(crate) struct AuthEnv {
     cached: std::sync::Mutex<Option<(FileStamp, BTreeMap<String, String>)>>,
 }
 
@@ -147,7 +245,7 @@ fn file_stamp(path: &Path) -> FileStamp {
 }
 
 impl AuthEnv {
-    async fn exports(&self, file: &Path) -> Result<BTreeMap<String, String>, String> {
+    async fn exports(&self, file: &Path) -> Result<BTreeMap<String, String>, AuthError> {
         let stamp = file_stamp(file);
         if let Some((s, env)) = &*self.cached.lock().unwrap_or_else(|p| p.into_inner()) {
             if stamp.is_some() && *s == stamp {
@@ -157,16 +255,27 @@ impl AuthEnv {
         let owned = file.to_path_buf();
         let env = tokio::task::spawn_blocking(move || packuilon_common::rcfile::source(&owned))
             .await
-            .map_err(|e| format!("sourcing PACKER_AUTH_FILE: {e}"))?
-            .map_err(|e| format!("PACKER_AUTH_FILE {e}"))?;
+            .map_err(AuthError::Sourcing)?
+            .map_err(AuthError::RcFile)?;
         *self.cached.lock().unwrap_or_else(|p| p.into_inner()) = Some((stamp, env.clone()));
         Ok(env)
     }
 }
 
+/// Why PACKER_AUTH_FILE gave no environment for packer.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AuthError {
+    /// The task sourcing it did not finish.
+    #[error("sourcing PACKER_AUTH_FILE: {0}")]
+    Sourcing(tokio::task::JoinError),
+    /// bash could not source it.
+    #[error("PACKER_AUTH_FILE {0}")]
+    RcFile(RcFileError),
+}
+
 /// The daemon's environment plus what PACKER_AUTH_FILE exports plus the
 /// original's aliases, and HOME (STATE_DIR) when the daemon has none.
-async fn packer_env(ctx: &Context) -> Result<BTreeMap<String, String>, String> {
+async fn packer_env(ctx: &Context) -> Result<BTreeMap<String, String>, AuthError> {
     let mut env = ctx.auth_env.exports(&ctx.config.packer_auth_file).await?;
     let lookup = |env: &BTreeMap<String, String>, k: &str| env.get(k).cloned().or_else(|| std::env::var(k).ok());
     if !env.contains_key("OS_TENANT_ID") {
@@ -186,145 +295,227 @@ async fn packer_env(ctx: &Context) -> Result<BTreeMap<String, String>, String> {
     Ok(env)
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn build_template(
-    ctx: &Context,
-    thread: &str,
-    job: &JobRef,
-    names: &ImageNames,
-    values: &Values,
-    env: &BTreeMap<String, String>,
-    template: &Path,
-    catalog: &crate::catalog::Catalog,
-) -> TemplateResult {
-    let key = names.image_key();
-    let tname = render::template_name(template);
-    let cfg = &ctx.config;
-    let Some(text) = catalog.template_text(template) else {
-        return TemplateResult::Failed(format!("template {} is not in the catalog", template.display()));
-    };
-    let (rendered, rendered_json) = match render::render(&text, values) {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!("{thread}: {}: {e}", template.display());
-            return TemplateResult::Failed(format!("{}: {e}", template.display()));
-        }
-    };
-    let build_file = render::build_file_path(&cfg.build_file_dir, &key, template);
-    if let Err(e) = render::write_atomic(&build_file, &rendered) {
-        let e = format!("cannot write build file {}: {e}", build_file.display());
-        tracing::error!("{thread}: {e}");
-        return TemplateResult::Failed(e);
-    }
-    let mut log = match BuildLog::create(&cfg.log_dir, &key, &tname, cfg.log_keep) {
-        Ok(l) => l,
-        Err(e) => {
-            let e = format!("cannot create a build log in {} (LOG_DIR): {e}", cfg.log_dir.display());
-            tracing::error!("{thread}: {e}");
-            return TemplateResult::Failed(e);
-        }
-    };
-    let log_path = log.path().to_path_buf();
-    let build_id = ctx
-        .journal
-        .start_build(job.id, &tname, &log_path, &build_file)
-        .map_err(|e| tracing::error!("{thread}: {e}"))
-        .ok();
-    tracing::info!("packer build starting, see: {} for details", log_path.display());
-    let started = chrono::Utc::now();
+/// One template of a job and what its steps share: [`render`](Self::render)
+/// the build file, [`run`](Self::run) packer with its build log,
+/// [`record`](Self::record) the outcome; a built image is then rotated.
+pub(crate) struct TemplateBuild<'a> {
+    ctx: &'a Context,
+    thread: &'a str,
+    job: &'a JobRef,
+    key: &'a str,
+    values: &'a Values,
+    env: &'a BTreeMap<String, String>,
+    template: &'a Path,
+}
 
-    let cmd = PackerCommand {
-        packer: cfg.packer_path.clone(),
-        build_file: build_file.clone(),
-        env: env.clone(),
-        cwd: build_file.parent().map(Path::to_path_buf),
-    };
-    let journal = ctx.journal.clone();
-    let boot_id = ctx.boot_id.clone();
-    let outcome = runner::run(
-        &ctx.spawner,
-        cmd,
-        cfg.build_timeout,
-        cfg.stop_timeout,
-        &ctx.stop,
-        |pgid| {
-            if let Some(b) = build_id {
-                if let Err(e) = journal.set_build_pgid(b, pgid, &boot_id) {
-                    tracing::error!("{e}");
-                }
+/// A template rendered to its build file.
+#[derive(Debug)]
+pub(crate) struct Rendered {
+    build_file: PathBuf,
+    json: serde_json::Value,
+}
+
+/// A packer run whose log is finished, not yet recorded.
+#[derive(Debug)]
+pub(crate) struct Ran {
+    build_id: Option<i64>,
+    log_path: PathBuf,
+    exit_code: i32,
+    failure: Option<PackerFailure>,
+    summary: Summary,
+    started: chrono::DateTime<chrono::Utc>,
+}
+
+impl TemplateBuild<'_> {
+    /// The template's name in logs, build files and the journal.
+    fn name(&self) -> String {
+        render::template_name(self.template)
+    }
+
+    /// Render, run, record, then rotate what was built.
+    async fn build(&self, catalog: &Catalog) -> TemplateResult {
+        let rendered = match self.render(catalog) {
+            Ok(r) => r,
+            Err(e) => return TemplateResult::Failed(e),
+        };
+        let mut ran = match self.run(&rendered).await {
+            Ok(r) => r,
+            Err(e) => return TemplateResult::Failed(e),
+        };
+        let result = self.record(&mut ran);
+        if !matches!(result, TemplateResult::Ok) {
+            return result;
+        }
+        let rotations = rotate(
+            self.ctx,
+            self.thread,
+            &ran.summary,
+            &rendered.json,
+            self.values,
+            ran.started,
+        )
+        .await;
+        if let Some(b) = ran.build_id {
+            if let Err(e) = self.ctx.journal.set_rotation(b, &rotation_field(&rotations)) {
+                tracing::error!("{}: {e}", self.thread);
             }
-        },
-        |stream, line| match stream {
-            Stream::Stdout => log.packer_line(line),
-            Stream::Stderr => log.raw_line(line),
-        },
-    )
-    .await;
+        }
+        TemplateResult::Ok
+    }
 
-    let (rc, error, cancelled) = match outcome {
-        Err(e) => {
-            let e = format!("cannot run {} (PACKER_PATH): {e}", cfg.packer_path.display());
-            log.note(&e);
-            (127, Some(e), false)
+    /// The template with the job's values, written atomically to BUILD_FILE_DIR.
+    fn render(&self, catalog: &Catalog) -> Result<Rendered, TemplateError> {
+        let thread = self.thread;
+        let Some(text) = catalog.template_text(self.template) else {
+            return Err(TemplateError::NotInCatalog(self.template.to_path_buf()));
+        };
+        let (rendered, json) = render::render(&text, self.values).map_err(|source| {
+            tracing::error!("{thread}: {}: {source}", self.template.display());
+            TemplateError::Render {
+                template: self.template.to_path_buf(),
+                source,
+            }
+        })?;
+        let build_file = render::build_file_path(&self.ctx.config.build_file_dir, self.key, self.template);
+        if let Err(source) = render::write_atomic(&build_file, &rendered) {
+            let e = TemplateError::BuildFile {
+                path: build_file,
+                source,
+            };
+            tracing::error!("{thread}: {e}");
+            return Err(e);
         }
-        Ok(o) if o.timed_out => {
-            let e = format!(
-                "build timed out after {} (BUILD_TIMEOUT); packer was interrupted",
-                humanize(cfg.build_timeout)
-            );
-            log.note(&e);
-            (o.exit_code, Some(e), false)
-        }
-        Ok(o) if o.cancelled => {
-            log.note("rabbit2packer is stopping: packer was interrupted (SIGINT to its process group)");
-            (
-                o.exit_code,
-                Some("interrupted: rabbit2packer stopped".to_string()),
-                true,
-            )
-        }
-        Ok(o) if o.exit_code != 0 => (
-            o.exit_code,
-            Some(format!("packer exited with code {}", o.exit_code)),
-            false,
-        ),
-        Ok(o) => (o.exit_code, None, false),
-    };
-    let summary = match log.finish(rc) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!("{thread}: build log {}: {e}", log_path.display());
-            Summary::default()
-        }
-    };
-    let error = error.map(|e| match &summary.last_error {
-        Some(last) if !cancelled => format!("{e}: {last} (log: {})", log_path.display()),
-        _ => format!("{e} (log: {})", log_path.display()),
-    });
-    if let Some(b) = build_id {
-        if let Err(e) = ctx
+        Ok(Rendered { build_file, json })
+    }
+
+    /// Packer on the build file, its output into a new build log, the
+    /// build started in the journal (with packer's process group).
+    async fn run(&self, rendered: &Rendered) -> Result<Ran, TemplateError> {
+        let (ctx, thread, cfg) = (self.ctx, self.thread, &self.ctx.config);
+        let build_file = &rendered.build_file;
+        let mut log = BuildLog::create(&cfg.log_dir, self.key, &self.name(), cfg.log_keep).map_err(|source| {
+            let e = TemplateError::BuildLog {
+                dir: cfg.log_dir.clone(),
+                source,
+            };
+            tracing::error!("{thread}: {e}");
+            e
+        })?;
+        let log_path = log.path().to_path_buf();
+        let build_id = ctx
             .journal
-            .finish_build(b, Some(rc), summary.artifact_id().as_deref(), error.as_deref())
-        {
-            tracing::error!("{thread}: {e}");
-        }
-    }
-    if cancelled {
-        return TemplateResult::Cancelled;
-    }
-    if let Some(e) = error {
-        tracing::error!("{thread}: packer exited with non zero exit code, {key}.{tname} build failed");
-        return TemplateResult::Failed(e);
-    }
-    tracing::info!("{thread}: image built successfully: {key}.{tname}");
+            .start_build(self.job.id, &self.name(), &log_path, build_file)
+            .map_err(|e| tracing::error!("{thread}: {e}"))
+            .ok();
+        tracing::info!("packer build starting, see: {} for details", log_path.display());
+        let started = chrono::Utc::now();
 
-    let rotation = rotate(ctx, thread, &summary, &rendered_json, values, started).await;
-    if let Some(b) = build_id {
-        if let Err(e) = ctx.journal.set_rotation(b, &rotation) {
-            tracing::error!("{thread}: {e}");
+        let cmd = PackerCommand {
+            packer: cfg.packer_path.clone(),
+            build_file: build_file.clone(),
+            env: self.env.clone(),
+            cwd: build_file.parent().map(Path::to_path_buf),
+        };
+        let journal = ctx.journal.clone();
+        let boot_id = ctx.boot_id.clone();
+        let outcome = runner::run(
+            &ctx.spawner,
+            cmd,
+            cfg.build_timeout,
+            cfg.stop_timeout,
+            &ctx.stop,
+            |pgid| {
+                if let Some(b) = build_id {
+                    if let Err(e) = journal.set_build_pgid(b, pgid, &boot_id) {
+                        tracing::error!("{e}");
+                    }
+                }
+            },
+            |stream, line| match stream {
+                Stream::Stdout => log.packer_line(line),
+                Stream::Stderr => log.raw_line(line),
+            },
+        )
+        .await;
+
+        let (exit_code, failure) = match outcome {
+            Err(source) => (
+                127,
+                Some(PackerFailure::NotStarted {
+                    packer: cfg.packer_path.clone(),
+                    source,
+                }),
+            ),
+            Ok(o) if o.timed_out => (o.exit_code, Some(PackerFailure::TimedOut(cfg.build_timeout))),
+            Ok(o) if o.cancelled => (o.exit_code, Some(PackerFailure::Interrupted)),
+            Ok(o) if o.exit_code != 0 => (o.exit_code, Some(PackerFailure::Exit(o.exit_code))),
+            Ok(o) => (o.exit_code, None),
+        };
+        match &failure {
+            Some(PackerFailure::Interrupted) => {
+                log.note("rabbit2packer is stopping: packer was interrupted (SIGINT to its process group)")
+            }
+            Some(f @ (PackerFailure::NotStarted { .. } | PackerFailure::TimedOut(_))) => log.note(&f.to_string()),
+            _ => {}
+        }
+        let summary = match log.finish(exit_code) {
+            Ok(s) => s,
+            // The build's result stands whatever became of its log.
+            Err(unfinished) => {
+                tracing::error!("{thread}: build log {}: {unfinished}", log_path.display());
+                unfinished.summary
+            }
+        };
+        Ok(Ran {
+            build_id,
+            log_path,
+            exit_code,
+            failure,
+            summary,
+            started,
+        })
+    }
+
+    /// The run's outcome into the journal and the log lines operators know.
+    fn record(&self, ran: &mut Ran) -> TemplateResult {
+        let (thread, key, tname) = (self.thread, self.key, self.name());
+        let cancelled = matches!(ran.failure, Some(PackerFailure::Interrupted));
+        let error = ran.failure.take().map(|failure| TemplateError::Packer {
+            last_error: ran.summary.last_error.clone().filter(|_| !cancelled),
+            failure,
+            log: ran.log_path.clone(),
+        });
+        if let Some(b) = ran.build_id {
+            let error_text = error.as_ref().map(ToString::to_string);
+            if let Err(e) = self.ctx.journal.finish_build(
+                b,
+                Some(ran.exit_code),
+                ran.summary.artifact_id().as_deref(),
+                error_text.as_deref(),
+            ) {
+                tracing::error!("{thread}: {e}");
+            }
+        }
+        match error {
+            None => {
+                tracing::info!("{thread}: image built successfully: {key}.{tname}");
+                TemplateResult::Ok
+            }
+            Some(_) if cancelled => TemplateResult::Cancelled,
+            Some(e) => {
+                if let TemplateError::Packer {
+                    failure: PackerFailure::NotStarted { .. },
+                    ..
+                } = e
+                {
+                    tracing::error!("{thread}: packer could not be started, {key}.{tname} build failed: {e}");
+                } else {
+                    tracing::error!("{thread}: packer exited with non zero exit code, {key}.{tname} build failed");
+                }
+                TemplateResult::Failed(e)
+            }
         }
     }
-    TemplateResult::Ok
 }
 
 fn humanize(d: Duration) -> String {
@@ -338,9 +529,63 @@ fn humanize(d: Duration) -> String {
     }
 }
 
-/// The rename-old-images step for what this template build produced.
-/// Returns the journal's rotation field: `skipped: ...`, `done: ...` or
-/// `failed: ...` (after a few attempts; the image is not rebuilt for it).
+/// How the rotation for one new image ended (an outcome, not always an
+/// error). Its text is the journal's rotation field.
+#[derive(Debug)]
+pub(crate) enum Rotation {
+    Skipped(String),
+    Done(glance_rotate::Report),
+    /// Every attempt failed (the image is not rebuilt for it); `last` is the
+    /// last attempt's error.
+    Failed {
+        attempts: usize,
+        last: RotationError,
+    },
+}
+
+impl std::fmt::Display for Rotation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rotation::Skipped(why) => write!(f, "skipped: {why}"),
+            Rotation::Done(r) => write!(
+                f,
+                "done: {} ({}): archived {}, moved {} member(s), deleted {}",
+                r.name,
+                r.new_image_id,
+                r.archived.len(),
+                r.members_moved.len(),
+                r.deleted.len()
+            ),
+            Rotation::Failed { attempts, last } => write!(f, "failed after {attempts} attempt(s): {last}"),
+        }
+    }
+}
+
+/// Why one rotation attempt failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RotationError {
+    /// The task sourcing the admin RC file did not finish.
+    #[error("sourcing {} failed: {source}", rc.display())]
+    Sourcing {
+        rc: PathBuf,
+        source: tokio::task::JoinError,
+    },
+    /// glance-rotate's error: credentials, RC file, Keystone or Glance.
+    #[error(transparent)]
+    Rotate(#[from] glance_rotate::RotateError),
+}
+
+/// The journal's rotation field for a build's rotations: the first failed
+/// one, else all of them joined by `; `.
+fn rotation_field(rotations: &[Rotation]) -> String {
+    if let Some(failed) = rotations.iter().find(|r| matches!(r, Rotation::Failed { .. })) {
+        return failed.to_string();
+    }
+    rotations.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+}
+
+/// The rename-old-images step for what this template build produced: one
+/// rotation per new image (after a few attempts each).
 async fn rotate(
     ctx: &Context,
     thread: &str,
@@ -348,10 +593,12 @@ async fn rotate(
     rendered: &serde_json::Value,
     values: &Values,
     started: chrono::DateTime<chrono::Utc>,
-) -> String {
+) -> Vec<Rotation> {
     let rc = &ctx.config.rotation;
     let Some(admin_rc) = rc.admin_auth_file.clone() else {
-        return "skipped: rotation is off (no PACKER_ADMIN_AUTH_FILE)".to_string();
+        return vec![Rotation::Skipped(
+            "rotation is off (no PACKER_ADMIN_AUTH_FILE)".to_string(),
+        )];
     };
     let images = summary.openstack_images();
     let targets: Vec<glance_rotate::Target> = if images.is_empty() {
@@ -367,10 +614,7 @@ async fn rotate(
     for target in targets {
         results.push(rotate_one(ctx, thread, &admin_rc, target, &opts).await);
     }
-    if let Some(failed) = results.iter().find(|r| r.starts_with("failed")) {
-        return failed.clone();
-    }
-    results.join("; ")
+    results
 }
 
 async fn rotate_one(
@@ -379,45 +623,39 @@ async fn rotate_one(
     admin_rc: &Path,
     target: glance_rotate::Target,
     opts: &glance_rotate::RotateOptions,
-) -> String {
+) -> Rotation {
     let what = match &target {
         glance_rotate::Target::ImageId(id) => format!("image {id}"),
         glance_rotate::Target::Name { name, .. } => format!("image named {name:?}"),
     };
     let attempts = ctx.rotation_backoff.len() + 1;
-    let mut last = String::new();
-    for attempt in 1..=attempts {
+    let mut attempt = 1;
+    let last = loop {
         match rotate_call(admin_rc, target.clone(), opts).await {
             Ok(report) => {
                 if let Some(why) = report.skipped {
                     tracing::info!("{thread}: rotation of {what} skipped: {why}");
-                    return format!("skipped: {why}");
+                    return Rotation::Skipped(why);
                 }
-                let done = format!(
-                    "done: {} ({}): archived {}, moved {} member(s), deleted {}",
-                    report.name,
-                    report.new_image_id,
-                    report.archived.len(),
-                    report.members_moved.len(),
-                    report.deleted.len()
-                );
+                let done = Rotation::Done(report);
                 tracing::info!("{thread}: rotation of {what} {done}");
                 return done;
             }
             Err(e) => {
-                last = e;
-                tracing::warn!("{thread}: rotation of {what} failed (attempt {attempt}/{attempts}): {last}");
-                if let Some(pause) = ctx.rotation_backoff.get(attempt - 1) {
-                    tokio::select! {
-                        _ = tokio::time::sleep(*pause) => {}
-                        _ = ctx.stop.cancelled() => break,
-                    }
+                tracing::warn!("{thread}: rotation of {what} failed (attempt {attempt}/{attempts}): {e}");
+                let Some(pause) = ctx.rotation_backoff.get(attempt - 1) else {
+                    break e;
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep(*pause) => {}
+                    _ = ctx.stop.cancelled() => break e,
                 }
+                attempt += 1;
             }
         }
-    }
+    };
     tracing::error!("{thread}: built, rotation failed for {what}: {last}");
-    format!("failed after {attempts} attempt(s): {last}")
+    Rotation::Failed { attempts, last }
 }
 
 /// One glance-rotate call: the admin RC file is sourced by bash on the
@@ -426,13 +664,145 @@ async fn rotate_call(
     admin_rc: &Path,
     target: glance_rotate::Target,
     opts: &glance_rotate::RotateOptions,
-) -> Result<glance_rotate::Report, String> {
+) -> Result<glance_rotate::Report, RotationError> {
     let rc = admin_rc.to_path_buf();
     let creds = tokio::task::spawn_blocking(move || glance_rotate::credentials_from_rc(&rc))
         .await
-        .map_err(|e| format!("sourcing {} failed: {e}", admin_rc.display()))?
-        .map_err(|e| e.to_string())?;
-    glance_rotate::rotate_with_credentials(creds, target, opts)
-        .await
-        .map_err(|e| e.to_string())
+        .map_err(|source| RotationError::Sourcing {
+            rc: admin_rc.to_path_buf(),
+            source,
+        })??;
+    Ok(glance_rotate::rotate_with_credentials(creds, target, opts).await?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A site in a temp dir: config.ini, one template, the catalog and a
+    /// worker's context on them (no daemon, no packer run).
+    fn site(dir: &Path) -> (Context, Arc<Catalog>) {
+        let d = dir.display();
+        std::fs::write(dir.join("auth.sh"), "export OS_AUTH_URL=http://127.0.0.1:1/v3\n").unwrap();
+        std::fs::write(
+            dir.join("t.json"),
+            r#"{"builders": [{"type": "null", "name": "$NAME", "x": "$IMAGE"}]}"#,
+        )
+        .unwrap();
+        std::fs::write(dir.join("template-map.json"), r#"{"DEFAULT": ["t.json"]}"#).unwrap();
+        std::fs::write(dir.join("source-images.json"), r#"{"sl7x-x86_64": "abc"}"#).unwrap();
+        let config = dir.join("config.ini");
+        std::fs::write(
+            &config,
+            format!(
+                "[rabbit2packer]\nTHREAD_COUNT = 1\nLOG_DIR = {d}/logs\nBUILD_FILE_DIR = {d}/build-files\n\
+                 PACKER_AUTH_FILE = {d}/auth.sh\nPACKER_TEMPLATE_MAP = {d}/template-map.json\n\
+                 IMAGES_CONFIG = {d}/source-images.json\nSTATE_DIR = {d}/state\n"
+            ),
+        )
+        .unwrap();
+        let ini = packuilon_common::config::IniFile::load(&config).unwrap();
+        let cfg = ini.rabbit2packer(&mut Vec::new()).unwrap();
+        for d in [&cfg.log_dir, &cfg.build_file_dir, &cfg.state_dir] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let catalog = Catalog::load(&cfg.packer_template_map, &cfg.images_config).unwrap();
+        let ctx = Context {
+            journal: Arc::new(Journal::open(&cfg.state_dir).unwrap()),
+            catalog: Arc::new(LiveCatalog::new(catalog)),
+            spawner: Spawner::start().unwrap(),
+            stop: CancellationToken::new(),
+            boot_id: runner::boot_id(),
+            rotation_backoff: Vec::new(),
+            auth_env: AuthEnv::default(),
+            config: cfg,
+        };
+        let catalog = ctx.catalog.refresh();
+        (ctx, catalog)
+    }
+
+    /// What a template's build borrows: the job, its values and environment.
+    struct Job {
+        job: JobRef,
+        values: Values,
+        env: BTreeMap<String, String>,
+    }
+
+    impl Job {
+        fn new() -> Job {
+            Job {
+                job: JobRef {
+                    id: 1,
+                    image_key: "sample-sl7x-x86_64".into(),
+                    body: Arc::new(Vec::new()),
+                },
+                values: Values::sample(),
+                env: BTreeMap::new(),
+            }
+        }
+
+        fn build<'a>(&'a self, ctx: &'a Context, template: &'a Path) -> TemplateBuild<'a> {
+            TemplateBuild {
+                ctx,
+                thread: "Thread-1",
+                job: &self.job,
+                key: &self.job.image_key,
+                values: &self.values,
+                env: &self.env,
+                template,
+            }
+        }
+    }
+
+    #[test]
+    fn render_writes_the_build_file_with_the_jobs_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ctx, catalog) = site(dir.path());
+        let (job, template) = (Job::new(), dir.path().join("t.json"));
+        let build = job.build(&ctx, &template);
+        let rendered = build.render(&catalog).unwrap();
+        assert!(rendered.build_file.starts_with(&ctx.config.build_file_dir));
+        let written: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&rendered.build_file).unwrap()).unwrap();
+        assert_eq!(written, rendered.json);
+        assert_eq!(written["builders"][0]["name"], job.values.raw_name.as_str());
+        assert_eq!(written["builders"][0]["x"], "00000000-0000-0000-0000-000000000000");
+
+        let other = dir.path().join("other.json");
+        let e = job.build(&ctx, &other).render(&catalog).unwrap_err();
+        assert!(matches!(e, TemplateError::NotInCatalog(_)), "{e}");
+    }
+
+    #[test]
+    fn record_tells_a_failed_run_from_an_interrupted_one_and_names_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ctx, _) = site(dir.path());
+        let (job, template) = (Job::new(), dir.path().join("t.json"));
+        let build = job.build(&ctx, &template);
+        let ran = |failure| Ran {
+            build_id: None,
+            log_path: PathBuf::from("/logs/t.log"),
+            exit_code: 1,
+            failure,
+            summary: Summary {
+                last_error: Some("boom".into()),
+                ..Summary::default()
+            },
+            started: chrono::Utc::now(),
+        };
+        let TemplateResult::Failed(e) = build.record(&mut ran(Some(PackerFailure::Exit(1)))) else {
+            panic!("a failed run is a failed template");
+        };
+        assert!(matches!(
+            e,
+            TemplateError::Packer {
+                failure: PackerFailure::Exit(1),
+                ..
+            }
+        ));
+        assert_eq!(e.to_string(), "packer exited with code 1: boom (log: /logs/t.log)");
+        let interrupted = build.record(&mut ran(Some(PackerFailure::Interrupted)));
+        assert!(matches!(interrupted, TemplateResult::Cancelled), "{interrupted:?}");
+        assert!(matches!(build.record(&mut ran(None)), TemplateResult::Ok));
+    }
 }

@@ -8,6 +8,10 @@
 //! `status` and `history` — other processes reading the same file — always
 //! see the truth, and a restart after `kill -9` knows what was running and
 //! which packer process groups may still be alive.
+//!
+//! Committed must also mean: in the file a restart will open. Before a
+//! delivery is acked, `Journal::check_on_disk` makes sure the files SQLite
+//! writes are still the ones at their paths (not deleted nor replaced).
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -17,32 +21,57 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde::Serialize;
 
 /// The journal's file name inside STATE_DIR.
-pub const FILE_NAME: &str = "rabbit2packer.sqlite";
+pub(crate) const FILE_NAME: &str = "rabbit2packer.sqlite";
 
+/// A journal operation that failed; every variant names the journal's file.
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
+    /// SQLite failed.
     #[error("job journal {file}: {source}")]
     Sql { file: String, source: rusqlite::Error },
+    /// Anything else: the file cannot be opened, or holds no journal.
     #[error("job journal {file}: {problem}")]
     Other { file: String, problem: String },
+    /// The file cannot be written (mode, owner, read-only mount): a
+    /// configuration error, which no restart fixes.
+    #[error("job journal {file}: {problem}")]
+    NotWritable { file: String, problem: String },
+    /// The file the daemon writes is no longer the one at its path (deleted
+    /// or replaced): what it commits would be lost at the next start.
+    #[error("job journal {file}: {problem}")]
+    Replaced { file: String, problem: String },
 }
 
+impl JournalError {
+    /// Writing on is pointless: the daemon must stop (and be restarted).
+    pub(crate) fn is_fatal(&self) -> bool {
+        matches!(self, JournalError::Replaced { .. } | JournalError::NotWritable { .. })
+    }
+}
+
+/// What the journal's operations return.
 pub type Result<T, E = JournalError> = std::result::Result<T, E>;
 
 /// Where a job is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobState {
+    /// Journaled, not started (at most one per image).
     Waiting,
+    /// A worker builds it.
     Running,
+    /// Every template built.
     Succeeded,
+    /// A template (or the job itself) failed.
     Failed,
+    /// A newer request for the image replaced it before it started.
     Superseded,
+    /// The daemon stopped during it; it runs again at the next start.
     Interrupted,
 }
 
 impl JobState {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             JobState::Waiting => "waiting",
             JobState::Running => "running",
@@ -53,7 +82,7 @@ impl JobState {
         }
     }
 
-    pub fn parse(s: &str) -> Option<JobState> {
+    pub(crate) fn parse(s: &str) -> Option<JobState> {
         Some(match s {
             "waiting" => JobState::Waiting,
             "running" => JobState::Running,
@@ -68,80 +97,97 @@ impl JobState {
 
 /// A request as it arrives, before it has an id.
 #[derive(Debug, Clone)]
-pub struct NewJob {
-    pub message_id: Option<String>,
+pub(crate) struct NewJob {
+    pub(crate) message_id: Option<String>,
     /// sha256 of the body, hex: the identity of messages without an id.
-    pub body_sha256: String,
-    pub profile: Option<String>,
-    pub image_key: String,
-    pub body: Vec<u8>,
+    pub(crate) body_sha256: String,
+    pub(crate) profile: Option<String>,
+    pub(crate) image_key: String,
+    pub(crate) body: Vec<u8>,
 }
 
 /// What the scheduler needs to run a job.
 #[derive(Debug, Clone)]
-pub struct JobRef {
-    pub id: i64,
-    pub image_key: String,
-    pub body: std::sync::Arc<Vec<u8>>,
+pub(crate) struct JobRef {
+    pub(crate) id: i64,
+    pub(crate) image_key: String,
+    pub(crate) body: std::sync::Arc<Vec<u8>>,
 }
 
 /// One template build of a job, as recorded.
 #[derive(Debug, Clone, Serialize)]
 pub struct BuildRecord {
+    /// The template's name (its file name without `.json`).
     pub template: String,
+    /// RFC 3339 times.
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
+    /// Packer's exit code (127: it could not be started).
     pub exit_code: Option<i64>,
+    /// The build log.
     pub log_path: Option<String>,
+    /// The artifact packer reported (the new image's ID).
     pub artifact_id: Option<String>,
+    /// `skipped: ...`, `done: ...` or `failed after N attempt(s): ...`.
     pub rotation: Option<String>,
+    /// Why the build failed, naming its log.
     pub error: Option<String>,
 }
 
 /// One job, as `status` and `history` show it.
 #[derive(Debug, Clone, Serialize)]
 pub struct JobRecord {
+    /// The job's number in the journal.
     pub id: i64,
+    /// `<personality>-<os><version>-<arch>`.
     pub image_key: String,
+    /// The message's `profile` header.
     pub profile: Option<String>,
+    /// The message's id, when it had one.
     pub message_id: Option<String>,
     pub state: JobState,
     /// `built, rotation failed` when the image was built but its rotation was not done.
     pub outcome: String,
+    /// RFC 3339 times.
     pub received_at: Option<String>,
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
+    /// The newer job that replaced this waiting one.
     pub superseded_by: Option<i64>,
+    /// How often the job was started (a restart runs it again).
     pub attempts: i64,
+    /// The worker (`Thread-N`) that runs or ran it.
     pub worker: Option<String>,
+    /// Why it failed or was interrupted.
     pub error: Option<String>,
+    /// Its template builds, in order.
     pub builds: Vec<BuildRecord>,
 }
 
 /// A packer process group recorded as running when the daemon last stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LeftoverGroup {
-    pub build_id: i64,
-    pub pgid: i32,
-    pub boot_id: String,
+pub(crate) struct LeftoverGroup {
+    pub(crate) build_id: i64,
+    pub(crate) pgid: i32,
+    pub(crate) boot_id: String,
 }
 
 /// What a restart finds in the journal.
 #[derive(Debug, Default)]
-pub struct Recovery {
+pub(crate) struct Recovery {
     /// Jobs to run, oldest first, at most one per image key.
-    pub jobs: Vec<JobRef>,
+    pub(crate) jobs: Vec<JobRef>,
     /// Jobs that were running when the daemon died (rebuilt).
-    pub rebuilt: Vec<i64>,
+    pub(crate) rebuilt: Vec<i64>,
     /// Process groups of packer runs that never finished.
-    pub groups: Vec<LeftoverGroup>,
+    pub(crate) groups: Vec<LeftoverGroup>,
     /// Build logs of template builds that never finished (no trailer).
-    pub unfinished_logs: Vec<PathBuf>,
+    pub(crate) unfinished_logs: Vec<PathBuf>,
 }
 
 /// Outcome of recording a delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Inserted {
+pub(crate) enum Inserted {
     New(i64),
     /// Already journaled as this job: ack it, build nothing.
     Duplicate(i64),
@@ -184,19 +230,36 @@ CREATE TABLE IF NOT EXISTS builds (
     boot_id TEXT
 );
 CREATE INDEX IF NOT EXISTS builds_job ON builds(job_id);
+-- Message bodies (jobs.body is empty for jobs journaled since this table).
+-- The body is the last column, so that a zeroblob() placeholder is never
+-- expanded in memory and the body is written straight from the delivery:
+-- a message costs its size once, not again in SQLite.
+CREATE TABLE IF NOT EXISTS bodies (
+    job_id INTEGER PRIMARY KEY REFERENCES jobs(id),
+    body BLOB NOT NULL
+);
 CREATE INDEX IF NOT EXISTS builds_pgid ON builds(pgid) WHERE pgid IS NOT NULL;
 ";
 
 /// Time stamps as operators read them (UTC, RFC 3339, seconds).
-pub fn now() -> String {
+pub(crate) fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
+
+/// Above this many free pages (4 KiB each), [`Journal::finish`] gives the
+/// space of cleared bodies back to the file system.
+const VACUUM_FREE_PAGES: i64 = 256;
+/// The WAL is cut back to this size after a checkpoint (a large body grows it).
+const WAL_SIZE_LIMIT: i64 = 4 << 20;
 
 /// The journal, opened for writing by the daemon. Calls are short
 /// transactions; one connection behind a mutex is plenty.
 pub struct Journal {
     file: PathBuf,
     conn: Mutex<Connection>,
+    /// The files SQLite writes (database, WAL, shared memory), each held open
+    /// by us too, to tell whether the path still leads to them.
+    on_disk: Vec<(PathBuf, std::fs::File)>,
 }
 
 impl std::fmt::Debug for Journal {
@@ -207,14 +270,34 @@ impl std::fmt::Debug for Journal {
 
 impl Journal {
     /// Opens (creating) STATE_DIR/rabbit2packer.sqlite for the daemon.
-    pub fn open(state_dir: &Path) -> Result<Journal> {
+    pub(crate) fn open(state_dir: &Path) -> Result<Journal> {
         let file = state_dir.join(FILE_NAME);
         let err = |source| JournalError::Sql {
             file: file.display().to_string(),
             source,
         };
+        // SQLite opens a file it may not write read-only, silently, and fails
+        // at the first write with "attempt to write a readonly database".
+        for f in sqlite_files(&file) {
+            check_writable(&f)?;
+        }
         let conn = Connection::open(&file).map_err(err)?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
+        if conn.is_readonly(rusqlite::MAIN_DB).map_err(err)? {
+            return Err(not_writable(&file, "SQLite opened it read-only".into()));
+        }
+        // Space of cleared bodies goes back to the file system
+        // (`incremental_vacuum`); an older journal is converted once.
+        let auto_vacuum: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0)).map_err(err)?;
+        if auto_vacuum != 2 {
+            conn.execute_batch("PRAGMA auto_vacuum=INCREMENTAL").map_err(err)?;
+            let tables: i64 = conn
+                .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+                .map_err(err)?;
+            if tables > 0 {
+                conn.execute_batch("VACUUM").map_err(err)?;
+            }
+        }
         let mode: String = conn
             .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
             .map_err(err)?;
@@ -225,13 +308,62 @@ impl Journal {
             });
         }
         // FULL: a commit is fsynced before the delivery it records is acked.
-        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
-            .map_err(err)?;
+        conn.execute_batch(&format!(
+            "PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA journal_size_limit={WAL_SIZE_LIMIT};"
+        ))
+        .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
-        Ok(Journal {
+        // The WAL and shared-memory files exist now (WAL mode, schema written).
+        let mut on_disk = Vec::new();
+        for f in sqlite_files(&file) {
+            match std::fs::File::open(&f) {
+                Ok(h) => on_disk.push((f, h)),
+                Err(e) if f == file || e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(JournalError::Other {
+                        file: f.display().to_string(),
+                        problem: format!("cannot open: {e}"),
+                    })
+                }
+                Err(_) => {}
+            }
+        }
+        let journal = Journal {
             file,
             conn: Mutex::new(conn),
-        })
+            on_disk,
+        };
+        journal.check_on_disk()?;
+        Ok(journal)
+    }
+
+    /// Is what we write still the journal at STATE_DIR/rabbit2packer.sqlite
+    /// (and its WAL and shared memory)? A file deleted or replaced under a
+    /// running daemon (`rm STATE_DIR/rabbit2packer.sqlite*`) takes every
+    /// commit since with it at the next start: a delivery must not be acked.
+    pub(crate) fn check_on_disk(&self) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        for (path, held) in &self.on_disk {
+            let ours = held.metadata().map_err(|e| JournalError::Replaced {
+                file: path.display().to_string(),
+                problem: format!("cannot stat the open file: {e}"),
+            })?;
+            let problem = if ours.nlink() == 0 {
+                Some("was deleted while rabbit2packer was writing it".to_string())
+            } else {
+                match std::fs::metadata(path) {
+                    Ok(m) if (m.dev(), m.ino()) == (ours.dev(), ours.ino()) => None,
+                    Ok(_) => Some("was replaced by another file while rabbit2packer was writing it".into()),
+                    Err(e) => Some(format!("is gone from its path while rabbit2packer was writing it: {e}")),
+                }
+            };
+            if let Some(problem) = problem {
+                return Err(JournalError::Replaced {
+                    file: path.display().to_string(),
+                    problem: format!("{problem}; what rabbit2packer commits now would be lost at the next start"),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Opens the journal read-only (for `status` and `history` while the daemon runs).
@@ -252,11 +384,8 @@ impl Journal {
         Ok(Journal {
             file,
             conn: Mutex::new(conn),
+            on_disk: Vec::new(),
         })
-    }
-
-    pub fn file(&self) -> &Path {
-        &self.file
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T> {
@@ -272,7 +401,7 @@ impl Journal {
     /// the same message id, or (for messages without one, as the original
     /// cdb2rabbit sends) a redelivery whose body was journaled before.
     /// `supersede` is the image's waiting job that the new one replaces.
-    pub fn insert(&self, job: &NewJob, redelivered: bool, supersede: Option<i64>) -> Result<Inserted> {
+    pub(crate) fn insert(&self, job: &NewJob, redelivered: bool, supersede: Option<i64>) -> Result<Inserted> {
         self.with(|conn| {
             let tx = conn.transaction()?;
             let existing: Option<i64> = match &job.message_id {
@@ -299,31 +428,40 @@ impl Journal {
             }
             tx.execute(
                 "INSERT INTO jobs (message_id, body_sha256, profile, image_key, body, state, received_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'waiting', ?6)",
-                params![
-                    job.message_id,
-                    job.body_sha256,
-                    job.profile,
-                    job.image_key,
-                    job.body,
-                    now()
-                ],
+                 VALUES (?1, ?2, ?3, ?4, X'', 'waiting', ?5)",
+                params![job.message_id, job.body_sha256, job.profile, job.image_key, now()],
             )?;
             let id = tx.last_insert_rowid();
+            tx.execute(
+                "INSERT INTO bodies (job_id, body) VALUES (?1, zeroblob(?2))",
+                params![id, job.body.len() as i64],
+            )?;
+            if !job.body.is_empty() {
+                let mut blob = tx.blob_open(rusqlite::MAIN_DB, "bodies", "body", id, false)?;
+                blob.write_at(&job.body, 0)?;
+            }
             if let Some(old) = supersede {
-                tx.execute(
+                let n = tx.execute(
                     "UPDATE jobs SET state = 'superseded', superseded_by = ?1, finished_at = ?2, body = X''
                      WHERE id = ?3 AND state = 'waiting'",
                     params![id, now(), old],
                 )?;
+                if n > 0 {
+                    tx.execute("DELETE FROM bodies WHERE job_id = ?1", [old])?;
+                }
             }
             tx.commit()?;
             Ok(Inserted::New(id))
         })
+        .and_then(|inserted| {
+            // Committed, but to the file at STATE_DIR? Only then may it be acked.
+            self.check_on_disk()?;
+            Ok(inserted)
+        })
     }
 
     /// A worker took the job.
-    pub fn set_running(&self, id: i64, worker: &str) -> Result<()> {
+    pub(crate) fn set_running(&self, id: i64, worker: &str) -> Result<()> {
         self.with(|c| {
             c.execute(
                 "UPDATE jobs SET state = 'running', started_at = ?1, finished_at = NULL, worker = ?2,
@@ -335,7 +473,7 @@ impl Journal {
     }
 
     /// The job's final state (succeeded, failed, interrupted).
-    pub fn finish(&self, id: i64, state: JobState, error: Option<&str>) -> Result<()> {
+    pub(crate) fn finish(&self, id: i64, state: JobState, error: Option<&str>) -> Result<()> {
         self.with(|c| {
             let tx = c.transaction()?;
             tx.execute(
@@ -349,12 +487,19 @@ impl Journal {
                  AND id < ?1 AND state IN ('succeeded', 'failed', 'superseded') AND length(body) > 0",
                 [id],
             )?;
-            tx.commit()
+            tx.execute(
+                "DELETE FROM bodies WHERE job_id IN (SELECT id FROM jobs
+                 WHERE image_key = (SELECT image_key FROM jobs WHERE id = ?1)
+                 AND id < ?1 AND state IN ('succeeded', 'failed', 'superseded'))",
+                [id],
+            )?;
+            tx.commit()?;
+            reclaim_space(c)
         })
     }
 
     /// A template build starts: returns its id.
-    pub fn start_build(&self, job_id: i64, template: &str, log_path: &Path, build_file: &Path) -> Result<i64> {
+    pub(crate) fn start_build(&self, job_id: i64, template: &str, log_path: &Path, build_file: &Path) -> Result<i64> {
         self.with(|c| {
             c.execute(
                 "INSERT INTO builds (job_id, template, started_at, log_path, build_file) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -371,7 +516,7 @@ impl Journal {
     }
 
     /// Records the build's packer process group (killed at the next start if still alive).
-    pub fn set_build_pgid(&self, build_id: i64, pgid: i32, boot_id: &str) -> Result<()> {
+    pub(crate) fn set_build_pgid(&self, build_id: i64, pgid: i32, boot_id: &str) -> Result<()> {
         self.with(|c| {
             c.execute(
                 "UPDATE builds SET pgid = ?1, boot_id = ?2 WHERE id = ?3",
@@ -382,7 +527,7 @@ impl Journal {
     }
 
     /// A template build ended (the process group is gone).
-    pub fn finish_build(
+    pub(crate) fn finish_build(
         &self,
         build_id: i64,
         exit_code: Option<i32>,
@@ -400,7 +545,7 @@ impl Journal {
     }
 
     /// The rotation result of a build (`done: ...`, `skipped: ...`, `failed: ...`).
-    pub fn set_rotation(&self, build_id: i64, rotation: &str) -> Result<()> {
+    pub(crate) fn set_rotation(&self, build_id: i64, rotation: &str) -> Result<()> {
         self.with(|c| {
             c.execute(
                 "UPDATE builds SET rotation = ?1 WHERE id = ?2",
@@ -414,7 +559,7 @@ impl Journal {
     /// waiting ones go back to waiting; of several for one image only the
     /// newest stays, the others superseded by it. Returns them to schedule,
     /// and the process groups of builds that never finished.
-    pub fn recover(&self) -> Result<Recovery> {
+    pub(crate) fn recover(&self) -> Result<Recovery> {
         self.with(|conn| {
             let tx = conn.transaction()?;
             let mut rec = Recovery::default();
@@ -454,7 +599,10 @@ impl Journal {
                 [],
             )?;
             let pending: Vec<(i64, String, Vec<u8>)> = {
-                let mut st = tx.prepare("SELECT id, image_key, body FROM jobs WHERE state = 'waiting' ORDER BY id")?;
+                let mut st = tx.prepare(
+                    "SELECT id, image_key, COALESCE((SELECT body FROM bodies WHERE job_id = jobs.id), body)
+                     FROM jobs WHERE state = 'waiting' ORDER BY id",
+                )?;
                 let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
                 rows.collect::<rusqlite::Result<_>>()?
             };
@@ -489,7 +637,7 @@ impl Journal {
     }
 
     /// Marks every job still running as interrupted (the end of a stop).
-    pub fn interrupt_running(&self) -> Result<usize> {
+    pub(crate) fn interrupt_running(&self) -> Result<usize> {
         self.with(|c| {
             c.execute(
                 "UPDATE jobs SET state = 'interrupted', finished_at = ?1,
@@ -501,12 +649,12 @@ impl Journal {
 
     /// Pending work, oldest first: running and waiting jobs, and the ones a
     /// stop interrupted (they run again at the next start).
-    pub fn active(&self) -> Result<Vec<JobRecord>> {
+    pub(crate) fn active(&self) -> Result<Vec<JobRecord>> {
         self.jobs_where("state IN ('running', 'waiting', 'interrupted') ORDER BY id", params![])
     }
 
     /// The newest `limit` finished or superseded jobs (of `image` when given), newest first.
-    pub fn history(&self, image: Option<&str>, limit: usize) -> Result<Vec<JobRecord>> {
+    pub(crate) fn history(&self, image: Option<&str>, limit: usize) -> Result<Vec<JobRecord>> {
         let limit = limit as i64;
         match image {
             Some(img) => self.jobs_where(
@@ -520,8 +668,9 @@ impl Journal {
         }
     }
 
-    /// One job by id.
-    pub fn job(&self, id: i64) -> Result<Option<JobRecord>> {
+    /// One job by id (for the unit tests).
+    #[cfg(test)]
+    pub(crate) fn job(&self, id: i64) -> Result<Option<JobRecord>> {
         Ok(self.jobs_where("id = ?1", params![id])?.into_iter().next())
     }
 
@@ -582,6 +731,95 @@ impl Journal {
             }
             Ok(jobs)
         })
+    }
+}
+
+/// Gives the pages of cleared bodies back to the file system once there are
+/// enough of them: a 40 MB profile superseded by a small one must not keep
+/// the journal at 40 MB for ever.
+fn reclaim_space(c: &Connection) -> rusqlite::Result<()> {
+    let free: i64 = c.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+    if free < VACUUM_FREE_PAGES {
+        return Ok(());
+    }
+    // Each step frees some pages: step it to the end.
+    let mut st = c.prepare("PRAGMA incremental_vacuum")?;
+    let mut rows = st.query([])?;
+    while rows.next()?.is_some() {}
+    drop(rows);
+    // Copies the WAL into the database, which is cut to its new size, and
+    // empties the WAL. A reader in the way (`status`) only delays it.
+    let _: (i64, i64, i64) = c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+    })?;
+    Ok(())
+}
+
+/// The journal and the files SQLite keeps beside it in WAL mode.
+fn sqlite_files(file: &Path) -> Vec<PathBuf> {
+    let mut files = vec![file.to_path_buf()];
+    for suffix in ["-wal", "-shm"] {
+        let mut name = file.as_os_str().to_owned();
+        name.push(suffix);
+        files.push(PathBuf::from(name));
+    }
+    files
+}
+
+/// Opens `path`, if it exists, for writing (as SQLite will), to name the
+/// file, its owner and its mode when that fails.
+fn check_writable(path: &Path) -> Result<()> {
+    match std::fs::OpenOptions::new().read(true).write(true).open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(not_writable(path, e.to_string())),
+    }
+}
+
+fn not_writable(path: &Path, why: String) -> JournalError {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: plain syscalls.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let owner = match std::fs::metadata(path) {
+        Ok(m) => format!(
+            "owner {}, group {}, mode {:04o}",
+            account_name(m.uid(), false),
+            account_name(m.gid(), true),
+            m.mode() & 0o7777
+        ),
+        Err(e) => format!("owner and mode unknown: {e}"),
+    };
+    JournalError::NotWritable {
+        file: path.display().to_string(),
+        problem: format!(
+            "cannot be written by rabbit2packer (running as {}, group {}): {why}; it has {owner} \
+             (fix its owner or mode, or the mount; STATE_DIR must be writable)",
+            account_name(uid, false),
+            account_name(gid, true),
+        ),
+    }
+}
+
+/// `name (id)`, or the id alone when no name is known.
+fn account_name(id: u32, group: bool) -> String {
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let name = unsafe {
+        // SAFETY: the buffers outlive the calls; the result pointers point into them.
+        if group {
+            let mut grp: libc::group = std::mem::zeroed();
+            let mut res: *mut libc::group = std::ptr::null_mut();
+            let rc = libc::getgrgid_r(id, &mut grp, buf.as_mut_ptr(), buf.len(), &mut res);
+            (rc == 0 && !res.is_null()).then(|| std::ffi::CStr::from_ptr(grp.gr_name).to_string_lossy().into_owned())
+        } else {
+            let mut pwd: libc::passwd = std::mem::zeroed();
+            let mut res: *mut libc::passwd = std::ptr::null_mut();
+            let rc = libc::getpwuid_r(id, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut res);
+            (rc == 0 && !res.is_null()).then(|| std::ffi::CStr::from_ptr(pwd.pw_name).to_string_lossy().into_owned())
+        }
+    };
+    match name {
+        Some(n) => format!("{n} ({id})"),
+        None => id.to_string(),
     }
 }
 
@@ -682,7 +920,9 @@ mod tests {
         }
         let bodies: Vec<usize> = j
             .with(|c| {
-                let mut st = c.prepare("SELECT length(body) FROM jobs ORDER BY id")?;
+                let mut st = c.prepare(
+                    "SELECT length(COALESCE((SELECT body FROM bodies WHERE job_id = jobs.id), body)) FROM jobs ORDER BY id",
+                )?;
                 let rows = st.query_map([], |r| r.get::<_, i64>(0))?;
                 rows.map(|r| r.map(|n| n as usize)).collect()
             })

@@ -1,26 +1,34 @@
 //! rabbit2packer: consumes profile change requests from RabbitMQ and builds
 //! each image with Packer, exactly once per change, losing no request.
 //!
-//! Follow the data: a delivery ([`consumer`]) becomes a job in the durable
-//! [`journal`] (acked only after the commit); the [`scheduler`] keeps per
+//! Follow the data: a delivery (`consumer`) becomes a job in the durable
+//! [`journal`] (acked only after the commit); the `scheduler` keeps per
 //! image at most one running and one waiting job and hands ready ones to
-//! THREAD_COUNT workers; a [`job`] takes the [`catalog`]'s templates for the
-//! image, [`render`]s each to a build file, [`runner`] runs packer in its own
+//! THREAD_COUNT workers; a `job` takes the `catalog`'s templates for the
+//! image, `render`s each to a build file, [`runner`] runs packer in its own
 //! process group while [`build_log`] writes the log operators know, then the
 //! image is rotated (glance-rotate). [`history`] reads the journal for
 //! `status` and `history`; [`daemon`] ties the life cycle together.
+//!
+//! The API (for the binary, xtask's man pages, the tests and benchmarks):
+//! [`cli`], [`daemon::run`] and [`daemon::load_settings`], the
+//! [`journal::Journal`]'s records and [`history`]'s reports of them, and
+//! what the tests check on disk ([`build_log::logs_of`],
+//! [`runner::group_members`]). The rest is `pub(crate)`.
 //!
 //! Not here: profile names and `$METADATA` (packuilon-common::profile),
 //! config.ini (packuilon-common::config), Glance (glance-rotate).
 
 pub mod build_log;
-pub mod catalog;
+pub(crate) mod catalog;
 pub mod cli;
-pub mod consumer;
+pub(crate) mod consumer;
 pub mod daemon;
 pub mod history;
-pub mod job;
+pub(crate) mod job;
 pub mod journal;
-pub mod render;
+pub(crate) mod render;
 pub mod runner;
-pub mod scheduler;
+pub(crate) mod scheduler;
+
+pub use catalog::{CatalogError, LoadError};

@@ -14,19 +14,19 @@ use serde_json::Value;
 
 /// The values pasted into a template.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Values {
+pub(crate) struct Values {
     /// `$NAME`, escaped for use inside a JSON string.
-    pub name: String,
+    pub(crate) name: String,
     /// `$IMAGE`, escaped for use inside a JSON string.
-    pub image: String,
+    pub(crate) image: String,
     /// `$METADATA`: the JSON fragment (already escaped).
-    pub metadata: String,
+    pub(crate) metadata: String,
     /// `$NAME` as it is (for rotation by name).
-    pub raw_name: String,
+    pub(crate) raw_name: String,
 }
 
 impl Values {
-    pub fn new(names: &ImageNames, source_image: &str) -> Values {
+    pub(crate) fn new(names: &ImageNames, source_image: &str) -> Values {
         Values {
             name: json_escape(&names.name()),
             image: json_escape(source_image),
@@ -36,7 +36,7 @@ impl Values {
     }
 
     /// What start-up validation renders every template with.
-    pub fn sample() -> Values {
+    pub(crate) fn sample() -> Values {
         let names = ImageNames {
             personality: "sample".into(),
             archetype: "sample-archetype".into(),
@@ -52,12 +52,12 @@ impl Values {
 /// A rendered template that is not JSON.
 #[derive(Debug, thiserror::Error)]
 #[error("rendered template is not valid JSON: {0}")]
-pub struct RenderError(pub String);
+pub(crate) struct RenderError(pub String);
 
 /// Replaces the placeholders in one pass (so a value containing `$NAME`
 /// is never substituted again). A placeholder followed by a letter, digit
 /// or `_` is some other name (`$IMAGE_NAME` in a script) and stays.
-pub fn substitute(template: &str, v: &Values) -> String {
+pub(crate) fn substitute(template: &str, v: &Values) -> String {
     let mut out = String::with_capacity(template.len() + 256);
     let mut rest = template;
     while let Some(pos) = rest.find('$') {
@@ -88,14 +88,14 @@ pub fn substitute(template: &str, v: &Values) -> String {
 }
 
 /// Renders and checks that the result parses as JSON.
-pub fn render(template: &str, v: &Values) -> Result<(String, Value), RenderError> {
+pub(crate) fn render(template: &str, v: &Values) -> Result<(String, Value), RenderError> {
     let text = substitute(template, v);
     let json: Value = serde_json::from_str(&text).map_err(|e| RenderError(e.to_string()))?;
     Ok((text, json))
 }
 
 /// `<template file name>`: the name build files and logs are known by.
-pub fn template_name(template: &Path) -> String {
+pub(crate) fn template_name(template: &Path) -> String {
     template
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -103,7 +103,7 @@ pub fn template_name(template: &Path) -> String {
 }
 
 /// `BUILD_FILE_DIR/<image key>.<template file name>.json`.
-pub fn build_file_path(dir: &Path, image_key: &str, template: &Path) -> PathBuf {
+pub(crate) fn build_file_path(dir: &Path, image_key: &str, template: &Path) -> PathBuf {
     dir.join(format!("{image_key}.{}.json", template_name(template)))
 }
 
@@ -111,7 +111,7 @@ pub fn build_file_path(dir: &Path, image_key: &str, template: &Path) -> PathBuf 
 /// earlier) sees the old file or the new one, never half of one. No fsync:
 /// a build file is rendered again for every run, so it need not survive a
 /// power cut (the journal, which must, is synced).
-pub fn write_atomic(path: &Path, text: impl AsRef<[u8]>) -> std::io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, text: impl AsRef<[u8]>) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let mut tmp = tempfile::Builder::new().prefix(".rendering-").tempfile_in(dir)?;
     tmp.write_all(text.as_ref())?;
@@ -122,7 +122,7 @@ pub fn write_atomic(path: &Path, text: impl AsRef<[u8]>) -> std::io::Result<()> 
 /// The Glance image name a rendered template creates: its builder's
 /// `image_name` (with `{{user `x`}}` filled from its variables), else its
 /// user variable `image_name`, else `$NAME`.
-pub fn image_name(rendered: &Value, name: &str) -> String {
+pub(crate) fn image_name(rendered: &Value, name: &str) -> String {
     let vars = rendered.get("variables");
     let from_builder = rendered
         .get("builders")

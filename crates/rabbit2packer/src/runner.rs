@@ -15,7 +15,7 @@
 //!   every packer is forked by one dedicated thread that lives as long as
 //!   the daemon (never tokio's blocking pool, whose threads exit when
 //!   idle). Each group id is also in the journal; the next start stops any
-//!   group still alive ([`kill_leftover_group`]).
+//!   group still alive (`kill_leftover_group`).
 //! - Exit is awaited through a pidfd (no SIGCHLD polling, no sleeps).
 
 use std::collections::BTreeMap;
@@ -34,12 +34,12 @@ use tokio_util::sync::CancellationToken;
 
 /// What to run.
 #[derive(Debug, Clone)]
-pub struct PackerCommand {
-    pub packer: PathBuf,
-    pub build_file: PathBuf,
+pub(crate) struct PackerCommand {
+    pub(crate) packer: PathBuf,
+    pub(crate) build_file: PathBuf,
     /// Added to the daemon's own environment.
-    pub env: BTreeMap<String, String>,
-    pub cwd: Option<PathBuf>,
+    pub(crate) env: BTreeMap<String, String>,
+    pub(crate) cwd: Option<PathBuf>,
 }
 
 impl PackerCommand {
@@ -82,12 +82,12 @@ type SpawnRequest = (PackerCommand, oneshot::Sender<io::Result<Child>>);
 
 /// The one long-lived thread that forks every packer (see the module doc).
 #[derive(Debug, Clone)]
-pub struct Spawner {
+pub(crate) struct Spawner {
     tx: std_mpsc::Sender<SpawnRequest>,
 }
 
 impl Spawner {
-    pub fn start() -> io::Result<Spawner> {
+    pub(crate) fn start() -> io::Result<Spawner> {
         let (tx, rx) = std_mpsc::channel::<SpawnRequest>();
         let daemon_pid = std::process::id() as libc::pid_t;
         std::thread::Builder::new()
@@ -113,16 +113,16 @@ impl Spawner {
 
 /// How a packer run ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     /// Packer's exit code, or 128 + signal when a signal ended it.
-    pub exit_code: i32,
-    pub timed_out: bool,
+    pub(crate) exit_code: i32,
+    pub(crate) timed_out: bool,
     /// Stopped because the daemon is stopping.
-    pub cancelled: bool,
+    pub(crate) cancelled: bool,
 }
 
 /// Process group id of a running packer (for the journal).
-pub type Pgid = i32;
+pub(crate) type Pgid = i32;
 
 /// Kills a process group when dropped: a job that panics leaves nothing behind.
 struct GroupGuard {
@@ -171,7 +171,7 @@ impl PidFd {
 
 /// Which pipe a line came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stream {
+pub(crate) enum Stream {
     Stdout,
     Stderr,
 }
@@ -180,7 +180,7 @@ pub enum Stream {
 /// `on_line` gets each output line. After BUILD_TIMEOUT or
 /// when `stop` fires, the group gets SIGINT (packer cancels and cleans up),
 /// then SIGKILL after `grace`.
-pub async fn run<S, L>(
+pub(crate) async fn run<S, L>(
     spawner: &Spawner,
     cmd: PackerCommand,
     timeout: Duration,
@@ -270,7 +270,7 @@ where
 }
 
 /// This boot's id: a recorded process group is only ours on the same boot.
-pub fn boot_id() -> String {
+pub(crate) fn boot_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
@@ -301,7 +301,7 @@ pub fn group_members(pgid: Pgid) -> Vec<libc::pid_t> {
 /// At start-up: a packer group recorded by a daemon that died (same boot)
 /// and still alive gets SIGINT (as a stop would), then SIGKILL after `grace`. Returns how
 /// many processes were found.
-pub async fn kill_leftover_group(pgid: Pgid, recorded_boot: &str, grace: Duration) -> usize {
+pub(crate) async fn kill_leftover_group(pgid: Pgid, recorded_boot: &str, grace: Duration) -> usize {
     if pgid <= 1 || recorded_boot != boot_id() || pgid == std::process::id() as Pgid {
         return 0;
     }

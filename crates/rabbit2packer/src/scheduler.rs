@@ -30,7 +30,7 @@ struct State {
 
 /// What became of an accepted delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Accepted {
+pub(crate) enum Accepted {
     /// A new waiting job; `superseded` is the waiting job it replaced.
     New { id: i64, superseded: Option<i64> },
     /// Already journaled: nothing to build.
@@ -39,7 +39,7 @@ pub enum Accepted {
 
 /// The per-image slots and the ready queue.
 #[derive(Debug)]
-pub struct Scheduler {
+pub(crate) struct Scheduler {
     journal: Arc<Journal>,
     state: Mutex<State>,
     ready_tx: mpsc::UnboundedSender<String>,
@@ -47,7 +47,7 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn new(journal: Arc<Journal>) -> Scheduler {
+    pub(crate) fn new(journal: Arc<Journal>) -> Scheduler {
         let (ready_tx, ready_rx) = mpsc::unbounded_channel();
         Scheduler {
             journal,
@@ -64,7 +64,7 @@ impl Scheduler {
     /// Journals a delivery (under the scheduler's lock, so the journal and
     /// the slots agree on which job is waiting) and schedules it. Returns
     /// once the job is committed: the caller may ack then.
-    pub fn accept(&self, job: NewJob, redelivered: bool) -> Result<Accepted, JournalError> {
+    pub(crate) fn accept(&self, job: NewJob, redelivered: bool) -> Result<Accepted, JournalError> {
         let mut state = self.lock();
         let slot = state.slots.entry(job.image_key.clone()).or_default();
         let supersede = slot.waiting.as_ref().map(|w| w.id);
@@ -86,7 +86,7 @@ impl Scheduler {
     }
 
     /// Schedules jobs found in the journal at start-up (already waiting there).
-    pub fn restore(&self, jobs: Vec<JobRef>) {
+    pub(crate) fn restore(&self, jobs: Vec<JobRef>) {
         let mut state = self.lock();
         for job in jobs {
             let key = job.image_key.clone();
@@ -106,7 +106,7 @@ impl Scheduler {
 
     /// Waits for a job to run and marks it running (in memory; the worker
     /// records it in the journal).
-    pub async fn next(&self) -> JobRef {
+    pub(crate) async fn next(&self) -> JobRef {
         loop {
             let key = {
                 let mut rx = self.ready_rx.lock().await;
@@ -132,7 +132,7 @@ impl Scheduler {
     }
 
     /// The image's running job ended: its waiting job (if any) becomes ready.
-    pub fn done(&self, image_key: &str) {
+    pub(crate) fn done(&self, image_key: &str) {
         let mut state = self.lock();
         let remove = {
             let Some(slot) = state.slots.get_mut(image_key) else {
@@ -146,11 +146,6 @@ impl Scheduler {
             // Thousands of images come and go: keep only the busy ones.
             state.slots.remove(image_key);
         }
-    }
-
-    /// Jobs waiting now (for tests and the benchmark).
-    pub fn waiting_count(&self) -> usize {
-        self.lock().slots.values().filter(|s| s.waiting.is_some()).count()
     }
 }
 

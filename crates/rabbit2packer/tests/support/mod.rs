@@ -162,9 +162,23 @@ impl Site {
     }
 
     pub fn start_with_env(&self, env: &[(&str, &str)]) -> Daemon {
-        let d = Daemon::start(&self.config, env);
+        self.start_via(&[], env)
+    }
+
+    /// Starts the daemon through a wrapper command (`setpriv ... --`).
+    pub fn start_via(&self, wrapper: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let d = Daemon::start_via(wrapper, &self.config, env);
         *self.last_daemon.lock().unwrap() = Some(d.lines.clone());
         d
+    }
+
+    /// Messages ready in the test's queue (not those delivered and unacked).
+    pub fn queue_len(&self) -> u32 {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(self.queue.broker.message_count(&self.queue.name)).unwrap()
     }
 
     fn daemon_said(&self) -> String {
@@ -292,6 +306,11 @@ pub fn publish_raw(broker: &BrokerAddr, queue: &str, body: Vec<u8>, message_id: 
 
 /// Publishes every message over one connection, then waits for all confirms.
 pub fn publish_all(broker: &BrokerAddr, queue: &str, messages: &[(Vec<u8>, Option<String>)]) {
+    publish_all_as(broker, queue, messages, "test-profile.json")
+}
+
+/// As [`publish_all`], with this `profile` header.
+pub fn publish_all_as(broker: &BrokerAddr, queue: &str, messages: &[(Vec<u8>, Option<String>)], profile: &str) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -304,7 +323,7 @@ pub fn publish_all(broker: &BrokerAddr, queue: &str, messages: &[(Vec<u8>, Optio
         let mut confirms = Vec::new();
         for (body, message_id) in messages {
             let mut headers = FieldTable::default();
-            headers.insert("profile".into(), AMQPValue::LongString("test-profile.json".into()));
+            headers.insert("profile".into(), AMQPValue::LongString(profile.into()));
             let mut props = BasicProperties::default().with_delivery_mode(2).with_headers(headers);
             if let Some(id) = message_id {
                 props = props.with_message_id(id.as_str().into());
@@ -389,7 +408,19 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(config: &Path, env: &[(&str, &str)]) -> Daemon {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rabbit2packer"));
+        Daemon::start_via(&[], config, env)
+    }
+
+    /// Runs `WRAPPER... rabbit2packer --config ...` (the wrapper execs it).
+    pub fn start_via(wrapper: &[&str], config: &Path, env: &[(&str, &str)]) -> Daemon {
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(env!("CARGO_BIN_EXE_rabbit2packer"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_rabbit2packer")),
+        };
         cmd.arg("--config")
             .arg(config)
             .arg("--log")
@@ -533,3 +564,55 @@ pub fn wait_for(what: &str, timeout: Duration, f: impl Fn() -> bool) {
 /// The bound of every wait: generous, since it only matters when a test fails
 /// (a busy CI machine may be slow), and a passing test never waits for it.
 pub const T: Duration = Duration::from_secs(120);
+
+/// A tmpfs of a given size mounted on a directory (created), for a disk
+/// that must fill; unmounted when dropped, also when the test panics.
+pub struct Tmpfs {
+    pub dir: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0755"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount -t tmpfs on {}", dir.display());
+        Tmpfs { dir: dir.to_path_buf() }
+    }
+
+    /// Writes a file until the file system is full; returns its path
+    /// (remove it to give the space back).
+    pub fn fill(&self) -> PathBuf {
+        use std::io::Write;
+        let path = self.dir.join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let block = [0u8; 4096];
+        loop {
+            match f.write(&block) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => panic!("filling {}: {e}", path.display()),
+            }
+        }
+        path
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazy: a daemon killed a moment ago may still hold a file there.
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+/// Peak resident memory of a process (VmHWM), in bytes.
+pub fn peak_rss(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kb * 1024
+}

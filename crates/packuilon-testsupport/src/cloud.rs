@@ -1,21 +1,21 @@
 //! What the tests need from a real Keystone + Glance: the deployment
-//! (packuilon_testsupport::openstack), an admin session, and helpers that
-//! create projects, application credentials, images with data (so they are
+//! ([`crate::openstack`]), an admin session, and helpers that create
+//! projects, application credentials, images with data (so they are
 //! `active`) and members. Every image and project a [`Cloud`] creates is
-//! deleted when it drops. Also used by the workspace's end-to-end tests
-//! (`tests/pipeline.rs`): keep its dependencies to what every crate has.
-#![allow(dead_code)]
+//! deleted when it drops. Used by glance-rotate's tests and benchmark and
+//! by the workspace's end-to-end tests (`tests/pipeline.rs`).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use crate::openstack::OpenStack;
+use crate::unique_name;
 use glance_rotate::glance::{Glance, Hidden, Image, Member};
 use glance_rotate::{Credentials, Session};
-use packuilon_testsupport::openstack::OpenStack;
-use packuilon_testsupport::unique_name;
 use serde_json::{json, Value};
 
+/// An admin's view of the test deployment; what it creates is deleted on drop.
 pub struct Cloud {
     pub os: Arc<OpenStack>,
     pub env: BTreeMap<String, String>,
@@ -31,10 +31,12 @@ pub struct Cloud {
 }
 
 impl Cloud {
+    /// On the shared deployment ([`OpenStack::shared`]).
     pub async fn new() -> Cloud {
         Cloud::on(OpenStack::shared().expect("Keystone + Glance for the tests")).await
     }
 
+    /// On `os` (a private deployment a test may stop).
     pub async fn on(os: Arc<OpenStack>) -> Cloud {
         let env = os.env().expect("sourcing the admin RC file");
         let creds = Credentials::from_env(&env).expect("admin credentials");
@@ -160,6 +162,7 @@ impl Cloud {
         self.get(&id).await
     }
 
+    /// The image as Glance shows it now.
     pub async fn get(&self, id: &str) -> Image {
         self.glance.image(id).await.unwrap()
     }
@@ -210,7 +213,7 @@ impl Cloud {
     /// Deletes what this Cloud created (also done on drop).
     pub async fn cleanup(&self) {
         let images: Vec<String> = std::mem::take(&mut *self.images.lock().unwrap());
-        // Eight at a time (tokio only: other crates' tests include this module).
+        // Eight at a time.
         let limit = Arc::new(tokio::sync::Semaphore::new(8));
         let mut tasks = tokio::task::JoinSet::new();
         for id in images {
