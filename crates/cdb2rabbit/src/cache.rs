@@ -63,10 +63,10 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use crate::index::{self, Index, IndexError};
+use crate::names::check_name;
 
-/// The cached index, as the original named it.
-pub const CACHED_INDEX: &str = "cached_info.xml";
-/// The run lock (a dot file: [`index::check_name`] keeps profiles away from it).
+pub use crate::names::CACHED_INDEX;
+/// The run lock (a dot file: [`check_name`] keeps profiles away from it).
 pub const LOCK_FILE: &str = ".cdb2rabbit.lock";
 /// Where each profile's spare file lives (a dot directory, like the lock).
 pub const SPARE_DIR: &str = ".cdb2rabbit-spare";
@@ -146,9 +146,9 @@ impl CacheDir {
         self.root.join(CACHED_INDEX)
     }
 
-    /// Where the cached copy of `name` lives. `name` must have passed [`index::check_name`].
+    /// Where the cached copy of `name` lives. `name` must have passed [`check_name`].
     pub fn profile_path(&self, name: &str) -> PathBuf {
-        debug_assert!(index::check_name(name).is_ok());
+        debug_assert!(check_name(name).is_ok());
         self.root.join(copy_path(name))
     }
 
@@ -461,7 +461,7 @@ const NAME_MAX: usize = 255;
 /// A profile's copy, relative to CACHE_DIR (and to [`SPARE_DIR`]): its name,
 /// except that a path segment too long for a file name (an `<fqdn>.json`
 /// can reach 258 bytes) is stored as `.long-<SHA-256 of the segment>`. The
-/// leading dot keeps it clear of every profile's name ([`index::check_name`]
+/// leading dot keeps it clear of every profile's name ([`check_name`]
 /// refuses segments starting with one) and of cdb2rabbit's own files.
 pub fn copy_path(name: &str) -> std::borrow::Cow<'_, Path> {
     use std::fmt::Write;
