@@ -41,7 +41,7 @@
 //!   first copy is written, the profiles the run may write copies for are
 //!   durably listed in [`UNSYNCED_MARK`], and a run publishes a listed
 //!   profile whatever its copy says until an index records it
-//!   ([`CacheDir::unsynced`]): a duplicate, never a loss.
+//!   ([`Transaction::untrusted`]): a duplicate, never a loss.
 //! - The copies must be durable *before* the index that points past them:
 //!   were the index to survive a crash and a copy not, a later change
 //!   reverting the profile to that older copy would compare equal and
@@ -49,7 +49,7 @@
 //!
 //! So copies are written without fsync (an fsync each was most of a large
 //! run's cost; each copy's writeback is only started), then one `syncfs(2)`
-//! on CACHE_DIR's filesystem ([`CacheDir::sync_copies`]) makes all of them
+//! on CACHE_DIR's filesystem (as the [`Transaction`] finishes) makes all of them
 //! durable at once, then the index is written with temp file, fsync,
 //! rename, fsync of the directory, and only then do the profiles it
 //! records leave [`UNSYNCED_MARK`].
@@ -76,7 +76,7 @@ pub const SPARE_DIR: &str = ".cdb2rabbit-spare";
 /// temp file left there by a run that died is removed by the next run.
 pub const TEMP_DIR: &str = ".cdb2rabbit-tmp";
 /// The profiles whose cached copies cannot be trusted, a name a line: see
-/// [`CacheDir::unsynced`].
+/// [`Transaction::untrusted`].
 pub const UNSYNCED_MARK: &str = ".cdb2rabbit-unsynced";
 
 #[derive(Debug, thiserror::Error)]
@@ -574,9 +574,10 @@ impl Transaction {
         }
     }
 
-    /// Whether the cached copy of `name` is not to be trusted: if the
-    /// profile changed it is published whatever its copy says (see
-    /// [`CacheDir::unsynced`]).
+    /// Whether the cached copy of `name` is not to be trusted (listed in
+    /// [`UNSYNCED_MARK`] when the transaction opened: an earlier run may
+    /// have left it in any state): if the profile changed it is published
+    /// whatever its copy says.
     pub fn untrusted(&self, name: &str) -> bool {
         self.untrusted.contains(name)
     }
