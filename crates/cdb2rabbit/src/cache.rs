@@ -1131,6 +1131,87 @@ mod tests {
     }
 
     #[test]
+    fn a_transaction_records_what_succeeded_and_keeps_the_rest_untrusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CacheDir::new(dir.path());
+        cache
+            .write_index([("a.json", 1u64), ("b.json", 1), ("old.json", 1)])
+            .unwrap();
+        // An earlier run died after writing the copy of old.json.
+        cache.mark_unsynced(["old.json"]).unwrap();
+        let index = Arc::new(Index {
+            entries: ["a.json", "b.json", "old.json"]
+                .map(|name| index::Entry {
+                    name: name.into(),
+                    mtime: 2,
+                })
+                .to_vec(),
+            problems: Vec::new(),
+        });
+        let candidates = [("a.json", 2), ("b.json", 2), ("old.json", 2)];
+        let mtimes = |cache: &CacheDir| {
+            let idx = cache.read_index().unwrap().unwrap();
+            idx.entries.into_iter().map(|e| (e.name, e.mtime)).collect::<Vec<_>>()
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(async {
+            // a.json is published and recorded; b.json's copy cannot be
+            // written after its publish; old.json fails before it.
+            let mut txn = cache.begin(Duration::from_secs(1)).unwrap();
+            assert!(txn.untrusted("old.json") && !txn.untrusted("a.json"));
+            let expected = Expected {
+                index: index.clone(),
+                extra: Vec::new(),
+            };
+            let recorder = txn.plan(&candidates, Some(expected));
+            recorder.record("a.json".into(), b"{}".to_vec()).await.unwrap();
+            std::fs::create_dir_all(dir.path().join("b.json")).unwrap();
+            recorder.record("b.json".into(), b"{}".to_vec()).await.unwrap_err();
+            recorder.sync_ahead();
+            drop(recorder);
+            let record = vec![("a.json", 2), ("b.json", 1), ("old.json", 1)];
+            txn.finish(Some(record), &HashSet::from(["a.json"])).await.unwrap();
+        });
+        let want = |b, old| {
+            vec![
+                ("a.json".to_string(), 2),
+                ("b.json".to_string(), b),
+                ("old.json".to_string(), old),
+            ]
+        };
+        assert_eq!(mtimes(&cache), want(1, 1));
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<HashSet<String>>();
+        assert_eq!(cache.unsynced().unwrap(), names(&["b.json", "old.json"]));
+        assert_eq!(
+            std::fs::read_dir(dir.path().join(TEMP_DIR)).unwrap().count(),
+            0,
+            "the index written ahead was not the one to record, and is gone"
+        );
+
+        // The next run: everything succeeds, and the index written ahead is recorded.
+        std::fs::remove_dir(dir.path().join("b.json")).unwrap();
+        runtime.block_on(async {
+            let mut txn = cache.begin(Duration::from_secs(1)).unwrap();
+            let expected = Expected {
+                index,
+                extra: Vec::new(),
+            };
+            let recorder = txn.plan(&candidates, Some(expected));
+            for (name, _) in candidates {
+                recorder.record(name.into(), b"[]".to_vec()).await.unwrap();
+            }
+            drop(recorder);
+            let record = candidates.to_vec();
+            txn.finish(Some(record), &candidates.iter().map(|(n, _)| *n).collect())
+                .await
+                .unwrap();
+        });
+        assert_eq!(mtimes(&cache), want(2, 2));
+        assert!(cache.unsynced().unwrap().is_empty());
+        assert_eq!(cache.read_profile("old.json").unwrap().unwrap(), b"[]");
+    }
+
+    #[test]
     fn a_temp_file_left_by_a_crashed_run_is_not_in_the_way() {
         let dir = tempfile::tempdir().unwrap();
         let cache = CacheDir::new(dir.path());
