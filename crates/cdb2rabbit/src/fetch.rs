@@ -291,7 +291,7 @@ impl Fetcher {
 /// PROFILE_DIR_URL + name, segment by segment: each segment is
 /// percent-encoded, so `?`, `#` or `%` in a name stay part of the path.
 /// `base` ends in `/` (the config guarantees it); `name` passed
-/// [`crate::index::check_name`].
+/// [`crate::names::check_name`].
 pub fn profile_url(base: &Url, name: &str) -> Result<Url, FetchError> {
     let mut url = base.clone();
     let join_err = || FetchError::Join {

@@ -3,9 +3,11 @@
 //!
 //! The data flows through one module per concept:
 //! - [`index`]: `profiles-info.xml` (the broker's index and the cached copy of it);
+//! - [`names`]: which profile names are accepted (they become paths);
 //! - [`fetch`]: HTTP(S) downloads with limits, gzip and bounded concurrency;
 //! - [`publish`]: confirmed, mandatory, persistent publishes;
-//! - [`cache`]: CACHE_DIR (cached index, cached profiles, run lock), atomic writes;
+//! - [`cache`]: CACHE_DIR (cached index, cached profiles, run lock), atomic writes,
+//!   and the run's transaction, which keeps the order that makes them durable;
 //! - [`run`](mod@run): one run, and the rule that only confirmed publishes advance the cache.
 //!
 //! Not here: building images (rabbit2packer) or anything about Glance.
@@ -15,6 +17,7 @@ pub mod cli;
 pub mod fetch;
 pub mod index;
 pub mod json;
+pub mod names;
 pub mod publish;
 pub mod run;
 

@@ -47,7 +47,7 @@ use packuilon_common::config::{Cdb2RabbitConfig, GlobalConfig};
 use packuilon_common::EXIT_FAILED;
 use tracing::{debug, error, info, warn};
 
-use crate::cache::{CacheDir, CacheError, CopyWriter};
+use crate::cache::{CacheDir, CacheError, Expected, Recorder, Transaction};
 use crate::fetch::{profile_url, FetchError, Fetcher, PROFILE_LIMIT};
 use crate::index::{self, IndexError, INDEX_LIMIT};
 use crate::json;
@@ -196,55 +196,18 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
     info!("Starting");
     let cache = CacheDir::new(&config.cache_dir);
     // A dry run only reads: it takes no lock, so it never creates CACHE_DIR.
-    let _lock = if options.dry_run {
-        None
+    let mut txn = if options.dry_run {
+        cache.peek()?
     } else {
-        Some(cache.lock(options.lock_wait, || {
-            info!(
-                "Another cdb2rabbit run holds {}; waiting for it (at most {:?})",
-                cache.root().join(crate::cache::LOCK_FILE).display(),
-                options.lock_wait
-            )
-        })?)
+        cache.begin(options.lock_wait)?
     };
-    // The cached index is read and parsed on another thread while the HTTP
-    // client is set up and the broker's index downloads and is parsed: at
-    // 100,000 profiles each parse is some 30 ms.
-    let cached = {
-        let cache = cache.clone();
-        tokio::task::spawn_blocking(move || cache.read_index())
-    };
-    // Profiles whose cached copies an earlier run may have left in any state.
-    let unsynced = cache.unsynced()?;
-    if !unsynced.is_empty() {
-        warn!(
-            "The cached copies of {} profile(s) are not trusted (an earlier run stopped before \
-             recording them, or could not write them; listed in {}): if they changed they are \
-             published, whatever their cached copy says",
-            unsynced.len(),
-            cache.root().join(crate::cache::UNSYNCED_MARK).display()
-        );
-    }
+    // The cached index is read while the HTTP client is set up and the
+    // broker's index downloads and is parsed.
+    let cached = txn.cached_index();
     let fetcher = Fetcher::new(config).map_err(RunError::Config)?;
     let started = std::time::Instant::now();
-    let raw = fetcher
-        .get(&config.profile_info_url, INDEX_LIMIT)
-        .await
-        .map_err(RunError::Fetch)?;
-    debug!("index: {} bytes downloaded in {:?}", raw.len(), started.elapsed());
-    let index = Arc::new(index::parse(raw).map_err(|source| RunError::Index {
-        url: config.profile_info_url.to_string(),
-        source,
-    })?);
-    debug!(
-        "index: {} entries, {} bad, parsed at {:?}",
-        index.entries.len(),
-        index.problems.len(),
-        started.elapsed()
-    );
-    let cached = cached
-        .await
-        .unwrap_or_else(|e| panic!("reading the cached index panicked: {e}"))?;
+    let index = Arc::new(fetch_index(&fetcher, config, started).await?);
+    let cached = cached.await?;
     debug!("cached index read at {:?}", started.elapsed());
     let first_run = cached.is_none();
     let index::Matched {
@@ -256,7 +219,7 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
         return Err(RunError::EmptyIndex {
             url: config.profile_info_url.to_string(),
             cached: removed.len(),
-            cache_file: cache.index_path().display().to_string(),
+            cache_file: txn.index_path().display().to_string(),
         });
     }
 
@@ -274,7 +237,7 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
             );
         } else {
             info!("Cached info file does not exist, creating one and exiting");
-            cache.write_index(index.entries.iter().map(|e| (e.name.as_str(), e.mtime)))?;
+            txn.finish_baseline(index.entries.iter().map(|e| (e.name.as_str(), e.mtime)))?;
         }
         return Ok(summary);
     }
@@ -282,87 +245,120 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
     let candidates = select_candidates(&index, &olds, config, &options.mode, &mut summary);
     debug!("{} candidate(s) selected at {:?}", candidates.len(), started.elapsed());
     // The index this run records if every candidate succeeds (the usual
-    // case), written on another thread while the downloads go on.
-    let expected_index = if options.dry_run
-        || matches!(options.mode, Mode::Named(_))
-        || (removed.is_empty() && index.entries.iter().zip(&olds).all(|(e, old)| *old == Some(e.mtime)))
-    {
-        None
-    } else {
-        let (index, cache) = (index.clone(), cache.clone());
-        let problem_olds: Vec<(String, u64)> = problem_olds.iter().map(|(n, m)| (n.to_string(), *m)).collect();
-        Some(tokio::task::spawn_blocking(move || {
-            let entries = index.entries.iter().map(|e| (e.name.as_str(), e.mtime));
-            cache.prepare_index(entries.chain(problem_olds.iter().map(|(n, m)| (n.as_str(), *m))))
-        }))
-    };
-    let failed_before = summary.failed.len();
+    // case), unless that is the cached one or not known ahead.
+    let expected = (!matches!(options.mode, Mode::Named(_))
+        && (!removed.is_empty() || index.entries.iter().zip(&olds).any(|(e, old)| *old != Some(e.mtime))))
+    .then(|| Expected {
+        index: index.clone(),
+        extra: problem_olds.iter().map(|(n, m)| (n.to_string(), *m)).collect(),
+    });
+    let recorder = txn.plan(&candidates, expected);
     let mut processed = Pipeline {
         global,
         config,
-        cache: &cache,
+        txn: &txn,
         fetcher: &fetcher,
         dry_run: options.dry_run,
         force: options.mode != Mode::Changed,
-        unsynced: &unsynced,
         summary,
-        copies_written: 0,
-        copies_failed: HashSet::new(),
         in_flight_bytes: 0,
     };
-    if let Err(e) = processed.run(&candidates).await {
-        // The index written ahead is not wanted: its temp file goes.
-        if let Some(task) = expected_index {
-            drop(task.await);
-        }
+    if let Err(e) = processed.run(&candidates, &recorder).await {
+        txn.abandon().await;
         return Err(e);
     }
-    let Pipeline {
-        mut summary,
-        copies_written,
-        copies_failed,
-        ..
-    } = processed;
-    // A stopped run: the candidates it did not finish keep their cached state.
-    let mut left: HashSet<&str> = HashSet::new();
-    if summary.stopped.is_some() {
-        let done: HashSet<&str> = summary
-            .published
-            .iter()
-            .map(|c| c.profile.as_str())
-            .chain(summary.unchanged.iter().map(String::as_str))
-            .chain(summary.would_publish.iter().map(String::as_str))
-            .chain(summary.failed.iter().map(|(n, _)| n.as_str()))
-            .collect();
-        left = candidates
-            .iter()
-            .map(|(name, _)| *name)
-            .filter(|name| !done.contains(name))
-            .collect();
-        let mut names: Vec<String> = left.iter().map(|n| n.to_string()).collect();
-        names.sort();
-        summary.left = names;
-    }
+    drop(recorder);
+    let mut summary = processed.summary;
+    let left = unfinished(&mut summary, &candidates);
 
     if options.dry_run {
         return Ok(summary);
     }
-    let all_succeeded = summary.failed.len() == failed_before && left.is_empty();
     let mut failed: HashSet<&str> = summary.failed.iter().map(|(n, _)| n.as_str()).collect();
-    failed.extend(left.iter().copied());
+    failed.extend(left);
     // With --profile, other profiles were not looked at: their cached state stays
     // as it was (or becomes the baseline on a first run).
     let only: Option<HashSet<&str>> = match &options.mode {
         Mode::Named(names) if !first_run => Some(names.iter().map(String::as_str).collect()),
         _ => None,
     };
+    let record = index_to_record(&index, &olds, problem_olds, removed, &failed, only.as_ref());
+    let succeeded: HashSet<&str> = candidates
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|name| !failed.contains(name))
+        .collect();
+    txn.finish(record, &succeeded).await?;
+    report(&mut summary);
+    Ok(summary)
+}
+
+/// The broker's index, downloaded and parsed.
+async fn fetch_index(
+    fetcher: &Fetcher,
+    config: &Cdb2RabbitConfig,
+    started: std::time::Instant,
+) -> Result<index::Index, RunError> {
+    let raw = fetcher
+        .get(&config.profile_info_url, INDEX_LIMIT)
+        .await
+        .map_err(RunError::Fetch)?;
+    debug!("index: {} bytes downloaded in {:?}", raw.len(), started.elapsed());
+    let index = index::parse(raw).map_err(|source| RunError::Index {
+        url: config.profile_info_url.to_string(),
+        source,
+    })?;
+    debug!(
+        "index: {} entries, {} bad, parsed at {:?}",
+        index.entries.len(),
+        index.problems.len(),
+        started.elapsed()
+    );
+    Ok(index)
+}
+
+/// The candidates a stopped run did not finish (listed in the summary):
+/// they keep their cached state.
+fn unfinished<'a>(summary: &mut Summary, candidates: &[(&'a str, u64)]) -> HashSet<&'a str> {
+    if summary.stopped.is_none() {
+        return HashSet::new();
+    }
+    let done: HashSet<&str> = summary
+        .published
+        .iter()
+        .map(|c| c.profile.as_str())
+        .chain(summary.unchanged.iter().map(String::as_str))
+        .chain(summary.would_publish.iter().map(String::as_str))
+        .chain(summary.failed.iter().map(|(n, _)| n.as_str()))
+        .collect();
+    let left: HashSet<&str> = candidates
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|name| !done.contains(name))
+        .collect();
+    let mut names: Vec<String> = left.iter().map(|n| n.to_string()).collect();
+    names.sort();
+    summary.left = names;
+    left
+}
+
+/// The cached index this run records, `None` when it says exactly what
+/// the cached one says (it is then not rewritten): a profile's mtime
+/// advances unless it `failed` or, with `--profile`, is not among `only`.
+fn index_to_record<'a>(
+    index: &'a index::Index,
+    olds: &[Option<u64>],
+    problem_olds: Vec<(&'a str, u64)>,
+    mut removed: Vec<String>,
+    failed: &HashSet<&str>,
+    only: Option<&HashSet<&str>>,
+) -> Option<Vec<(&'a str, u64)>> {
     let mut new_index: Vec<(&str, u64)> = Vec::with_capacity(index.entries.len());
     // Whether the new cached index says exactly what the old one said.
     let mut same_as_cached = removed.is_empty();
-    for (entry, old) in index.entries.iter().zip(&olds) {
+    for (entry, old) in index.entries.iter().zip(olds) {
         let name = entry.name.as_str();
-        let keep_old =
-            (!failed.is_empty() && failed.contains(name)) || only.as_ref().is_some_and(|o| !o.contains(name));
+        let keep_old = (!failed.is_empty() && failed.contains(name)) || only.is_some_and(|o| !o.contains(name));
         if !keep_old {
             new_index.push((name, entry.mtime));
             same_as_cached &= *old == Some(entry.mtime);
@@ -372,72 +368,21 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
     }
     // Bad entries keep whatever the cache said about them.
     new_index.extend(problem_olds);
-    let mut left = removed;
-    left.sort();
-    for name in left {
+    removed.sort();
+    for name in removed {
         info!("Profile left the index: {name} (its cached copy is kept)");
     }
-    // The index written ahead, if it was (it is dropped, and its temp file
-    // removed, when it is not the one to record).
-    let expected = match expected_index {
-        Some(task) => match task.await {
-            Ok(Ok(prepared)) => Some(prepared),
-            Ok(Err(e)) => {
-                debug!("writing the expected index ahead failed ({e}); writing it now");
-                None
-            }
-            Err(e) => panic!("writing the expected index panicked: {e}"),
-        },
-        None => None,
-    };
-    // The copies must be durable before an index that points past them.
-    let start = std::time::Instant::now();
     if same_as_cached {
-        // Nothing to record: the file (100,000 entries are about 5 MB) is not rewritten.
-        if copies_written > 0 {
-            cache.sync_copies()?;
-        }
         info!("Cached profile_info is up to date");
+        None
     } else {
         info!("Updating cached profile_info");
-        match expected {
-            // Every candidate succeeded: the index written ahead is the one to record.
-            Some(prepared) if all_succeeded => {
-                debug_assert!(
-                    new_index.len() >= index.entries.len()
-                        && new_index
-                            .iter()
-                            .zip(&index.entries)
-                            .all(|(n, e)| n.0 == e.name && n.1 == e.mtime),
-                    "the index written ahead differs from the one to record"
-                );
-                cache.commit_index(prepared)?
-            }
-            _ if copies_written > 0 => cache.write_index_after_copies(new_index)?,
-            _ => cache.write_index(new_index)?,
-        }
+        Some(new_index)
     }
-    debug!(
-        "cached index and {copies_written} cached copies made durable in {:?}",
-        start.elapsed()
-    );
-    // The index now records the profiles that succeeded, with their copies.
-    // A profile listed before this run stays listed until it succeeds; of
-    // this run's own, only those whose copy could not be written after the
-    // broker confirmed them stay (the others' copies were not touched, or are
-    // durable now).
-    let succeeded: HashSet<&str> = candidates
-        .iter()
-        .map(|(name, _)| *name)
-        .filter(|name| !failed.contains(name))
-        .collect();
-    cache.settle_unsynced(|name| {
-        if unsynced.contains(name) {
-            succeeded.contains(name)
-        } else {
-            !copies_failed.contains(name)
-        }
-    })?;
+}
+
+/// The run's last words: why it stopped, what failed.
+fn report(summary: &mut Summary) {
     if let Some(why) = &summary.stopped {
         error!(
             "Run stopped ({why}): what the broker confirmed is recorded; {} profile(s) not processed are left for the next run{}",
@@ -464,7 +409,6 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
                 .join(", ")
         );
     }
-    Ok(summary)
 }
 
 /// The profiles this run downloads, as (name, mtime) from the index.
@@ -533,18 +477,13 @@ fn is_xml_profile(name: &str) -> bool {
 struct Pipeline<'a> {
     global: &'a GlobalConfig,
     config: &'a Cdb2RabbitConfig,
-    cache: &'a CacheDir,
+    /// The run's cache transaction: cached copies, and which are not trusted.
+    txn: &'a Transaction,
     fetcher: &'a Fetcher,
     dry_run: bool,
     /// `--all` / `--profile`: publish even when the JSON equals the cached copy.
     force: bool,
-    /// Profiles published whatever their cached copy says (see [`CacheDir::unsynced`]).
-    unsynced: &'a HashSet<String>,
     summary: Summary,
-    /// Cached copies written (made durable at once before the index).
-    copies_written: usize,
-    /// Profiles the broker confirmed whose cached copy could not be written.
-    copies_failed: HashSet<String>,
     /// Bytes of the bodies published whose cached copies are not written yet.
     in_flight_bytes: usize,
 }
@@ -553,16 +492,17 @@ struct Pipeline<'a> {
 type InFlightSet = FuturesUnordered<LocalBoxFuture<'static, InFlight>>;
 
 impl Pipeline<'_> {
-    async fn run(&mut self, candidates: &[(&str, u64)]) -> Result<(), RunError> {
-        let (fetcher, cache, base) = (self.fetcher, self.cache, &self.config.profile_dir_url);
-        let (force, unsynced) = (self.force, self.unsynced);
+    async fn run(&mut self, candidates: &[(&str, u64)], recorder: &Recorder) -> Result<(), RunError> {
+        let (fetcher, txn, base) = (self.fetcher, self.txn, &self.config.profile_dir_url);
+        let force = self.force;
         let mut downloads = futures::stream::iter(candidates.iter().copied())
             .map(|(name, mtime)| async move {
                 // As the original, profile by profile (not all before the first download).
                 info!("CI profile rebuilt: {name}");
                 info!("Downloading profile {name}");
-                let force = force || unsynced.contains(name);
-                (name, mtime, examine(fetcher, cache, base, name, force).await)
+                // Published whatever their cached copy says, if they changed.
+                let force = force || txn.untrusted(name);
+                (name, mtime, examine(fetcher, txn, base, name, force).await)
             })
             .buffer_unordered(self.config.download_concurrency);
         // SIGTERM or SIGINT (systemd, an operator's Ctrl-C) stops the run
@@ -576,8 +516,6 @@ impl Pipeline<'_> {
         let mut publisher: Option<Rc<Publisher>> = None;
         let mut connecting: Option<LocalBoxFuture<'_, Result<Publisher, PublishError>>> = None;
         let mut in_flight: InFlightSet = FuturesUnordered::new();
-        let may_write = candidates.iter().map(|(name, _)| name.to_string()).collect();
-        let writer = Rc::new(self.cache.copy_writer(may_write));
         // Changed profiles waiting for their batch (and their bytes); when
         // the batch is due at the latest.
         let mut batch: Vec<(&str, u64, Vec<u8>)> = Vec::with_capacity(PUBLISH_BATCH);
@@ -585,10 +523,6 @@ impl Pipeline<'_> {
         let mut batch_due = tokio::time::Instant::now();
         let mut overdue = false;
         let mut downloads_done = candidates.is_empty();
-        // Once the downloads are done, the copies written so far go to disk
-        // while the last batch is published and confirmed, so the closing
-        // syncfs finds little left (at 1,000 copies, 12 ms -> 4 ms).
-        let mut early_sync = None;
         loop {
             let stopping = self.summary.stopped.is_some();
             if stopping {
@@ -601,7 +535,7 @@ impl Pipeline<'_> {
             if !batch.is_empty() {
                 match &publisher {
                     Some(p) if batch.len() >= PUBLISH_BATCH || downloads_done || overdue => {
-                        self.publish(p, &mut batch, &writer, &mut in_flight, &gave_up);
+                        self.publish(p, &mut batch, recorder, &mut in_flight, &gave_up);
                         batch_bytes = 0;
                         overdue = false;
                         continue;
@@ -646,10 +580,9 @@ impl Pipeline<'_> {
                     && held < MAX_BYTES_IN_FLIGHT => {
                     let Some((name, mtime, verdict)) = next else {
                         downloads_done = true;
-                        if self.copies_written > 0 {
-                            let cache = self.cache.clone();
-                            early_sync = Some(tokio::task::spawn_blocking(move || cache.sync_copies()));
-                        }
+                        // The copies written so far go to disk while the last
+                        // batch is published and confirmed.
+                        recorder.sync_ahead();
                         continue;
                     };
                     match verdict {
@@ -677,18 +610,9 @@ impl Pipeline<'_> {
         }
         // Downloads a stopped run had started are abandoned here.
         drop(downloads);
-        let close = async {
-            if let Some(p) = publisher {
-                p.close().await;
-            }
-        };
-        let synced = async {
-            if let Some(sync) = early_sync {
-                // A failure is the closing syncfs's to report.
-                let _ = sync.await;
-            }
-        };
-        futures::join!(close, synced);
+        if let Some(p) = publisher {
+            p.close().await;
+        }
         Ok(())
     }
 
@@ -701,12 +625,12 @@ impl Pipeline<'_> {
         &mut self,
         publisher: &Rc<Publisher>,
         batch: &mut Vec<(&str, u64, Vec<u8>)>,
-        writer: &Rc<CopyWriter>,
+        recorder: &Recorder,
         in_flight: &mut InFlightSet,
         gave_up: &tokio::sync::watch::Receiver<bool>,
     ) {
         // statvfs(2) once a batch. Unknown (an error): the writes will tell.
-        let room = self.cache.room().ok();
+        let room = self.txn.room().ok();
         let mut needed = room.map_or(0, |r| r.needed(self.in_flight_bytes) + r.block);
         for (i, (name, _, body)) in batch.iter().enumerate() {
             if let Some(room) = room {
@@ -715,11 +639,11 @@ impl Pipeline<'_> {
                     error!(
                         "{}: no room for the cached copy of {name} ({} bytes; {} bytes free): not publishing it \
                          (the broker would get it again on every run); stopping the run",
-                        self.cache.root().display(),
+                        self.txn.root().display(),
                         body.len(),
                         room.free
                     );
-                    self.summary.stopped = Some(format!("{} is full", self.cache.root().display()));
+                    self.summary.stopped = Some(format!("{} is full", self.txn.root().display()));
                     batch.truncate(i);
                     break;
                 }
@@ -733,7 +657,7 @@ impl Pipeline<'_> {
                 name.to_string(),
                 mtime,
                 body,
-                writer.clone(),
+                recorder.clone(),
                 gave_up.clone(),
             );
             in_flight.push(published.boxed_local());
@@ -763,7 +687,6 @@ impl Pipeline<'_> {
                     "Broker confirmed profile {} (message id {})",
                     done.profile, done.message_id
                 );
-                self.copies_written += 1;
                 self.summary.published.push(done);
             }
             // Published, but the next comparison would use a stale copy: fail it,
@@ -775,9 +698,8 @@ impl Pipeline<'_> {
                     done.profile, done.message_id
                 );
                 if source.is_no_space() && self.summary.stopped.is_none() {
-                    self.summary.stopped = Some(format!("{} is full", self.cache.root().display()));
+                    self.summary.stopped = Some(format!("{} is full", self.txn.root().display()));
                 }
-                self.copies_failed.insert(name.clone());
                 self.summary.fail(
                     &name,
                     &ProfileError::Cache {
@@ -849,7 +771,7 @@ async fn publish_then_copy(
     name: String,
     mtime: u64,
     body: Vec<u8>,
-    writer: Rc<CopyWriter>,
+    recorder: Recorder,
     mut gave_up: tokio::sync::watch::Receiver<bool>,
 ) -> InFlight {
     let sent = std::time::Instant::now();
@@ -893,7 +815,7 @@ async fn publish_then_copy(
     drop(publisher);
     debug!("confirm of {name} took {:?}", sent.elapsed());
     let written = match result {
-        Ok(_) => Some(writer.write(name.clone(), body).await),
+        Ok(_) => Some(recorder.record(name.clone(), body).await),
         Err(_) => None,
     };
     (name, size, result, written)
@@ -903,7 +825,7 @@ async fn publish_then_copy(
 /// (unless `force`: a manual rebuild is published whatever the copy says).
 async fn examine(
     fetcher: &Fetcher,
-    cache: &CacheDir,
+    txn: &Transaction,
     base: &url::Url,
     name: &str,
     force: bool,
@@ -920,7 +842,7 @@ async fn examine(
         is_json(&body).map_err(not_json)?;
         return Ok(Verdict::Changed(body));
     }
-    let old = cache
+    let old = txn
         .read_profile(name)
         .map_err(|source| ProfileError::Cache {
             name: name.to_string(),

@@ -62,9 +62,9 @@ fn site_on(broker: &PrivateBroker, profile_match: &str) -> Site {
 #[test]
 fn a_broker_that_never_completes_the_handshake_fails_the_run_in_bounded_time() {
     let silent = SilentBroker::start();
-    let site = Site::new("ci-").with_extra_global("RABBIT_CONNECT_TIMEOUT = 1\n");
-    site.put("ci-a.json", &profile("a", 1), 100);
-    site.run(&[]).assert_status(0);
+    let site = Site::new("ci-")
+        .with_extra_global("RABBIT_CONNECT_TIMEOUT = 1\n")
+        .with_baseline(&["ci-a.json"]);
     site.put("ci-a.json", &profile("a", 2), 101);
     site.set_broker_port(Some(silent.port));
 
@@ -92,10 +92,9 @@ fn a_broker_that_never_completes_the_handshake_fails_the_run_in_bounded_time() {
 #[test]
 fn a_broker_that_blocks_publishers_is_logged_and_the_run_ends_after_publish_timeout() {
     let broker = PrivateBroker::start().unwrap();
-    let site = site_on(&broker, "ci-").with_extra_global("PUBLISH_TIMEOUT = 2\n");
-    site.put("ci-a.json", &profile("a", 1), 100);
-    site.put("ci-b.json", &profile("b", 1), 100);
-    site.run(&[]).assert_status(0);
+    let site = site_on(&broker, "ci-")
+        .with_extra_global("PUBLISH_TIMEOUT = 2\n")
+        .with_baseline(&["ci-a.json", "ci-b.json"]);
     site.put("ci-a.json", &profile("a", 2), 101);
     site.put("ci-b.json", &profile("b", 2), 101);
 
@@ -141,10 +140,7 @@ fn a_broker_that_blocks_publishers_is_logged_and_the_run_ends_after_publish_time
 
 #[test]
 fn a_stop_mid_run_records_what_the_broker_confirmed_and_exits_1() {
-    let site = Site::new("ci-");
-    site.put("ci-fast.json", &profile("fast", 1), 100);
-    site.put("ci-slow.json", &profile("slow", 1), 100);
-    site.run(&[]).assert_status(0);
+    let site = Site::new("ci-").with_baseline(&["ci-fast.json", "ci-slow.json"]);
     site.put("ci-slow.json", &profile("slow", 2), 101);
     site.server
         .set_fault("profiles/ci-slow.json", Fault::Delay(Duration::from_secs(30)));

@@ -28,10 +28,7 @@ fn first_run_records_the_baseline_and_publishes_nothing() {
 
 #[test]
 fn a_changed_profile_is_published_once_and_only_once() {
-    let site = Site::new("ci-");
-    site.put("ci-a.example.org.json", &profile("a", 1), 100);
-    site.put("ci-b.example.org.json", &profile("b", 1), 100);
-    site.run(&[]).assert_status(0);
+    let site = Site::new("ci-").with_baseline(&["ci-a.example.org.json", "ci-b.example.org.json"]);
 
     let body = site.put("ci-a.example.org.json", &profile("a", 2), 101);
     let out = site.run(&[]);
@@ -77,9 +74,7 @@ fn a_changed_profile_is_published_once_and_only_once() {
 
 #[test]
 fn a_new_profile_after_the_baseline_is_published() {
-    let site = Site::new("ci-");
-    site.put("ci-a.example.org.json", &profile("a", 1), 100);
-    site.run(&[]).assert_status(0);
+    let site = Site::new("ci-").with_baseline(&["ci-a.example.org.json"]);
     site.put("ci-new.example.org.json", &profile("new", 1), 5);
     site.run(&[]).assert_status(0);
     assert_eq!(site.published_names(), ["ci-new.example.org.json"]);
@@ -87,9 +82,7 @@ fn a_new_profile_after_the_baseline_is_published() {
 
 #[test]
 fn an_mtime_change_with_identical_json_is_not_published() {
-    let site = Site::new("ci-");
-    site.put("ci-a.example.org.json", &profile("a", 1), 100);
-    site.run(&[]).assert_status(0);
+    let site = Site::new("ci-").with_baseline(&["ci-a.example.org.json"]);
     site.put("ci-a.example.org.json", &profile("a", 2), 101);
     site.run(&[]).assert_status(0);
     assert_eq!(site.published().len(), 1);
@@ -111,12 +104,9 @@ fn an_mtime_change_with_identical_json_is_not_published() {
 
 #[test]
 fn profile_match_selects_which_profiles_are_published() {
-    let site = Site::new("ci-");
-    site.put("ci-a.example.org.json", &profile("a", 1), 100);
-    site.put("web.example.org.json", &profile("w", 1), 100);
-    site.run(&[]).assert_status(0);
+    let site = Site::new("ci-").with_baseline(&["ci-a.example.org.json", "web.example.org.json"]);
     site.put("ci-a.example.org.json", &profile("a", 2), 101);
-    site.put("web.example.org.json", &profile("w", 2), 101);
+    site.put("web.example.org.json", &profile("web", 2), 101);
     site.run(&[]).assert_status(0);
     assert_eq!(site.published_names(), ["ci-a.example.org.json"]);
     // The other profile's change is recorded all the same.
@@ -126,12 +116,9 @@ fn profile_match_selects_which_profiles_are_published() {
 
 #[test]
 fn blank_profile_match_publishes_every_changed_profile() {
-    let site = Site::new("");
-    site.put("ci-a.example.org.json", &profile("a", 1), 100);
-    site.put("web.example.org.json", &profile("w", 1), 100);
-    site.run(&[]).assert_status(0);
+    let site = Site::new("").with_baseline(&["ci-a.example.org.json", "web.example.org.json"]);
     site.put("ci-a.example.org.json", &profile("a", 2), 101);
-    site.put("web.example.org.json", &profile("w", 2), 101);
+    site.put("web.example.org.json", &profile("web", 2), 101);
     site.run(&[]).assert_status(0);
     assert_eq!(
         site.published_names(),
@@ -141,9 +128,9 @@ fn blank_profile_match_publishes_every_changed_profile() {
 
 #[test]
 fn namespaced_profiles_are_fetched_and_cached_under_their_path() {
-    let site = Site::new("ci-").with_dir_url_slash(false);
-    site.put("ns/sub/ci-a.example.org.json", &profile("a", 1), 100);
-    site.run(&[]).assert_status(0);
+    let site = Site::new("ci-")
+        .with_dir_url_slash(false)
+        .with_baseline(&["ns/sub/ci-a.example.org.json"]);
     let body = site.put("ns/sub/ci-a.example.org.json", &profile("a", 2), 101);
     site.run(&[]).assert_status(0);
     let msgs = site.published();
@@ -161,9 +148,9 @@ fn namespaced_profiles_are_fetched_and_cached_under_their_path() {
 
 #[test]
 fn gzip_files_are_read_whatever_the_index_and_profiles_are_called() {
-    let site = Site::new("ci-").with_gzip_index_file();
-    site.put("ci-a.example.org.json.gz", &profile("a", 1), 100);
-    site.run(&[]).assert_status(0);
+    let site = Site::new("ci-")
+        .with_gzip_index_file()
+        .with_baseline(&["ci-a.example.org.json.gz"]);
     let body = site.put("ci-a.example.org.json.gz", &profile("a", 2), 101);
     site.run(&[]).assert_status(0);
     let msgs = site.published();
@@ -190,11 +177,12 @@ fn gzip_content_encoding_is_undone() {
 
 #[test]
 fn failed_downloads_are_retried_by_the_next_run_and_others_still_publish() {
-    let site = Site::new("ci-").with_extra_cdb("HTTP_TIMEOUT = 1\n");
-    for n in ["e500", "slow", "notjson", "good"] {
-        site.put(&format!("ci-{n}.json"), &profile(n, 1), 100);
-    }
-    site.run(&[]).assert_status(0);
+    let site = Site::new("ci-").with_extra_cdb("HTTP_TIMEOUT = 1\n").with_baseline(&[
+        "ci-e500.json",
+        "ci-slow.json",
+        "ci-notjson.json",
+        "ci-good.json",
+    ]);
     for n in ["e500", "slow", "good"] {
         site.put(&format!("ci-{n}.json"), &profile(n, 2), 101);
     }
@@ -239,9 +227,7 @@ fn failed_downloads_are_retried_by_the_next_run_and_others_still_publish() {
 
 #[test]
 fn an_unreachable_broker_leaves_the_cache_untouched_and_the_next_run_publishes() {
-    let site = Site::new("ci-");
-    site.put("ci-a.json", &profile("a", 1), 100);
-    site.run(&[]).assert_status(0);
+    let site = Site::new("ci-").with_baseline(&["ci-a.json"]);
     site.put("ci-a.json", &profile("a", 2), 101);
     let before = site.cache_snapshot();
 
@@ -259,10 +245,7 @@ fn an_unreachable_broker_leaves_the_cache_untouched_and_the_next_run_publishes()
 
 #[test]
 fn a_truncated_or_invalid_index_is_an_error_and_leaves_the_cache_untouched() {
-    let site = Site::new("ci-");
-    site.put("ci-a.json", &profile("a", 1), 100);
-    site.put("ci-b.json", &profile("b", 1), 100);
-    site.run(&[]).assert_status(0);
+    let site = Site::new("ci-").with_baseline(&["ci-a.json", "ci-b.json"]);
     site.put("ci-a.json", &profile("a", 2), 101);
     let before = site.cache_snapshot();
 
@@ -293,9 +276,7 @@ fn a_truncated_or_invalid_index_is_an_error_and_leaves_the_cache_untouched() {
 
 #[test]
 fn two_runs_at_once_neither_corrupt_the_cache_nor_publish_twice() {
-    let site = Site::new("ci-");
-    site.put("ci-a.json", &profile("a", 1), 100);
-    site.run(&[]).assert_status(0);
+    let site = Site::new("ci-").with_baseline(&["ci-a.json"]);
     site.put("ci-a.json", &profile("a", 2), 101);
     site.server
         .set_fault("profiles/ci-a.json", Fault::Delay(Duration::from_secs(2)));
@@ -323,9 +304,7 @@ fn two_runs_at_once_neither_corrupt_the_cache_nor_publish_twice() {
 
 #[test]
 fn a_run_that_cannot_get_the_lock_in_time_fails_without_touching_anything() {
-    let site = Site::new("ci-");
-    site.put("ci-a.json", &profile("a", 1), 100);
-    site.run(&[]).assert_status(0);
+    let site = Site::new("ci-").with_baseline(&["ci-a.json"]);
     let lock = std::fs::File::open(site.cache().join(".cdb2rabbit.lock")).unwrap();
     lock.lock().unwrap();
     let out = site.run(&["--lock-wait", "0.3"]);
@@ -335,11 +314,7 @@ fn a_run_that_cannot_get_the_lock_in_time_fails_without_touching_anything() {
 
 #[test]
 fn all_publishes_every_matching_profile_and_records_them() {
-    let site = Site::new("ci-");
-    site.put("ci-a.json", &profile("a", 1), 100);
-    site.put("ci-b.json", &profile("b", 1), 100);
-    site.put("web.json", &profile("w", 1), 100);
-    site.run(&[]).assert_status(0);
+    let site = Site::new("ci-").with_baseline(&["ci-a.json", "ci-b.json", "web.json"]);
     let out = site.run(&["--all"]);
     out.assert_status(0);
     assert_eq!(site.published_names(), ["ci-a.json", "ci-b.json"]);
@@ -355,7 +330,7 @@ fn all_publishes_every_matching_profile_and_records_them() {
 fn all_on_a_first_run_publishes_and_records_the_baseline() {
     let site = Site::new("ci-");
     site.put("ci-a.json", &profile("a", 1), 100);
-    site.put("web.json", &profile("w", 1), 100);
+    site.put("web.json", &profile("web", 1), 100);
     site.run(&["--all"]).assert_status(0);
     assert_eq!(site.published_names(), ["ci-a.json"]);
     assert_eq!(
@@ -366,11 +341,7 @@ fn all_on_a_first_run_publishes_and_records_the_baseline() {
 
 #[test]
 fn profile_publishes_the_named_profiles_and_leaves_other_changes_for_the_next_run() {
-    let site = Site::new("ci-");
-    site.put("ci-a.json", &profile("a", 1), 100);
-    site.put("ci-b.json", &profile("b", 1), 100);
-    site.put("web.json", &profile("w", 1), 100);
-    site.run(&[]).assert_status(0);
+    let site = Site::new("ci-").with_baseline(&["ci-a.json", "ci-b.json", "web.json"]);
     site.put("ci-b.json", &profile("b", 2), 101);
 
     let out = site.run(&[
@@ -393,9 +364,7 @@ fn profile_publishes_the_named_profiles_and_leaves_other_changes_for_the_next_ru
 
 #[test]
 fn profile_naming_a_profile_missing_from_the_index_is_an_error_naming_it() {
-    let site = Site::new("ci-");
-    site.put("ci-a.json", &profile("a", 1), 100);
-    site.run(&[]).assert_status(0);
+    let site = Site::new("ci-").with_baseline(&["ci-a.json"]);
     let out = site.run(&["--profile", "ci-gone.json", "--profile", "ci-a.json"]);
     out.assert_status(1);
     out.assert_logs_in_order(&["profile \"ci-gone.json\" is not in the index"]);
@@ -404,10 +373,7 @@ fn profile_naming_a_profile_missing_from_the_index_is_an_error_naming_it() {
 
 #[test]
 fn dry_run_prints_what_would_be_published_and_touches_neither_broker_nor_cache() {
-    let site = Site::new("ci-");
-    site.put("ci-a.json", &profile("a", 1), 100);
-    site.put("ci-b.json", &profile("b", 1), 100);
-    site.run(&[]).assert_status(0);
+    let site = Site::new("ci-").with_baseline(&["ci-a.json", "ci-b.json"]);
     site.put("ci-a.json", &profile("a", 2), 101);
     let before = site.cache_snapshot();
     let out = site.run(&["--dry-run"]);
@@ -498,9 +464,7 @@ fn the_cdp_listend_time_argument_is_accepted_and_ignored() {
 
 #[test]
 fn bad_index_entries_fail_alone_and_never_escape_the_cache_dir() {
-    let site = Site::new("");
-    site.put("ci-a.json", &profile("a", 1), 100);
-    site.run(&[]).assert_status(0);
+    let site = Site::new("").with_baseline(&["ci-a.json"]);
     site.put("ci-a.json", &profile("a", 2), 101);
     // Files a naive tool would fetch and write outside CACHE_DIR.
     std::fs::write(site.dir.path().join("evil.json"), "{}").unwrap();
@@ -534,10 +498,7 @@ fn bad_index_entries_fail_alone_and_never_escape_the_cache_dir() {
 
 #[test]
 fn a_profile_larger_than_64_mib_fails_alone() {
-    let site = Site::new("ci-");
-    site.put("ci-big.json", &profile("big", 1), 100);
-    site.put("ci-a.json", &profile("a", 1), 100);
-    site.run(&[]).assert_status(0);
+    let site = Site::new("ci-").with_baseline(&["ci-big.json", "ci-a.json"]);
     let mut big = b"{\"pad\": \"".to_vec();
     big.resize(65 * 1024 * 1024, b'x');
     big.extend_from_slice(b"\"}");
@@ -552,9 +513,7 @@ fn a_profile_larger_than_64_mib_fails_alone() {
 
 #[test]
 fn a_nacked_publish_is_an_error_and_is_retried_by_the_next_run() {
-    let site = Site::new("ci-");
-    site.put("ci-a.json", &profile("a", 1), 100);
-    site.run(&[]).assert_status(0);
+    let site = Site::new("ci-").with_baseline(&["ci-a.json"]);
     site.put("ci-a.json", &profile("a", 2), 101);
     // The broker refuses every message of this queue (a full queue that rejects publishes).
     let policy = support::Policy::set(&site.queue.name, r#"{"max-length": 0, "overflow": "reject-publish"}"#);
@@ -573,10 +532,7 @@ fn a_nacked_publish_is_an_error_and_is_retried_by_the_next_run() {
 
 #[test]
 fn a_profile_that_leaves_the_index_and_returns_unchanged_is_not_published_again() {
-    let site = Site::new("ci-");
-    site.put("ci-a.json", &profile("a", 1), 100);
-    site.put("ci-b.json", &profile("b", 1), 100);
-    site.run(&[]).assert_status(0);
+    let site = Site::new("ci-").with_baseline(&["ci-a.json", "ci-b.json"]);
     site.put("ci-b.json", &profile("b", 2), 101);
     site.run(&[]).assert_status(0);
     assert_eq!(site.published_names(), ["ci-b.json"]);
@@ -606,9 +562,7 @@ fn a_profile_that_leaves_the_index_and_returns_unchanged_is_not_published_again(
 
 #[test]
 fn xml_profiles_are_skipped_with_a_warning_and_not_retried() {
-    let site = Site::new("ci-");
-    site.put("ci-a.json", &profile("a", 1), 100);
-    site.run(&[]).assert_status(0);
+    let site = Site::new("ci-").with_baseline(&["ci-a.json"]);
     let xml = b"<?xml version='1.0' encoding='utf-8'?>\n<nlist format='pan' name='profile'/>\n";
     site.put_raw("ci-x.xml", xml, 101);
     site.put_raw("ci-y.xml.gz", xml, 101);
@@ -637,9 +591,7 @@ fn xml_profiles_are_skipped_with_a_warning_and_not_retried() {
 
 #[test]
 fn a_profile_download_cut_mid_body_names_the_url_and_the_cause() {
-    let site = Site::new("ci-");
-    site.put("ci-a.json", &profile("a", 1), 100);
-    site.run(&[]).assert_status(0);
+    let site = Site::new("ci-").with_baseline(&["ci-a.json"]);
     let body = site.put("ci-a.json", &profile("a", 2), 101);
     site.server
         .set_fault("profiles/ci-a.json", Fault::Truncate(body.len() / 2));
@@ -717,9 +669,7 @@ fn a_returned_message_is_an_error() {
 
 #[test]
 fn profile_json_keeps_unicode_and_numbers_exactly() {
-    let site = Site::new("ci-");
-    site.put("ci-a.json", &profile("a", 1), 100);
-    site.run(&[]).assert_status(0);
+    let site = Site::new("ci-").with_baseline(&["ci-a.json"]);
     let raw = "{\"system\": {\"n\": 1.50, \"s\": \"caf\\u00e9 \u{2603}\"}}";
     site.put_raw("ci-a.json", raw.as_bytes(), 101);
     site.run(&[]).assert_status(0);
@@ -742,9 +692,7 @@ fn a_ca_bundle_without_certificates_is_a_config_error() {
 
 #[test]
 fn file_urls_read_a_local_copy_of_the_profiles_directory() {
-    let site = Site::new("ci-").with_file_urls();
-    site.put("ns/ci-a.json", &profile("a", 1), 100);
-    site.run(&[]).assert_status(0);
+    let site = Site::new("ci-").with_file_urls().with_baseline(&["ns/ci-a.json"]);
     let body = site.put("ns/ci-a.json", &profile("a", 2), 101);
     site.run(&[]).assert_status(0);
     let msgs = site.published();
@@ -755,9 +703,7 @@ fn file_urls_read_a_local_copy_of_the_profiles_directory() {
 
 #[test]
 fn an_empty_index_is_refused_when_the_cache_knows_profiles() {
-    let site = Site::new("ci-");
-    site.put("ci-a.json", &profile("a", 1), 100);
-    site.run(&[]).assert_status(0);
+    let site = Site::new("ci-").with_baseline(&["ci-a.json"]);
     let before = site.cache_snapshot();
     site.remove("ci-a.json");
     let out = site.run(&[]);
@@ -916,10 +862,7 @@ fn a_profile_that_fails_after_a_dead_run_stays_untrusted_until_recorded() {
 
 #[test]
 fn a_profile_whose_download_failed_is_still_compared_with_its_copy_next_time() {
-    let site = Site::new("ci-");
-    site.put("ci-a.json", &profile("a", 1), 100);
-    site.put("ci-b.json", &profile("b", 1), 100);
-    site.run(&[]).assert_status(0);
+    let site = Site::new("ci-").with_baseline(&["ci-a.json", "ci-b.json"]);
     site.put("ci-a.json", &profile("a", 2), 101);
     site.put("ci-b.json", &profile("b", 2), 101);
     site.run(&[]).assert_status(0);
@@ -948,9 +891,7 @@ fn a_profile_whose_download_failed_is_still_compared_with_its_copy_next_time() {
 
 #[test]
 fn a_copy_that_could_not_be_written_after_the_publish_is_not_trusted() {
-    let site = Site::new("ci-");
-    site.put("ci-a.json", &profile("a", 1), 100);
-    site.run(&[]).assert_status(0);
+    let site = Site::new("ci-").with_baseline(&["ci-a.json"]);
     let v1 = site.put("ci-a.json", &profile("a", 1), 101);
     site.run(&[]).assert_status(0);
     assert_eq!(site.published_names(), ["ci-a.json"]);
@@ -978,10 +919,7 @@ fn a_copy_that_could_not_be_written_after_the_publish_is_not_trusted() {
 /// A site where ci-fast.json and ci-slow.json changed since the baseline,
 /// and ci-slow.json takes `delay` to download.
 fn fast_and_slow_changes(delay: Duration) -> Site {
-    let site = Site::new("ci-");
-    site.put("ci-fast.json", &profile("fast", 1), 100);
-    site.put("ci-slow.json", &profile("slow", 1), 100);
-    site.run(&[]).assert_status(0);
+    let site = Site::new("ci-").with_baseline(&["ci-fast.json", "ci-slow.json"]);
     site.put("ci-fast.json", &profile("fast", 2), 101);
     site.put("ci-slow.json", &profile("slow", 2), 101);
     site.server.set_fault("profiles/ci-slow.json", Fault::Delay(delay));

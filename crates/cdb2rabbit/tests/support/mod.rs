@@ -150,6 +150,20 @@ impl Site {
         self
     }
 
+    /// The site after its first run: `names` served (each as [`profile`]
+    /// revision 1 of the personality its name carries, `ci-a.json` -> `a`,
+    /// listed with mtime 100) and recorded by that run as the baseline.
+    pub fn with_baseline(self, names: &[&str]) -> Site {
+        for name in names {
+            let file = name.rsplit('/').next().unwrap_or(name);
+            let personality = file.strip_prefix("ci-").unwrap_or(file);
+            let personality = personality.split('.').next().unwrap_or(personality);
+            self.put(name, &profile(personality, 1), 100);
+        }
+        self.run(&[]).assert_status(0);
+        self
+    }
+
     /// Points RABBIT_PORT elsewhere (`None`: the test broker).
     pub fn set_broker_port(&self, port: Option<u16>) {
         self.broker_port.set(port);
