@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use packuilon_testsupport::broker::TestQueue;
 use packuilon_testsupport::cloud::Cloud;
 use packuilon_testsupport::http::ProfileServer;
+use packuilon_testsupport::site::{profile, write_index};
 use packuilon_testsupport::{unique_name, workspace_bin};
 use serde_json::{json, Value};
 
@@ -18,29 +19,6 @@ const SOURCE_IMAGE: &str = "0b10e583-9e13-4878-9116-f4002846fa73";
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
-}
-
-/// A CI host's compiled profile for `personality` on sl7x.
-fn profile(personality: &str, packages: &[&str]) -> Value {
-    let packages: serde_json::Map<String, Value> = packages.iter().map(|p| (p.to_string(), json!({}))).collect();
-    json!({
-        "metadata": {"template": {"branch": {"name": "prod", "type": "domain"}}},
-        "system": {
-            "archetype": {"name": "ral-tier1"},
-            "personality": {"name": personality},
-            "os": {"distribution": {"name": "sl"}, "version": {"name": "7x"}, "architecture": "x86_64"}
-        },
-        "software": {"packages": packages}
-    })
-}
-
-fn write_index(site: &Path, entries: &[(&str, u64)]) {
-    let mut xml = String::from("<?xml version='1.0' encoding='utf-8'?>\n<profiles>");
-    for (name, mtime) in entries {
-        xml.push_str(&format!("\n<profile mtime='{mtime}'>{name}</profile>"));
-    }
-    xml.push_str("\n</profiles>");
-    std::fs::write(site.join("profiles-info.xml"), xml).unwrap();
 }
 
 fn run(bin: &str, config: &Path, args: &[&str]) -> (i32, String) {

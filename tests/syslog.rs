@@ -20,8 +20,9 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::BasicProperties;
 use packuilon_testsupport::broker::TestQueue;
 use packuilon_testsupport::http::ProfileServer;
+use packuilon_testsupport::site::{profile, write_index};
 use packuilon_testsupport::{unique_name, workspace_bin};
-use serde_json::{json, Value};
+use serde_json::json;
 
 const DEV_LOG: &str = "/dev/log";
 const RSYSLOGD: &str = "/usr/sbin/rsyslogd";
@@ -202,28 +203,6 @@ fn joined_parts(records: &[Record], severity: &str, start: &str) -> Option<Strin
         whole.push_str(text);
     }
     Some(whole)
-}
-
-fn profile(personality: &str, packages: &[&str]) -> Value {
-    let packages: serde_json::Map<String, Value> = packages.iter().map(|p| (p.to_string(), json!({}))).collect();
-    json!({
-        "metadata": {"template": {"branch": {"name": "prod", "type": "domain"}}},
-        "system": {
-            "archetype": {"name": "ral-tier1"},
-            "personality": {"name": personality},
-            "os": {"distribution": {"name": "sl"}, "version": {"name": "7x"}, "architecture": "x86_64"}
-        },
-        "software": {"packages": packages}
-    })
-}
-
-fn write_index(site: &Path, entries: &[(&str, u64)]) {
-    let mut xml = String::from("<?xml version='1.0' encoding='utf-8'?>\n<profiles>");
-    for (name, mtime) in entries {
-        xml.push_str(&format!("\n<profile mtime='{mtime}'>{name}</profile>"));
-    }
-    xml.push_str("\n</profiles>");
-    std::fs::write(site.join("profiles-info.xml"), xml).unwrap();
 }
 
 fn run_syslog(bin: &str, config: &Path) -> i32 {

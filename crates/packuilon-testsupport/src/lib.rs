@@ -14,6 +14,7 @@ pub mod broker;
 pub mod cloud;
 pub mod http;
 pub mod openstack;
+pub mod site;
 pub mod tls;
 
 use std::sync::atomic::{AtomicU32, Ordering};
