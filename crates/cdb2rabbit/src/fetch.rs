@@ -50,6 +50,20 @@ pub enum FetchError {
     Join { name: String, base: Url },
 }
 
+impl FetchError {
+    /// Whether the server looks overloaded: a connect error, a timeout, a
+    /// connection reset or cut off, a 5xx. (A 404 or a bad redirect says
+    /// nothing about its load.)
+    pub fn is_overload(&self) -> bool {
+        match self {
+            FetchError::Timeout { .. } => true,
+            FetchError::Status { status, .. } => status.is_server_error(),
+            FetchError::Http { source, .. } => !source.is_redirect() && !source.is_builder(),
+            _ => false,
+        }
+    }
+}
+
 /// `err` and its sources, outermost first, joined by ": " (a cause already
 /// part of the text so far is not repeated).
 pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {

@@ -4,7 +4,8 @@
 //! The data flows through one module per concept:
 //! - [`index`]: `profiles-info.xml` (the broker's index and the cached copy of it);
 //! - [`names`]: which profile names are accepted (they become paths);
-//! - [`fetch`]: HTTP(S) downloads with limits, gzip and bounded concurrency;
+//! - [`fetch`]: HTTP(S) downloads with limits and gzip;
+//! - [`concurrency`]: how many download at once, adapting to the web server;
 //! - [`publish`]: confirmed, mandatory, persistent publishes;
 //! - [`cache`]: CACHE_DIR (cached index, cached profiles, run lock), atomic writes,
 //!   and the run's transaction, which keeps the order that makes them durable;
@@ -14,6 +15,7 @@
 
 pub mod cache;
 pub mod cli;
+pub mod concurrency;
 pub mod fetch;
 pub mod index;
 pub mod json;

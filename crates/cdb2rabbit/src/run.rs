@@ -9,7 +9,8 @@
 //! written once, atomically, at the end, and not at all when the index or the
 //! broker could not be reached.
 //!
-//! Downloads run DOWNLOAD_CONCURRENCY at a time. Changed profiles are
+//! Downloads run at most DOWNLOAD_CONCURRENCY at a time, fewer while the
+//! web server shows strain (see [`crate::concurrency`]). Changed profiles are
 //! published in small batches ([`PUBLISH_BATCH`] profiles, or whatever
 //! arrived within [`PUBLISH_WAIT`]) and their confirms are awaited alongside
 //! the next downloads, so the run costs about as much as the downloads
@@ -48,6 +49,7 @@ use packuilon_common::EXIT_FAILED;
 use tracing::{debug, error, info, warn};
 
 use crate::cache::{CacheDir, CacheError, Expected, Recorder, Transaction};
+use crate::concurrency::{Limiter, Outcome};
 use crate::fetch::{profile_url, FetchError, Fetcher, PROFILE_LIMIT};
 use crate::index::{self, IndexError, INDEX_LIMIT};
 use crate::json;
@@ -495,6 +497,9 @@ impl Pipeline<'_> {
     async fn run(&mut self, candidates: &[(&str, u64)], recorder: &Recorder) -> Result<(), RunError> {
         let (fetcher, txn, base) = (self.fetcher, self.txn, &self.config.profile_dir_url);
         let force = self.force;
+        // DOWNLOAD_CONCURRENCY is the ceiling; how many run at once adapts to the server.
+        let limiter = Limiter::new(self.config.download_concurrency);
+        let limiter = &limiter;
         let mut downloads = futures::stream::iter(candidates.iter().copied())
             .map(|(name, mtime)| async move {
                 // As the original, profile by profile (not all before the first download).
@@ -502,7 +507,7 @@ impl Pipeline<'_> {
                 info!("Downloading profile {name}");
                 // Published whatever their cached copy says, if they changed.
                 let force = force || txn.untrusted(name);
-                (name, mtime, examine(fetcher, txn, base, name, force).await)
+                (name, mtime, examine(fetcher, limiter, txn, base, name, force).await)
             })
             .buffer_unordered(self.config.download_concurrency);
         // SIGTERM or SIGINT (systemd, an operator's Ctrl-C) stops the run
@@ -825,13 +830,23 @@ async fn publish_then_copy(
 /// (unless `force`: a manual rebuild is published whatever the copy says).
 async fn examine(
     fetcher: &Fetcher,
+    limiter: &Limiter,
     txn: &Transaction,
     base: &url::Url,
     name: &str,
     force: bool,
 ) -> Result<Verdict, ProfileError> {
     let url = profile_url(base, name)?;
-    let body = fetcher.get(&url, PROFILE_LIMIT).await?;
+    let permit = limiter.acquire().await;
+    let fetched = fetcher.get(&url, PROFILE_LIMIT).await;
+    let took = permit.elapsed();
+    permit.done(match &fetched {
+        _ if url.scheme() == "file" => Outcome::Neutral,
+        Ok(_) => Outcome::Answered(took),
+        Err(e) if e.is_overload() => Outcome::Overloaded,
+        Err(_) => Outcome::Neutral,
+    });
+    let body = fetched?;
     let not_json = |e: serde_json::Error| ProfileError::NotJson {
         url: url.to_string(),
         message: e.to_string(),

@@ -925,3 +925,47 @@ fn fast_and_slow_changes(delay: Duration) -> Site {
     site.server.set_fault("profiles/ci-slow.json", Fault::Delay(delay));
     site
 }
+
+/// Issue #11: how many profiles download at once adapts to the server. 5xx
+/// answers and connections cut off mid-body lower it; every other profile
+/// is still downloaded and published, and the failed ones by the next run.
+#[test]
+fn downloads_back_off_on_server_errors_and_still_get_everything() {
+    let site = Site::new("ci-").with_extra_cdb("DOWNLOAD_CONCURRENCY = 8");
+    let names: Vec<String> = (0..40).map(|i| format!("ci-{i:02}.json")).collect();
+    for name in &names {
+        site.put(name, &profile(name, 1), 100);
+    }
+    site.run(&[]).assert_status(0);
+    for name in &names {
+        site.put(name, &profile(name, 2), 101);
+    }
+    let mut faulty: Vec<String> = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let fault = match i % 8 {
+            3 => Fault::Status(503),
+            6 => Fault::Truncate(10),
+            _ => continue,
+        };
+        site.server.set_fault(&format!("profiles/{name}"), fault);
+        faulty.push(name.clone());
+    }
+    let out = site.run(&[]);
+    out.assert_status(1);
+    assert!(out.stderr.contains("Download concurrency lowered to"), "{}", out.stderr);
+    let ok: Vec<String> = names.iter().filter(|n| !faulty.contains(n)).cloned().collect();
+    assert_eq!(site.published_names(), ok, "{}", out.stderr);
+    out.assert_logs_in_order(&[&format!(
+        "{} profile(s) failed and will be retried by the next run: {}",
+        faulty.len(),
+        faulty.join(", ")
+    )]);
+
+    // The server recovered: the next run gets the rest.
+    site.server.clear_faults();
+    let out = site.run(&[]);
+    out.assert_status(0);
+    assert_eq!(site.published_names(), faulty, "{}", out.stderr);
+    assert_eq!(site.cached_mtimes().len(), names.len());
+    assert!(site.cached_mtimes().iter().all(|(_, m)| *m == 101));
+}

@@ -1,0 +1,309 @@
+//! How many profiles download at once: a limit that adapts to the web server.
+//!
+//! A fixed number suits one server only: a plain static server with a short
+//! listen backlog drops connections (a 1 s SYN retransmit each) well before
+//! a server with keep-alive and a long backlog is busy. The limit is AIMD,
+//! as TCP's window: it starts at [`START`], grows by one after a limit's
+//! worth of responses whose latency stays within [`TOLERANCE`] times the
+//! best seen (plus [`SLACK`]), and halves on a sign of overload (a connect
+//! error, timeout, reset or 5xx, or a latency jump). It never exceeds
+//! DOWNLOAD_CONCURRENCY and never falls below one. One overload lowers it
+//! once: the downloads started before the cut do not cut it again.
+
+use std::cell::{Cell, RefCell};
+use std::time::Duration;
+
+use tracing::{debug, info};
+
+/// The limit a run starts with (or DOWNLOAD_CONCURRENCY, if lower).
+pub const START: usize = 2;
+/// A response slower than this many times the best seen (smoothed) is a
+/// sign of a server that queues requests.
+pub const TOLERANCE: f64 = 2.0;
+/// Latency allowed on top of [`TOLERANCE`] times the best: jitter on a fast
+/// server (a millisecond or two) is not congestion.
+pub const SLACK: Duration = Duration::from_millis(20);
+/// Weight of a new sample in the smoothed latency.
+const WEIGHT: f64 = 0.25;
+
+/// What a download came to, as far as the server's load goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answered, in this long.
+    Answered(Duration),
+    /// The server seems overloaded: a connect error, timeout, reset or 5xx.
+    Overloaded,
+    /// Says nothing about the server's load (a 404, a bad name, a file URL).
+    Neutral,
+}
+
+/// The AIMD controller, without clocks or tasks (see the module's docs).
+#[derive(Debug, Clone)]
+pub struct Controller {
+    limit: usize,
+    max: usize,
+    /// Responses since the limit last changed.
+    successes: usize,
+    best: Option<Duration>,
+    /// Smoothed latency of the responses since the limit was last cut.
+    smoothed: Option<f64>,
+    /// Counts the cuts: a download started before the last cut cannot cut again.
+    epoch: u64,
+}
+
+/// Why the limit changed, for the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    Grew,
+    Cut(&'static str),
+}
+
+impl Controller {
+    /// `max` is DOWNLOAD_CONCURRENCY (at least one).
+    pub fn new(max: usize) -> Controller {
+        let max = max.max(1);
+        Controller {
+            limit: START.min(max),
+            max,
+            successes: 0,
+            best: None,
+            smoothed: None,
+            epoch: 0,
+        }
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// The epoch a download starting now belongs to.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Takes in a download's outcome (started in `epoch`); what changed.
+    pub fn record(&mut self, epoch: u64, outcome: Outcome) -> Option<Change> {
+        match outcome {
+            Outcome::Neutral => None,
+            Outcome::Overloaded => self.cut(epoch, "connect error, timeout, reset or 5xx"),
+            Outcome::Answered(latency) => {
+                let best = *self.best.get_or_insert(latency);
+                let best = best.min(latency);
+                self.best = Some(best);
+                let secs = latency.as_secs_f64();
+                let smoothed = match self.smoothed {
+                    Some(s) => s + WEIGHT * (secs - s),
+                    None => secs,
+                };
+                self.smoothed = Some(smoothed);
+                if smoothed > TOLERANCE * best.as_secs_f64() + SLACK.as_secs_f64() {
+                    return self.cut(epoch, "responses slowed down");
+                }
+                if epoch != self.epoch {
+                    return None;
+                }
+                self.successes += 1;
+                if self.successes >= self.limit && self.limit < self.max {
+                    self.limit += 1;
+                    self.successes = 0;
+                    return Some(Change::Grew);
+                }
+                None
+            }
+        }
+    }
+
+    fn cut(&mut self, epoch: u64, why: &'static str) -> Option<Change> {
+        if epoch != self.epoch {
+            return None;
+        }
+        self.epoch += 1;
+        self.successes = 0;
+        self.smoothed = None;
+        if self.limit == 1 {
+            return None;
+        }
+        self.limit = (self.limit / 2).max(1);
+        Some(Change::Cut(why))
+    }
+}
+
+/// The controller shared by a run's downloads (on one thread): a download
+/// waits for a [`Permit`] and reports its outcome through it.
+#[derive(Debug)]
+pub struct Limiter {
+    controller: RefCell<Controller>,
+    active: Cell<usize>,
+    freed: tokio::sync::Notify,
+}
+
+impl Limiter {
+    pub fn new(max: usize) -> Limiter {
+        Limiter {
+            controller: RefCell::new(Controller::new(max)),
+            active: Cell::new(0),
+            freed: tokio::sync::Notify::new(),
+        }
+    }
+
+    pub fn limit(&self) -> usize {
+        self.controller.borrow().limit()
+    }
+
+    /// Waits until fewer than the limit downloads are under way.
+    pub async fn acquire(&self) -> Permit<'_> {
+        loop {
+            // Registered before the check, so a release in between is not missed.
+            let freed = self.freed.notified();
+            if self.active.get() < self.limit() {
+                self.active.set(self.active.get() + 1);
+                return Permit {
+                    limiter: self,
+                    epoch: self.controller.borrow().epoch(),
+                    started: std::time::Instant::now(),
+                };
+            }
+            freed.await;
+        }
+    }
+}
+
+/// One download under way; dropped without [`Permit::done`] (an abandoned
+/// download), it frees its place and says nothing.
+#[derive(Debug)]
+pub struct Permit<'a> {
+    limiter: &'a Limiter,
+    epoch: u64,
+    started: std::time::Instant,
+}
+
+impl Permit<'_> {
+    /// Since the download started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    pub fn done(self, outcome: Outcome) {
+        let change = self.limiter.controller.borrow_mut().record(self.epoch, outcome);
+        let limit = self.limiter.limit();
+        match change {
+            Some(Change::Grew) => debug!("download concurrency raised to {limit}"),
+            Some(Change::Cut(why)) => info!("Download concurrency lowered to {limit} ({why})"),
+            None => {}
+        }
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        self.limiter.active.set(self.limiter.active.get() - 1);
+        self.limiter.freed.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Outcome {
+        Outcome::Answered(Duration::from_millis(n))
+    }
+
+    /// Feeds `n` answers of `latency` ms, each started at the current epoch.
+    fn answer(c: &mut Controller, n: usize, latency: u64) {
+        for _ in 0..n {
+            let e = c.epoch();
+            c.record(e, ms(latency));
+        }
+    }
+
+    #[test]
+    fn starts_low_and_grows_to_the_ceiling_while_latency_holds() {
+        let mut c = Controller::new(8);
+        assert_eq!(c.limit(), 2);
+        answer(&mut c, 2, 5);
+        assert_eq!(c.limit(), 3);
+        answer(&mut c, 3, 6);
+        assert_eq!(c.limit(), 4);
+        answer(&mut c, 1000, 5);
+        assert_eq!(c.limit(), 8, "never above DOWNLOAD_CONCURRENCY");
+        assert_eq!(Controller::new(1).limit(), 1);
+        assert_eq!(Controller::new(0).limit(), 1);
+    }
+
+    #[test]
+    fn overload_halves_once_per_event_and_never_below_one() {
+        let mut c = Controller::new(16);
+        answer(&mut c, 1000, 5);
+        assert_eq!(c.limit(), 16);
+        let before = c.epoch();
+        assert_eq!(
+            c.record(before, Outcome::Overloaded),
+            Some(Change::Cut("connect error, timeout, reset or 5xx"))
+        );
+        assert_eq!(c.limit(), 8);
+        // The other downloads started before the cut: no further cut.
+        for _ in 0..7 {
+            assert_eq!(c.record(before, Outcome::Overloaded), None);
+            assert_eq!(c.record(before, ms(5)), None);
+        }
+        assert_eq!(c.limit(), 8);
+        for _ in 0..10 {
+            let e = c.epoch();
+            c.record(e, Outcome::Overloaded);
+        }
+        assert_eq!(c.limit(), 1);
+        // Neutral outcomes change nothing.
+        let e = c.epoch();
+        assert_eq!(c.record(e, Outcome::Neutral), None);
+        assert_eq!(c.limit(), 1);
+        // And it grows again.
+        answer(&mut c, 1, 5);
+        assert_eq!(c.limit(), 2);
+    }
+
+    #[test]
+    fn a_latency_jump_cuts_but_jitter_does_not() {
+        let mut c = Controller::new(8);
+        answer(&mut c, 200, 2);
+        assert_eq!(c.limit(), 8);
+        // A few ms of jitter on a fast server: within SLACK.
+        answer(&mut c, 50, 12);
+        assert_eq!(c.limit(), 8);
+        // SYNs dropped by a full backlog: a second or more each.
+        let e = c.epoch();
+        assert_eq!(c.record(e, ms(1000)), Some(Change::Cut("responses slowed down")));
+        assert_eq!(c.limit(), 4);
+        // Slow responses already under way do not cut again.
+        assert_eq!(c.record(e, ms(1000)), None);
+        assert_eq!(c.limit(), 4);
+        // A slow server throughout (best is slow too) is not congested.
+        let mut slow = Controller::new(8);
+        answer(&mut slow, 100, 300);
+        assert_eq!(slow.limit(), 8);
+    }
+
+    #[test]
+    fn the_limiter_holds_downloads_to_the_limit() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let limiter = Limiter::new(8);
+            let a = limiter.acquire().await;
+            let b = limiter.acquire().await;
+            // A third waits for a place.
+            let third = limiter.acquire();
+            tokio::pin!(third);
+            assert!(futures::poll!(third.as_mut()).is_pending());
+            drop(a);
+            let c = third.await;
+            b.done(ms(1));
+            c.done(ms(1));
+            assert_eq!(limiter.limit(), 3);
+            let held: Vec<_> = futures::future::join_all((0..3).map(|_| limiter.acquire())).await;
+            assert_eq!(held.len(), 3);
+        });
+    }
+}
