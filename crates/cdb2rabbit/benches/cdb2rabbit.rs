@@ -1,21 +1,25 @@
 //! `cargo bench -p cdb2rabbit`: the issue's performance check, on loopback.
 //!
 //! A site of 100,000 profiles (2% of them `ci-*`, matching PROFILE_MATCH),
-//! each a JSON file of about 3 KB, served by Python's `http.server` on
-//! loopback. For each index size (10k, 50k,
+//! each a JSON file of about 3 KB, served on loopback by two servers in
+//! turn: a plain `python3 -m http.server` (HTTP/1.0, listen backlog 5) and
+//! testsupport's keep-alive ProfileServer. For each server and index size (10k, 50k,
 //! 100k entries): a baseline run, a warm run with nothing changed, two
 //! changed runs that bring the cache to its steady state, then a run
 //! that finds changed CI profiles (1,000 at 100k; 1% of the index elsewhere,
 //! so the work grows with the index) and publishes them to a queue of its own
 //! on the shared RabbitMQ node (deleted afterwards). The floor is one `curl`
 //! process fetching the index and the same changed files one after another
-//! from the same server. Wall time, ratio and
-//! the peak RSS of the cdb2rabbit process (wait4's rusage) go to a markdown
-//! table on stdout (medians of 3 runs: the machine may be shared).
+//! from the same server, measured just before each cdb2rabbit run (paired
+//! runs, floor then cdb2rabbit, alternating). Wall time, the median of the
+//! paired ratios and the peak RSS of the cdb2rabbit process (wait4's
+//! rusage) go to one markdown table per server on stdout.
 //!
 //! Environment: `CDB2RABBIT_BENCH_CONCURRENCY` (DOWNLOAD_CONCURRENCY, default
-//! 8), `CDB2RABBIT_BENCH_SERVER=keepalive` (serve with testsupport's
-//! ProfileServer, HTTP/1.1 keep-alive, instead of Python's), `CDB2RABBIT_BENCH_KEEP=1` (keep the site, caches and logs),
+//! 8), `CDB2RABBIT_BENCH_SERVER` (`plain`: only `python3 -m http.server`;
+//! `keepalive`: only testsupport's ProfileServer, HTTP/1.1 keep-alive;
+//! `backlog128`: only Python's threading server with a listen backlog of
+//! 128; unset: `plain` then `keepalive`), `CDB2RABBIT_BENCH_KEEP=1` (keep the site, caches and logs),
 //! `PACKUILON_LOG` (passed to cdb2rabbit; `cdb2rabbit=debug` logs confirm and
 //! cache-write times).
 
@@ -91,26 +95,37 @@ struct Measured {
 }
 
 /// Python's `http.server` on loopback: a plain static server (threaded,
-/// HTTP/1.0, one connection per request), stopped on drop. As
-/// `python3 -m http.server` but with a listen backlog of 128 instead of 5:
-/// with 5, concurrent clients see dropped SYNs and 1 s retransmits, which
-/// measures the backlog, not the client.
+/// HTTP/1.0, one connection per request), stopped on drop. `plain`: exactly
+/// `python3 -m http.server`, listen backlog 5 (concurrent clients see
+/// dropped SYNs and 1 s retransmits, as with many a real server); else with
+/// a listen backlog of 128.
 struct StaticServer {
     child: std::process::Child,
     base: String,
 }
 
 impl StaticServer {
-    fn serve(root: &Path) -> StaticServer {
+    fn serve(root: &Path, plain: bool) -> StaticServer {
         let port = packuilon_testsupport::free_port();
+        let python = if Path::new("/usr/bin/python3").exists() {
+            "/usr/bin/python3"
+        } else {
+            "python3"
+        };
         let script = "import functools, http.server, sys\n\
             class Server(http.server.ThreadingHTTPServer):\n    request_queue_size = 128\n\
             handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[2])\n\
             handler.func.log_message = lambda *a: None\n\
             Server(('127.0.0.1', int(sys.argv[1])), handler).serve_forever()\n";
-        let child = Command::new("python3")
-            .args(["-c", script, &port.to_string()])
-            .arg(root)
+        let mut cmd = Command::new(python);
+        if plain {
+            cmd.args(["-m", "http.server", "--bind", "127.0.0.1", "--directory"])
+                .arg(root)
+                .arg(port.to_string());
+        } else {
+            cmd.args(["-c", script, &port.to_string()]).arg(root);
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -132,32 +147,64 @@ impl StaticServer {
     }
 }
 
-/// The server under the bench: Python's by default; with
-/// `CDB2RABBIT_BENCH_SERVER=keepalive`, testsupport's ProfileServer
-/// (HTTP/1.1 keep-alive, as Apache serves the broker's profiles).
+/// Which servers the bench measures (see the module's docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Plain,
+    Backlog128,
+    KeepAlive,
+}
+
+impl Kind {
+    fn selected() -> Vec<Kind> {
+        match std::env::var("CDB2RABBIT_BENCH_SERVER").as_deref() {
+            Ok("plain") | Ok("python") => vec![Kind::Plain],
+            Ok("backlog128") => vec![Kind::Backlog128],
+            Ok("keepalive") => vec![Kind::KeepAlive],
+            Ok(other) if !other.is_empty() => {
+                panic!("CDB2RABBIT_BENCH_SERVER={other}: expected plain, backlog128 or keepalive")
+            }
+            _ => vec![Kind::Plain, Kind::KeepAlive],
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Kind::Plain => "plain",
+            Kind::Backlog128 => "backlog128",
+            Kind::KeepAlive => "keepalive",
+        }
+    }
+}
+
+/// The server under the bench.
 enum Server {
-    Python(StaticServer),
+    Python(StaticServer, Kind),
     KeepAlive(packuilon_testsupport::http::ProfileServer),
 }
 
 impl Server {
-    fn start(root: &Path) -> Server {
-        match std::env::var("CDB2RABBIT_BENCH_SERVER").as_deref() {
-            Ok("keepalive") => Server::KeepAlive(packuilon_testsupport::http::ProfileServer::serve(root)),
-            _ => Server::Python(StaticServer::serve(root)),
+    fn start(root: &Path, kind: Kind) -> Server {
+        match kind {
+            Kind::KeepAlive => Server::KeepAlive(packuilon_testsupport::http::ProfileServer::serve(root)),
+            Kind::Plain => Server::Python(StaticServer::serve(root, true), kind),
+            Kind::Backlog128 => Server::Python(StaticServer::serve(root, false), kind),
         }
     }
 
     fn url(&self, path: &str) -> String {
         match self {
-            Server::Python(s) => s.url(path),
+            Server::Python(s, _) => s.url(path),
             Server::KeepAlive(s) => s.url(path),
         }
     }
 
     fn describe(&self) -> &'static str {
         match self {
-            Server::Python(_) => {
+            Server::Python(_, Kind::Plain) => {
+                "`python3 -m http.server`: HTTP/1.0, one connection per request for both, listen backlog 5"
+            }
+            Server::Python(..) => {
                 "Python's `http.server.ThreadingHTTPServer` + `SimpleHTTPRequestHandler`, listen backlog 128: \
                  HTTP/1.0, so one connection per request for both"
             }
@@ -259,21 +306,64 @@ fn main() {
         std::fs::write(profiles.join(name(i)), body(i, 1)).unwrap();
     }
     eprintln!("generated {TOTAL} profiles in {:.1?}", started.elapsed());
-    let server = Server::start(&www);
     let queue = TestQueue::new("cdb2rabbit-bench");
-
-    let mut table = String::from(
-        "| index entries | changed CI profiles | cdb2rabbit wall | curl floor | ratio | ratio, run by run | cdb2rabbit CPU | peak RSS | no-change run | dry run (downloads only) |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
-    );
-    let mut rows = Vec::new();
     // DOWNLOAD_CONCURRENCY of the runs (default 8, as an installation's default).
     let concurrency: usize = std::env::var("CDB2RABBIT_BENCH_CONCURRENCY")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(8);
+    let mut verdicts = Vec::new();
+    for kind in Kind::selected() {
+        let server = Server::start(&www, kind);
+        let (table, ratio, rss) = bench_server(&server, kind, dir.path(), &www, &queue, concurrency, started);
+        println!("\n### {}\n\n{table}", kind.label());
+        println!(
+            "Server: {}. Floor: one `curl -s -f -K list` process fetching the index and the same changed files one after another \
+             from the same loopback server, just before each measured cdb2rabbit run (paired runs). cdb2rabbit: \
+             DOWNLOAD_CONCURRENCY {concurrency} (the ceiling of its adaptive concurrency), publishing with confirms to the local RabbitMQ, cached copies made durable by one syncfs and the cached index fsynced. \
+             Everything flushed (sync) before each timed run. {WARMUP} changed runs before the measured ones, so that \
+             each changed profile has its cached copy and spare (the steady state). Dry run: `cdb2rabbit --dry-run` just before \
+             each floor, the same downloads and comparisons with nothing published or written. Medians of {REPS} runs; ratio: the median of the \
+             {REPS} paired ratios (each run's wall to the floor measured just before it), with their lowest and highest; CPU and peak RSS of the cdb2rabbit process from wait4(2).",
+            server.describe(),
+        );
+        verdicts.push((kind, ratio, rss));
+    }
+    drop(queue);
+    if std::env::var_os("CDB2RABBIT_BENCH_KEEP").is_some() {
+        eprintln!("kept {}", dir.keep().display());
+    }
+    println!();
+    for (kind, ratio, rss) in verdicts {
+        println!(
+            "Targets at 100k, {} server: ratio {ratio:.2}x <= 1.5x: {}; peak RSS < 64 MB: {}",
+            kind.label(),
+            if ratio <= 1.5 { "met" } else { "NOT met" },
+            if rss < 64 * 1024 { "met" } else { "NOT met" }
+        );
+    }
+    println!("Total bench time {:.0?}.", started.elapsed());
+}
+
+/// Every index size against one server: its markdown table, and the ratio
+/// and peak RSS (KiB) at the largest size.
+fn bench_server(
+    server: &Server,
+    kind: Kind,
+    dir: &Path,
+    www: &Path,
+    queue: &TestQueue,
+    concurrency: usize,
+    started: Instant,
+) -> (String, f64, i64) {
+    let profiles = www.join("profiles");
+    let mut table = String::from(
+        "| index entries | changed CI profiles | cdb2rabbit wall | curl floor | ratio (paired) | ratio, run by run | cdb2rabbit CPU | peak RSS | no-change run | dry run (downloads only) |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let mut last = (0.0, 0);
     for size in SIZES {
-        let run_dir = dir.path().join(format!("run-{size}"));
+        let run_dir = dir.join(format!("run-{}-{size}", kind.label()));
         std::fs::create_dir_all(&run_dir).unwrap();
         let index_name = format!("profiles-info-{size}.xml");
         let index_path = www.join(&index_name);
@@ -338,6 +428,9 @@ fn main() {
                 let dry = run_cdb2rabbit(&config, &log, &["--dry-run"]);
                 check(&dry, &log, "dry-run");
                 dries.push(dry.wall);
+                // The pair: the floor, then the measured run.
+                floors.push(curl_floor(&urls, &run_dir));
+                unsafe { libc::sync() };
             }
             let measured = run_cdb2rabbit(&config, &log, &[]);
             check(&measured, &log, "measured");
@@ -350,18 +443,16 @@ fn main() {
             walls.push(measured.wall);
             cpu.push(measured.cpu);
             rss = rss.max(measured.max_rss_kib);
-            unsafe { libc::sync() };
-            floors.push(curl_floor(&urls, &run_dir));
         }
-        // Each run against the floor measured just after it.
+        // Each run against the floor measured just before it.
         let mut run_ratios: Vec<f64> = walls
             .iter()
             .zip(&floors)
             .map(|(w, f)| w.as_secs_f64() / f.as_secs_f64())
             .collect();
         run_ratios.sort_by(f64::total_cmp);
+        let ratio = run_ratios[run_ratios.len() / 2];
         let (wall, floor) = (median(&mut walls), median(&mut floors));
-        let ratio = wall.as_secs_f64() / floor.as_secs_f64();
         let _ = writeln!(
             table,
             "| {size} | {changes} | {:.2} s | {:.2} s | {ratio:.2}x | {:.2}x-{:.2}x | {:.2} s | {:.1} MB | {:.2} s | {:.2} s ({:.2}x) |",
@@ -375,30 +466,10 @@ fn main() {
             median(&mut dries).as_secs_f64(),
             median(&mut dries).as_secs_f64() / floor.as_secs_f64(),
         );
-        rows.push((size, ratio, rss));
-        eprintln!("{size}: done at {:.1?}", started.elapsed());
+        last = (ratio, rss);
+        eprintln!("{}, {size}: done at {:.1?}", kind.label(), started.elapsed());
     }
-    drop(queue);
-    if std::env::var_os("CDB2RABBIT_BENCH_KEEP").is_some() {
-        eprintln!("kept {}", dir.keep().display());
-    }
-    println!("\n{table}");
-    println!(
-        "Floor: one `curl -s -f -K list` process fetching the index and the same changed files one after another \
-         from the same loopback server ({}). cdb2rabbit: \
-         DOWNLOAD_CONCURRENCY {concurrency}, publishing with confirms to the local RabbitMQ, cached copies made durable by one syncfs and the cached index fsynced. \
-         Everything flushed (sync) before each timed run. {WARMUP} changed runs before the measured ones, so that \
-         each changed profile has its cached copy and spare (the steady state). Dry run: `cdb2rabbit --dry-run` just before \
-         each measured run, the same downloads and comparisons with nothing published or written. Medians of {REPS} runs (ratio: of the median wall to the median floor; run by run: the lowest and highest of each run's wall to the floor measured just after it); CPU and peak RSS of the cdb2rabbit process from wait4(2). Total bench time {:.0?}.",
-        server.describe(),
-        started.elapsed()
-    );
-    let (_, ratio, rss) = rows.last().copied().unwrap();
-    println!(
-        "Targets at 100k: ratio <= 1.5x: {}; peak RSS < 64 MB: {}",
-        if ratio <= 1.5 { "met" } else { "NOT met" },
-        if rss < 64 * 1024 { "met" } else { "NOT met" }
-    );
+    (table, last.0, last.1)
 }
 
 /// The broker helpers are async; a small runtime per call is plenty here.
