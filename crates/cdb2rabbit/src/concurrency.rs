@@ -25,6 +25,13 @@ pub const TOLERANCE: f64 = 2.0;
 pub const SLACK: Duration = Duration::from_millis(20);
 /// Weight of a new sample in the smoothed latency.
 const WEIGHT: f64 = 0.25;
+/// A download still unanswered after this long (or [`STALL_FACTOR`] times
+/// the smoothed latency, if longer) is asked for again on a new connection,
+/// and the first answer wins: a SYN dropped by a full listen backlog is
+/// retransmitted by the kernel only after a second.
+pub const STALL_MIN: Duration = Duration::from_millis(250);
+/// See [`STALL_MIN`].
+pub const STALL_FACTOR: u32 = 8;
 
 /// What a download came to, as far as the server's load goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +81,16 @@ impl Controller {
 
     pub fn limit(&self) -> usize {
         self.limit
+    }
+
+    /// How long a download may go unanswered before it is asked for again
+    /// (see [`STALL_MIN`]).
+    pub fn stall_after(&self) -> Duration {
+        let usual = match self.smoothed {
+            Some(s) => Duration::from_secs_f64(s),
+            None => self.best.unwrap_or_default(),
+        };
+        STALL_MIN.max(usual * STALL_FACTOR)
     }
 
     /// The epoch a download starting now belongs to.
@@ -148,6 +165,10 @@ impl Limiter {
 
     pub fn limit(&self) -> usize {
         self.controller.borrow().limit()
+    }
+
+    pub fn stall_after(&self) -> Duration {
+        self.controller.borrow().stall_after()
     }
 
     /// Waits until fewer than the limit downloads are under way.
@@ -281,6 +302,17 @@ mod tests {
         let mut slow = Controller::new(8);
         answer(&mut slow, 100, 300);
         assert_eq!(slow.limit(), 8);
+    }
+
+    #[test]
+    fn a_download_is_asked_for_again_after_eight_times_the_usual_latency() {
+        let mut c = Controller::new(8);
+        assert_eq!(c.stall_after(), STALL_MIN);
+        answer(&mut c, 20, 2);
+        assert_eq!(c.stall_after(), STALL_MIN);
+        let mut slow = Controller::new(8);
+        answer(&mut slow, 20, 100);
+        assert_eq!(slow.stall_after(), Duration::from_millis(800));
     }
 
     #[test]
