@@ -49,7 +49,7 @@ use packuilon_common::EXIT_FAILED;
 use tracing::{debug, error, info, warn};
 
 use crate::cache::{CacheDir, CacheError, Expected, Recorder, Transaction};
-use crate::concurrency::{Limiter, Outcome};
+use crate::concurrency::Limiter;
 use crate::fetch::{profile_url, FetchError, Fetcher, PROFILE_LIMIT};
 use crate::index::{self, IndexError, INDEX_LIMIT};
 use crate::json;
@@ -837,34 +837,7 @@ async fn examine(
     force: bool,
 ) -> Result<Verdict, ProfileError> {
     let url = profile_url(base, name)?;
-    let permit = limiter.acquire().await;
-    let first = fetcher.get(&url, PROFILE_LIMIT);
-    tokio::pin!(first);
-    // Unanswered for long (a SYN dropped by a full listen backlog waits a
-    // second for its retransmit): asked for again, the first answer wins.
-    let stall = tokio::time::sleep(limiter.stall_after());
-    let (fetched, stalled) = tokio::select! {
-        fetched = &mut first => (fetched, false),
-        () = stall, if url.scheme() != "file" => {
-            debug!("{url}: no answer after {:?}, asking again", permit.elapsed());
-            let again = fetcher.get(&url, PROFILE_LIMIT);
-            tokio::pin!(again);
-            tokio::select! {
-                fetched = &mut first => (fetched, false),
-                fetched = &mut again => (fetched, true),
-            }
-        }
-    };
-    let took = permit.elapsed();
-    permit.done(match &fetched {
-        _ if url.scheme() == "file" => Outcome::Neutral,
-        // The first request stalled where a new one did not: overloaded.
-        Ok(_) if stalled => Outcome::Overloaded,
-        Ok(_) => Outcome::Answered(took),
-        Err(e) if e.is_overload() => Outcome::Overloaded,
-        Err(_) => Outcome::Neutral,
-    });
-    let body = fetched?;
+    let body = limiter.download(fetcher, &url, PROFILE_LIMIT).await?;
     let not_json = |e: serde_json::Error| ProfileError::NotJson {
         url: url.to_string(),
         message: e.to_string(),

@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use packuilon_testsupport::http::Fault;
+use packuilon_testsupport::http::{Fault, Refusal};
 use support::{profile, Site};
 
 #[test]
@@ -927,19 +927,13 @@ fn fast_and_slow_changes(delay: Duration) -> Site {
 }
 
 /// Issue #11: how many profiles download at once adapts to the server. 5xx
-/// answers and connections cut off mid-body lower it; every other profile
-/// is still downloaded and published, and the failed ones by the next run.
+/// answers and connections cut off mid-body lower it; a profile that keeps
+/// failing so is asked for ATTEMPTS (4) times, then left for the next run;
+/// every other profile is still downloaded and published.
 #[test]
 fn downloads_back_off_on_server_errors_and_still_get_everything() {
-    let site = Site::new("ci-").with_extra_cdb("DOWNLOAD_CONCURRENCY = 8");
+    let site = changed_site(40, "DOWNLOAD_CONCURRENCY = 8");
     let names: Vec<String> = (0..40).map(|i| format!("ci-{i:02}.json")).collect();
-    for name in &names {
-        site.put(name, &profile(name, 1), 100);
-    }
-    site.run(&[]).assert_status(0);
-    for name in &names {
-        site.put(name, &profile(name, 2), 101);
-    }
     let mut faulty: Vec<String> = Vec::new();
     for (i, name) in names.iter().enumerate() {
         let fault = match i % 8 {
@@ -950,9 +944,16 @@ fn downloads_back_off_on_server_errors_and_still_get_everything() {
         site.server.set_fault(&format!("profiles/{name}"), fault);
         faulty.push(name.clone());
     }
+    site.server.clear_requests();
     let out = site.run(&[]);
     out.assert_status(1);
     assert!(out.stderr.contains("Download concurrency lowered to"), "{}", out.stderr);
+    // A profile the server keeps refusing is asked for a bounded number of times.
+    let requests = site.server.requests();
+    for name in &faulty {
+        let asked = requests.iter().filter(|r| **r == format!("profiles/{name}")).count();
+        assert_eq!(asked, 4, "{name} asked for {asked} times, not ATTEMPTS: {requests:?}");
+    }
     let ok: Vec<String> = names.iter().filter(|n| !faulty.contains(n)).cloned().collect();
     assert_eq!(site.published_names(), ok, "{}", out.stderr);
     out.assert_logs_in_order(&[&format!(
@@ -968,4 +969,68 @@ fn downloads_back_off_on_server_errors_and_still_get_everything() {
     assert_eq!(site.published_names(), faulty, "{}", out.stderr);
     assert_eq!(site.cached_mtimes().len(), names.len());
     assert!(site.cached_mtimes().iter().all(|(_, m)| *m == 101));
+}
+
+/// Issue #11: against a server that keeps up, the number of downloads at
+/// once grows from its start (2) to DOWNLOAD_CONCURRENCY, and never above.
+#[test]
+fn downloads_grow_to_download_concurrency_on_a_server_that_keeps_up() {
+    let site = changed_site(60, "DOWNLOAD_CONCURRENCY = 6");
+    site.server.set_latency(Duration::from_millis(50));
+    let out = site.run(&[]);
+    out.assert_status(0);
+    assert_eq!(site.published_names().len(), 60, "{}", out.stderr);
+    assert_eq!(site.server.peak_concurrency(), 6, "{}", out.stderr);
+    assert_eq!(site.server.refused(), 0);
+    assert!(!out.stderr.contains("Download concurrency lowered"), "{}", out.stderr);
+}
+
+/// Issue #11: a server that serves three requests at once and answers 503
+/// to a fourth: the limit backs off (far fewer refusals than a fixed 16
+/// would meet) and the refused downloads are asked for again, so the run
+/// gets every profile.
+#[test]
+fn downloads_back_off_from_a_server_answering_503_at_capacity_and_lose_no_profile() {
+    back_off_from_a_server_at_capacity(Refusal::Unavailable);
+}
+
+/// As above, with a server that closes the connection unanswered.
+#[test]
+fn downloads_back_off_from_a_server_closing_connections_at_capacity_and_lose_no_profile() {
+    back_off_from_a_server_at_capacity(Refusal::Close);
+}
+
+fn back_off_from_a_server_at_capacity(how: Refusal) {
+    let site = changed_site(60, "DOWNLOAD_CONCURRENCY = 16");
+    site.server.set_latency(Duration::from_millis(30));
+    site.server.set_capacity(3, how);
+    let out = site.run(&[]);
+    out.assert_status(0);
+    assert_eq!(site.published_names().len(), 60, "{}", out.stderr);
+    assert!(site.cached_mtimes().iter().all(|(_, m)| *m == 101));
+    assert!(out.stderr.contains("Download concurrency lowered to"), "{}", out.stderr);
+    let refused = site.server.refused();
+    assert!(refused > 0, "the limit never probed past the server's capacity");
+    // At a fixed 16, 13 of every 16 requests would be refused.
+    assert!(refused <= 20, "{refused} requests refused: the limit did not back off");
+    assert!(
+        site.server.peak_concurrency() < 8,
+        "peak {}",
+        site.server.peak_concurrency()
+    );
+}
+
+/// A site with `n` CI profiles recorded in the cache, then all changed.
+fn changed_site(n: usize, cdb: &str) -> Site {
+    let site = Site::new("ci-").with_extra_cdb(cdb);
+    for i in 0..n {
+        let name = format!("ci-{i:02}.json");
+        site.put(&name, &profile(&name, 1), 100);
+    }
+    site.run(&[]).assert_status(0);
+    for i in 0..n {
+        let name = format!("ci-{i:02}.json");
+        site.put(&name, &profile(&name, 2), 101);
+    }
+    site
 }

@@ -2,6 +2,10 @@
 //! test writes, as the Aquilon broker's web server serves
 //! `profiles-info.xml` and the profiles. Faults can be set per path: an HTTP
 //! status, a delay (for timeouts), a body cut short, or gzip on the wire.
+//! The whole server can be made slow (a latency on every answer) and of
+//! limited capacity (requests beyond N at once refused with a 503 or a
+//! closed connection), as a real web server under load; it counts the most
+//! requests it had under way at once.
 //!
 //! One thread per connection, serving that connection's requests in order
 //! with keep-alive. With tiny_http (used before: its own connection threads
@@ -15,7 +19,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -36,8 +40,28 @@ pub enum Fault {
     Redirect(String),
 }
 
+/// How a server at capacity refuses a request (see [`ProfileServer::set_capacity`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `503 Service Unavailable`.
+    Unavailable,
+    /// The connection is closed without an answer.
+    Close,
+}
+
+/// The server's load: requests under way, the most at once, refusals.
+#[derive(Default)]
+struct Load {
+    latency: Mutex<Duration>,
+    capacity: Mutex<Option<(usize, Refusal)>>,
+    active: AtomicUsize,
+    peak: AtomicUsize,
+    refused: AtomicUsize,
+}
+
 struct Shared {
     root: PathBuf,
+    load: Load,
     faults: Mutex<HashMap<String, Fault>>,
     log: Mutex<Vec<String>>,
     stop: AtomicBool,
@@ -60,6 +84,7 @@ impl ProfileServer {
         let port = listener.local_addr().expect("local address").port();
         let shared = Arc::new(Shared {
             root: root.to_path_buf(),
+            load: Load::default(),
             faults: Mutex::new(HashMap::new()),
             log: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
@@ -121,6 +146,26 @@ impl ProfileServer {
     pub fn clear_requests(&self) {
         self.shared.log.lock().unwrap().clear();
     }
+
+    /// Every answer waits this long first (a server doing real work).
+    pub fn set_latency(&self, latency: Duration) {
+        *self.shared.load.latency.lock().unwrap() = latency;
+    }
+
+    /// At most `max` requests served at once; one more is refused as `how`.
+    pub fn set_capacity(&self, max: usize, how: Refusal) {
+        *self.shared.load.capacity.lock().unwrap() = Some((max, how));
+    }
+
+    /// The most requests under way at once so far (refused ones included).
+    pub fn peak_concurrency(&self) -> usize {
+        self.shared.load.peak.load(Ordering::SeqCst)
+    }
+
+    /// Requests refused for want of capacity so far.
+    pub fn refused(&self) -> usize {
+        self.shared.load.refused.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for ProfileServer {
@@ -159,7 +204,25 @@ fn serve_connection(shared: &Shared, stream: TcpStream) {
         if shared.stop.load(Ordering::SeqCst) {
             return;
         }
-        match respond(shared, &req, &mut writer) {
+        let load = &shared.load;
+        let active = load.active.fetch_add(1, Ordering::SeqCst) + 1;
+        load.peak.fetch_max(active, Ordering::SeqCst);
+        let latency = *load.latency.lock().unwrap();
+        std::thread::sleep(latency);
+        let capacity = *load.capacity.lock().unwrap();
+        let answered = match capacity {
+            Some((max, how)) if active > max => {
+                load.refused.fetch_add(1, Ordering::SeqCst);
+                shared.log.lock().unwrap().push(format!("refused {}", req.path));
+                match how {
+                    Refusal::Unavailable => send(&mut writer, &req, 503, &[], &[]),
+                    Refusal::Close => Ok(false),
+                }
+            }
+            _ => respond(shared, &req, &mut writer),
+        };
+        load.active.fetch_sub(1, Ordering::SeqCst);
+        match answered {
             Ok(true) if req.keep_alive => {}
             _ => {
                 let _ = writer.flush();
