@@ -19,7 +19,14 @@
 //! 8), `CDB2RABBIT_BENCH_SERVER` (`plain`: only `python3 -m http.server`;
 //! `keepalive`: only testsupport's ProfileServer, HTTP/1.1 keep-alive;
 //! `backlog128`: only Python's threading server with a listen backlog of
-//! 128; unset: `plain` then `keepalive`), `CDB2RABBIT_BENCH_KEEP=1` (keep the site, caches and logs),
+//! 128; unset: `plain` then `keepalive`), `CDB2RABBIT_BENCH_KEEP=1` (keep
+//! the site, caches and logs), `CDB2RABBIT_BENCH_SIZES` (index sizes, e.g.
+//! `100000`; default 10000,50000,100000), `CDB2RABBIT_BENCH_REPS` (measured
+//! runs per size, default 7), `CDB2RABBIT_BENCH_BEFORE_BIN` (another
+//! cdb2rabbit binary, e.g. an earlier commit's, which `scripts/bench.sh`
+//! builds from `CDB2RABBIT_BENCH_BEFORE=REV`: measured alongside with a
+//! cache of its own and paired with the same floor, which of the two runs
+//! first alternating; labelled by `CDB2RABBIT_BENCH_BEFORE_REV`),
 //! `PACKUILON_LOG` (passed to cdb2rabbit; `cdb2rabbit=debug` logs confirm and
 //! cache-write times).
 
@@ -41,7 +48,7 @@ const REPS: usize = 7;
 /// Changed runs before the measured ones (see where it is used).
 const WARMUP: usize = 2;
 
-fn median(v: &mut [Duration]) -> Duration {
+fn median<T: Ord + Copy>(v: &mut [T]) -> T {
     v.sort();
     v[v.len() / 2]
 }
@@ -102,10 +109,12 @@ struct Measured {
 struct StaticServer {
     child: std::process::Child,
     base: String,
+    /// Its stderr: a line per request.
+    log: std::path::PathBuf,
 }
 
 impl StaticServer {
-    fn serve(root: &Path, plain: bool) -> StaticServer {
+    fn serve(root: &Path, plain: bool, log: &Path) -> StaticServer {
         let port = packuilon_testsupport::free_port();
         let python = if Path::new("/usr/bin/python3").exists() {
             "/usr/bin/python3"
@@ -115,7 +124,6 @@ impl StaticServer {
         let script = "import functools, http.server, sys\n\
             class Server(http.server.ThreadingHTTPServer):\n    request_queue_size = 128\n\
             handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[2])\n\
-            handler.func.log_message = lambda *a: None\n\
             Server(('127.0.0.1', int(sys.argv[1])), handler).serve_forever()\n";
         let mut cmd = Command::new(python);
         if plain {
@@ -128,7 +136,7 @@ impl StaticServer {
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
             .spawn()
             .expect("python3 -m http.server");
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -139,11 +147,18 @@ impl StaticServer {
         StaticServer {
             child,
             base: format!("http://127.0.0.1:{port}/"),
+            log: log.to_path_buf(),
         }
     }
 
     fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
+    }
+
+    /// GETs answered so far (as its log says).
+    fn requests(&self) -> usize {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        log.lines().filter(|l| l.contains("\"GET ")).count()
     }
 }
 
@@ -184,11 +199,19 @@ enum Server {
 }
 
 impl Server {
-    fn start(root: &Path, kind: Kind) -> Server {
+    fn start(root: &Path, kind: Kind, log: &Path) -> Server {
         match kind {
             Kind::KeepAlive => Server::KeepAlive(packuilon_testsupport::http::ProfileServer::serve(root)),
-            Kind::Plain => Server::Python(StaticServer::serve(root, true), kind),
-            Kind::Backlog128 => Server::Python(StaticServer::serve(root, false), kind),
+            Kind::Plain => Server::Python(StaticServer::serve(root, true, log), kind),
+            Kind::Backlog128 => Server::Python(StaticServer::serve(root, false, log), kind),
+        }
+    }
+
+    /// Requests answered so far: how much load the runs put on the server.
+    fn requests(&self) -> usize {
+        match self {
+            Server::Python(s, _) => s.requests(),
+            Server::KeepAlive(s) => s.requests().len(),
         }
     }
 
@@ -224,9 +247,9 @@ impl Drop for StaticServer {
 }
 
 /// Runs cdb2rabbit and reaps it with wait4, for its own rusage.
-fn run_cdb2rabbit(config: &Path, log: &Path, extra: &[&str]) -> Measured {
+fn run_cdb2rabbit(bin: &Path, config: &Path, log: &Path, extra: &[&str]) -> Measured {
     let start = Instant::now();
-    let child = Command::new(env!("CARGO_BIN_EXE_cdb2rabbit"))
+    let child = Command::new(bin)
         .arg("--config")
         .arg(config)
         .args(["--log", "stderr"])
@@ -308,13 +331,11 @@ fn main() {
     eprintln!("generated {TOTAL} profiles in {:.1?}", started.elapsed());
     let queue = TestQueue::new("cdb2rabbit-bench");
     // DOWNLOAD_CONCURRENCY of the runs (default 8, as an installation's default).
-    let concurrency: usize = std::env::var("CDB2RABBIT_BENCH_CONCURRENCY")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(8);
+    let concurrency: usize = env_number("CDB2RABBIT_BENCH_CONCURRENCY", 8);
+    let reps: usize = env_number("CDB2RABBIT_BENCH_REPS", REPS);
     let mut verdicts = Vec::new();
     for kind in Kind::selected() {
-        let server = Server::start(&www, kind);
+        let server = Server::start(&www, kind, &dir.path().join(format!("server-{}.log", kind.label())));
         let (table, ratio, rss) = bench_server(&server, kind, dir.path(), &www, &queue, concurrency, started);
         println!("\n### {}\n\n{table}", kind.label());
         println!(
@@ -323,8 +344,8 @@ fn main() {
              DOWNLOAD_CONCURRENCY {concurrency} (the ceiling of its adaptive concurrency), publishing with confirms to the local RabbitMQ, cached copies made durable by one syncfs and the cached index fsynced. \
              Everything flushed (sync) before each timed run. {WARMUP} changed runs before the measured ones, so that \
              each changed profile has its cached copy and spare (the steady state). Dry run: `cdb2rabbit --dry-run` just before \
-             each floor, the same downloads and comparisons with nothing published or written. Medians of {REPS} runs; ratio: the median of the \
-             {REPS} paired ratios (each run's wall to the floor measured just before it), with their lowest and highest; CPU and peak RSS of the cdb2rabbit process from wait4(2).",
+             each floor (this tree's cdb2rabbit), the same downloads and comparisons with nothing published or written. Medians of {reps} runs; ratio: the median of the \
+             {reps} paired ratios (each run's wall to the floor measured just before it), with their lowest and highest; CPU and peak RSS of the cdb2rabbit process from wait4(2).",
             server.describe(),
         );
         verdicts.push((kind, ratio, rss));
@@ -345,8 +366,50 @@ fn main() {
     println!("Total bench time {:.0?}.", started.elapsed());
 }
 
+/// A cdb2rabbit binary under the bench: this tree's, or the one of
+/// `CDB2RABBIT_BENCH_BEFORE_BIN` (an earlier commit's, for a before/after
+/// comparison in the same run).
+struct Subject {
+    label: String,
+    bin: std::path::PathBuf,
+}
+
+impl Subject {
+    fn selected() -> Vec<Subject> {
+        let mut subjects = vec![Subject {
+            label: "this tree".into(),
+            bin: env!("CARGO_BIN_EXE_cdb2rabbit").into(),
+        }];
+        if let Some(bin) = std::env::var_os("CDB2RABBIT_BENCH_BEFORE_BIN") {
+            let rev = std::env::var("CDB2RABBIT_BENCH_BEFORE_REV").unwrap_or_else(|_| "before".into());
+            subjects.push(Subject {
+                label: rev,
+                bin: bin.into(),
+            });
+        }
+        subjects
+    }
+}
+
+/// A subject's figures at one index size.
+#[derive(Default)]
+struct Figures {
+    walls: Vec<Duration>,
+    ratios: Vec<f64>,
+    cpu: Vec<Duration>,
+    rss: i64,
+    warm: Vec<Duration>,
+    /// Requests the server answered during each measured run.
+    requests: Vec<usize>,
+}
+
+/// An environment variable's number, or `default`.
+fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
 /// Every index size against one server: its markdown table, and the ratio
-/// and peak RSS (KiB) at the largest size.
+/// and peak RSS (KiB) of this tree's cdb2rabbit at the largest size.
 fn bench_server(
     server: &Server,
     kind: Kind,
@@ -357,39 +420,58 @@ fn bench_server(
     started: Instant,
 ) -> (String, f64, i64) {
     let profiles = www.join("profiles");
+    let subjects = Subject::selected();
+    let reps: usize = env_number("CDB2RABBIT_BENCH_REPS", REPS);
+    let sizes: Vec<usize> = match std::env::var("CDB2RABBIT_BENCH_SIZES") {
+        Ok(list) if !list.is_empty() => list
+            .split(',')
+            .map(|s| s.trim().parse().expect("CDB2RABBIT_BENCH_SIZES"))
+            .collect(),
+        _ => SIZES.to_vec(),
+    };
     let mut table = String::from(
-        "| index entries | changed CI profiles | cdb2rabbit wall | curl floor | ratio (paired) | ratio, run by run | cdb2rabbit CPU | peak RSS | no-change run | dry run (downloads only) |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| index entries | changed CI profiles | cdb2rabbit | wall | curl floor | ratio (paired) | ratio, run by run | CPU | peak RSS | requests to the server (most) | no-change run | dry run (downloads only) |\n\
+         |---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     let mut last = (0.0, 0);
-    for size in SIZES {
+    for size in sizes {
+        assert!(size <= TOTAL, "at most {TOTAL} index entries");
         let run_dir = dir.join(format!("run-{}-{size}", kind.label()));
         std::fs::create_dir_all(&run_dir).unwrap();
         let index_name = format!("profiles-info-{size}.xml");
         let index_path = www.join(&index_name);
-        let config = run_dir.join("config.ini");
-        std::fs::write(
-            &config,
-            format!(
-                "{}\n[cdb2rabbit]\nPROFILE_INFO_URL = {}\nPROFILE_DIR_URL = {}\nPROFILE_MATCH = ci-\nCACHE_DIR = {}\nDOWNLOAD_CONCURRENCY = {concurrency}\n",
-                queue.broker.global_section(&queue.name),
-                server.url(&index_name),
-                server.url("profiles/"),
-                run_dir.join("cache").display()
-            ),
-        )
-        .unwrap();
-        let log = run_dir.join("cdb2rabbit.log");
+        // Each subject has its own cache, log and config.
+        let setups: Vec<(std::path::PathBuf, std::path::PathBuf)> = (0..subjects.len())
+            .map(|s| {
+                let config = run_dir.join(format!("config-{s}.ini"));
+                std::fs::write(
+                    &config,
+                    format!(
+                        "{}\n[cdb2rabbit]\nPROFILE_INFO_URL = {}\nPROFILE_DIR_URL = {}\nPROFILE_MATCH = ci-\nCACHE_DIR = {}\nDOWNLOAD_CONCURRENCY = {concurrency}\n",
+                        queue.broker.global_section(&queue.name),
+                        server.url(&index_name),
+                        server.url("profiles/"),
+                        run_dir.join(format!("cache-{s}")).display()
+                    ),
+                )
+                .unwrap();
+                (config, run_dir.join(format!("cdb2rabbit-{s}.log")))
+            })
+            .collect();
 
         write_index(&index_path, size, |_| 1_700_000_000);
         unsafe { libc::sync() };
-        let base = run_cdb2rabbit(&config, &log, &[]);
-        check(&base, &log, "baseline");
-        let mut warm = Vec::new();
-        for _ in 0..REPS {
-            let m = run_cdb2rabbit(&config, &log, &[]);
-            check(&m, &log, "no-change");
-            warm.push(m.wall);
+        let mut figures: Vec<Figures> = subjects.iter().map(|_| Figures::default()).collect();
+        for (subject, (config, log)) in subjects.iter().zip(&setups) {
+            let base = run_cdb2rabbit(&subject.bin, config, log, &[]);
+            check(&base, log, "baseline");
+        }
+        for _ in 0..reps {
+            for (s, (subject, (config, log))) in subjects.iter().zip(&setups).enumerate() {
+                let m = run_cdb2rabbit(&subject.bin, config, log, &[]);
+                check(&m, log, "no-change");
+                figures[s].warm.push(m.wall);
+            }
         }
 
         let changes = if size == TOTAL { 1_000 } else { size / 100 };
@@ -398,15 +480,14 @@ fn bench_server(
         let changed_set: std::collections::HashSet<usize> = changed.iter().copied().collect();
         let mut urls = vec![server.url(&index_name)];
         urls.extend(changed.iter().map(|&i| server.url(&format!("profiles/{}", name(i)))));
-        let (mut walls, mut floors, mut cpu, mut rss) = (Vec::new(), Vec::new(), Vec::new(), 0);
-        let mut dries = Vec::new();
+        let (mut floors, mut dries) = (Vec::new(), Vec::new());
         // WARMUP changed runs first, not measured: the measured runs see the
         // cache's steady state, where each changed profile already has its
         // cached copy and its spare (see cdb2rabbit's cache.rs). The first
         // change ever seen of a profile creates both files; on ext4 without
         // a journal creating files shortly after many were deleted (the
         // previous bench's clean-up) is slow for reasons of the filesystem.
-        for rep in 0..WARMUP + REPS {
+        for rep in 0..WARMUP + reps {
             let revision = 2 + rep as u32;
             for &i in &changed {
                 std::fs::write(profiles.join(name(i)), body(i, revision)).unwrap();
@@ -422,51 +503,69 @@ fn bench_server(
             // syncfs/fsync of the measured run would otherwise write them out on its behalf.
             // SAFETY: sync(2) has no arguments and cannot fail.
             unsafe { libc::sync() };
+            let mut floor = None;
             if rep >= WARMUP {
                 // The same downloads and comparisons without publishing or
                 // writing anything: what the web server alone allows.
-                let dry = run_cdb2rabbit(&config, &log, &["--dry-run"]);
-                check(&dry, &log, "dry-run");
+                let (config, log) = &setups[0];
+                let dry = run_cdb2rabbit(&subjects[0].bin, config, log, &["--dry-run"]);
+                check(&dry, log, "dry-run");
                 dries.push(dry.wall);
-                // The pair: the floor, then the measured run.
-                floors.push(curl_floor(&urls, &run_dir));
+                // The floor, then the measured runs, each paired with it.
+                let f = curl_floor(&urls, &run_dir);
+                floors.push(f);
+                floor = Some(f);
                 unsafe { libc::sync() };
             }
-            let measured = run_cdb2rabbit(&config, &log, &[]);
-            check(&measured, &log, "measured");
-            let published = block_on(queue.broker.message_count(&queue.name)).unwrap();
-            assert_eq!(published as usize, changes, "not every change was published");
-            block_on(queue.broker.drain(&queue.name)).unwrap();
-            if rep < WARMUP {
-                continue;
+            // With two subjects, which runs first alternates.
+            for k in 0..subjects.len() {
+                let s = (k + rep) % subjects.len();
+                let (config, log) = &setups[s];
+                let served = server.requests();
+                let measured = run_cdb2rabbit(&subjects[s].bin, config, log, &[]);
+                let requests = server.requests() - served;
+                check(&measured, log, "measured");
+                let published = block_on(queue.broker.message_count(&queue.name)).unwrap();
+                assert_eq!(published as usize, changes, "not every change was published");
+                block_on(queue.broker.drain(&queue.name)).unwrap();
+                if let Some(floor) = floor {
+                    let f = &mut figures[s];
+                    f.walls.push(measured.wall);
+                    f.ratios.push(measured.wall.as_secs_f64() / floor.as_secs_f64());
+                    f.cpu.push(measured.cpu);
+                    f.requests.push(requests);
+                    f.rss = f.rss.max(measured.max_rss_kib);
+                }
             }
-            walls.push(measured.wall);
-            cpu.push(measured.cpu);
-            rss = rss.max(measured.max_rss_kib);
         }
-        // Each run against the floor measured just before it.
-        let mut run_ratios: Vec<f64> = walls
-            .iter()
-            .zip(&floors)
-            .map(|(w, f)| w.as_secs_f64() / f.as_secs_f64())
-            .collect();
-        run_ratios.sort_by(f64::total_cmp);
-        let ratio = run_ratios[run_ratios.len() / 2];
-        let (wall, floor) = (median(&mut walls), median(&mut floors));
-        let _ = writeln!(
-            table,
-            "| {size} | {changes} | {:.2} s | {:.2} s | {ratio:.2}x | {:.2}x-{:.2}x | {:.2} s | {:.1} MB | {:.2} s | {:.2} s ({:.2}x) |",
-            wall.as_secs_f64(),
-            floor.as_secs_f64(),
-            run_ratios[0],
-            run_ratios[run_ratios.len() - 1],
-            median(&mut cpu).as_secs_f64(),
-            rss as f64 / 1024.0,
-            median(&mut warm).as_secs_f64(),
-            median(&mut dries).as_secs_f64(),
-            median(&mut dries).as_secs_f64() / floor.as_secs_f64(),
-        );
-        last = (ratio, rss);
+        let floor = median(&mut floors);
+        for (s, (subject, f)) in subjects.iter().zip(&mut figures).enumerate() {
+            f.ratios.sort_by(f64::total_cmp);
+            let ratio = f.ratios[f.ratios.len() / 2];
+            let dry = if s == 0 {
+                let dry = median(&mut dries).as_secs_f64();
+                format!("{dry:.2} s ({:.2}x)", dry / floor.as_secs_f64())
+            } else {
+                "-".into()
+            };
+            let _ = writeln!(
+                table,
+                "| {size} | {changes} | {} | {:.2} s | {:.2} s | {ratio:.2}x | {:.2}x-{:.2}x | {:.2} s | {:.1} MB | {} ({}) | {:.2} s | {dry} |",
+                subject.label,
+                median(&mut f.walls).as_secs_f64(),
+                floor.as_secs_f64(),
+                f.ratios[0],
+                f.ratios[f.ratios.len() - 1],
+                median(&mut f.cpu).as_secs_f64(),
+                f.rss as f64 / 1024.0,
+                median(&mut f.requests),
+                f.requests.iter().max().unwrap(),
+                median(&mut f.warm).as_secs_f64(),
+            );
+            if s == 0 {
+                last = (ratio, f.rss);
+            }
+        }
         eprintln!("{}, {size}: done at {:.1?}", kind.label(), started.elapsed());
     }
     (table, last.0, last.1)
