@@ -12,8 +12,9 @@
 //! process fetching the index and the same changed files one after another
 //! from the same server, measured just before each cdb2rabbit run (paired
 //! runs, floor then cdb2rabbit, alternating). Wall time, the median of the
-//! paired ratios and the peak RSS of the cdb2rabbit process (wait4's
-//! rusage) go to one markdown table per server on stdout.
+//! paired ratios, the CPU (wait4's rusage) and the peak RSS (VmHWM) of the
+//! cdb2rabbit process and the requests the server answered go to one
+//! markdown table per server on stdout.
 //!
 //! Environment: `CDB2RABBIT_BENCH_CONCURRENCY` (DOWNLOAD_CONCURRENCY, default
 //! 8), `CDB2RABBIT_BENCH_SERVER` (`plain`: only `python3 -m http.server`;
@@ -264,18 +265,42 @@ fn run_cdb2rabbit(bin: &Path, config: &Path, log: &Path, extra: &[&str]) -> Meas
         .spawn()
         .expect("spawn cdb2rabbit");
     let pid = child.id() as libc::pid_t;
+    // wait4's ru_maxrss is no use here: the child was spawned sharing this
+    // process's memory until its exec (vfork), and the kernel counts that
+    // in, so it reports the bench's own peak (90 MB with the keep-alive
+    // server's threads). The child's own high-water mark (VmHWM) is read
+    // until it exits instead.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poller = {
+        let done = done.clone();
+        let status_file = format!("/proc/{pid}/status");
+        std::thread::spawn(move || {
+            let mut peak_kib = 0;
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let hwm = std::fs::read_to_string(&status_file).ok().and_then(|text| {
+                    let line = text.lines().find(|l| l.starts_with("VmHWM:"))?;
+                    line.split_whitespace().nth(1)?.parse::<i64>().ok()
+                });
+                peak_kib = peak_kib.max(hwm.unwrap_or(0));
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            peak_kib
+        })
+    };
     let mut status = 0;
     // SAFETY: rusage is plain data; wait4 fills it for our own child.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
     assert_eq!(r, pid, "wait4: {}", std::io::Error::last_os_error());
     let wall = start.elapsed();
+    done.store(true, std::sync::atomic::Ordering::SeqCst);
+    let max_rss_kib = poller.join().unwrap();
     std::mem::forget(child);
     let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     Measured {
         wall,
         cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
-        max_rss_kib: usage.ru_maxrss,
+        max_rss_kib,
         status: if libc::WIFEXITED(status) {
             libc::WEXITSTATUS(status)
         } else {
@@ -345,7 +370,7 @@ fn main() {
              Everything flushed (sync) before each timed run. {WARMUP} changed runs before the measured ones, so that \
              each changed profile has its cached copy and spare (the steady state). Dry run: `cdb2rabbit --dry-run` just before \
              each floor (this tree's cdb2rabbit), the same downloads and comparisons with nothing published or written. Medians of {reps} runs; ratio: the median of the \
-             {reps} paired ratios (each run's wall to the floor measured just before it), with their lowest and highest; CPU and peak RSS of the cdb2rabbit process from wait4(2).",
+             {reps} paired ratios (each run's wall to the floor measured just before it), with their lowest and highest; CPU of the cdb2rabbit process from wait4(2), its peak RSS from /proc/PID/status (VmHWM, read every 2 ms until it exits).",
             server.describe(),
         );
         verdicts.push((kind, ratio, rss));
