@@ -320,6 +320,14 @@ mod tests {
         Outcome::Answered(Duration::from_millis(n))
     }
 
+    /// Records `outcome` of a download started at the current epoch and
+    /// checks that it cut the limit to `to`, saying `why`.
+    fn assert_cuts(c: &mut Controller, outcome: Outcome, why: &'static str, to: usize) {
+        let e = c.epoch();
+        assert_eq!(c.record(e, outcome), Some(Change::Cut(why)));
+        assert_eq!(c.limit(), to);
+    }
+
     /// Feeds `n` answers of `latency` ms, each started at the current epoch.
     fn answer(c: &mut Controller, n: usize, latency: u64) {
         for _ in 0..n {
@@ -348,11 +356,7 @@ mod tests {
         answer(&mut c, 1000, 5);
         assert_eq!(c.limit(), 16);
         let before = c.epoch();
-        assert_eq!(
-            c.record(before, Outcome::Overloaded),
-            Some(Change::Cut("connect error, timeout, reset or 5xx"))
-        );
-        assert_eq!(c.limit(), 8);
+        assert_cuts(&mut c, Outcome::Overloaded, "connect error, timeout, reset or 5xx", 8);
         // The other downloads started before the cut: no further cut.
         for _ in 0..7 {
             assert_eq!(c.record(before, Outcome::Overloaded), None);
@@ -408,12 +412,7 @@ mod tests {
         assert_eq!(slow.stall_after(), Duration::from_millis(800));
         // 20 answers took it from 2 to 7; a stall halves it.
         assert_eq!(slow.limit(), 7);
-        let e = slow.epoch();
-        assert_eq!(
-            slow.record(e, Outcome::Stalled),
-            Some(Change::Cut("a download went unanswered"))
-        );
-        assert_eq!(slow.limit(), 3);
+        assert_cuts(&mut slow, Outcome::Stalled, "a download went unanswered", 3);
     }
 
     #[test]
