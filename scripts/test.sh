@@ -19,6 +19,9 @@ t0=$SECONDS
 scripts/install-packages.sh
 # The package's tests: lintian, man, systemd-analyze, dpkg-shlibdeps, rsyslogd.
 scripts/install-packages.sh lintian man-db systemd dpkg-dev rsyslog
+# Alerts and metrics: promtool (check metrics/rules), a real SMTP server
+# (aiosmtpd), util-linux's setpriv (control commands refused to nobody).
+scripts/install-packages.sh prometheus python3-aiosmtpd util-linux
 scripts/rabbitmq-up.sh
 
 free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
