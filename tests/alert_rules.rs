@@ -17,7 +17,11 @@ fn promtool(args: &[&str]) -> (bool, String) {
         .expect("promtool (Debian package prometheus) is installed");
     (
         out.status.success(),
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
     )
 }
 

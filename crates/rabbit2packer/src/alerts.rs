@@ -97,7 +97,13 @@ fn retry_delays() -> Vec<Duration> {
                 .map(|s| packuilon_common::config::parse_duration(s.trim()))
                 .collect::<Option<Vec<_>>>()
         })
-        .unwrap_or_else(|| vec![Duration::from_secs(10), Duration::from_secs(60), Duration::from_secs(300)])
+        .unwrap_or_else(|| {
+            vec![
+                Duration::from_secs(10),
+                Duration::from_secs(60),
+                Duration::from_secs(300),
+            ]
+        })
 }
 
 impl Alerts {
@@ -189,7 +195,11 @@ impl Channels {
             None
         } else {
             Some(match &cfg.mail_transport {
-                MailTransport::Smtp { host, port, credentials } => {
+                MailTransport::Smtp {
+                    host,
+                    port,
+                    credentials,
+                } => {
                     let tls = TlsParameters::new(host.clone())
                         .map_err(|e| bad("SMTP_SERVER", format!("TLS for {host}: {e}")))?;
                     let mut b = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(host.as_str())
@@ -201,9 +211,9 @@ impl Channels {
                     }
                     Mailer::Smtp(b.build())
                 }
-                MailTransport::Sendmail(path) => {
-                    Mailer::Sendmail(AsyncSendmailTransport::<Tokio1Executor>::new_with_command(path.as_os_str()))
-                }
+                MailTransport::Sendmail(path) => Mailer::Sendmail(
+                    AsyncSendmailTransport::<Tokio1Executor>::new_with_command(path.as_os_str()),
+                ),
             })
         };
         let webhook = match &cfg.webhook {
@@ -251,7 +261,9 @@ impl Channels {
     }
 
     async fn webhook(&self, alert: &Alert) -> Result<(), String> {
-        let Some((client, url)) = &self.webhook else { return Ok(()) };
+        let Some((client, url)) = &self.webhook else {
+            return Ok(());
+        };
         let body = serde_json::json!({ "text": format!("{}\n\n{}", alert.subject, alert.text) });
         let response = client.post(url.clone()).json(&body).send().await.map_err(|e| {
             // reqwest's error names the URL, which may hold the hook's token.
@@ -284,7 +296,10 @@ impl Channels {
                     tokio::time::sleep(pause).await;
                 }
                 Err(e) => {
-                    tracing::error!("alert by {what} not sent after {attempts} attempts: {e}: {}", alert.subject)
+                    tracing::error!(
+                        "alert by {what} not sent after {attempts} attempts: {e}: {}",
+                        alert.subject
+                    )
                 }
             }
         }
@@ -502,7 +517,12 @@ mod tests {
             state: BUILD_FAILING.into(),
             previous: None,
         };
-        let a = compose("inventory-sl7x-x86_64", &job(JobState::Failed, &log), &change, "http://h:8150/");
+        let a = compose(
+            "inventory-sl7x-x86_64",
+            &job(JobState::Failed, &log),
+            &change,
+            "http://h:8150/",
+        );
         assert_eq!(a.subject, "packuilon: inventory-sl7x-x86_64 build failing (job 7)");
         assert!(a.text.contains("Job:        7 (failed, attempt 1"), "{}", a.text);
         assert!(a.text.contains("a.json: exit code 1"), "{}", a.text);
@@ -510,7 +530,13 @@ mod tests {
         // The profile's CR LF cannot start a line (nor a header).
         assert!(a.text.contains("ci-a.example.org.json??Bcc: evil"), "{}", a.text);
         assert!(!a.text.contains("\nBcc"), "{}", a.text);
-        let tail: Vec<&str> = a.text.split("lines of the build log:\n").nth(1).unwrap().lines().collect();
+        let tail: Vec<&str> = a
+            .text
+            .split("lines of the build log:\n")
+            .nth(1)
+            .unwrap()
+            .lines()
+            .collect();
         assert_eq!(tail.len(), 40);
         assert_eq!(tail[0], "  line 62");
         assert!(tail[38].ends_with(" [...]") && tail[38].len() < 320, "{}", tail[38]);
@@ -533,7 +559,8 @@ mod tests {
         let a = compose(&j.image_key, &j, &HealthChange::Recovered { was }, "http://h/");
         assert_eq!(a.subject, "packuilon: inventory-sl7x-x86_64 recovered (job 9)");
         assert!(
-            a.text.contains("had been build failing since job 7 (2026-01-01T00:00:00Z), with 1 further failure(s)"),
+            a.text
+                .contains("had been build failing since job 7 (2026-01-01T00:00:00Z), with 1 further failure(s)"),
             "{}",
             a.text
         );

@@ -240,9 +240,18 @@ fn retry(control: &Control, job: i64, by: &str) -> Result<Reply, String> {
             rec.image_key, rec.image_key
         )
     })?;
-    let id = queue(control, &rec.image_key, rec.profile.clone(), body, &format!("retry-{job}"))?;
+    let id = queue(
+        control,
+        &rec.image_key,
+        rec.profile.clone(),
+        body,
+        &format!("retry-{job}"),
+    )?;
     tracing::info!("{by}: job {job} of {} retried as job {id}", rec.image_key);
-    Ok(Reply::ok(format!("job {id} queued: a retry of job {job} ({})", rec.image_key), id))
+    Ok(Reply::ok(
+        format!("job {id} queued: a retry of job {job} ({})", rec.image_key),
+        id,
+    ))
 }
 
 fn queue(control: &Control, image_key: &str, profile: Option<String>, body: Vec<u8>, why: &str) -> Result<i64, String> {
@@ -275,7 +284,10 @@ fn cancel(control: &Control, job: i64, by: &str) -> Result<Reply, String> {
     match rec.state {
         JobState::Waiting if control.scheduler.cancel_waiting(job, &why).map_err(|e| e.to_string())? => {
             tracing::info!("Job {job} for {} cancelled by {by} (it was waiting)", rec.image_key);
-            Ok(Reply::ok(format!("job {job} ({}) cancelled; it was waiting", rec.image_key), job))
+            Ok(Reply::ok(
+                format!("job {job} ({}) cancelled; it was waiting", rec.image_key),
+                job,
+            ))
         }
         JobState::Waiting | JobState::Running if control.cancels.cancel(job, &why) => {
             tracing::info!("Job {job} for {} cancelled by {by}: interrupting packer", rec.image_key);

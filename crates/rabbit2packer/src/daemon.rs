@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::alerts::{AlertSettingError, Alerts};
 use crate::catalog::{Catalog, LiveCatalog, LoadError};
-use crate::control::{Cancels, Control};
 use crate::consumer::JournalLost;
+use crate::control::{Cancels, Control};
 use crate::job::{self, Context};
 use crate::journal::{JobRef, JobState, Journal, JournalError};
 use crate::runner::{self, Spawner};
@@ -109,9 +109,7 @@ impl DaemonError {
             DaemonError::Config(_)
             | DaemonError::Setting { .. }
             | DaemonError::Catalog(_)
-            | DaemonError::Alerts { .. } => {
-                packuilon_common::EXIT_CONFIG
-            }
+            | DaemonError::Alerts { .. } => packuilon_common::EXIT_CONFIG,
             _ => packuilon_common::EXIT_FAILED,
         }
     }

@@ -461,9 +461,9 @@ impl TemplateBuild<'_> {
             Ok(o) => (o.exit_code, None),
         };
         match &failure {
-            Some(PackerFailure::Interrupted) if !ctx.stop.is_cancelled() => {
-                log.note("the job was cancelled (rabbit2packer cancel): packer was interrupted (SIGINT to its process group)")
-            }
+            Some(PackerFailure::Interrupted) if !ctx.stop.is_cancelled() => log.note(
+                "the job was cancelled (rabbit2packer cancel): packer was interrupted (SIGINT to its process group)",
+            ),
             Some(PackerFailure::Interrupted) => {
                 log.note("rabbit2packer is stopping: packer was interrupted (SIGINT to its process group)")
             }

@@ -288,7 +288,10 @@ pub struct ImageHealth {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum HealthChange {
     /// From healthy (or another failure) to this failure, by this job.
-    Failing { state: String, previous: Option<ImageHealth> },
+    Failing {
+        state: String,
+        previous: Option<ImageHealth>,
+    },
     /// Healthy again; it had been failing so.
     Recovered { was: ImageHealth },
 }

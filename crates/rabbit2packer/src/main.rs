@@ -41,9 +41,7 @@ fn main() -> ExitCode {
         }) => report(&config, state_dir, |j| {
             rabbit2packer::history::history(j, image.as_deref(), limit, json)
         }),
-        Some(Command::Rebuild { image_key, state_dir }) => {
-            control(&config, state_dir, Request::Rebuild { image_key })
-        }
+        Some(Command::Rebuild { image_key, state_dir }) => control(&config, state_dir, Request::Rebuild { image_key }),
         Some(Command::Cancel { job, state_dir }) => control(&config, state_dir, Request::Cancel { job }),
         Some(Command::Retry { job, state_dir }) => control(&config, state_dir, Request::Retry { job }),
     }
