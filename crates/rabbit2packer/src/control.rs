@@ -165,15 +165,17 @@ async fn connection(stream: UnixStream, control: &Control) -> std::io::Result<()
     let cred = stream.peer_cred()?;
     let (read, mut write) = stream.into_split();
     let uid = cred.uid();
+    // Read before answering, even a refusal: the caller's write must not
+    // meet a closed socket.
+    let mut line = String::new();
+    let mut reader = BufReader::new(read).take(MAX_REQUEST as u64);
+    reader.read_line(&mut line).await?;
     let reply = if uid != 0 && uid != me {
         tracing::warn!("control socket: refused a command from uid {uid} (only root or uid {me})");
         Reply::refused(format!(
             "permission denied: only root or the user rabbit2packer runs as (uid {me}) may do this"
         ))
     } else {
-        let mut line = String::new();
-        let mut reader = BufReader::new(read).take(MAX_REQUEST as u64);
-        reader.read_line(&mut line).await?;
         match serde_json::from_str::<Request>(&line) {
             Ok(req) => {
                 let by = format!("{} (uid {uid})", user_name(uid));
@@ -364,11 +366,15 @@ pub fn send(state_dir: &Path, req: &Request) -> Result<Reply, ClientError> {
         .map_err(unreachable)?;
     let mut line = serde_json::to_string(req).expect("requests serialise");
     line.push('\n');
-    stream.write_all(line.as_bytes()).map_err(unreachable)?;
+    // A daemon that answers without reading (an older one, a refusal) may
+    // have closed its end: its answer is still there to read.
+    let written = stream.write_all(line.as_bytes());
     let mut answer = String::new();
-    std::io::BufReader::new(&stream)
-        .read_line(&mut answer)
-        .map_err(unreachable)?;
+    let read = std::io::BufReader::new(&stream).read_line(&mut answer);
+    if answer.is_empty() {
+        written.map_err(unreachable)?;
+        read.map_err(unreachable)?;
+    }
     let reply: Reply = serde_json::from_str(&answer).map_err(|e| ClientError::Unreachable {
         socket: socket.clone(),
         problem: format!("no answer from the daemon ({e})"),
