@@ -1119,6 +1119,41 @@ mod tests {
     }
 
     #[test]
+    fn a_journal_from_before_alerts_is_upgraded_once_and_a_newer_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = {
+            let j = Journal::open(dir.path()).unwrap();
+            let Inserted::New(id) = j.insert(&new_job("a", Some("m"), "{}"), false, None).unwrap() else {
+                panic!()
+            };
+            j.finish(id, JobState::Failed, Some("x")).unwrap();
+            // As the previous version left it: no version, no health table.
+            j.with(|c| c.execute_batch("DROP TABLE image_health; PRAGMA user_version = 0;"))
+                .unwrap();
+            id
+        };
+        let j = Journal::open(dir.path()).unwrap();
+        let version: i64 = j
+            .with(|c| c.query_row("PRAGMA user_version", [], |r| r.get(0)))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(j.job(id).unwrap().unwrap().state, JobState::Failed, "jobs are kept");
+        assert!(j.record_health("a", id, Some("build failing")).unwrap().is_some());
+        // Reading an old journal (status of a daemon not yet upgraded) works too.
+        j.with(|c| c.execute_batch("DROP TABLE image_health; PRAGMA user_version = 0;"))
+            .unwrap();
+        drop(j);
+        let r = Journal::open_read_only(dir.path()).unwrap();
+        assert!(r.image_health().unwrap().is_empty());
+        drop(r);
+        let j = Journal::open(dir.path()).unwrap();
+        j.with(|c| c.execute_batch("PRAGMA user_version = 99;")).unwrap();
+        drop(j);
+        let e = Journal::open(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("newer rabbit2packer (journal schema 99"), "{e}");
+    }
+
+    #[test]
     fn only_the_newest_finished_body_per_image_is_kept() {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(dir.path()).unwrap();
