@@ -566,6 +566,42 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn mail_goes_through_a_sendmail_program_with_one_subject_header() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("mail.txt");
+        let sendmail = dir.path().join("sendmail");
+        std::fs::write(
+            &sendmail,
+            format!("#!/bin/sh\necho \"$@\" > {0}.args\ncat > {0}\n", out.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&sendmail, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let cfg = AlertsConfig {
+            admin_mail: vec!["ops@example.org".into()],
+            mail_from: "r2p@example.org".into(),
+            mail_transport: MailTransport::Sendmail(sendmail),
+            webhook: None,
+            status_url: "http://h/".into(),
+        };
+        let channels = Channels::new(&cfg).unwrap();
+        let alert = Alert {
+            subject: clean("packuilon: x\r\nBcc: evil@example.org", SUBJECT_CHARS),
+            text: "line\n.\nafter a lone dot\n".into(),
+        };
+        channels.mail(&alert).await.unwrap();
+        let mail = std::fs::read_to_string(&out).unwrap();
+        assert!(
+            mail.contains("Subject: packuilon: x??Bcc: evil@example.org\r\n"),
+            "{mail}"
+        );
+        assert!(!mail.contains("\nBcc:"), "{mail}");
+        assert!(mail.contains("To: ops@example.org\r\n"), "{mail}");
+        let args = std::fs::read_to_string(dir.path().join("mail.txt.args")).unwrap();
+        assert!(args.contains("ops@example.org"), "{args}");
+    }
+
     #[test]
     fn health_is_recorded_once_per_change_and_counts_the_repeats() {
         let dir = tempfile::tempdir().unwrap();
