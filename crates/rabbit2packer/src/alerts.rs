@@ -8,12 +8,14 @@
 //! an alert again nor forgets that an image was failing.
 //!
 //! Sending happens off the build path: a worker records the health change
-//! (one short transaction) and hands a notice to a bounded queue; one task
-//! composes the message (the job, its build log's last lines) and sends it
+//! and puts the alert in the journal's outbox (one short transaction) and
+//! wakes the sender; one task composes the message (the job, its build log's last lines) and sends it
 //! by mail (lettre: SMTP with STARTTLS when offered, or a sendmail program)
 //! and/or to a webhook (`{"text": ...}`, as Slack and Mattermost take it),
-//! each with a timeout and a few retries. A mail server that is down is
-//! logged; it never holds up a build. What comes from outside (profile
+//! each with a timeout and a few retries, then takes it out of the outbox.
+//! A mail server that is down is logged; it never holds up a build. An
+//! alert not yet sent when the daemon stops is sent after the restart (at
+//! least once: a stop between sending and taking it out sends it again). What comes from outside (profile
 //! names, packer's output) is bounded (40 log lines, long lines cut) and
 //! has its control characters replaced, so it cannot add mail headers or
 //! break the JSON (which serde_json escapes anyway).
@@ -27,9 +29,9 @@ use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Tls, TlsParameters};
 use lettre::{AsyncSendmailTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use packuilon_common::config::{AlertsConfig, MailTransport};
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
-use crate::journal::{HealthChange, JobRecord, JobState, Journal};
+use crate::journal::{HealthChange, JobRecord, JobState, Journal, PendingAlert};
 
 /// Lines of the build log an alert carries.
 pub(crate) const LOG_LINES: usize = 40;
@@ -37,8 +39,6 @@ pub(crate) const LOG_LINES: usize = 40;
 const LINE_CHARS: usize = 300;
 /// Characters kept of a subject.
 const SUBJECT_CHARS: usize = 150;
-/// Notices waiting to be sent; beyond that they are logged and dropped.
-const QUEUE: usize = 256;
 /// How long one attempt to send may take.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -55,20 +55,13 @@ pub struct AlertSettingError {
     pub problem: String,
 }
 
-/// The daemon's side of alerts: records health changes, queues notices.
+/// The daemon's side of alerts: records health changes, wakes the sender.
 #[derive(Debug, Clone)]
 pub(crate) struct Alerts {
     journal: Arc<Journal>,
-    /// `None`: no ADMIN_MAIL and no ALERT_WEBHOOK (health is still recorded).
-    queue: Option<mpsc::Sender<Notice>>,
-}
-
-/// A health change to tell about.
-#[derive(Debug)]
-struct Notice {
-    image_key: String,
-    job_id: i64,
-    change: HealthChange,
+    /// `None`: no ADMIN_MAIL and no ALERT_WEBHOOK (health is still
+    /// recorded, nothing goes to the outbox).
+    sender: Option<Arc<Notify>>,
 }
 
 /// Where alerts go, checked at start-up.
@@ -111,20 +104,22 @@ impl Alerts {
     pub(crate) fn start(cfg: &AlertsConfig, journal: Arc<Journal>) -> Result<Alerts, AlertSettingError> {
         let channels = Channels::new(cfg)?;
         if channels.mail.is_none() && channels.webhook.is_none() {
-            return Ok(Alerts { journal, queue: None });
+            return Ok(Alerts { journal, sender: None });
         }
-        let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(send_all(channels, journal.clone(), rx));
+        let wake = Arc::new(Notify::new());
+        // What the outbox holds from before a restart goes first.
+        wake.notify_one();
+        tokio::spawn(send_all(channels, journal.clone(), wake.clone()));
         Ok(Alerts {
             journal,
-            queue: Some(tx),
+            sender: Some(wake),
         })
     }
 
     /// Records health, sends nothing (the unit tests).
     #[cfg(test)]
     pub(crate) fn disabled(journal: Arc<Journal>) -> Alerts {
-        Alerts { journal, queue: None }
+        Alerts { journal, sender: None }
     }
 
     /// After job `job_id` of `image_key` finished: records the image's
@@ -141,24 +136,17 @@ impl Alerts {
         let Some(failing) = health_of(&job) else {
             return;
         };
-        let change = match self.journal.record_health(image_key, job_id, failing) {
-            Ok(Some(c)) => c,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::error!("alerts: {e}");
-                return;
+        match self
+            .journal
+            .record_health(image_key, job_id, failing, self.sender.is_some())
+        {
+            Ok(Some(_)) => {
+                if let Some(wake) = &self.sender {
+                    wake.notify_one();
+                }
             }
-        };
-        let Some(queue) = &self.queue else {
-            return;
-        };
-        let notice = Notice {
-            image_key: image_key.to_string(),
-            job_id,
-            change,
-        };
-        if let Err(e) = queue.try_send(notice) {
-            tracing::error!("alerts: queue full, no alert about job {job_id} of {image_key}: {e}");
+            Ok(None) => {}
+            Err(e) => tracing::error!("alerts: {e}"),
         }
     }
 }
@@ -306,23 +294,41 @@ impl Channels {
     }
 }
 
-/// The sending task: one notice at a time, mail and webhook side by side.
-async fn send_all(channels: Channels, journal: Arc<Journal>, mut rx: mpsc::Receiver<Notice>) {
-    while let Some(notice) = rx.recv().await {
-        let job = match journal.job(notice.job_id) {
-            Ok(Some(job)) => job,
-            Ok(None) => continue,
+/// The sending task: drains the outbox, oldest first, one alert at a time
+/// (mail and webhook side by side), whenever it is woken.
+async fn send_all(channels: Channels, journal: Arc<Journal>, wake: Arc<Notify>) {
+    loop {
+        wake.notified().await;
+        let pending = match journal.pending_alerts() {
+            Ok(p) => p,
             Err(e) => {
                 tracing::error!("alerts: {e}");
                 continue;
             }
         };
-        let alert = compose(&notice.image_key, &job, &notice.change, &channels.status_url);
-        tokio::join!(
-            channels.deliver("mail", &alert, |c, a| c.mail(a)),
-            channels.deliver("webhook", &alert, |c, a| c.webhook(a)),
-        );
+        for alert in pending {
+            send_one(&channels, &journal, &alert).await;
+            if let Err(e) = journal.alert_done(alert.id) {
+                tracing::error!("alerts: {e}");
+            }
+        }
     }
+}
+
+async fn send_one(channels: &Channels, journal: &Journal, pending: &PendingAlert) {
+    let job = match journal.job(pending.job_id) {
+        Ok(Some(job)) => job,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::error!("alerts: {e}");
+            return;
+        }
+    };
+    let alert = compose(&pending.image_key, &job, &pending.change, &channels.status_url);
+    tokio::join!(
+        channels.deliver("mail", &alert, |c, a| c.mail(a)),
+        channels.deliver("webhook", &alert, |c, a| c.webhook(a)),
+    );
 }
 
 /// An alert's subject (one line, bounded) and text.
@@ -606,26 +612,33 @@ mod tests {
     fn health_is_recorded_once_per_change_and_counts_the_repeats() {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(dir.path()).unwrap();
-        assert_eq!(j.record_health("a", 1, None).unwrap(), None);
+        assert_eq!(j.record_health("a", 1, None, false).unwrap(), None);
         assert!(matches!(
-            j.record_health("a", 2, Some(BUILD_FAILING)).unwrap(),
+            j.record_health("a", 2, Some(BUILD_FAILING), true).unwrap(),
             Some(HealthChange::Failing { previous: None, .. })
         ));
-        assert_eq!(j.record_health("a", 3, Some(BUILD_FAILING)).unwrap(), None);
+        assert_eq!(j.record_health("a", 3, Some(BUILD_FAILING), true).unwrap(), None);
         assert!(matches!(
-            j.record_health("a", 4, Some(ROTATION_FAILING)).unwrap(),
+            j.record_health("a", 4, Some(ROTATION_FAILING), true).unwrap(),
             Some(HealthChange::Failing { previous: Some(_), .. })
         ));
-        assert_eq!(j.record_health("a", 5, Some(ROTATION_FAILING)).unwrap(), None);
+        assert_eq!(j.record_health("a", 5, Some(ROTATION_FAILING), true).unwrap(), None);
         let h = j.image_health().unwrap();
         assert_eq!((h[0].since_job, h[0].further, h[0].last_job), (4, 1, 5));
+        // One alert per change waits in the outbox, in order.
+        let pending = j.pending_alerts().unwrap();
+        assert_eq!(pending.iter().map(|p| p.job_id).collect::<Vec<_>>(), vec![2, 4]);
+        j.alert_done(pending[0].id).unwrap();
         drop(j);
         // A restart remembers it.
         let j = Journal::open(dir.path()).unwrap();
-        let Some(HealthChange::Recovered { was }) = j.record_health("a", 6, None).unwrap() else {
+        let Some(HealthChange::Recovered { was }) = j.record_health("a", 6, None, true).unwrap() else {
             panic!()
         };
         assert_eq!(was.since_job, 4);
         assert!(j.image_health().unwrap().is_empty());
+        let pending = j.pending_alerts().unwrap();
+        assert_eq!(pending.iter().map(|p| p.job_id).collect::<Vec<_>>(), vec![4, 6]);
+        assert!(matches!(pending[1].change, HealthChange::Recovered { .. }));
     }
 }

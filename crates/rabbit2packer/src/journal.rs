@@ -265,12 +265,21 @@ const MIGRATIONS: &[(i64, &str)] = &[
             further INTEGER NOT NULL DEFAULT 0,
             last_job INTEGER NOT NULL,
             updated_at TEXT NOT NULL
+        );
+        -- alerts to send (a health change), until sent or given up on: one
+        -- not sent when the daemon stops is sent after the restart
+        CREATE TABLE IF NOT EXISTS alert_outbox (
+            id INTEGER PRIMARY KEY,
+            image_key TEXT NOT NULL,
+            job_id INTEGER NOT NULL,
+            change TEXT NOT NULL,
+            created_at TEXT NOT NULL
         );",
     ),
 ];
 
 /// An image whose builds or rotations fail, as the alerts and the page see it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct ImageHealth {
     pub image_key: String,
     /// `build failing` or `rotation failing`.
@@ -285,7 +294,7 @@ pub struct ImageHealth {
 }
 
 /// A change of an image's health the alerts tell about.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub(crate) enum HealthChange {
     /// From healthy (or another failure) to this failure, by this job.
     Failing {
@@ -294,6 +303,15 @@ pub(crate) enum HealthChange {
     },
     /// Healthy again; it had been failing so.
     Recovered { was: ImageHealth },
+}
+
+/// An alert waiting in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PendingAlert {
+    pub(crate) id: i64,
+    pub(crate) image_key: String,
+    pub(crate) job_id: i64,
+    pub(crate) change: HealthChange,
 }
 
 /// Time stamps as operators read them (UTC, RFC 3339, seconds).
@@ -784,11 +802,14 @@ impl Journal {
     /// failing")`/`Some("rotation failing")`, or `None` for healthy. Returns
     /// the change to alert about: none when the image stays as it was (a
     /// further failure of the same kind is only counted).
+    /// With `outbox`, the change is also queued in the journal's outbox,
+    /// in the same transaction (see [`Journal::pending_alerts`]).
     pub(crate) fn record_health(
         &self,
         image_key: &str,
         job_id: i64,
         failing: Option<&str>,
+        outbox: bool,
     ) -> Result<Option<HealthChange>> {
         self.with(|c| {
             let tx = c.transaction()?;
@@ -820,9 +841,48 @@ impl Journal {
                     })
                 }
             };
+            if let (Some(change), true) = (&change, outbox) {
+                tx.execute(
+                    "INSERT INTO alert_outbox (image_key, job_id, change, created_at) VALUES (?1, ?2, ?3, ?4)",
+                    params![
+                        image_key,
+                        job_id,
+                        serde_json::to_string(change).expect("changes serialise"),
+                        now()
+                    ],
+                )?;
+            }
             tx.commit()?;
             Ok(change)
         })
+    }
+
+    /// Alerts not yet sent (nor given up on), oldest first.
+    pub(crate) fn pending_alerts(&self) -> Result<Vec<PendingAlert>> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT id, image_key, job_id, change FROM alert_outbox ORDER BY id")?;
+            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, String>(3)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, image_key, job_id, change) = row?;
+                match serde_json::from_str(&change) {
+                    Ok(change) => out.push(PendingAlert {
+                        id,
+                        image_key,
+                        job_id,
+                        change,
+                    }),
+                    // Written by this code; only a hand-edited journal gets here.
+                    Err(e) => tracing::error!("alert {id} in the journal's outbox is unreadable, dropped: {e}"),
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// The alert was sent (or given up on): out of the outbox.
+    pub(crate) fn alert_done(&self, id: i64) -> Result<()> {
+        self.with(|c| c.execute("DELETE FROM alert_outbox WHERE id = ?1", [id]).map(drop))
     }
 
     /// Images whose builds or rotations fail, by image key (empty for a
@@ -1138,7 +1198,7 @@ mod tests {
             .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
         assert_eq!(j.job(id).unwrap().unwrap().state, JobState::Failed, "jobs are kept");
-        assert!(j.record_health("a", id, Some("build failing")).unwrap().is_some());
+        assert!(j.record_health("a", id, Some("build failing"), true).unwrap().is_some());
         // Reading an old journal (status of a daemon not yet upgraded) works too.
         j.with(|c| c.execute_batch("DROP TABLE image_health; PRAGMA user_version = 0;"))
             .unwrap();

@@ -270,3 +270,36 @@ fn a_bad_admin_mail_address_is_a_configuration_error_naming_the_key() {
     assert_eq!(d.wait_exit(T), 2);
     assert!(d.output().contains("[global] ADMIN_MAIL:"), "{}", d.output());
 }
+
+#[test]
+fn an_alert_not_sent_before_a_stop_is_sent_after_the_restart() {
+    let site = Site::new(1, "");
+    let port = packuilon_testsupport::free_port();
+    add_global(
+        &site,
+        &format!("ADMIN_MAIL = ops@example.org\nSMTP_SERVER = 127.0.0.1:{port}"),
+    );
+    // The mail server is down and the retries are slow: the stop comes first.
+    let env = [("RABBIT2PACKER_ALERT_RETRY_DELAYS", "600")];
+    let mut d = site.start_with_env(&env);
+    std::fs::write(site.out.join("fail"), "").unwrap();
+    site.publish(&profile("inventory", "7x", "a", prod()), None);
+    site.wait_jobs("the failure", T, |j| in_state(j, JobState::Failed).len() == 1);
+    d.wait_log("alert by mail failed (attempt 1 of 2)", T);
+    d.stop();
+    let smtp = SmtpServer::start(port, &site.dir.path().join("mail"));
+    let mut d = site.start_with_env(&env);
+    let mails = smtp.wait_mails(1);
+    assert!(
+        mails[0].contains("Subject: packuilon: inventory-sl7x-x86_64 build failing (job 1)\n"),
+        "{}",
+        mails[0]
+    );
+    d.wait_log("alert sent by mail", T);
+    d.stop();
+    // Sent once: a third start has nothing left to send.
+    let mut d = site.start_with_env(&env);
+    d.wait_log("Ready:", T);
+    d.stop();
+    assert_eq!(smtp.mails().len(), 1);
+}
