@@ -125,13 +125,9 @@ pub(crate) fn bind(state_dir: &Path) -> std::io::Result<UnixListener> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    // Created 0600 from the start: no moment in which others may connect.
-    // SAFETY: umask is process-wide; set and restored around the bind, before
-    // any thread creates files (start-up).
-    let old = unsafe { libc::umask(0o177) };
-    let bound = UnixListener::bind(&path);
-    unsafe { libc::umask(old) };
-    let listener = bound?;
+    // Between the bind and the chmod the socket has the umask's mode; a
+    // caller who connects then is still refused by its uid (`connection`).
+    let listener = UnixListener::bind(&path)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
     Ok(listener)
 }
