@@ -54,6 +54,7 @@ install: build assets
 	install -m 0644 target/assets/completions/bash/* $(DESTDIR)$(PREFIX)/share/bash-completion/completions/
 	install -m 0644 systemd/*.service systemd/*.timer $(DESTDIR)$(SYSTEMD_DIR)/
 	install -m 0644 README.md $(DESTDIR)$(PREFIX)/share/doc/packuilon/README.md
+	install -D -m 0644 config/prometheus-alerts.yml $(DESTDIR)$(PREFIX)/share/doc/packuilon/examples/prometheus-alerts.yml
 	[ -e $(DESTDIR)/etc/packer-utils/config.ini ] || install -m 0640 config/config.ini $(DESTDIR)/etc/packer-utils/config.ini
 	for f in template-map.json source-images.json; do \
 	  [ -e $(DESTDIR)/etc/packer-utils/$$f ] || install -m 0644 config/$$f $(DESTDIR)/etc/packer-utils/$$f; \
