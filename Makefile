@@ -47,7 +47,7 @@ dist: build assets
 	cp -p libexec/cdp-hook target/dist/$(DIST)/libexec/
 	cp -p $(BIN)/* target/dist/$(DIST)/bin/
 	cp -p systemd/*.service systemd/*.timer target/dist/$(DIST)/systemd/
-	cp -p config/config.ini config/template-map.json config/source-images.json target/dist/$(DIST)/config/
+	cp -p config/config.ini config/template-map.json config/source-images.json config/prometheus-alerts.yml target/dist/$(DIST)/config/
 	cp -p target/assets/man/*.1.gz target/dist/$(DIST)/man/man1/
 	cp -p target/assets/completions/bash/* target/dist/$(DIST)/completions/bash/
 	cp -p README.md LICENSE target/dist/$(DIST)/
@@ -91,6 +91,7 @@ install: build assets
 	install -m 0644 target/assets/completions/bash/* $(DESTDIR)$(PREFIX)/share/bash-completion/completions/
 	install -m 0644 systemd/*.service systemd/*.timer $(DESTDIR)$(SYSTEMD_DIR)/
 	install -m 0644 README.md $(DESTDIR)$(PREFIX)/share/doc/packuilon/README.md
+	install -D -m 0644 config/prometheus-alerts.yml $(DESTDIR)$(PREFIX)/share/doc/packuilon/examples/prometheus-alerts.yml
 	[ -e $(DESTDIR)/etc/packer-utils/config.ini ] || install -m 0640 config/config.ini $(DESTDIR)/etc/packer-utils/config.ini
 	for f in template-map.json source-images.json; do \
 	  [ -e $(DESTDIR)/etc/packer-utils/$$f ] || install -m 0644 config/$$f $(DESTDIR)/etc/packer-utils/$$f; \

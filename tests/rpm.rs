@@ -163,6 +163,7 @@ fn the_rpm_holds_the_binaries_man_pages_completions_units_and_config() {
     expected.push("/usr/libexec/packuilon/cdp-hook".into());
     expected.extend(CONFIG_FILES.iter().map(|f| f.to_string()));
     expected.push("/usr/share/doc/packuilon/README.md".into());
+    expected.push("/usr/share/doc/packuilon/examples/prometheus-alerts.yml".into());
     expected.push("/usr/share/licenses/packuilon/LICENSE".into());
     let missing: Vec<_> = expected.iter().filter(|f| !files.contains(*f)).collect();
     assert!(
@@ -371,6 +372,7 @@ fn the_deb_and_the_dist_tarball_carry_the_same_binaries_as_the_rpm() {
         "config/config.ini".into(),
         "config/template-map.json".into(),
         "config/source-images.json".into(),
+        "config/prometheus-alerts.yml".into(),
     ];
     for b in BINARIES {
         expected.push(format!("man/man1/{b}.1.gz"));

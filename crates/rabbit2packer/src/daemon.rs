@@ -16,13 +16,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use packuilon_common::config::{ConfigError, GlobalConfig, IniFile, Rabbit2PackerConfig};
+use packuilon_common::config::{AlertsConfig, ConfigError, GlobalConfig, IniFile, Rabbit2PackerConfig};
 use packuilon_common::rcfile::RcFileError;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
+use crate::alerts::{AlertSettingError, Alerts};
 use crate::catalog::{Catalog, LiveCatalog, LoadError};
 use crate::consumer::JournalLost;
+use crate::control::{Cancels, Control};
 use crate::job::{self, Context};
 use crate::journal::{JobRef, JobState, Journal, JournalError};
 use crate::runner::{self, Spawner};
@@ -44,6 +46,12 @@ pub enum DaemonError {
         key: &'static str,
         problem: Box<SettingProblem>,
     },
+    /// An alert key of `[global]` the mailer cannot use (exit 2).
+    #[error("{}: [global] {}: {}", file.display(), .source.key, .source.problem)]
+    Alerts { file: PathBuf, source: AlertSettingError },
+    /// STATE_DIR/control.sock could not be created (exit 1).
+    #[error("{}: cannot create the control socket: {source}", socket.display())]
+    Control { socket: PathBuf, source: std::io::Error },
     /// The template map, the source images or a template (exit 2).
     #[error(transparent)]
     Catalog(#[from] LoadError),
@@ -98,9 +106,10 @@ impl DaemonError {
     /// 2 for a configuration error (systemd does not restart on it), else 1.
     pub fn exit_code(&self) -> i32 {
         match self {
-            DaemonError::Config(_) | DaemonError::Setting { .. } | DaemonError::Catalog(_) => {
-                packuilon_common::EXIT_CONFIG
-            }
+            DaemonError::Config(_)
+            | DaemonError::Setting { .. }
+            | DaemonError::Catalog(_)
+            | DaemonError::Alerts { .. } => packuilon_common::EXIT_CONFIG,
             _ => packuilon_common::EXIT_FAILED,
         }
     }
@@ -115,6 +124,8 @@ pub struct Settings {
     pub global: GlobalConfig,
     /// `[rabbit2packer]`.
     pub r2p: Rabbit2PackerConfig,
+    /// Where alerts go (`[global]` ADMIN_MAIL ..., STATUS_URL).
+    pub alerts: AlertsConfig,
 }
 
 impl Settings {
@@ -133,6 +144,7 @@ pub fn load_settings(config_file: &Path) -> Result<Settings, DaemonError> {
     let mut warnings = Vec::new();
     let global = ini.global(&mut warnings)?;
     let r2p = ini.rabbit2packer(&mut warnings)?;
+    let alerts = ini.alerts()?;
     for w in warnings {
         tracing::warn!("{w}");
     }
@@ -140,6 +152,7 @@ pub fn load_settings(config_file: &Path) -> Result<Settings, DaemonError> {
         config_file: config_file.to_path_buf(),
         global,
         r2p,
+        alerts,
     })
 }
 
@@ -250,6 +263,18 @@ fn notify(state: &[sd_notify::NotifyState<'_>]) {
     }
 }
 
+/// Half of systemd's watchdog interval (WATCHDOG_USEC, for this process
+/// when WATCHDOG_PID says so or is unset, as sd_watchdog_enabled(3)).
+fn watchdog_interval() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok().filter(|u| *u > 0)?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.parse::<u32>().ok() != Some(std::process::id()) {
+            return None;
+        }
+    }
+    Some(Duration::from_micros(usec / 2))
+}
+
 /// Runs the daemon until SIGTERM/SIGINT: start-up checks, `recover`,
 /// `Running::start` (workers, then the consumer), `Running::shut_down`.
 pub async fn run(config_file: &Path) -> Result<(), DaemonError> {
@@ -322,6 +347,11 @@ struct Running {
     consumer: Option<tokio::task::JoinHandle<Result<(), JournalLost>>>,
     stop_consuming: CancellationToken,
     signals: Signals,
+    scheduler: Arc<Scheduler>,
+    /// What systemd was last told (running, waiting).
+    told: (usize, usize),
+    /// Half of systemd's WatchdogSec, when it watches us.
+    watchdog: Option<Duration>,
 }
 
 struct Signals {
@@ -365,8 +395,23 @@ impl Running {
         let cfg = settings.r2p.clone();
         let scheduler = Arc::new(Scheduler::new(journal.clone()));
         scheduler.restore(jobs);
+        let alerts = Alerts::start(&settings.alerts, journal.clone()).map_err(|source| DaemonError::Alerts {
+            file: settings.config_file.clone(),
+            source,
+        })?;
+        let cancels = Arc::new(Cancels::default());
+        let socket = cfg.state_dir.join(crate::control::SOCKET_NAME);
+        let listener =
+            crate::control::bind(&cfg.state_dir).map_err(|source| DaemonError::Control { socket, source })?;
+        let control = Control {
+            journal: journal.clone(),
+            scheduler: scheduler.clone(),
+            cancels: cancels.clone(),
+        };
         let ctx = Arc::new(Context {
             config: cfg.clone(),
+            cancels,
+            alerts,
             journal,
             catalog: Arc::new(LiveCatalog::new(catalog)),
             spawner: Spawner::start().map_err(DaemonError::Spawner)?,
@@ -402,12 +447,18 @@ impl Running {
             packuilon_common::rabbit::endpoint(&settings.global.rabbit)
         );
         let stop_consuming = CancellationToken::new();
+        tokio::spawn(crate::control::serve(listener, control, stop_consuming.clone()));
         let consumer = {
             let global = settings.global.clone();
             let state_dir = cfg.state_dir.clone();
             let stop = stop_consuming.clone();
+            let scheduler = scheduler.clone();
             tokio::spawn(async move { crate::consumer::run(&global, &state_dir, scheduler, stop).await })
         };
+        let watchdog = watchdog_interval();
+        if let Some(every) = watchdog {
+            tracing::info!("systemd watchdog: pinging every {every:?}");
+        }
         Ok(Running {
             cfg,
             ctx,
@@ -415,14 +466,44 @@ impl Running {
             consumer: Some(consumer),
             stop_consuming,
             signals,
+            scheduler,
+            told: (0, 0),
+            watchdog,
         })
     }
 
     /// Serves SIGHUP and restarts lost workers until a stop signal, or
     /// until the consumer ends.
     async fn until_stopped(&mut self) -> Stop {
+        let mut watchdog = self.watchdog.map(|every| {
+            let mut t = tokio::time::interval(every);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        });
         loop {
             tokio::select! {
+                _ = self.scheduler.changed.notified() => {
+                    let now = self.scheduler.counts();
+                    if now != self.told {
+                        self.told = now;
+                        let line = format!("{} building, {} waiting", now.0, now.1);
+                        notify(&[sd_notify::NotifyState::Status(&line)]);
+                    }
+                }
+                // Pinged from this loop, which also restarts lost workers:
+                // a loop that hangs, or workers that cannot be kept alive,
+                // stop the pings and systemd restarts the daemon.
+                _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => {
+                    if self.workers.set.len() == self.cfg.thread_count {
+                        notify(&[sd_notify::NotifyState::Watchdog]);
+                    } else {
+                        tracing::warn!(
+                            "watchdog: {} of {} workers alive; not pinging systemd",
+                            self.workers.set.len(),
+                            self.cfg.thread_count
+                        );
+                    }
+                }
                 _ = self.signals.term.recv() => return Stop::Signal("SIGTERM"),
                 _ = self.signals.int.recv() => return Stop::Signal("SIGINT"),
                 _ = self.signals.hup.recv() => {
@@ -508,12 +589,15 @@ async fn worker(thread: String, ctx: Arc<Context>, scheduler: Arc<Scheduler>, st
             j = scheduler.next() => j,
         };
         tracing::info!("{thread} processing {}", job.image_key);
+        // Registered before the journal says running: a `cancel` that sees
+        // it running finds its token.
+        let job_stop = ctx.cancels.start(job.id, &ctx.stop);
         if let Err(e) = ctx.journal.set_running(job.id, &thread) {
             tracing::error!("{thread}: {e}");
         }
         let handle = {
             let (ctx, thread, job) = (ctx.clone(), thread.clone(), job.clone());
-            tokio::spawn(async move { job::execute(&ctx, &thread, &job).await })
+            tokio::spawn(async move { job::execute(&ctx, &thread, &job, &job_stop).await })
         };
         let finished = match handle.await {
             Ok(f) => f,
@@ -536,16 +620,31 @@ async fn worker(thread: String, ctx: Arc<Context>, scheduler: Arc<Scheduler>, st
                 }
             }
         };
-        let error = finished.error.as_ref().map(ToString::to_string);
-        if let Err(e) = ctx.journal.finish(job.id, finished.state, error.as_deref()) {
+        let mut error = finished.error.as_ref().map(ToString::to_string);
+        let mut state = finished.state;
+        if let Some(by) = ctx.cancels.finish(job.id) {
+            if state == JobState::Interrupted {
+                state = JobState::Cancelled;
+                error = Some(by);
+            }
+        }
+        if let Err(e) = ctx.journal.finish(job.id, state, error.as_deref()) {
             tracing::error!("{thread}: {e}");
         }
-        match finished.state {
+        // Records the image's health; an alert is sent by another task.
+        ctx.alerts.observe(&job.image_key, job.id);
+        match state {
             JobState::Succeeded => tracing::info!("{thread}: job {} for {} succeeded", job.id, job.image_key),
             JobState::Interrupted => tracing::warn!(
                 "{thread}: job {} for {} interrupted; it runs again at the next start",
                 job.id,
                 job.image_key
+            ),
+            JobState::Cancelled => tracing::warn!(
+                "{thread}: job {} for {} {}",
+                job.id,
+                job.image_key,
+                error.as_deref().unwrap_or("cancelled")
             ),
             _ => tracing::error!(
                 "{thread}: job {} for {} failed: {}",

@@ -68,6 +68,9 @@ pub enum JobState {
     Superseded,
     /// The daemon stopped during it; it runs again at the next start.
     Interrupted,
+    /// `rabbit2packer cancel` stopped it (waiting, or running: packer was
+    /// interrupted and cleaned up); it does not run again.
+    Cancelled,
 }
 
 impl JobState {
@@ -79,6 +82,7 @@ impl JobState {
             JobState::Failed => "failed",
             JobState::Superseded => "superseded",
             JobState::Interrupted => "interrupted",
+            JobState::Cancelled => "cancelled",
         }
     }
 
@@ -90,6 +94,7 @@ impl JobState {
             "failed" => JobState::Failed,
             "superseded" => JobState::Superseded,
             "interrupted" => JobState::Interrupted,
+            "cancelled" => JobState::Cancelled,
             _ => return None,
         })
     }
@@ -241,6 +246,74 @@ CREATE TABLE IF NOT EXISTS bodies (
 CREATE INDEX IF NOT EXISTS builds_pgid ON builds(pgid) WHERE pgid IS NOT NULL;
 ";
 
+/// The journal's schema version (`PRAGMA user_version`). 0: journals from
+/// before versioning (the tables of [`SCHEMA`]); 1: those; 2: adds the
+/// alert state of each image (`image_health`). Each step below upgrades an
+/// existing journal in place, once, in one transaction.
+const SCHEMA_VERSION: i64 = 2;
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, ""),
+    (
+        2,
+        "CREATE TABLE IF NOT EXISTS image_health (
+            image_key TEXT PRIMARY KEY,
+            -- 'build failing' or 'rotation failing' (a healthy image has no row)
+            state TEXT NOT NULL,
+            since_job INTEGER NOT NULL,
+            since_at TEXT NOT NULL,
+            -- failures after the first one (no alert is sent for these)
+            further INTEGER NOT NULL DEFAULT 0,
+            last_job INTEGER NOT NULL,
+            updated_at TEXT NOT NULL
+        );
+        -- alerts to send (a health change), until sent or given up on: one
+        -- not sent when the daemon stops is sent after the restart
+        CREATE TABLE IF NOT EXISTS alert_outbox (
+            id INTEGER PRIMARY KEY,
+            image_key TEXT NOT NULL,
+            job_id INTEGER NOT NULL,
+            change TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        );",
+    ),
+];
+
+/// An image whose builds or rotations fail, as the alerts and the page see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ImageHealth {
+    pub image_key: String,
+    /// `build failing` or `rotation failing`.
+    pub state: String,
+    /// The job whose failure started it (the one alerted about).
+    pub since_job: i64,
+    pub since_at: String,
+    /// Failures since, not alerted about again.
+    pub further: i64,
+    /// The newest failed job.
+    pub last_job: i64,
+}
+
+/// A change of an image's health the alerts tell about.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub(crate) enum HealthChange {
+    /// From healthy (or another failure) to this failure, by this job.
+    Failing {
+        state: String,
+        previous: Option<ImageHealth>,
+    },
+    /// Healthy again; it had been failing so.
+    Recovered { was: ImageHealth },
+}
+
+/// An alert waiting in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PendingAlert {
+    pub(crate) id: i64,
+    pub(crate) image_key: String,
+    pub(crate) job_id: i64,
+    pub(crate) change: HealthChange,
+}
+
 /// Time stamps as operators read them (UTC, RFC 3339, seconds).
 pub(crate) fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
@@ -313,6 +386,10 @@ impl Journal {
         ))
         .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
+        migrate(&conn).map_err(|problem| JournalError::Other {
+            file: file.display().to_string(),
+            problem,
+        })?;
         // The WAL and shared-memory files exist now (WAL mode, schema written).
         let mut on_disk = Vec::new();
         for f in sqlite_files(&file) {
@@ -484,13 +561,13 @@ impl Journal {
             // body per image is kept (history needs none; dedupe uses the hash).
             tx.execute(
                 "UPDATE jobs SET body = X'' WHERE image_key = (SELECT image_key FROM jobs WHERE id = ?1)
-                 AND id < ?1 AND state IN ('succeeded', 'failed', 'superseded') AND length(body) > 0",
+                 AND id < ?1 AND state IN ('succeeded', 'failed', 'superseded', 'cancelled') AND length(body) > 0",
                 [id],
             )?;
             tx.execute(
                 "DELETE FROM bodies WHERE job_id IN (SELECT id FROM jobs
                  WHERE image_key = (SELECT image_key FROM jobs WHERE id = ?1)
-                 AND id < ?1 AND state IN ('succeeded', 'failed', 'superseded'))",
+                 AND id < ?1 AND state IN ('succeeded', 'failed', 'superseded', 'cancelled'))",
                 [id],
             )?;
             tx.commit()?;
@@ -668,10 +745,164 @@ impl Journal {
         }
     }
 
-    /// One job by id (for the unit tests).
-    #[cfg(test)]
-    pub(crate) fn job(&self, id: i64) -> Result<Option<JobRecord>> {
+    /// One job by id.
+    pub fn job(&self, id: i64) -> Result<Option<JobRecord>> {
         Ok(self.jobs_where("id = ?1", params![id])?.into_iter().next())
+    }
+
+    /// The newest profile journaled for `image_key` (for `rebuild`): its
+    /// job, `profile` header and body. Only the newest finished body per
+    /// image is kept, which is the one a rebuild wants.
+    pub(crate) fn last_body(&self, image_key: &str) -> Result<Option<(i64, Option<String>, Vec<u8>)>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT id, profile, COALESCE((SELECT body FROM bodies WHERE job_id = jobs.id), body) AS b
+                 FROM jobs WHERE image_key = ?1 AND length(b) > 0 ORDER BY id DESC LIMIT 1",
+                [image_key],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+        })
+    }
+
+    /// A job's body, when still kept (for `retry`).
+    pub(crate) fn body(&self, id: i64) -> Result<Option<Vec<u8>>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT COALESCE((SELECT body FROM bodies WHERE job_id = jobs.id), body) FROM jobs WHERE id = ?1",
+                [id],
+                |r| r.get::<_, Vec<u8>>(0),
+            )
+            .optional()
+            .map(|b| b.filter(|b| !b.is_empty()))
+        })
+    }
+
+    /// The image keys of the jobs journaled (newest first, at most `limit`).
+    pub(crate) fn image_keys(&self, limit: usize) -> Result<Vec<String>> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT image_key FROM jobs GROUP BY image_key ORDER BY max(id) DESC LIMIT ?1")?;
+            let rows = st.query_map([limit as i64], |r| r.get(0))?;
+            rows.collect()
+        })
+    }
+
+    /// A waiting job is cancelled (the scheduler has let go of it).
+    pub(crate) fn cancel_waiting(&self, id: i64, why: &str) -> Result<bool> {
+        self.with(|c| {
+            let n = c.execute(
+                "UPDATE jobs SET state = 'cancelled', finished_at = ?1, error = ?2 WHERE id = ?3 AND state = 'waiting'",
+                params![now(), why, id],
+            )?;
+            Ok(n > 0)
+        })
+    }
+
+    /// Records how `job_id` left its image: `failing` is `Some("build
+    /// failing")`/`Some("rotation failing")`, or `None` for healthy. Returns
+    /// the change to alert about: none when the image stays as it was (a
+    /// further failure of the same kind is only counted).
+    /// With `outbox`, the change is also queued in the journal's outbox,
+    /// in the same transaction (see [`Journal::pending_alerts`]).
+    pub(crate) fn record_health(
+        &self,
+        image_key: &str,
+        job_id: i64,
+        failing: Option<&str>,
+        outbox: bool,
+    ) -> Result<Option<HealthChange>> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let previous = health_row(&tx, image_key)?;
+            let change = match (failing, previous) {
+                (None, None) => None,
+                (None, Some(was)) => {
+                    tx.execute("DELETE FROM image_health WHERE image_key = ?1", [image_key])?;
+                    Some(HealthChange::Recovered { was })
+                }
+                (Some(state), Some(was)) if was.state == state => {
+                    tx.execute(
+                        "UPDATE image_health SET further = further + 1, last_job = ?1, updated_at = ?2
+                         WHERE image_key = ?3",
+                        params![job_id, now(), image_key],
+                    )?;
+                    None
+                }
+                (Some(state), previous) => {
+                    tx.execute(
+                        "INSERT OR REPLACE INTO image_health
+                         (image_key, state, since_job, since_at, further, last_job, updated_at)
+                         VALUES (?1, ?2, ?3, ?4, 0, ?3, ?4)",
+                        params![image_key, state, job_id, now()],
+                    )?;
+                    Some(HealthChange::Failing {
+                        state: state.to_string(),
+                        previous,
+                    })
+                }
+            };
+            if let (Some(change), true) = (&change, outbox) {
+                tx.execute(
+                    "INSERT INTO alert_outbox (image_key, job_id, change, created_at) VALUES (?1, ?2, ?3, ?4)",
+                    params![
+                        image_key,
+                        job_id,
+                        serde_json::to_string(change).expect("changes serialise"),
+                        now()
+                    ],
+                )?;
+            }
+            tx.commit()?;
+            Ok(change)
+        })
+    }
+
+    /// Alerts not yet sent (nor given up on), oldest first.
+    pub(crate) fn pending_alerts(&self) -> Result<Vec<PendingAlert>> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT id, image_key, job_id, change FROM alert_outbox ORDER BY id")?;
+            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, String>(3)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, image_key, job_id, change) = row?;
+                match serde_json::from_str(&change) {
+                    Ok(change) => out.push(PendingAlert {
+                        id,
+                        image_key,
+                        job_id,
+                        change,
+                    }),
+                    // Written by this code; only a hand-edited journal gets here.
+                    Err(e) => tracing::error!("alert {id} in the journal's outbox is unreadable, dropped: {e}"),
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// The alert was sent (or given up on): out of the outbox.
+    pub(crate) fn alert_done(&self, id: i64) -> Result<()> {
+        self.with(|c| c.execute("DELETE FROM alert_outbox WHERE id = ?1", [id]).map(drop))
+    }
+
+    /// Images whose builds or rotations fail, by image key (empty for a
+    /// journal from before alerts).
+    pub fn image_health(&self) -> Result<Vec<ImageHealth>> {
+        self.with(|c| {
+            let exists: i64 = c.query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'image_health'",
+                [],
+                |r| r.get(0),
+            )?;
+            if exists == 0 {
+                return Ok(Vec::new());
+            }
+            let mut st = c.prepare(
+                "SELECT image_key, state, since_job, since_at, further, last_job FROM image_health ORDER BY image_key",
+            )?;
+            let rows = st.query_map([], health_from_row)?;
+            rows.collect()
+        })
     }
 
     /// Every job (tests and benchmarks).
@@ -734,6 +965,30 @@ impl Journal {
     }
 }
 
+/// Upgrades the journal to [`SCHEMA_VERSION`]; refuses a newer one (a
+/// downgrade would write a journal the newer version misreads).
+fn migrate(conn: &Connection) -> std::result::Result<(), String> {
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(|e| e.to_string())?;
+    if version > SCHEMA_VERSION {
+        return Err(format!(
+            "was written by a newer rabbit2packer (journal schema {version}; this one knows up to {SCHEMA_VERSION})"
+        ));
+    }
+    for (to, sql) in MIGRATIONS.iter().filter(|(to, _)| *to > version) {
+        conn.execute_batch(&format!("BEGIN IMMEDIATE; {sql} PRAGMA user_version = {to}; COMMIT;"))
+            .map_err(|e| {
+                let _ = conn.execute_batch("ROLLBACK");
+                format!("cannot upgrade to journal schema {to}: {e}")
+            })?;
+        if *to > 1 {
+            tracing::info!("job journal upgraded to schema {to}");
+        }
+    }
+    Ok(())
+}
+
 /// Gives the pages of cleared bodies back to the file system once there are
 /// enough of them: a 40 MB profile superseded by a small one must not keep
 /// the journal at 40 MB for ever.
@@ -753,6 +1008,26 @@ fn reclaim_space(c: &Connection) -> rusqlite::Result<()> {
         Ok((r.get(0)?, r.get(1)?, r.get(2)?))
     })?;
     Ok(())
+}
+
+fn health_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageHealth> {
+    Ok(ImageHealth {
+        image_key: r.get(0)?,
+        state: r.get(1)?,
+        since_job: r.get(2)?,
+        since_at: r.get(3)?,
+        further: r.get(4)?,
+        last_job: r.get(5)?,
+    })
+}
+
+fn health_row(c: &Connection, image_key: &str) -> rusqlite::Result<Option<ImageHealth>> {
+    c.query_row(
+        "SELECT image_key, state, since_job, since_at, further, last_job FROM image_health WHERE image_key = ?1",
+        [image_key],
+        health_from_row,
+    )
+    .optional()
 }
 
 /// The journal and the files SQLite keeps beside it in WAL mode.
@@ -901,6 +1176,41 @@ mod tests {
         let old = j.job(ids[0]).unwrap().unwrap();
         assert_eq!(old.state, JobState::Superseded);
         assert_eq!(old.superseded_by, Some(ids[1]));
+    }
+
+    #[test]
+    fn a_journal_from_before_alerts_is_upgraded_once_and_a_newer_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = {
+            let j = Journal::open(dir.path()).unwrap();
+            let Inserted::New(id) = j.insert(&new_job("a", Some("m"), "{}"), false, None).unwrap() else {
+                panic!()
+            };
+            j.finish(id, JobState::Failed, Some("x")).unwrap();
+            // As the previous version left it: no version, no health table.
+            j.with(|c| c.execute_batch("DROP TABLE image_health; PRAGMA user_version = 0;"))
+                .unwrap();
+            id
+        };
+        let j = Journal::open(dir.path()).unwrap();
+        let version: i64 = j
+            .with(|c| c.query_row("PRAGMA user_version", [], |r| r.get(0)))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(j.job(id).unwrap().unwrap().state, JobState::Failed, "jobs are kept");
+        assert!(j.record_health("a", id, Some("build failing"), true).unwrap().is_some());
+        // Reading an old journal (status of a daemon not yet upgraded) works too.
+        j.with(|c| c.execute_batch("DROP TABLE image_health; PRAGMA user_version = 0;"))
+            .unwrap();
+        drop(j);
+        let r = Journal::open_read_only(dir.path()).unwrap();
+        assert!(r.image_health().unwrap().is_empty());
+        drop(r);
+        let j = Journal::open(dir.path()).unwrap();
+        j.with(|c| c.execute_batch("PRAGMA user_version = 99;")).unwrap();
+        drop(j);
+        let e = Journal::open(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("newer rabbit2packer (journal schema 99"), "{e}");
     }
 
     #[test]

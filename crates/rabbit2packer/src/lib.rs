@@ -9,6 +9,9 @@
 //! process group while [`build_log`] writes the log operators know, then the
 //! image is rotated (glance-rotate). [`history`] reads the journal for
 //! `status` and `history`; [`daemon`] ties the life cycle together.
+//! Beside the data path: `alerts` tells a person when an image starts
+//! failing or recovers (mail, webhook), and [`control`] takes the operators'
+//! `rebuild`, `cancel` and `retry` over a Unix socket.
 //!
 //! The API (for the binary, xtask's man pages, the tests and benchmarks):
 //! [`cli`], [`daemon::run`] and [`daemon::load_settings`], the
@@ -19,10 +22,12 @@
 //! Not here: profile names and `$METADATA` (packuilon-common::profile),
 //! config.ini (packuilon-common::config), Glance (glance-rotate).
 
+pub mod alerts;
 pub mod build_log;
 pub(crate) mod catalog;
 pub mod cli;
 pub(crate) mod consumer;
+pub mod control;
 pub mod daemon;
 pub mod history;
 pub(crate) mod job;
