@@ -71,7 +71,8 @@ pub enum JobState {
 }
 
 impl JobState {
-    pub(crate) fn as_str(self) -> &'static str {
+    /// The state's name.
+    pub fn as_str(self) -> &'static str {
         match self {
             JobState::Waiting => "waiting",
             JobState::Running => "running",
@@ -82,7 +83,8 @@ impl JobState {
         }
     }
 
-    pub(crate) fn parse(s: &str) -> Option<JobState> {
+    /// A state's name as the journal and the API write it.
+    pub fn parse(s: &str) -> Option<JobState> {
         Some(match s {
             "waiting" => JobState::Waiting,
             "running" => JobState::Running,
@@ -164,6 +166,66 @@ pub struct JobRecord {
     pub builds: Vec<BuildRecord>,
 }
 
+/// Which jobs `Journal::jobs` returns (newest first).
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub state: Option<StateFilter>,
+    pub image: Option<String>,
+    /// Only jobs older than this id (the next page).
+    pub before: Option<i64>,
+    pub limit: usize,
+}
+
+/// The `state` filter of [`JobFilter`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateFilter {
+    /// Jobs in this state.
+    Is(JobState),
+    /// Jobs no longer running or waiting (what `history` shows).
+    Finished,
+}
+
+impl StateFilter {
+    /// A job state's name, or `finished`.
+    pub fn parse(s: &str) -> Option<StateFilter> {
+        match s {
+            "finished" => Some(StateFilter::Finished),
+            s => JobState::parse(s).map(StateFilter::Is),
+        }
+    }
+}
+
+/// What an image is doing, as the status page shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageState {
+    /// Its last job succeeded (or it has none pending).
+    Idle,
+    /// A job waits for a worker (or for the next start, when interrupted).
+    Waiting,
+    /// A job is running.
+    Building,
+    /// Its last finished job failed.
+    Failed,
+    /// Its last job built the image, but the rotation failed.
+    RotationFailed,
+}
+
+/// One image key, as `/api/images` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageSummary {
+    pub image_key: String,
+    pub state: ImageState,
+    /// RFC 3339 `finished_at` of its newest succeeded job.
+    pub last_success_at: Option<String>,
+    pub last_success_job: Option<i64>,
+    /// RFC 3339 `finished_at` of its newest failed job.
+    pub last_failure_at: Option<String>,
+    pub last_failure_job: Option<i64>,
+    /// The running job, else the waiting one, else the last finished one.
+    pub job: Option<JobRecord>,
+}
+
 /// A packer process group recorded as running when the daemon last stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct LeftoverGroup {
@@ -241,6 +303,31 @@ CREATE TABLE IF NOT EXISTS bodies (
 CREATE INDEX IF NOT EXISTS builds_pgid ON builds(pgid) WHERE pgid IS NOT NULL;
 ";
 
+/// Schema changes after [`SCHEMA`], in order: the journal's `user_version`
+/// is how many of them it has; opening for writing applies the rest, each
+/// in its own transaction, so an existing journal is upgraded in place and
+/// an older rabbit2packer still reads it (only indexes are added so far).
+const MIGRATIONS: &[&str] = &[
+    // 1 (#12, the status page): an image's newest job in each state is one
+    // index seek, so `/api/images` stays fast with 100,000 jobs.
+    "CREATE INDEX IF NOT EXISTS jobs_image_state ON jobs(image_key, state, id);",
+];
+
+/// The schema version this rabbit2packer writes (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Brings the journal to [`SCHEMA_VERSION`].
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    for (n, sql) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.execute_batch(&format!("PRAGMA user_version = {}", n + 1))?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
 /// Time stamps as operators read them (UTC, RFC 3339, seconds).
 pub(crate) fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
@@ -260,6 +347,9 @@ pub struct Journal {
     /// The files SQLite writes (database, WAL, shared memory), each held open
     /// by us too, to tell whether the path still leads to them.
     on_disk: Vec<(PathBuf, std::fs::File)>,
+    /// Counts the writes, so that the status page follows them without
+    /// polling (see [`Journal::subscribe`]).
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Journal {
@@ -313,6 +403,8 @@ impl Journal {
         ))
         .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
+        let mut conn = conn;
+        migrate(&mut conn).map_err(err)?;
         // The WAL and shared-memory files exist now (WAL mode, schema written).
         let mut on_disk = Vec::new();
         for f in sqlite_files(&file) {
@@ -331,6 +423,7 @@ impl Journal {
             file,
             conn: Mutex::new(conn),
             on_disk,
+            changes: tokio::sync::watch::Sender::new(0),
         };
         journal.check_on_disk()?;
         Ok(journal)
@@ -385,7 +478,21 @@ impl Journal {
             file,
             conn: Mutex::new(conn),
             on_disk: Vec::new(),
+            changes: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// Fires after each write of this process to the journal (the value
+    /// counts them). The status page waits on it instead of polling.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// A write like [`Journal::with`], announced to subscribers once done.
+    fn write<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T> {
+        let out = self.with(f);
+        self.changes.send_modify(|n| *n += 1);
+        out
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T> {
@@ -402,7 +509,7 @@ impl Journal {
     /// cdb2rabbit sends) a redelivery whose body was journaled before.
     /// `supersede` is the image's waiting job that the new one replaces.
     pub(crate) fn insert(&self, job: &NewJob, redelivered: bool, supersede: Option<i64>) -> Result<Inserted> {
-        self.with(|conn| {
+        self.write(|conn| {
             let tx = conn.transaction()?;
             let existing: Option<i64> = match &job.message_id {
                 Some(mid) => tx
@@ -462,7 +569,7 @@ impl Journal {
 
     /// A worker took the job.
     pub(crate) fn set_running(&self, id: i64, worker: &str) -> Result<()> {
-        self.with(|c| {
+        self.write(|c| {
             c.execute(
                 "UPDATE jobs SET state = 'running', started_at = ?1, finished_at = NULL, worker = ?2,
                  attempts = attempts + 1, error = NULL WHERE id = ?3",
@@ -474,7 +581,7 @@ impl Journal {
 
     /// The job's final state (succeeded, failed, interrupted).
     pub(crate) fn finish(&self, id: i64, state: JobState, error: Option<&str>) -> Result<()> {
-        self.with(|c| {
+        self.write(|c| {
             let tx = c.transaction()?;
             tx.execute(
                 "UPDATE jobs SET state = ?1, finished_at = ?2, error = ?3 WHERE id = ?4",
@@ -500,7 +607,7 @@ impl Journal {
 
     /// A template build starts: returns its id.
     pub(crate) fn start_build(&self, job_id: i64, template: &str, log_path: &Path, build_file: &Path) -> Result<i64> {
-        self.with(|c| {
+        self.write(|c| {
             c.execute(
                 "INSERT INTO builds (job_id, template, started_at, log_path, build_file) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![
@@ -534,7 +641,7 @@ impl Journal {
         artifact_id: Option<&str>,
         error: Option<&str>,
     ) -> Result<()> {
-        self.with(|c| {
+        self.write(|c| {
             c.execute(
                 "UPDATE builds SET finished_at = ?1, exit_code = ?2, artifact_id = ?3, error = ?4, pgid = NULL
                  WHERE id = ?5",
@@ -546,7 +653,7 @@ impl Journal {
 
     /// The rotation result of a build (`done: ...`, `skipped: ...`, `failed: ...`).
     pub(crate) fn set_rotation(&self, build_id: i64, rotation: &str) -> Result<()> {
-        self.with(|c| {
+        self.write(|c| {
             c.execute(
                 "UPDATE builds SET rotation = ?1 WHERE id = ?2",
                 params![rotation, build_id],
@@ -560,7 +667,7 @@ impl Journal {
     /// newest stays, the others superseded by it. Returns them to schedule,
     /// and the process groups of builds that never finished.
     pub(crate) fn recover(&self) -> Result<Recovery> {
-        self.with(|conn| {
+        self.write(|conn| {
             let tx = conn.transaction()?;
             let mut rec = Recovery::default();
             {
@@ -638,7 +745,7 @@ impl Journal {
 
     /// Marks every job still running as interrupted (the end of a stop).
     pub(crate) fn interrupt_running(&self) -> Result<usize> {
-        self.with(|c| {
+        self.write(|c| {
             c.execute(
                 "UPDATE jobs SET state = 'interrupted', finished_at = ?1,
                  error = COALESCE(error, 'interrupted: rabbit2packer stopped') WHERE state = 'running'",
@@ -668,10 +775,118 @@ impl Journal {
         }
     }
 
-    /// One job by id (for the unit tests).
-    #[cfg(test)]
-    pub(crate) fn job(&self, id: i64) -> Result<Option<JobRecord>> {
+    /// One job by id.
+    pub fn job(&self, id: i64) -> Result<Option<JobRecord>> {
         Ok(self.jobs_where("id = ?1", params![id])?.into_iter().next())
+    }
+
+    /// Jobs newest first, filtered (the status API's `/api/jobs`). Each
+    /// filter is served by an index: `jobs_state`, `jobs_image`,
+    /// `jobs_image_state`, or the primary key alone.
+    pub fn jobs(&self, filter: &JobFilter) -> Result<Vec<JobRecord>> {
+        let mut clause = String::from("id < ?1");
+        let mut args: Vec<Box<dyn rusqlite::ToSql>> = vec![Box::new(filter.before.unwrap_or(i64::MAX))];
+        if let Some(img) = &filter.image {
+            args.push(Box::new(img.clone()));
+            clause.push_str(&format!(" AND image_key = ?{}", args.len()));
+        }
+        match filter.state {
+            Some(StateFilter::Is(st)) => {
+                args.push(Box::new(st.as_str()));
+                clause.push_str(&format!(" AND state = ?{}", args.len()));
+            }
+            Some(StateFilter::Finished) => clause.push_str(" AND state NOT IN ('running', 'waiting')"),
+            None => {}
+        }
+        args.push(Box::new(filter.limit as i64));
+        clause.push_str(&format!(" ORDER BY id DESC LIMIT ?{}", args.len()));
+        let refs: Vec<&dyn rusqlite::ToSql> = args.iter().map(|a| a.as_ref()).collect();
+        self.jobs_where(&clause, &refs)
+    }
+
+    /// Running and waiting jobs (gauges of `/metrics`).
+    pub fn counts(&self) -> Result<(i64, i64)> {
+        self.with(|c| {
+            let n = |state: &str| -> rusqlite::Result<i64> {
+                c.query_row("SELECT count(*) FROM jobs WHERE state = ?1", [state], |r| r.get(0))
+            };
+            Ok((n("running")?, n("waiting")?))
+        })
+    }
+
+    /// One summary per image key that has a job, by key: what it is doing,
+    /// its last success and failure, its current or last job. A few index
+    /// seeks per image (`jobs_image_state`), whatever the journal's size.
+    pub fn images(&self) -> Result<Vec<ImageSummary>> {
+        let keys: Vec<String> = self.with(|c| {
+            let mut keys = Vec::new();
+            let mut st =
+                c.prepare_cached("SELECT image_key FROM jobs WHERE image_key > ?1 ORDER BY image_key LIMIT 1")?;
+            let mut last = String::new();
+            while let Some(k) = st.query_row([&last], |r| r.get::<_, String>(0)).optional()? {
+                last.clone_from(&k);
+                keys.push(k);
+            }
+            Ok(keys)
+        })?;
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            let newest = |state: &str| -> Result<Option<(i64, Option<String>)>> {
+                self.with(|c| {
+                    c.prepare_cached(
+                        "SELECT id, finished_at FROM jobs WHERE image_key = ?1 AND state = ?2 ORDER BY id DESC LIMIT 1",
+                    )?
+                    .query_row(params![key, state], |r| Ok((r.get(0)?, r.get(1)?)))
+                    .optional()
+                })
+            };
+            let running = newest("running")?;
+            let waiting = newest("waiting")?.or(newest("interrupted")?);
+            let success = newest("succeeded")?;
+            let failure = newest("failed")?;
+            let last_finished = match (&success, &failure) {
+                (Some(s), Some(f)) => Some(if s.0 > f.0 { s.0 } else { f.0 }),
+                (Some(s), None) => Some(s.0),
+                (None, Some(f)) => Some(f.0),
+                (None, None) => None,
+            };
+            let current_id = running
+                .as_ref()
+                .map(|r| r.0)
+                .or(waiting.as_ref().map(|w| w.0))
+                .or(last_finished);
+            let current = match current_id {
+                Some(id) => self.job(id)?,
+                None => None,
+            };
+            let last = last_finished.and_then(|id| if Some(id) == current_id { current.clone() } else { None });
+            let last = match (last, last_finished) {
+                (Some(j), _) => Some(j),
+                (None, Some(id)) => self.job(id)?,
+                (None, None) => None,
+            };
+            let state = if running.is_some() {
+                ImageState::Building
+            } else if waiting.is_some() {
+                ImageState::Waiting
+            } else {
+                match &last {
+                    Some(j) if j.state == JobState::Failed => ImageState::Failed,
+                    Some(j) if j.outcome == "built, rotation failed" => ImageState::RotationFailed,
+                    _ => ImageState::Idle,
+                }
+            };
+            out.push(ImageSummary {
+                image_key: key,
+                state,
+                last_success_at: success.as_ref().and_then(|s| s.1.clone()),
+                last_success_job: success.map(|s| s.0),
+                last_failure_at: failure.as_ref().and_then(|f| f.1.clone()),
+                last_failure_job: failure.map(|f| f.0),
+                job: current,
+            });
+        }
+        Ok(out)
     }
 
     /// Every job (tests and benchmarks).

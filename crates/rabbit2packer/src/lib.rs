@@ -8,7 +8,8 @@
 //! image, `render`s each to a build file, [`runner`] runs packer in its own
 //! process group while [`build_log`] writes the log operators know, then the
 //! image is rotated (glance-rotate). [`history`] reads the journal for
-//! `status` and `history`; [`daemon`] ties the life cycle together.
+//! `status` and `history`; [`status`] serves the status page, its API and
+//! the [`metrics`]; [`daemon`] ties the life cycle together.
 //!
 //! The API (for the binary, xtask's man pages, the tests and benchmarks):
 //! [`cli`], [`daemon::run`] and [`daemon::load_settings`], the
@@ -27,8 +28,10 @@ pub mod daemon;
 pub mod history;
 pub(crate) mod job;
 pub mod journal;
+pub mod metrics;
 pub(crate) mod render;
 pub mod runner;
 pub(crate) mod scheduler;
+pub mod status;
 
 pub use catalog::{CatalogError, LoadError};

@@ -155,6 +155,30 @@ pub struct Rabbit2PackerConfig {
     /// STOP_TIMEOUT, default 5 min: how long a stop waits for packer to clean up.
     pub stop_timeout: Duration,
     pub rotation: RotationConfig,
+    /// STATUS_LISTEN and STATUS_URL: the status page, API and metrics.
+    pub status: StatusConfig,
+}
+
+/// The status server of rabbit2packer (`[rabbit2packer] STATUS_*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusConfig {
+    /// STATUS_LISTEN, default `127.0.0.1:8150`; empty turns the server off (`None`).
+    pub listen: Option<std::net::SocketAddr>,
+    /// STATUS_URL: the address people reach the page by (links in alerts);
+    /// `None`: `http://<host name>:<port>/`.
+    pub url: Option<String>,
+}
+
+/// Default of STATUS_LISTEN.
+pub const DEFAULT_STATUS_LISTEN: &str = "127.0.0.1:8150";
+
+impl Default for StatusConfig {
+    fn default() -> Self {
+        StatusConfig {
+            listen: DEFAULT_STATUS_LISTEN.parse().ok(),
+            url: None,
+        }
+    }
 }
 
 /// The rename-old-images step (`[rabbit2packer]` keys it reads).
@@ -350,6 +374,7 @@ impl IniFile {
             .unwrap_or(Duration::from_secs(6 * 3600));
         let stop_timeout = s.duration_optional("STOP_TIMEOUT")?.unwrap_or(Duration::from_secs(300));
         let rotation = rotation_from(&s)?;
+        let status = status_from(&s)?;
         warnings.extend(s.unknown_keys(
             &[
                 "THREAD_COUNT",
@@ -367,6 +392,8 @@ impl IniFile {
                 "ARCHIVE_NAME",
                 "HIDE_ARCHIVED",
                 "KEEP_ARCHIVES",
+                "STATUS_LISTEN",
+                "STATUS_URL",
             ],
             |_| false,
         ));
@@ -383,6 +410,7 @@ impl IniFile {
             build_timeout,
             stop_timeout,
             rotation,
+            status,
         })
     }
 
@@ -418,6 +446,31 @@ fn rotation_from(s: &Section<'_>) -> Result<RotationConfig> {
         hide_archived,
         keep_archives,
     })
+}
+
+fn status_from(s: &Section<'_>) -> Result<StatusConfig> {
+    // Present but empty turns the server off; absent gives the default.
+    let listen = match s.raw("STATUS_LISTEN") {
+        None => DEFAULT_STATUS_LISTEN.parse().ok(),
+        Some("") => None,
+        Some(v) => Some(v.parse::<std::net::SocketAddr>().map_err(|_| {
+            s.err(
+                "STATUS_LISTEN",
+                format!("must be an address and port such as 127.0.0.1:8150 or [::]:8150, got {v:?}"),
+            )
+        })?),
+    };
+    let url = match s.optional("STATUS_URL") {
+        None => None,
+        Some(u) if u.starts_with("http://") || u.starts_with("https://") => Some(u),
+        Some(u) => {
+            return Err(s.err(
+                "STATUS_URL",
+                format!("must be an http:// or https:// address, got {u:?}"),
+            ))
+        }
+    };
+    Ok(StatusConfig { listen, url })
 }
 
 /// ARCHIVE_NAME must say which image it archived (`{name}`) and may use only
