@@ -19,6 +19,8 @@ t0=$SECONDS
 scripts/install-packages.sh
 # The package's tests: lintian, man, systemd-analyze, dpkg-shlibdeps, rsyslogd.
 scripts/install-packages.sh lintian man-db systemd dpkg-dev rsyslog
+# The status server's tests: headless Chromium over WebDriver, promtool.
+scripts/install-packages.sh chromium chromium-driver prometheus
 scripts/rabbitmq-up.sh
 
 free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

@@ -859,11 +859,11 @@ impl Journal {
                 Some(id) => self.job(id)?,
                 None => None,
             };
-            let last = last_finished.and_then(|id| if Some(id) == current_id { current.clone() } else { None });
-            let last = match (last, last_finished) {
-                (Some(j), _) => Some(j),
-                (None, Some(id)) => self.job(id)?,
-                (None, None) => None,
+            // The last finished job decides between idle, failed and rotation failed.
+            let last = match last_finished {
+                Some(id) if Some(id) == current_id => current.clone(),
+                Some(id) => self.job(id)?,
+                None => None,
             };
             let state = if running.is_some() {
                 ImageState::Building
@@ -1116,6 +1116,104 @@ mod tests {
         let old = j.job(ids[0]).unwrap().unwrap();
         assert_eq!(old.state, JobState::Superseded);
         assert_eq!(old.superseded_by, Some(ids[1]));
+    }
+
+    #[test]
+    fn a_journal_without_a_schema_version_is_upgraded_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // As rabbit2packer wrote it before schema versions: user_version 0.
+            let c = Connection::open(dir.path().join(FILE_NAME)).unwrap();
+            c.execute_batch(SCHEMA).unwrap();
+            c.execute(
+                "INSERT INTO jobs (body_sha256, image_key, body, state, received_at, finished_at)
+                 VALUES ('x', 'a-sl7x-x86_64', X'', 'succeeded', 't', '2026-01-01T00:00:00.000Z')",
+                [],
+            )
+            .unwrap();
+        }
+        let j = Journal::open(dir.path()).unwrap();
+        let (version, index): (i64, i64) = j
+            .with(|c| {
+                Ok((
+                    c.query_row("PRAGMA user_version", [], |r| r.get(0))?,
+                    c.query_row(
+                        "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name = 'jobs_image_state'",
+                        [],
+                        |r| r.get(0),
+                    )?,
+                ))
+            })
+            .unwrap();
+        assert_eq!((version, index), (SCHEMA_VERSION, 1));
+        assert_eq!(j.all().unwrap().len(), 1);
+        drop(j);
+        // Opening again changes nothing.
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(
+            j.images().unwrap()[0].last_success_at.as_deref(),
+            Some("2026-01-01T00:00:00.000Z")
+        );
+    }
+
+    #[test]
+    fn images_show_what_each_image_key_is_doing() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let add = |key: &str, n: usize| match j.insert(&new_job(key, Some(&format!("{key}{n}")), "{}"), false, None) {
+            Ok(Inserted::New(id)) => id,
+            other => panic!("{other:?}"),
+        };
+        let a1 = add("a", 1);
+        j.finish(a1, JobState::Succeeded, None).unwrap();
+        let a2 = add("a", 2);
+        j.finish(a2, JobState::Failed, Some("boom")).unwrap();
+        let b1 = add("b", 1);
+        j.set_running(b1, "Thread-1").unwrap();
+        let c1 = add("c", 1);
+        let d1 = add("d", 1);
+        j.finish(d1, JobState::Succeeded, None).unwrap();
+        let b = j.start_build(d1, "t.json", Path::new("/l"), Path::new("/f")).unwrap();
+        j.set_rotation(b, "failed after 4 attempt(s): glance down").unwrap();
+        let images = j.images().unwrap();
+        let keys: Vec<(&str, ImageState)> = images.iter().map(|i| (i.image_key.as_str(), i.state)).collect();
+        assert_eq!(
+            keys,
+            vec![
+                ("a", ImageState::Failed),
+                ("b", ImageState::Building),
+                ("c", ImageState::Waiting),
+                ("d", ImageState::RotationFailed)
+            ]
+        );
+        assert_eq!(images[0].last_success_job, Some(a1));
+        assert_eq!(images[0].last_failure_job, Some(a2));
+        assert_eq!(images[0].job.as_ref().unwrap().id, a2);
+        assert_eq!(images[1].job.as_ref().unwrap().id, b1);
+        assert_eq!(images[2].job.as_ref().unwrap().id, c1);
+
+        let page = |state: Option<StateFilter>, image: Option<&str>, before: Option<i64>, limit: usize| -> Vec<i64> {
+            j.jobs(&JobFilter {
+                state,
+                image: image.map(str::to_string),
+                before,
+                limit,
+            })
+            .unwrap()
+            .iter()
+            .map(|j| j.id)
+            .collect()
+        };
+        assert_eq!(page(None, None, None, 50), vec![d1, c1, b1, a2, a1]);
+        assert_eq!(page(None, None, Some(b1), 2), vec![a2, a1]);
+        assert_eq!(page(Some(StateFilter::Finished), None, None, 50), vec![d1, a2, a1]);
+        assert_eq!(page(Some(StateFilter::Is(JobState::Running)), None, None, 50), vec![b1]);
+        assert_eq!(
+            page(Some(StateFilter::Is(JobState::Failed)), Some("a"), None, 50),
+            vec![a2]
+        );
+        assert_eq!(page(None, Some("a"), None, 1), vec![a2]);
+        assert_eq!(j.counts().unwrap(), (1, 1));
     }
 
     #[test]

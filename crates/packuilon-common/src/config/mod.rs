@@ -730,6 +730,29 @@ CACHE_DIR = /etc/packer-utils/profiles/
     }
 
     #[test]
+    fn status_listen_defaults_to_loopback_8150_and_empty_turns_it_off() {
+        let status = |lines: &str| {
+            let f = load(&format!("{GOOD}\n[rabbit2packer]\n{lines}\n"));
+            status_from(&f.section("rabbit2packer"))
+        };
+        let d = status("").unwrap();
+        assert_eq!(d.listen, Some("127.0.0.1:8150".parse().unwrap()));
+        assert_eq!(d.url, None);
+        assert_eq!(status("STATUS_LISTEN =").unwrap().listen, None);
+        let s = status("STATUS_LISTEN = [::]:9000\nSTATUS_URL = https://img.example.org/p/").unwrap();
+        assert_eq!(s.listen, Some("[::]:9000".parse().unwrap()));
+        assert_eq!(s.url.as_deref(), Some("https://img.example.org/p/"));
+        let e = status("STATUS_LISTEN = localhost").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("[rabbit2packer] STATUS_LISTEN: must be an address"),
+            "{e}"
+        );
+        let e = status("STATUS_URL = img.example.org").unwrap_err();
+        assert!(e.to_string().contains("[rabbit2packer] STATUS_URL"), "{e}");
+    }
+
+    #[test]
     fn broker_timeouts_are_durations_above_zero() {
         let with = |lines: &str| load(&GOOD.replace("[cdb2rabbit]", &format!("{lines}\n[cdb2rabbit]")));
         let g = with("PUBLISH_TIMEOUT = 2m\nRABBIT_CONNECT_TIMEOUT = 2.5")
