@@ -22,6 +22,7 @@ use support::*;
 const IMAGES: usize = 100;
 const JOBS_PER_IMAGE: usize = 1000;
 const REQUESTS: usize = 1000;
+const LOADS: usize = 20;
 
 /// utime + stime of the process, in clock ticks.
 fn cpu_ticks(pid: i32) -> u64 {
@@ -157,23 +158,31 @@ fn main() {
     let browser = Browser::start();
     let base = format!("http://{addr}/");
     let mut loads = Vec::new();
-    for _ in 0..7 {
-        browser.goto("about:blank");
-        browser.goto(&base);
+    let mut html = Vec::new();
+    // The first navigation also starts Chromium's renderer process: not counted.
+    browser.goto(&base);
+    for n in 0..LOADS {
+        // A new navigation each time (a new document, its requests all made again).
+        browser.goto(&format!("{base}?n={n}"));
         let v = browser.wait("the page's data", "return window.firstLoadMs || null;", |v| {
             v.is_number()
         });
         loads.push(v.as_f64().unwrap());
+        let h = browser.eval("return performance.getEntriesByType('navigation')[0].responseEnd;");
+        html.push(h.as_f64().unwrap());
     }
     let rows_shown = browser.eval("return document.querySelectorAll('#images tr[data-image]').length;");
     assert_eq!(rows_shown, IMAGES as u64);
     loads.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    html.sort_by(|a, b| a.partial_cmp(b).unwrap());
     rows.push((
-        format!("page load in Chromium, navigation to {IMAGES} images and 50 jobs drawn (7 loads)"),
+        format!("page load in Chromium, navigation to {IMAGES} images and 50 jobs drawn ({LOADS} loads)"),
         format!(
-            "median {:.0} ms, max {:.0} ms",
+            "median {:.0} ms, p90 {:.0} ms, max {:.0} ms (HTML received: median {:.0} ms)",
             percentile(&loads, 0.5),
-            loads[loads.len() - 1]
+            percentile(&loads, 0.9),
+            loads[loads.len() - 1],
+            percentile(&html, 0.5)
         ),
         "< 300 ms".into(),
     ));

@@ -818,75 +818,85 @@ impl Journal {
     /// its last success and failure, its current or last job. A few index
     /// seeks per image (`jobs_image_state`), whatever the journal's size.
     pub fn images(&self) -> Result<Vec<ImageSummary>> {
-        let keys: Vec<String> = self.with(|c| {
+        // One read transaction: a consistent view, and no lock taken per query.
+        self.with(|c| {
+            let tx = c.transaction()?;
             let mut keys = Vec::new();
-            let mut st =
-                c.prepare_cached("SELECT image_key FROM jobs WHERE image_key > ?1 ORDER BY image_key LIMIT 1")?;
-            let mut last = String::new();
-            while let Some(k) = st.query_row([&last], |r| r.get::<_, String>(0)).optional()? {
-                last.clone_from(&k);
-                keys.push(k);
-            }
-            Ok(keys)
-        })?;
-        let mut out = Vec::with_capacity(keys.len());
-        for key in keys {
-            let newest = |state: &str| -> Result<Option<(i64, Option<String>)>> {
-                self.with(|c| {
-                    c.prepare_cached(
-                        "SELECT id, finished_at FROM jobs WHERE image_key = ?1 AND state = ?2 ORDER BY id DESC LIMIT 1",
-                    )?
-                    .query_row(params![key, state], |r| Ok((r.get(0)?, r.get(1)?)))
-                    .optional()
-                })
-            };
-            let running = newest("running")?;
-            let waiting = newest("waiting")?.or(newest("interrupted")?);
-            let success = newest("succeeded")?;
-            let failure = newest("failed")?;
-            let last_finished = match (&success, &failure) {
-                (Some(s), Some(f)) => Some(if s.0 > f.0 { s.0 } else { f.0 }),
-                (Some(s), None) => Some(s.0),
-                (None, Some(f)) => Some(f.0),
-                (None, None) => None,
-            };
-            let current_id = running
-                .as_ref()
-                .map(|r| r.0)
-                .or(waiting.as_ref().map(|w| w.0))
-                .or(last_finished);
-            let current = match current_id {
-                Some(id) => self.job(id)?,
-                None => None,
-            };
-            // The last finished job decides between idle, failed and rotation failed.
-            let last = match last_finished {
-                Some(id) if Some(id) == current_id => current.clone(),
-                Some(id) => self.job(id)?,
-                None => None,
-            };
-            let state = if running.is_some() {
-                ImageState::Building
-            } else if waiting.is_some() {
-                ImageState::Waiting
-            } else {
-                match &last {
-                    Some(j) if j.state == JobState::Failed => ImageState::Failed,
-                    Some(j) if j.outcome == "built, rotation failed" => ImageState::RotationFailed,
-                    _ => ImageState::Idle,
+            {
+                let mut st =
+                    tx.prepare_cached("SELECT image_key FROM jobs WHERE image_key > ?1 ORDER BY image_key LIMIT 1")?;
+                let mut last = String::new();
+                while let Some(k) = st.query_row([&last], |r| r.get::<_, String>(0)).optional()? {
+                    last.clone_from(&k);
+                    keys.push(k);
                 }
-            };
-            out.push(ImageSummary {
-                image_key: key,
-                state,
-                last_success_at: success.as_ref().and_then(|s| s.1.clone()),
-                last_success_job: success.map(|s| s.0),
-                last_failure_at: failure.as_ref().and_then(|f| f.1.clone()),
-                last_failure_job: failure.map(|f| f.0),
-                job: current,
-            });
-        }
-        Ok(out)
+            }
+            let mut newest_st = tx.prepare_cached(
+                "SELECT id, finished_at FROM jobs WHERE image_key = ?1 AND state = ?2 ORDER BY id DESC LIMIT 1",
+            )?;
+            let mut out = Vec::with_capacity(keys.len());
+            for key in keys {
+                let mut newest = |state: &str| -> rusqlite::Result<Option<(i64, Option<String>)>> {
+                    newest_st
+                        .query_row(params![key, state], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .optional()
+                };
+                let running = newest("running")?;
+                let waiting = match newest("waiting")? {
+                    Some(w) => Some(w),
+                    None => newest("interrupted")?,
+                };
+                let success = newest("succeeded")?;
+                let failure = newest("failed")?;
+                let last_finished = match (&success, &failure) {
+                    (Some(s), Some(f)) => Some(s.0.max(f.0)),
+                    (Some(s), None) => Some(s.0),
+                    (None, Some(f)) => Some(f.0),
+                    (None, None) => None,
+                };
+                let current_id = running
+                    .as_ref()
+                    .map(|r| r.0)
+                    .or(waiting.as_ref().map(|w| w.0))
+                    .or(last_finished);
+                let one = |id: i64| -> rusqlite::Result<Option<JobRecord>> {
+                    Ok(query_jobs(&tx, "id = ?1", params![id])?.into_iter().next())
+                };
+                let current = match current_id {
+                    Some(id) => one(id)?,
+                    None => None,
+                };
+                // The last finished job decides between idle, failed and rotation failed.
+                let last = match last_finished {
+                    Some(id) if Some(id) == current_id => current.clone(),
+                    Some(id) => one(id)?,
+                    None => None,
+                };
+                let state = if running.is_some() {
+                    ImageState::Building
+                } else if waiting.is_some() {
+                    ImageState::Waiting
+                } else {
+                    match &last {
+                        Some(j) if j.state == JobState::Failed => ImageState::Failed,
+                        Some(j) if j.outcome == "built, rotation failed" => ImageState::RotationFailed,
+                        _ => ImageState::Idle,
+                    }
+                };
+                out.push(ImageSummary {
+                    image_key: key,
+                    state,
+                    last_success_at: success.as_ref().and_then(|s| s.1.clone()),
+                    last_success_job: success.map(|s| s.0),
+                    last_failure_at: failure.as_ref().and_then(|f| f.1.clone()),
+                    last_failure_job: failure.map(|f| f.0),
+                    job: current,
+                });
+            }
+            drop(newest_st);
+            tx.commit()?;
+            Ok(out)
+        })
     }
 
     /// Every job (tests and benchmarks).
@@ -895,58 +905,62 @@ impl Journal {
     }
 
     fn jobs_where(&self, clause: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<JobRecord>> {
-        self.with(|c| {
-            let sql = format!(
-                "SELECT id, image_key, profile, message_id, state, received_at, started_at, finished_at,
-                        superseded_by, attempts, worker, error
-                 FROM jobs WHERE {clause}"
-            );
-            let mut st = c.prepare(&sql)?;
-            let mut jobs: Vec<JobRecord> = st
-                .query_map(args, |r| {
-                    let state: String = r.get(4)?;
-                    Ok(JobRecord {
-                        id: r.get(0)?,
-                        image_key: r.get(1)?,
-                        profile: r.get(2)?,
-                        message_id: r.get(3)?,
-                        state: JobState::parse(&state).unwrap_or(JobState::Failed),
-                        outcome: String::new(),
-                        received_at: r.get(5)?,
-                        started_at: r.get(6)?,
-                        finished_at: r.get(7)?,
-                        superseded_by: r.get(8)?,
-                        attempts: r.get(9)?,
-                        worker: r.get(10)?,
-                        error: r.get(11)?,
-                        builds: Vec::new(),
-                    })
-                })?
-                .collect::<rusqlite::Result<_>>()?;
-            let mut bst = c.prepare(
-                "SELECT template, started_at, finished_at, exit_code, log_path, artifact_id, rotation, error
-                 FROM builds WHERE job_id = ?1 ORDER BY id",
-            )?;
-            for job in &mut jobs {
-                job.builds = bst
-                    .query_map([job.id], |r| {
-                        Ok(BuildRecord {
-                            template: r.get(0)?,
-                            started_at: r.get(1)?,
-                            finished_at: r.get(2)?,
-                            exit_code: r.get(3)?,
-                            log_path: r.get(4)?,
-                            artifact_id: r.get(5)?,
-                            rotation: r.get(6)?,
-                            error: r.get(7)?,
-                        })
-                    })?
-                    .collect::<rusqlite::Result<_>>()?;
-                job.outcome = outcome(job);
-            }
-            Ok(jobs)
-        })
+        self.with(|c| query_jobs(c, clause, args))
     }
+}
+
+/// Jobs (with their builds) matching `clause`; statements are cached, as
+/// the status server asks the same questions again and again.
+fn query_jobs(c: &Connection, clause: &str, args: &[&dyn rusqlite::ToSql]) -> rusqlite::Result<Vec<JobRecord>> {
+    let sql = format!(
+        "SELECT id, image_key, profile, message_id, state, received_at, started_at, finished_at,
+                    superseded_by, attempts, worker, error
+             FROM jobs WHERE {clause}"
+    );
+    let mut st = c.prepare_cached(&sql)?;
+    let mut jobs: Vec<JobRecord> = st
+        .query_map(args, |r| {
+            let state: String = r.get(4)?;
+            Ok(JobRecord {
+                id: r.get(0)?,
+                image_key: r.get(1)?,
+                profile: r.get(2)?,
+                message_id: r.get(3)?,
+                state: JobState::parse(&state).unwrap_or(JobState::Failed),
+                outcome: String::new(),
+                received_at: r.get(5)?,
+                started_at: r.get(6)?,
+                finished_at: r.get(7)?,
+                superseded_by: r.get(8)?,
+                attempts: r.get(9)?,
+                worker: r.get(10)?,
+                error: r.get(11)?,
+                builds: Vec::new(),
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut bst = c.prepare_cached(
+        "SELECT template, started_at, finished_at, exit_code, log_path, artifact_id, rotation, error
+             FROM builds WHERE job_id = ?1 ORDER BY id",
+    )?;
+    for job in &mut jobs {
+        job.builds = bst
+            .query_map([job.id], |r| {
+                Ok(BuildRecord {
+                    template: r.get(0)?,
+                    started_at: r.get(1)?,
+                    finished_at: r.get(2)?,
+                    exit_code: r.get(3)?,
+                    log_path: r.get(4)?,
+                    artifact_id: r.get(5)?,
+                    rotation: r.get(6)?,
+                    error: r.get(7)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        job.outcome = outcome(job);
+    }
+    Ok(jobs)
 }
 
 /// Gives the pages of cleared bodies back to the file system once there are

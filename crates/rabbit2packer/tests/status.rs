@@ -312,8 +312,13 @@ fn the_page_in_chromium_follows_builds_live_and_shows_log_markup_as_text() {
     let browser = Browser::start();
     let site = Site::new(2, "");
     gated_template(&site, "slow.json");
+    gated_template(&site, "gate.json");
     failing_template(&site, "bad.json");
-    site.write_map(json!({"DEFAULT": ["templates/slow.json"], "bad-sl7x-x86_64": ["templates/bad.json"]}));
+    site.write_map(json!({
+        "DEFAULT": ["templates/slow.json"],
+        "bad-sl7x-x86_64": ["templates/bad.json"],
+        "db-sl7x-x86_64": ["templates/gate.json"]
+    }));
     let mut d = site.start();
     let base = format!("http://{}/", d.status_addr());
 
@@ -345,20 +350,47 @@ fn the_page_in_chromium_follows_builds_live_and_shows_log_markup_as_text() {
         browser.screenshot(&PathBuf::from(to));
     }
 
-    // Both builds end: the page follows.
+    // The running build ends: the page follows.
     std::fs::write(site.out.join("go-slow.json"), "").unwrap();
     browser.wait("web to succeed", &row_state("web-sl7x-x86_64"), |v| v == "idle");
-    browser.wait("db to succeed", &row_state("db-sl7x-x86_64"), |v| v == "idle");
     let finished = browser.wait(
         "the finished jobs",
         "return [...document.querySelectorAll('#finished tr[data-job] td.state')].map(t => t.innerText).join(',');",
-        |v| v.as_str().is_some_and(|s| s.matches("succeeded").count() == 2),
+        |v| v.as_str().is_some_and(|s| s.matches("succeeded").count() == 1),
     );
     assert!(finished.as_str().unwrap().contains("failed"), "{finished}");
     assert_eq!(browser.eval("return window.loadedOnce || 'reloaded';"), "yes");
     let shot = tempfile::NamedTempFile::new().unwrap();
     browser.screenshot(shot.path());
     assert!(std::fs::read(shot.path()).unwrap().starts_with(b"\x89PNG"));
+
+    // The job page of a running build follows its log and its end live.
+    let db_id = site
+        .journal()
+        .iter()
+        .find(|j| j.image_key == "db-sl7x-x86_64")
+        .unwrap()
+        .id;
+    site.wait_jobs("db's build", T, |j| {
+        j.iter()
+            .any(|j| j.id == db_id && j.state == JobState::Running && !j.builds.is_empty())
+    });
+    browser.goto(&format!("{base}jobs/{db_id}"));
+    browser.eval("window.loadedOnce = 'yes'; return 1;");
+    let log_text = "const p = document.querySelector('pre.log'); return p ? p.textContent : '';";
+    browser.wait("db's log so far", log_text, |v| {
+        v.as_str().is_some_and(|s| s.contains("waiting for the test"))
+    });
+    std::fs::write(site.out.join("go-gate.json"), "").unwrap();
+    browser.wait("db's log to its end", log_text, |v| {
+        v.as_str().is_some_and(|s| s.contains("with exit code 0"))
+    });
+    browser.wait(
+        "db's state",
+        "return document.querySelector('td.state').innerText;",
+        |v| v == "succeeded",
+    );
+    assert_eq!(browser.eval("return window.loadedOnce || 'reloaded';"), "yes");
 
     // The job page: the log's markup is text, nothing of it runs.
     browser.goto(&format!("{base}jobs/{bad_id}"));
@@ -380,5 +412,29 @@ fn the_page_in_chromium_follows_builds_live_and_shows_log_markup_as_text() {
     assert_ne!(browser.eval("return document.title;"), "owned");
     let exit = browser.eval("return document.querySelector('#builds tbody').innerText;");
     assert!(exit.as_str().unwrap().contains("bad"), "{exit}");
+    d.stop();
+}
+
+#[test]
+fn readyz_is_503_naming_the_broker_while_it_is_unreachable() {
+    let site = Site::new(1, "");
+    // Nothing listens on RABBIT_PORT.
+    let closed = packuilon_testsupport::free_port();
+    let text = std::fs::read_to_string(&site.config).unwrap();
+    let port_line = text.lines().find(|l| l.starts_with("RABBIT_PORT")).unwrap().to_string();
+    std::fs::write(
+        &site.config,
+        text.replace(&port_line, &format!("RABBIT_PORT = {closed}")),
+    )
+    .unwrap();
+    let mut d = site.start();
+    let http = Http::new(d.status_addr());
+    d.wait_log("unreachable", T);
+    assert_eq!(http.get("/healthz").0, 200);
+    let (status, body) = http.get("/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("not connected to RabbitMQ"), "{body}");
+    let (_, metrics) = http.get("/metrics");
+    assert_eq!(sample(&metrics, "packuilon_broker_connected"), Some(0.0), "{metrics}");
     d.stop();
 }
