@@ -565,12 +565,7 @@ fn start_server(
         Ok(a) => a,
         Err(e) => return Err(DaemonError::Signals(e)),
     };
-    let url = settings
-        .r2p
-        .status
-        .url
-        .clone()
-        .unwrap_or_else(|| crate::status::default_url(addr));
+    let url = crate::status::public_url(&settings.r2p.status, addr);
     tracing::info!("Status page on {addr}, reached as {url}");
     Ok(tokio::spawn(async move {
         if let Err(e) = crate::status::serve(listener, router, stop).await {

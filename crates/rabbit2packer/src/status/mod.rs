@@ -53,6 +53,12 @@ struct Shared {
     log_dir: PathBuf,
 }
 
+/// The address people reach the page by, for links (alerts, log lines):
+/// STATUS_URL, else `http://<host name>:<port>/` of the bound address.
+pub fn public_url(status: &packuilon_common::config::StatusConfig, bound: std::net::SocketAddr) -> String {
+    status.url.clone().unwrap_or_else(|| default_url(bound))
+}
+
 /// The default STATUS_URL: `http://<host name>:<port>/`.
 pub fn default_url(listen: std::net::SocketAddr) -> String {
     let mut buf = [0u8; 256];
