@@ -13,7 +13,8 @@
 //!
 //! The API (for the binary, xtask's man pages, the tests and benchmarks):
 //! [`cli`], [`daemon::run`] and [`daemon::load_settings`], the
-//! [`journal::Journal`]'s records and [`history`]'s reports of them, and
+//! [`journal::Journal`]'s records and [`history`]'s reports of them, the
+//! [`status`] server's router (its tests start the daemon itself), and
 //! what the tests check on disk ([`build_log::logs_of`],
 //! [`runner::group_members`]). The rest is `pub(crate)`.
 //!
