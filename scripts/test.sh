@@ -21,9 +21,10 @@ scripts/install-packages.sh
 # The packages' tests: lintian, man, systemd-analyze, dpkg-shlibdeps,
 # rsyslogd; rpm, rpm2cpio, rpmlint, cpio, objdump; python3-venv for Zig.
 scripts/install-packages.sh lintian man-db systemd dpkg-dev rsyslog rpm rpm2cpio rpmlint cpio binutils python3-venv
-# Alerts and metrics: promtool (check metrics/rules), a real SMTP server
-# (aiosmtpd), util-linux's setpriv (control commands refused to nobody).
-scripts/install-packages.sh prometheus python3-aiosmtpd util-linux
+# Alerts, metrics and the status page: promtool (check metrics/rules), a
+# real SMTP server (aiosmtpd), util-linux's setpriv (control commands
+# refused to nobody), headless Chromium over WebDriver.
+scripts/install-packages.sh prometheus python3-aiosmtpd util-linux chromium chromium-driver
 scripts/rabbitmq-up.sh
 
 free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

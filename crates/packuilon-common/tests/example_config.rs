@@ -72,6 +72,8 @@ fn example_config_documents_every_key() {
         "ARCHIVE_NAME",
         "HIDE_ARCHIVED",
         "KEEP_ARCHIVES",
+        "STATUS_LISTEN",
+        "STATUS_URL",
     ] {
         assert!(
             text.contains(&format!("#{key} = ")),

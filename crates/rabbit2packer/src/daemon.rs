@@ -10,6 +10,8 @@
 //! unfinished jobs as interrupted (they run at the next start), exit 0.
 //! The same stop, with exit 1, when the consumer finds that the journal it
 //! writes is no longer the file on disk (see `Journal::check_on_disk`).
+//! The status server ([`crate::status`]) is bound at start (a taken address
+//! is a configuration error naming STATUS_LISTEN) and serves from READY=1 on.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -94,6 +96,12 @@ pub enum SettingProblem {
     /// PACKER_AUTH_FILE could not be sourced.
     #[error(transparent)]
     RcFile(#[from] RcFileError),
+    /// STATUS_LISTEN cannot be bound (taken by another daemon on this host).
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     /// Another daemon holds STATE_DIR's lock.
     #[error("{} is in use by another rabbit2packer ({})", dir.display(), holder.map_or_else(|| "pid unknown".to_string(), |p| format!("pid {p}")))]
     InUse { dir: PathBuf, holder: Option<u32> },
@@ -283,9 +291,18 @@ pub async fn run(config_file: &Path) -> Result<(), DaemonError> {
     tracing::info!("Starting");
     // Held until exit: a second daemon on this STATE_DIR would build images twice at once.
     let _lock = lock_state_dir(&settings)?;
+    let listener = match settings.r2p.status.listen {
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .map_err(|source| settings.setting_error("STATUS_LISTEN", SettingProblem::Listen { addr, source }))?,
+        ),
+        None => None,
+    };
     let journal = Arc::new(open_journal(&settings)?);
     let jobs = recover(&journal, &settings.r2p).await?;
-    let mut running = Running::start(&settings, journal, catalog, jobs)?;
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    load_last_successes(&journal, &metrics);
+    let mut running = Running::start(&settings, journal, catalog, jobs, metrics, listener)?;
     let why = running.until_stopped().await;
     running.shut_down(why).await
 }
@@ -296,6 +313,21 @@ fn open_journal(settings: &Settings) -> Result<Journal, DaemonError> {
         JournalError::NotWritable { .. } => settings.setting_error("STATE_DIR", SettingProblem::Journal(e)),
         e => DaemonError::Journal(e),
     })
+}
+
+/// `packuilon_last_success_timestamp_seconds` survives a restart: each
+/// image's newest success, from the journal.
+fn load_last_successes(journal: &Journal, metrics: &crate::metrics::Metrics) {
+    match journal.images() {
+        Ok(images) => {
+            for im in images {
+                if let Some(t) = im.last_success_at.as_deref().and_then(crate::metrics::unix_time) {
+                    metrics.image_succeeded(&im.image_key, t);
+                }
+            }
+        }
+        Err(e) => tracing::warn!("metrics: cannot read the last successes from the journal: {e}"),
+    }
 }
 
 /// What a crashed or stopped run left: packer groups still alive are
@@ -352,6 +384,9 @@ struct Running {
     told: (usize, usize),
     /// Half of systemd's WatchdogSec, when it watches us.
     watchdog: Option<Duration>,
+    /// The status server, and what stops it.
+    server: Option<tokio::task::JoinHandle<()>>,
+    stop_server: CancellationToken,
 }
 
 struct Signals {
@@ -391,6 +426,8 @@ impl Running {
         journal: Arc<Journal>,
         catalog: Catalog,
         jobs: Vec<JobRef>,
+        metrics: Arc<crate::metrics::Metrics>,
+        listener: Option<std::net::TcpListener>,
     ) -> Result<Running, DaemonError> {
         let cfg = settings.r2p.clone();
         let scheduler = Arc::new(Scheduler::new(journal.clone()));
@@ -401,7 +438,7 @@ impl Running {
         })?;
         let cancels = Arc::new(Cancels::default());
         let socket = cfg.state_dir.join(crate::control::SOCKET_NAME);
-        let listener =
+        let control_socket =
             crate::control::bind(&cfg.state_dir).map_err(|source| DaemonError::Control { socket, source })?;
         let control = Control {
             journal: journal.clone(),
@@ -419,6 +456,7 @@ impl Running {
             boot_id: runner::boot_id(),
             rotation_backoff: rotation_backoff(),
             auth_env: Default::default(),
+            metrics: metrics.clone(),
         });
         let mut workers = Workers {
             set: tokio::task::JoinSet::new(),
@@ -437,6 +475,12 @@ impl Running {
             hup: install(SignalKind::hangup())?,
         };
 
+        let stop_server = CancellationToken::new();
+        let server = match listener {
+            Some(l) => Some(start_server(settings, &ctx.journal, &metrics, l, stop_server.clone())?),
+            None => None,
+        };
+
         // Journal open, recovery done, workers started: we are doing our job
         // whether or not the broker answers.
         notify(&[sd_notify::NotifyState::Ready]);
@@ -447,13 +491,14 @@ impl Running {
             packuilon_common::rabbit::endpoint(&settings.global.rabbit)
         );
         let stop_consuming = CancellationToken::new();
-        tokio::spawn(crate::control::serve(listener, control, stop_consuming.clone()));
+        tokio::spawn(crate::control::serve(control_socket, control, stop_consuming.clone()));
         let consumer = {
             let global = settings.global.clone();
             let state_dir = cfg.state_dir.clone();
             let stop = stop_consuming.clone();
             let scheduler = scheduler.clone();
-            tokio::spawn(async move { crate::consumer::run(&global, &state_dir, scheduler, stop).await })
+            let metrics = metrics.clone();
+            tokio::spawn(async move { crate::consumer::run(&global, &state_dir, scheduler, stop, metrics).await })
         };
         let watchdog = watchdog_interval();
         if let Some(every) = watchdog {
@@ -469,6 +514,8 @@ impl Running {
             scheduler,
             told: (0, 0),
             watchdog,
+            server,
+            stop_server,
         })
     }
 
@@ -565,6 +612,13 @@ impl Running {
         {
             tracing::error!("builds still running after STOP_TIMEOUT; marking them interrupted");
         }
+        // Last, so the page shows the stop; long polls are not waited for.
+        self.stop_server.cancel();
+        if let Some(mut server) = self.server.take() {
+            if tokio::time::timeout(Duration::from_secs(2), &mut server).await.is_err() {
+                server.abort();
+            }
+        }
         match self.ctx.journal.interrupt_running() {
             Ok(0) => {}
             Ok(n) => tracing::warn!("{n} job(s) marked interrupted"),
@@ -576,6 +630,29 @@ impl Running {
         tracing::info!("Exiting normally");
         Ok(())
     }
+}
+
+/// Starts the status server on its own read-only connection to the journal.
+fn start_server(
+    settings: &Settings,
+    journal: &Journal,
+    metrics: &Arc<crate::metrics::Metrics>,
+    listener: std::net::TcpListener,
+    stop: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, DaemonError> {
+    let reader = Arc::new(Journal::open_read_only(&settings.r2p.state_dir)?);
+    let router = crate::status::router(reader, journal.subscribe(), metrics.clone(), &settings.r2p.log_dir);
+    let addr = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => return Err(DaemonError::Signals(e)),
+    };
+    let url = crate::status::public_url(&settings.r2p.status, addr);
+    tracing::info!("Status page on {addr}, reached as {url}");
+    Ok(tokio::spawn(async move {
+        if let Err(e) = crate::status::serve(listener, router, stop).await {
+            tracing::error!("status server on {addr}: {e}");
+        }
+    }))
 }
 
 /// One worker (`Thread-N`): takes ready jobs until the daemon stops. A job
@@ -633,6 +710,10 @@ async fn worker(thread: String, ctx: Arc<Context>, scheduler: Arc<Scheduler>, st
         }
         // Records the image's health; an alert is sent by another task.
         ctx.alerts.observe(&job.image_key, job.id);
+        if state == JobState::Succeeded {
+            let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
+            ctx.metrics.image_succeeded(&job.image_key, now);
+        }
         match state {
             JobState::Succeeded => tracing::info!("{thread}: job {} for {} succeeded", job.id, job.image_key),
             JobState::Interrupted => tracing::warn!(

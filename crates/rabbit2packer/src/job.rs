@@ -45,6 +45,8 @@ pub(crate) struct Context {
     pub(crate) cancels: Arc<crate::control::Cancels>,
     /// Health changes of images -> mail, webhook.
     pub(crate) alerts: crate::alerts::Alerts,
+    /// Builds and rotations are counted here (`/metrics`).
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// How a job ended.
@@ -364,6 +366,13 @@ impl TemplateBuild<'_> {
             ran.started,
         )
         .await;
+        for r in &rotations {
+            self.ctx.metrics.rotation(match r {
+                Rotation::Skipped(_) => "skipped",
+                Rotation::Done(_) => "done",
+                Rotation::Failed { .. } => "failed",
+            });
+        }
         if let Some(b) = ran.build_id {
             if let Err(e) = self.ctx.journal.set_rotation(b, &rotation_field(&rotations)) {
                 tracing::error!("{}: {e}", self.thread);
@@ -497,6 +506,13 @@ impl TemplateBuild<'_> {
             failure,
             log: ran.log_path.clone(),
         });
+        let result = match &error {
+            None => crate::metrics::BuildResult::Succeeded,
+            Some(_) if cancelled => crate::metrics::BuildResult::Interrupted,
+            Some(_) => crate::metrics::BuildResult::Failed,
+        };
+        let seconds = (chrono::Utc::now() - ran.started).num_milliseconds() as f64 / 1000.0;
+        self.ctx.metrics.build_finished(key, &tname, result, seconds);
         if let Some(b) = ran.build_id {
             let error_text = error.as_ref().map(ToString::to_string);
             if let Err(e) = self.ctx.journal.finish_build(
@@ -730,6 +746,7 @@ mod tests {
             boot_id: runner::boot_id(),
             rotation_backoff: Vec::new(),
             auth_env: AuthEnv::default(),
+            metrics: Default::default(),
             config: cfg,
         };
         let catalog = ctx.catalog.refresh();

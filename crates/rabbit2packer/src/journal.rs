@@ -74,7 +74,8 @@ pub enum JobState {
 }
 
 impl JobState {
-    pub(crate) fn as_str(self) -> &'static str {
+    /// The state's name.
+    pub fn as_str(self) -> &'static str {
         match self {
             JobState::Waiting => "waiting",
             JobState::Running => "running",
@@ -86,7 +87,8 @@ impl JobState {
         }
     }
 
-    pub(crate) fn parse(s: &str) -> Option<JobState> {
+    /// A state's name as the journal and the API write it.
+    pub fn parse(s: &str) -> Option<JobState> {
         Some(match s {
             "waiting" => JobState::Waiting,
             "running" => JobState::Running,
@@ -169,6 +171,66 @@ pub struct JobRecord {
     pub builds: Vec<BuildRecord>,
 }
 
+/// Which jobs `Journal::jobs` returns (newest first).
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub state: Option<StateFilter>,
+    pub image: Option<String>,
+    /// Only jobs older than this id (the next page).
+    pub before: Option<i64>,
+    pub limit: usize,
+}
+
+/// The `state` filter of [`JobFilter`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateFilter {
+    /// Jobs in this state.
+    Is(JobState),
+    /// Jobs no longer running or waiting (what `history` shows).
+    Finished,
+}
+
+impl StateFilter {
+    /// A job state's name, or `finished`.
+    pub fn parse(s: &str) -> Option<StateFilter> {
+        match s {
+            "finished" => Some(StateFilter::Finished),
+            s => JobState::parse(s).map(StateFilter::Is),
+        }
+    }
+}
+
+/// What an image is doing, as the status page shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageState {
+    /// Its last job succeeded (or it has none pending).
+    Idle,
+    /// A job waits for a worker (or for the next start, when interrupted).
+    Waiting,
+    /// A job is running.
+    Building,
+    /// Its last finished job failed.
+    Failed,
+    /// Its last job built the image, but the rotation failed.
+    RotationFailed,
+}
+
+/// One image key, as `/api/images` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageSummary {
+    pub image_key: String,
+    pub state: ImageState,
+    /// RFC 3339 `finished_at` of its newest succeeded job.
+    pub last_success_at: Option<String>,
+    pub last_success_job: Option<i64>,
+    /// RFC 3339 `finished_at` of its newest failed job.
+    pub last_failure_at: Option<String>,
+    pub last_failure_job: Option<i64>,
+    /// The running job, else the waiting one, else the last finished one.
+    pub job: Option<JobRecord>,
+}
+
 /// A packer process group recorded as running when the daemon last stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct LeftoverGroup {
@@ -247,12 +309,19 @@ CREATE INDEX IF NOT EXISTS builds_pgid ON builds(pgid) WHERE pgid IS NOT NULL;
 ";
 
 /// The journal's schema version (`PRAGMA user_version`). 0: journals from
-/// before versioning (the tables of [`SCHEMA`]); 1: those; 2: adds the
-/// alert state of each image (`image_health`). Each step below upgrades an
-/// existing journal in place, once, in one transaction.
-const SCHEMA_VERSION: i64 = 2;
+/// before versioning (the tables of [`SCHEMA`]); 1 adds an index for the
+/// status page; 2 the alert state of each image (`image_health`) and the
+/// alerts' outbox. Each step below upgrades an existing journal in place,
+/// once, in one transaction; an older rabbit2packer still reads it.
+pub const SCHEMA_VERSION: i64 = 2;
 const MIGRATIONS: &[(i64, &str)] = &[
-    (1, ""),
+    // 1 (#12, the status page): an image's newest job in each state is one
+    // index seek, so `/api/images` stays fast with 100,000 jobs.
+    (
+        1,
+        "CREATE INDEX IF NOT EXISTS jobs_image_state ON jobs(image_key, state, id);",
+    ),
+    // 2 (#12, alerts): image health and the outbox.
     (
         2,
         "CREATE TABLE IF NOT EXISTS image_health (
@@ -333,6 +402,9 @@ pub struct Journal {
     /// The files SQLite writes (database, WAL, shared memory), each held open
     /// by us too, to tell whether the path still leads to them.
     on_disk: Vec<(PathBuf, std::fs::File)>,
+    /// Counts the writes, so that the status page follows them without
+    /// polling (see [`Journal::subscribe`]).
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Journal {
@@ -408,6 +480,7 @@ impl Journal {
             file,
             conn: Mutex::new(conn),
             on_disk,
+            changes: tokio::sync::watch::Sender::new(0),
         };
         journal.check_on_disk()?;
         Ok(journal)
@@ -462,7 +535,21 @@ impl Journal {
             file,
             conn: Mutex::new(conn),
             on_disk: Vec::new(),
+            changes: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// Fires after each write of this process to the journal (the value
+    /// counts them). The status page waits on it instead of polling.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// A write like [`Journal::with`], announced to subscribers once done.
+    fn write<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T> {
+        let out = self.with(f);
+        self.changes.send_modify(|n| *n += 1);
+        out
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T> {
@@ -479,7 +566,7 @@ impl Journal {
     /// cdb2rabbit sends) a redelivery whose body was journaled before.
     /// `supersede` is the image's waiting job that the new one replaces.
     pub(crate) fn insert(&self, job: &NewJob, redelivered: bool, supersede: Option<i64>) -> Result<Inserted> {
-        self.with(|conn| {
+        self.write(|conn| {
             let tx = conn.transaction()?;
             let existing: Option<i64> = match &job.message_id {
                 Some(mid) => tx
@@ -539,7 +626,7 @@ impl Journal {
 
     /// A worker took the job.
     pub(crate) fn set_running(&self, id: i64, worker: &str) -> Result<()> {
-        self.with(|c| {
+        self.write(|c| {
             c.execute(
                 "UPDATE jobs SET state = 'running', started_at = ?1, finished_at = NULL, worker = ?2,
                  attempts = attempts + 1, error = NULL WHERE id = ?3",
@@ -551,7 +638,7 @@ impl Journal {
 
     /// The job's final state (succeeded, failed, interrupted).
     pub(crate) fn finish(&self, id: i64, state: JobState, error: Option<&str>) -> Result<()> {
-        self.with(|c| {
+        self.write(|c| {
             let tx = c.transaction()?;
             tx.execute(
                 "UPDATE jobs SET state = ?1, finished_at = ?2, error = ?3 WHERE id = ?4",
@@ -577,7 +664,7 @@ impl Journal {
 
     /// A template build starts: returns its id.
     pub(crate) fn start_build(&self, job_id: i64, template: &str, log_path: &Path, build_file: &Path) -> Result<i64> {
-        self.with(|c| {
+        self.write(|c| {
             c.execute(
                 "INSERT INTO builds (job_id, template, started_at, log_path, build_file) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![
@@ -611,7 +698,7 @@ impl Journal {
         artifact_id: Option<&str>,
         error: Option<&str>,
     ) -> Result<()> {
-        self.with(|c| {
+        self.write(|c| {
             c.execute(
                 "UPDATE builds SET finished_at = ?1, exit_code = ?2, artifact_id = ?3, error = ?4, pgid = NULL
                  WHERE id = ?5",
@@ -623,7 +710,7 @@ impl Journal {
 
     /// The rotation result of a build (`done: ...`, `skipped: ...`, `failed: ...`).
     pub(crate) fn set_rotation(&self, build_id: i64, rotation: &str) -> Result<()> {
-        self.with(|c| {
+        self.write(|c| {
             c.execute(
                 "UPDATE builds SET rotation = ?1 WHERE id = ?2",
                 params![rotation, build_id],
@@ -637,7 +724,7 @@ impl Journal {
     /// newest stays, the others superseded by it. Returns them to schedule,
     /// and the process groups of builds that never finished.
     pub(crate) fn recover(&self) -> Result<Recovery> {
-        self.with(|conn| {
+        self.write(|conn| {
             let tx = conn.transaction()?;
             let mut rec = Recovery::default();
             {
@@ -715,7 +802,7 @@ impl Journal {
 
     /// Marks every job still running as interrupted (the end of a stop).
     pub(crate) fn interrupt_running(&self) -> Result<usize> {
-        self.with(|c| {
+        self.write(|c| {
             c.execute(
                 "UPDATE jobs SET state = 'interrupted', finished_at = ?1,
                  error = COALESCE(error, 'interrupted: rabbit2packer stopped') WHERE state = 'running'",
@@ -880,6 +967,125 @@ impl Journal {
         })
     }
 
+    /// Jobs newest first, filtered (the status API's `/api/jobs`). Each
+    /// filter is served by an index: `jobs_state`, `jobs_image`,
+    /// `jobs_image_state`, or the primary key alone.
+    pub fn jobs(&self, filter: &JobFilter) -> Result<Vec<JobRecord>> {
+        let mut clause = String::from("id < ?1");
+        let mut args: Vec<Box<dyn rusqlite::ToSql>> = vec![Box::new(filter.before.unwrap_or(i64::MAX))];
+        if let Some(img) = &filter.image {
+            args.push(Box::new(img.clone()));
+            clause.push_str(&format!(" AND image_key = ?{}", args.len()));
+        }
+        match filter.state {
+            Some(StateFilter::Is(st)) => {
+                args.push(Box::new(st.as_str()));
+                clause.push_str(&format!(" AND state = ?{}", args.len()));
+            }
+            Some(StateFilter::Finished) => clause.push_str(" AND state NOT IN ('running', 'waiting')"),
+            None => {}
+        }
+        args.push(Box::new(filter.limit as i64));
+        clause.push_str(&format!(" ORDER BY id DESC LIMIT ?{}", args.len()));
+        let refs: Vec<&dyn rusqlite::ToSql> = args.iter().map(|a| a.as_ref()).collect();
+        self.jobs_where(&clause, &refs)
+    }
+
+    /// Running and waiting jobs (gauges of `/metrics`).
+    pub fn counts(&self) -> Result<(i64, i64)> {
+        self.with(|c| {
+            let n = |state: &str| -> rusqlite::Result<i64> {
+                c.query_row("SELECT count(*) FROM jobs WHERE state = ?1", [state], |r| r.get(0))
+            };
+            Ok((n("running")?, n("waiting")?))
+        })
+    }
+
+    /// One summary per image key that has a job, by key: what it is doing,
+    /// its last success and failure, its current or last job. A few index
+    /// seeks per image (`jobs_image_state`), whatever the journal's size.
+    pub fn images(&self) -> Result<Vec<ImageSummary>> {
+        // One read transaction: a consistent view, and no lock taken per query.
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let mut keys = Vec::new();
+            {
+                let mut st =
+                    tx.prepare_cached("SELECT image_key FROM jobs WHERE image_key > ?1 ORDER BY image_key LIMIT 1")?;
+                let mut last = String::new();
+                while let Some(k) = st.query_row([&last], |r| r.get::<_, String>(0)).optional()? {
+                    last.clone_from(&k);
+                    keys.push(k);
+                }
+            }
+            let mut newest_st = tx.prepare_cached(
+                "SELECT id, finished_at FROM jobs WHERE image_key = ?1 AND state = ?2 ORDER BY id DESC LIMIT 1",
+            )?;
+            let mut out = Vec::with_capacity(keys.len());
+            for key in keys {
+                let mut newest = |state: &str| -> rusqlite::Result<Option<(i64, Option<String>)>> {
+                    newest_st
+                        .query_row(params![key, state], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .optional()
+                };
+                let running = newest("running")?;
+                let waiting = match newest("waiting")? {
+                    Some(w) => Some(w),
+                    None => newest("interrupted")?,
+                };
+                let success = newest("succeeded")?;
+                let failure = newest("failed")?;
+                let last_finished = match (&success, &failure) {
+                    (Some(s), Some(f)) => Some(s.0.max(f.0)),
+                    (Some(s), None) => Some(s.0),
+                    (None, Some(f)) => Some(f.0),
+                    (None, None) => None,
+                };
+                let current_id = running
+                    .as_ref()
+                    .map(|r| r.0)
+                    .or(waiting.as_ref().map(|w| w.0))
+                    .or(last_finished);
+                let one = |id: i64| -> rusqlite::Result<Option<JobRecord>> {
+                    Ok(query_jobs(&tx, "id = ?1", params![id])?.into_iter().next())
+                };
+                let current = match current_id {
+                    Some(id) => one(id)?,
+                    None => None,
+                };
+                // The last finished job decides between idle, failed and rotation failed.
+                let last = match last_finished {
+                    Some(id) if Some(id) == current_id => current.clone(),
+                    Some(id) => one(id)?,
+                    None => None,
+                };
+                let state = if running.is_some() {
+                    ImageState::Building
+                } else if waiting.is_some() {
+                    ImageState::Waiting
+                } else {
+                    match &last {
+                        Some(j) if j.state == JobState::Failed => ImageState::Failed,
+                        Some(j) if j.outcome == "built, rotation failed" => ImageState::RotationFailed,
+                        _ => ImageState::Idle,
+                    }
+                };
+                out.push(ImageSummary {
+                    image_key: key,
+                    state,
+                    last_success_at: success.as_ref().and_then(|s| s.1.clone()),
+                    last_success_job: success.map(|s| s.0),
+                    last_failure_at: failure.as_ref().and_then(|f| f.1.clone()),
+                    last_failure_job: failure.map(|f| f.0),
+                    job: current,
+                });
+            }
+            drop(newest_st);
+            tx.commit()?;
+            Ok(out)
+        })
+    }
+
     /// The alert was sent (or given up on): out of the outbox.
     pub(crate) fn alert_done(&self, id: i64) -> Result<()> {
         self.with(|c| c.execute("DELETE FROM alert_outbox WHERE id = ?1", [id]).map(drop))
@@ -911,57 +1117,7 @@ impl Journal {
     }
 
     fn jobs_where(&self, clause: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<JobRecord>> {
-        self.with(|c| {
-            let sql = format!(
-                "SELECT id, image_key, profile, message_id, state, received_at, started_at, finished_at,
-                        superseded_by, attempts, worker, error
-                 FROM jobs WHERE {clause}"
-            );
-            let mut st = c.prepare(&sql)?;
-            let mut jobs: Vec<JobRecord> = st
-                .query_map(args, |r| {
-                    let state: String = r.get(4)?;
-                    Ok(JobRecord {
-                        id: r.get(0)?,
-                        image_key: r.get(1)?,
-                        profile: r.get(2)?,
-                        message_id: r.get(3)?,
-                        state: JobState::parse(&state).unwrap_or(JobState::Failed),
-                        outcome: String::new(),
-                        received_at: r.get(5)?,
-                        started_at: r.get(6)?,
-                        finished_at: r.get(7)?,
-                        superseded_by: r.get(8)?,
-                        attempts: r.get(9)?,
-                        worker: r.get(10)?,
-                        error: r.get(11)?,
-                        builds: Vec::new(),
-                    })
-                })?
-                .collect::<rusqlite::Result<_>>()?;
-            let mut bst = c.prepare(
-                "SELECT template, started_at, finished_at, exit_code, log_path, artifact_id, rotation, error
-                 FROM builds WHERE job_id = ?1 ORDER BY id",
-            )?;
-            for job in &mut jobs {
-                job.builds = bst
-                    .query_map([job.id], |r| {
-                        Ok(BuildRecord {
-                            template: r.get(0)?,
-                            started_at: r.get(1)?,
-                            finished_at: r.get(2)?,
-                            exit_code: r.get(3)?,
-                            log_path: r.get(4)?,
-                            artifact_id: r.get(5)?,
-                            rotation: r.get(6)?,
-                            error: r.get(7)?,
-                        })
-                    })?
-                    .collect::<rusqlite::Result<_>>()?;
-                job.outcome = outcome(job);
-            }
-            Ok(jobs)
-        })
+        self.with(|c| query_jobs(c, clause, args))
     }
 }
 
@@ -987,6 +1143,60 @@ fn migrate(conn: &Connection) -> std::result::Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Jobs (with their builds) matching `clause`; statements are cached, as
+/// the status server asks the same questions again and again.
+fn query_jobs(c: &Connection, clause: &str, args: &[&dyn rusqlite::ToSql]) -> rusqlite::Result<Vec<JobRecord>> {
+    let sql = format!(
+        "SELECT id, image_key, profile, message_id, state, received_at, started_at, finished_at,
+                    superseded_by, attempts, worker, error
+             FROM jobs WHERE {clause}"
+    );
+    let mut st = c.prepare_cached(&sql)?;
+    let mut jobs: Vec<JobRecord> = st
+        .query_map(args, |r| {
+            let state: String = r.get(4)?;
+            Ok(JobRecord {
+                id: r.get(0)?,
+                image_key: r.get(1)?,
+                profile: r.get(2)?,
+                message_id: r.get(3)?,
+                state: JobState::parse(&state).unwrap_or(JobState::Failed),
+                outcome: String::new(),
+                received_at: r.get(5)?,
+                started_at: r.get(6)?,
+                finished_at: r.get(7)?,
+                superseded_by: r.get(8)?,
+                attempts: r.get(9)?,
+                worker: r.get(10)?,
+                error: r.get(11)?,
+                builds: Vec::new(),
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut bst = c.prepare_cached(
+        "SELECT template, started_at, finished_at, exit_code, log_path, artifact_id, rotation, error
+             FROM builds WHERE job_id = ?1 ORDER BY id",
+    )?;
+    for job in &mut jobs {
+        job.builds = bst
+            .query_map([job.id], |r| {
+                Ok(BuildRecord {
+                    template: r.get(0)?,
+                    started_at: r.get(1)?,
+                    finished_at: r.get(2)?,
+                    exit_code: r.get(3)?,
+                    log_path: r.get(4)?,
+                    artifact_id: r.get(5)?,
+                    rotation: r.get(6)?,
+                    error: r.get(7)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        job.outcome = outcome(job);
+    }
+    Ok(jobs)
 }
 
 /// Gives the pages of cleared bodies back to the file system once there are
@@ -1211,6 +1421,104 @@ mod tests {
         drop(j);
         let e = Journal::open(dir.path()).unwrap_err();
         assert!(e.to_string().contains("newer rabbit2packer (journal schema 99"), "{e}");
+    }
+
+    #[test]
+    fn a_journal_without_a_schema_version_is_upgraded_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // As rabbit2packer wrote it before schema versions: user_version 0.
+            let c = Connection::open(dir.path().join(FILE_NAME)).unwrap();
+            c.execute_batch(SCHEMA).unwrap();
+            c.execute(
+                "INSERT INTO jobs (body_sha256, image_key, body, state, received_at, finished_at)
+                 VALUES ('x', 'a-sl7x-x86_64', X'', 'succeeded', 't', '2026-01-01T00:00:00.000Z')",
+                [],
+            )
+            .unwrap();
+        }
+        let j = Journal::open(dir.path()).unwrap();
+        let (version, index): (i64, i64) = j
+            .with(|c| {
+                Ok((
+                    c.query_row("PRAGMA user_version", [], |r| r.get(0))?,
+                    c.query_row(
+                        "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name = 'jobs_image_state'",
+                        [],
+                        |r| r.get(0),
+                    )?,
+                ))
+            })
+            .unwrap();
+        assert_eq!((version, index), (SCHEMA_VERSION, 1));
+        assert_eq!(j.all().unwrap().len(), 1);
+        drop(j);
+        // Opening again changes nothing.
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(
+            j.images().unwrap()[0].last_success_at.as_deref(),
+            Some("2026-01-01T00:00:00.000Z")
+        );
+    }
+
+    #[test]
+    fn images_show_what_each_image_key_is_doing() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let add = |key: &str, n: usize| match j.insert(&new_job(key, Some(&format!("{key}{n}")), "{}"), false, None) {
+            Ok(Inserted::New(id)) => id,
+            other => panic!("{other:?}"),
+        };
+        let a1 = add("a", 1);
+        j.finish(a1, JobState::Succeeded, None).unwrap();
+        let a2 = add("a", 2);
+        j.finish(a2, JobState::Failed, Some("boom")).unwrap();
+        let b1 = add("b", 1);
+        j.set_running(b1, "Thread-1").unwrap();
+        let c1 = add("c", 1);
+        let d1 = add("d", 1);
+        j.finish(d1, JobState::Succeeded, None).unwrap();
+        let b = j.start_build(d1, "t.json", Path::new("/l"), Path::new("/f")).unwrap();
+        j.set_rotation(b, "failed after 4 attempt(s): glance down").unwrap();
+        let images = j.images().unwrap();
+        let keys: Vec<(&str, ImageState)> = images.iter().map(|i| (i.image_key.as_str(), i.state)).collect();
+        assert_eq!(
+            keys,
+            vec![
+                ("a", ImageState::Failed),
+                ("b", ImageState::Building),
+                ("c", ImageState::Waiting),
+                ("d", ImageState::RotationFailed)
+            ]
+        );
+        assert_eq!(images[0].last_success_job, Some(a1));
+        assert_eq!(images[0].last_failure_job, Some(a2));
+        assert_eq!(images[0].job.as_ref().unwrap().id, a2);
+        assert_eq!(images[1].job.as_ref().unwrap().id, b1);
+        assert_eq!(images[2].job.as_ref().unwrap().id, c1);
+
+        let page = |state: Option<StateFilter>, image: Option<&str>, before: Option<i64>, limit: usize| -> Vec<i64> {
+            j.jobs(&JobFilter {
+                state,
+                image: image.map(str::to_string),
+                before,
+                limit,
+            })
+            .unwrap()
+            .iter()
+            .map(|j| j.id)
+            .collect()
+        };
+        assert_eq!(page(None, None, None, 50), vec![d1, c1, b1, a2, a1]);
+        assert_eq!(page(None, None, Some(b1), 2), vec![a2, a1]);
+        assert_eq!(page(Some(StateFilter::Finished), None, None, 50), vec![d1, a2, a1]);
+        assert_eq!(page(Some(StateFilter::Is(JobState::Running)), None, None, 50), vec![b1]);
+        assert_eq!(
+            page(Some(StateFilter::Is(JobState::Failed)), Some("a"), None, 50),
+            vec![a2]
+        );
+        assert_eq!(page(None, Some("a"), None, 1), vec![a2]);
+        assert_eq!(j.counts().unwrap(), (1, 1));
     }
 
     #[test]

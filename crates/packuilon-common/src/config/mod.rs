@@ -249,6 +249,40 @@ pub struct Rabbit2PackerConfig {
     /// STOP_TIMEOUT, default 5 min: how long a stop waits for packer to clean up.
     pub stop_timeout: Duration,
     pub rotation: RotationConfig,
+    /// STATUS_LISTEN and STATUS_URL: the status page, API and metrics.
+    pub status: StatusConfig,
+}
+
+/// The status server of rabbit2packer (`[rabbit2packer] STATUS_*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusConfig {
+    /// STATUS_LISTEN, default `127.0.0.1:8150`; empty turns the server off (`None`).
+    pub listen: Option<std::net::SocketAddr>,
+    /// STATUS_URL: the address people reach the page by (links in alerts);
+    /// `None`: `http://<host name>:<port>/`.
+    pub url: Option<String>,
+}
+
+/// Default of STATUS_LISTEN.
+pub const DEFAULT_STATUS_LISTEN: &str = "127.0.0.1:8150";
+
+impl Default for StatusConfig {
+    fn default() -> Self {
+        StatusConfig {
+            listen: DEFAULT_STATUS_LISTEN.parse().ok(),
+            url: None,
+        }
+    }
+}
+
+impl StatusConfig {
+    /// STATUS_URL, else `http://<host name>:<port>/`, `port` being the one
+    /// the server is bound to (or STATUS_LISTEN's).
+    pub fn public_url(&self, port: u16) -> String {
+        self.url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}:{port}/", host_name()))
+    }
 }
 
 /// The rename-old-images step (`[rabbit2packer]` keys it reads).
@@ -454,6 +488,7 @@ impl IniFile {
             .unwrap_or(Duration::from_secs(6 * 3600));
         let stop_timeout = s.duration_optional("STOP_TIMEOUT")?.unwrap_or(Duration::from_secs(300));
         let rotation = rotation_from(&s)?;
+        let status = status_from(&s)?;
         warnings.extend(s.unknown_keys(
             &[
                 "THREAD_COUNT",
@@ -471,6 +506,7 @@ impl IniFile {
                 "ARCHIVE_NAME",
                 "HIDE_ARCHIVED",
                 "KEEP_ARCHIVES",
+                "STATUS_LISTEN",
                 "STATUS_URL",
             ],
             |_| false,
@@ -488,6 +524,7 @@ impl IniFile {
             build_timeout,
             stop_timeout,
             rotation,
+            status,
         })
     }
 
@@ -564,10 +601,8 @@ impl IniFile {
             }
             None => None,
         };
-        let status_url = self
-            .section("rabbit2packer")
-            .optional("STATUS_URL")
-            .unwrap_or_else(|| format!("http://{host}:{DEFAULT_STATUS_PORT}/"));
+        let status = status_from(&self.section("rabbit2packer"))?;
+        let status_url = status.public_url(status.listen.map_or(DEFAULT_STATUS_PORT, |a| a.port()));
         Ok(AlertsConfig {
             admin_mail,
             mail_from,
@@ -609,6 +644,31 @@ fn rotation_from(s: &Section<'_>) -> Result<RotationConfig> {
         hide_archived,
         keep_archives,
     })
+}
+
+fn status_from(s: &Section<'_>) -> Result<StatusConfig> {
+    // Present but empty turns the server off; absent gives the default.
+    let listen = match s.raw("STATUS_LISTEN") {
+        None => DEFAULT_STATUS_LISTEN.parse().ok(),
+        Some("") => None,
+        Some(v) => Some(v.parse::<std::net::SocketAddr>().map_err(|_| {
+            s.err(
+                "STATUS_LISTEN",
+                format!("must be an address and port such as 127.0.0.1:8150 or [::]:8150, got {v:?}"),
+            )
+        })?),
+    };
+    let url = match s.optional("STATUS_URL") {
+        None => None,
+        Some(u) if u.starts_with("http://") || u.starts_with("https://") => Some(u),
+        Some(u) => {
+            return Err(s.err(
+                "STATUS_URL",
+                format!("must be an http:// or https:// address, got {u:?}"),
+            ))
+        }
+    };
+    Ok(StatusConfig { listen, url })
 }
 
 /// ARCHIVE_NAME must say which image it archived (`{name}`) and may use only
@@ -912,6 +972,29 @@ CACHE_DIR = /etc/packer-utils/profiles/
         let f = load(&format!("{GOOD}DOWNLOAD_CONCURRENCY = 0\n"));
         let e = f.cdb2rabbit(&mut Vec::new()).unwrap_err();
         assert!(e.to_string().contains("[cdb2rabbit] DOWNLOAD_CONCURRENCY"), "{e}");
+    }
+
+    #[test]
+    fn status_listen_defaults_to_loopback_8150_and_empty_turns_it_off() {
+        let status = |lines: &str| {
+            let f = load(&format!("{GOOD}\n[rabbit2packer]\n{lines}\n"));
+            status_from(&f.section("rabbit2packer"))
+        };
+        let d = status("").unwrap();
+        assert_eq!(d.listen, Some("127.0.0.1:8150".parse().unwrap()));
+        assert_eq!(d.url, None);
+        assert_eq!(status("STATUS_LISTEN =").unwrap().listen, None);
+        let s = status("STATUS_LISTEN = [::]:9000\nSTATUS_URL = https://img.example.org/p/").unwrap();
+        assert_eq!(s.listen, Some("[::]:9000".parse().unwrap()));
+        assert_eq!(s.url.as_deref(), Some("https://img.example.org/p/"));
+        let e = status("STATUS_LISTEN = localhost").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("[rabbit2packer] STATUS_LISTEN: must be an address"),
+            "{e}"
+        );
+        let e = status("STATUS_URL = img.example.org").unwrap_err();
+        assert!(e.to_string().contains("[rabbit2packer] STATUS_URL"), "{e}");
     }
 
     #[test]
