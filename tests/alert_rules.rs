@@ -43,9 +43,9 @@ evaluation_interval: 1m
 tests:
   - interval: 1m
     input_series:
-      - series: 'packuilon_builds_total{{image="inventory-sl7x-x86_64",template="a",result="failure"}}'
+      - series: 'packuilon_builds_total{{image="inventory-sl7x-x86_64",template="a",result="failed"}}'
         values: '0 1 1 1 1 1'
-      - series: 'packuilon_builds_total{{image="inventory-sl7x-x86_64",template="a",result="success"}}'
+      - series: 'packuilon_builds_total{{image="inventory-sl7x-x86_64",template="a",result="succeeded"}}'
         values: '3 3 3 3 3 3'
       - series: 'packuilon_broker_connected{{instance="h:8150",job="rabbit2packer"}}'
         values: '0x10'
@@ -57,7 +57,7 @@ tests:
       - eval_time: 5m
         alertname: PackuilonBuildFailing
         exp_alerts:
-          - exp_labels: {{severity: warning, image: inventory-sl7x-x86_64, template: a, result: failure}}
+          - exp_labels: {{severity: warning, image: inventory-sl7x-x86_64, template: a, result: failed}}
             exp_annotations:
               summary: "Image inventory-sl7x-x86_64 fails to build"
               description: "The build of inventory-sl7x-x86_64 (template a) failed in the last hour; see `rabbit2packer history inventory-sl7x-x86_64` and the build log."

@@ -291,7 +291,8 @@ fn cancel(control: &Control, job: i64, by: &str) -> Result<Reply, String> {
             tracing::info!("Job {job} for {} cancelled by {by}: interrupting packer", rec.image_key);
             Ok(Reply::ok(
                 format!(
-                    "job {job} ({}) cancelled; packer is interrupted and cleans up (the job shows `cancelled` when it has)",
+                    "job {job} ({}) cancelled; packer is interrupted and cleans up (the job shows `cancelled` when it has; \
+                     a job whose builds had already ended, rotating, finishes as it is and says so in the log)",
                     rec.image_key
                 ),
                 job,

@@ -703,6 +703,15 @@ async fn worker(thread: String, ctx: Arc<Context>, scheduler: Arc<Scheduler>, st
             if state == JobState::Interrupted {
                 state = JobState::Cancelled;
                 error = Some(by);
+            } else {
+                // The cancel came once packer had ended (during the
+                // rotation): there was nothing left to interrupt.
+                tracing::warn!(
+                    "{thread}: job {} for {} was {by} after its builds had ended; it finished as {}",
+                    job.id,
+                    job.image_key,
+                    state.as_str()
+                );
             }
         }
         if let Err(e) = ctx.journal.finish(job.id, state, error.as_deref()) {

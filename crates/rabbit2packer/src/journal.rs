@@ -229,6 +229,9 @@ pub struct ImageSummary {
     pub last_failure_job: Option<i64>,
     /// The running job, else the waiting one, else the last finished one.
     pub job: Option<JobRecord>,
+    /// Whether it is failing, since which job, and how many failures since
+    /// (alerted about once; the page shows the count).
+    pub failing: Option<ImageHealth>,
 }
 
 /// A packer process group recorded as running when the daemon last stopped.
@@ -1078,9 +1081,21 @@ impl Journal {
                     last_failure_at: failure.as_ref().and_then(|f| f.1.clone()),
                     last_failure_job: failure.map(|f| f.0),
                     job: current,
+                    failing: None,
                 });
             }
             drop(newest_st);
+            // A journal from before alerts (read by an older daemon's `status`) has no health table.
+            let has_health: bool = tx.query_row(
+                "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'image_health'",
+                [],
+                |r| r.get(0),
+            )?;
+            if has_health {
+                for image in &mut out {
+                    image.failing = health_row(&tx, &image.image_key)?;
+                }
+            }
             tx.commit()?;
             Ok(out)
         })

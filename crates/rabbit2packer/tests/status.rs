@@ -125,7 +125,12 @@ fn api_and_metrics_show_failed_and_running_builds_and_refuse_hostile_requests() 
     assert!(bad["last_failure_at"].is_string());
     assert!(bad["last_success_at"].is_null());
     assert_eq!(bad["job"]["builds"][0]["exit_code"], 1);
+    // Failing since that job (the one alerts tell about), no failure since.
+    assert_eq!(bad["failing"]["state"], "build failing", "{bad}");
+    assert_eq!(bad["failing"]["since_job"], bad_id);
+    assert_eq!(bad["failing"]["further"], 0);
     let web = image(&images, "web-sl7x-x86_64");
+    assert!(web["failing"].is_null(), "{web}");
     assert_eq!(web["state"], "building");
     assert_eq!(web["job"]["state"], "running");
     assert!(web["job"]["started_at"].is_string());
