@@ -32,6 +32,8 @@ for b in "${benches[@]}"; do
     scripts/openstack-up.sh "$os_state" "$(free_port)" "$(free_port)" >&2
     export PACKUILON_TEST_OPENRC="$os_state/admin-openrc.sh"
   fi
+  # rabbit2packer's status bench loads the page in headless Chromium.
+  if [ "$b" = rabbit2packer ]; then scripts/install-packages.sh chromium chromium-driver; fi
   echo "== $b"
   cargo bench -q -p "$b"
 done

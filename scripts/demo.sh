@@ -39,7 +39,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-kport=$(free_port); gport=$(free_port); hport=$(free_port)
+kport=$(free_port); gport=$(free_port); hport=$(free_port); sport=$(free_port)
 scripts/openstack-up.sh "$demo/openstack" "$kport" "$gport" > "$demo/openstack-up.log" 2>&1 &
 os_up=$!
 cargo build -q --workspace --bins
@@ -86,6 +86,7 @@ PACKER_ADMIN_AUTH_FILE = $rc
 PACKER_TEMPLATE_MAP = $demo/template-map.json
 IMAGES_CONFIG = $demo/source-images.json
 STATE_DIR = $demo/state
+STATUS_LISTEN = 127.0.0.1:$sport
 EOF
 export PACKER_UTILS_CONFIG=$demo/config.ini
 echo "config: $PACKER_UTILS_CONFIG"
@@ -136,6 +137,11 @@ sed 's/^/  /' "$log"
 
 say "rabbit2packer history"
 "$bin/rabbit2packer" history
+
+say "The status page is on http://127.0.0.1:$sport/ while the daemon runs; its API and metrics:"
+curl -fs "http://127.0.0.1:$sport/api/images" | /usr/bin/python3 -c \
+  'import json,sys; [print("  %s: %s, last success %s" % (i["image_key"], i["state"], i["last_success_at"])) for i in json.load(sys.stdin)["images"]]'
+curl -fs "http://127.0.0.1:$sport/metrics" | grep -E '^packuilon_(builds_total|rotations_total)' | sed 's/^/  /'
 
 say "Glance afterwards: the older image archived, its member moved to the new image"
 glance list | sed 's/^/  /'

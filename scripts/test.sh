@@ -8,17 +8,23 @@
 #     loopback ports, state in a temp dir, stopped and removed at the end.
 #     Tests find it through PACKUILON_TEST_OPENRC.
 #   - Packer: Debian's packer (null builder; no cloud needed).
-#   - The Debian package: built with `make deb` (cargo-deb is installed when
-#     missing) and named in PACKUILON_TEST_DEB for tests/package.rs, which
-#     checks it with lintian and installs, upgrades and purges it here;
+#   - The packages: `make deb rpm dist` (one portable build, glibc 2.28, for
+#     all three; cargo-zigbuild and cargo-deb are installed when missing), named in PACKUILON_TEST_DEB, _RPM and _DIST.
+#     tests/package.rs checks the .deb with lintian and installs, upgrades
+#     and purges it here; tests/rpm.rs checks the RPM with rpm and rpmlint;
 #     tests/syslog.rs starts its own rsyslogd.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 t0=$SECONDS
 
 scripts/install-packages.sh
-# The package's tests: lintian, man, systemd-analyze, dpkg-shlibdeps, rsyslogd.
-scripts/install-packages.sh lintian man-db systemd dpkg-dev rsyslog
+# The packages' tests: lintian, man, systemd-analyze, dpkg-shlibdeps,
+# rsyslogd; rpm, rpm2cpio, rpmlint, cpio, objdump; python3-venv for Zig.
+scripts/install-packages.sh lintian man-db systemd dpkg-dev rsyslog rpm rpm2cpio rpmlint cpio binutils python3-venv
+# Alerts, metrics and the status page: promtool (check metrics/rules), a
+# real SMTP server (aiosmtpd), util-linux's setpriv (control commands
+# refused to nobody), headless Chromium over WebDriver.
+scripts/install-packages.sh prometheus python3-aiosmtpd util-linux chromium chromium-driver
 scripts/rabbitmq-up.sh
 
 free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -35,9 +41,11 @@ scripts/openstack-up.sh "$os_state" "$kport" "$gport" > "$os_state.up.log" 2>&1 
 os_pid=$!
 
 cargo build --workspace --bins --tests
-make -s deb
-deb=$(ls -t target/debian/packuilon_*_amd64.deb | head -1)
-export PACKUILON_TEST_DEB="$PWD/$deb"
+make -s deb rpm dist
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
+export PACKUILON_TEST_DEB="$PWD/target/debian/packuilon_${version}_amd64.deb"
+export PACKUILON_TEST_RPM="$PWD/target/rpm/packuilon-${version}-1.x86_64.rpm"
+export PACKUILON_TEST_DIST="$PWD/target/dist/packuilon-${version}-x86_64-linux.tar.gz"
 
 if ! wait "$os_pid"; then
   cat "$os_state.up.log" >&2

@@ -9,7 +9,9 @@
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
+
+use packuilon_testsupport::command::{ok, run as sh};
 
 const BINARIES: [&str; 3] = ["cdb2rabbit", "rabbit2packer", "rename-old-images"];
 const UNITS: [&str; 3] = ["rabbit2packer.service", "cdb2rabbit.service", "cdb2rabbit.timer"];
@@ -40,27 +42,6 @@ fn deb() -> PathBuf {
         .expect("PACKUILON_TEST_DEB is not set: run `make test` (it builds the package with `make deb` first)");
     assert!(deb.exists(), "{} does not exist", deb.display());
     deb
-}
-
-fn sh(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    out
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let out = sh(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 fn installed() -> bool {
@@ -194,6 +175,12 @@ fn the_package_installs_runs_upgrades_keeping_config_edits_and_purges_clean() {
         assert_eq!(mode(&completion), 0o644, "{completion}");
         assert!(std::fs::read_to_string(&completion).unwrap().contains(bin));
     }
+    // cdp-listend's hook: without systemd running it runs cdb2rabbit as the
+    // packuilon user, passing cdp-listend's argument on.
+    let hook = "/usr/libexec/packuilon/cdp-hook";
+    assert_eq!(mode(hook), 0o755, "{hook}");
+    let v = ok(Command::new(hook).arg("--version"));
+    assert_eq!(v.trim(), format!("cdb2rabbit {version}"), "{hook} --version");
     for sub in ["status", "history", "run"] {
         ok(Command::new("man").args(["-w", &format!("rabbit2packer-{sub}")]));
     }

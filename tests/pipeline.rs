@@ -142,7 +142,8 @@ async fn a_changed_profile_is_published_built_once_and_the_older_image_archived_
             "{global}\n[cdb2rabbit]\nPROFILE_INFO_URL = {index}\nPROFILE_DIR_URL = {base}\nPROFILE_MATCH = .ci.\n\
              CACHE_DIR = {d}/cache\n\n[rabbit2packer]\nTHREAD_COUNT = 2\nLOG_DIR = {d}/logs\n\
              BUILD_FILE_DIR = {d}/build-files\nSTATE_DIR = {d}/state\nPACKER_AUTH_FILE = {rc}\n\
-             PACKER_ADMIN_AUTH_FILE = {rc}\nPACKER_TEMPLATE_MAP = {map}\nIMAGES_CONFIG = {images}\n",
+             PACKER_ADMIN_AUTH_FILE = {rc}\nPACKER_TEMPLATE_MAP = {map}\nIMAGES_CONFIG = {images}\n\
+             STATUS_LISTEN = 127.0.0.1:0\n",
             global = queue.broker.global_section(&queue.name),
             index = server.url("profiles-info.xml"),
             base = server.base,

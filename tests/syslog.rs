@@ -332,7 +332,7 @@ async fn rabbit2packer_logs_to_syslog_under_its_ident_and_a_failed_build_is_an_e
         format!(
             "{global}\n[rabbit2packer]\nTHREAD_COUNT = 1\nLOG_DIR = {d}/logs\nBUILD_FILE_DIR = {d}/build-files\n\
              STATE_DIR = {d}/state\nPACKER_AUTH_FILE = {d}/auth.sh\nPACKER_TEMPLATE_MAP = {d}/template-map.json\n\
-             IMAGES_CONFIG = {d}/source-images.json\n",
+             IMAGES_CONFIG = {d}/source-images.json\nSTATUS_LISTEN = 127.0.0.1:0\n",
             global = queue.broker.global_section(&queue.name),
             d = d.display(),
         ),

@@ -9,7 +9,8 @@
 //! - [`publish`]: confirmed, mandatory, persistent publishes;
 //! - [`cache`]: CACHE_DIR (cached index, cached profiles, run lock), atomic writes,
 //!   and the run's transaction, which keeps the order that makes them durable;
-//! - [`run`](mod@run): one run, and the rule that only confirmed publishes advance the cache.
+//! - [`run`](mod@run): one run, and the rule that only confirmed publishes advance the cache;
+//! - [`metrics_file`]: what the run did, for node_exporter's textfile collector.
 //!
 //! Not here: building images (rabbit2packer) or anything about Glance.
 
@@ -19,6 +20,7 @@ pub mod concurrency;
 pub mod fetch;
 pub mod index;
 pub mod json;
+pub mod metrics_file;
 pub mod names;
 pub mod publish;
 pub mod run;

@@ -12,6 +12,7 @@ use packuilon_common::logging;
 use packuilon_common::{EXIT_CONFIG, EXIT_FAILED};
 
 use cdb2rabbit::cli::Cli;
+use cdb2rabbit::metrics_file::{self, RunMetrics};
 use cdb2rabbit::{Mode, Options};
 
 fn main() -> ExitCode {
@@ -56,11 +57,29 @@ fn run(cli: Cli) -> i32 {
             return EXIT_FAILED;
         }
     };
-    match runtime.block_on(cdb2rabbit::run(&global, &cdb, &options)) {
+    let started = std::time::Instant::now();
+    let outcome = runtime.block_on(cdb2rabbit::run(&global, &cdb, &options));
+    let status = match &outcome {
         Ok(summary) => summary.exit_status(),
         Err(e) => {
             tracing::error!("{e}");
             e.exit_status()
         }
+    };
+    // A dry run touches nothing, the metrics file included.
+    if let (Some(path), false) = (&cdb.metrics_file, options.dry_run) {
+        let summary = outcome.as_ref().ok();
+        let metrics = RunMetrics {
+            finished: std::time::SystemTime::now(),
+            duration: started.elapsed(),
+            success: status == 0,
+            published: summary.map_or(0, |s| s.published.len()),
+            failed: summary.map_or(0, |s| s.failed.len()),
+            index_profiles: summary.and_then(|s| s.index_profiles),
+        };
+        if let Err(e) = metrics_file::write(path, &metrics) {
+            tracing::error!("{}: cannot write the metrics file (METRICS_FILE): {e}", path.display());
+        }
     }
+    status
 }

@@ -170,6 +170,8 @@ pub struct Summary {
     pub stopped: Option<String>,
     /// Candidates a stopped run left for the next run, unprocessed.
     pub left: Vec<String>,
+    /// Profiles the broker's index lists (known once it was read).
+    pub index_profiles: Option<usize>,
 }
 
 impl Summary {
@@ -225,7 +227,10 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
         });
     }
 
-    let mut summary = Summary::default();
+    let mut summary = Summary {
+        index_profiles: Some(index.entries.len() + index.problems.len()),
+        ..Summary::default()
+    };
     for problem in &index.problems {
         summary.fail(problem.name(), &ProfileError::Entry(problem.clone()));
     }

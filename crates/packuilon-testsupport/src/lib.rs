@@ -5,6 +5,7 @@
 //! names, ports and directories and cleans up what it declares.
 //!
 //! - [`broker`]: RabbitMQ queues and private nodes.
+//! - [`command`]: running a real program, failing with what it printed.
 //! - [`http`]: the profiles' web server (profiles-info.xml and the profiles).
 //! - [`tls`]: certificates and a TLS proxy in front of a plain server.
 //! - [`openstack`]: the Keystone + Glance deployment.
@@ -12,6 +13,7 @@
 
 pub mod broker;
 pub mod cloud;
+pub mod command;
 pub mod http;
 pub mod openstack;
 pub mod site;

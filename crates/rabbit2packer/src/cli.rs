@@ -18,9 +18,15 @@ Signals:
                   found (edits are also picked up by themselves when a job starts; a broken
                   one keeps the last good).
 
+Control (rebuild, cancel, retry): sent to the running daemon over STATE_DIR/control.sock
+(mode 0600, the service user's; the daemon also checks the caller is root or that user).
+Exit status 0 done; 1 refused (unknown image or job, wrong state, not allowed) or no daemon;
+2 bad arguments or configuration.
+
 Files:
   --config PATH, else $PACKER_UTILS_CONFIG, else /etc/packer-utils/config.ini
   STATE_DIR/rabbit2packer.sqlite  job journal (status, history); STATE_DIR/rejected/ bad messages
+  STATE_DIR/control.sock  where rebuild, cancel and retry reach the daemon
   LOG_DIR/<image key>.<template>.<epoch>.log  build logs; <image key>.<template>.log: the newest
   BUILD_FILE_DIR/<image key>.<template>.json  rendered templates packer runs";
 
@@ -64,6 +70,33 @@ pub enum Command {
         #[arg(short = 'n', long, default_value_t = 20)]
         limit: usize,
         /// Read the journal in this directory instead of the config's STATE_DIR.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
+    /// Queue a build of an image with the newest profile the journal holds for it
+    /// (the running daemon does it; root or the service user only).
+    Rebuild {
+        /// The image key (e.g. inventory-sl7x-x86_64; see `history`).
+        image_key: String,
+        /// The daemon's STATE_DIR (its control socket) instead of the config's.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
+    /// Stop a waiting or running job: packer is interrupted and cleans up; the job
+    /// is recorded as cancelled (root or the service user only).
+    Cancel {
+        /// The job's number (see `status`).
+        job: i64,
+        /// The daemon's STATE_DIR (its control socket) instead of the config's.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
+    /// Run a failed or cancelled job again, as a new job with its profile
+    /// (root or the service user only).
+    Retry {
+        /// The job's number (see `history`).
+        job: i64,
+        /// The daemon's STATE_DIR (its control socket) instead of the config's.
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },

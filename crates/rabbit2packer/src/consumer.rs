@@ -78,6 +78,7 @@ pub(crate) async fn run(
     state_dir: &Path,
     scheduler: Arc<Scheduler>,
     stop: CancellationToken,
+    metrics: Arc<crate::metrics::Metrics>,
 ) -> Result<(), JournalLost> {
     let endpoint = rabbit::endpoint(&global.rabbit);
     let mut attempt = 0u32;
@@ -85,7 +86,9 @@ pub(crate) async fn run(
         if stop.is_cancelled() {
             return Ok(());
         }
-        match consume(global, state_dir, &scheduler, &stop, &mut attempt).await {
+        let consumed = consume(global, state_dir, &scheduler, &stop, &mut attempt, &metrics).await;
+        metrics.set_broker_connected(false);
+        match consumed {
             Ok(()) => return Ok(()),
             Err(Lost::Fatal(e)) => return Err(e),
             Err(lost) => {
@@ -116,6 +119,7 @@ async fn consume(
     scheduler: &Scheduler,
     stop: &CancellationToken,
     attempt: &mut u32,
+    metrics: &crate::metrics::Metrics,
 ) -> Result<(), Lost> {
     let conn = tokio::select! {
         c = rabbit::connect_once(&global.rabbit, "rabbit2packer") => c.map_err(|e| Lost::Unreachable(match e {
@@ -136,6 +140,7 @@ async fn consume(
         )
         .await?;
     tracing::info!("Consuming from queue {}", global.queue);
+    metrics.set_broker_connected(true);
     *attempt = 0;
     loop {
         let delivery = tokio::select! {
@@ -159,7 +164,11 @@ async fn consume(
         // The body moves into the job: a large message is not copied.
         let body = std::mem::take(&mut delivery.data);
         match handle(state_dir, scheduler, body, &delivery.properties, delivery.redelivered) {
-            Ok(()) => {
+            Ok(Handled::Rejected) => {
+                metrics.message_rejected();
+                delivery.ack(BasicAckOptions::default()).await?;
+            }
+            Ok(Handled::Journaled) => {
                 delivery.ack(BasicAckOptions::default()).await?;
             }
             Err(NotAcked::Journal(e)) if e.is_fatal() => {
@@ -194,6 +203,15 @@ async fn consume(
     }
 }
 
+/// What became of a delivery that may be acked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Handled {
+    /// A job (new, or the one it duplicates) is in the journal.
+    Journaled,
+    /// It named no image and was saved to `STATE_DIR/rejected/`.
+    Rejected,
+}
+
 /// Journals (or rejects) one delivery. Ok means: ack it.
 pub(crate) fn handle(
     state_dir: &Path,
@@ -201,7 +219,7 @@ pub(crate) fn handle(
     body: Vec<u8>,
     props: &lapin::BasicProperties,
     redelivered: bool,
-) -> Result<(), NotAcked> {
+) -> Result<Handled, NotAcked> {
     let message_id = props.message_id().as_ref().map(|m| m.to_string());
     let sha = hex::encode(Sha256::digest(&body));
     let shown_id = message_id.clone().unwrap_or_else(|| format!("(none; sha256 {sha})"));
@@ -223,7 +241,7 @@ pub(crate) fn handle(
                 "could not decode profile, malformed json? Continuing: message {shown_id}: {e}; saved whole to {}",
                 path.display()
             );
-            return Ok(());
+            return Ok(Handled::Rejected);
         }
     };
     let profile = header_profile(props).or_else(|| fields.host_name());
@@ -244,7 +262,7 @@ pub(crate) fn handle(
             tracing::info!("Message {shown_id} is already job {id}: acked, not built again")
         }
     }
-    Ok(())
+    Ok(Handled::Journaled)
 }
 
 /// The `profile` header, when the publisher set one.

@@ -10,19 +10,23 @@
 //! unfinished jobs as interrupted (they run at the next start), exit 0.
 //! The same stop, with exit 1, when the consumer finds that the journal it
 //! writes is no longer the file on disk (see `Journal::check_on_disk`).
+//! The status server ([`crate::status`]) is bound at start (a taken address
+//! is a configuration error naming STATUS_LISTEN) and serves from READY=1 on.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use packuilon_common::config::{ConfigError, GlobalConfig, IniFile, Rabbit2PackerConfig};
+use packuilon_common::config::{AlertsConfig, ConfigError, GlobalConfig, IniFile, Rabbit2PackerConfig};
 use packuilon_common::rcfile::RcFileError;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
+use crate::alerts::{AlertSettingError, Alerts};
 use crate::catalog::{Catalog, LiveCatalog, LoadError};
 use crate::consumer::JournalLost;
+use crate::control::{Cancels, Control};
 use crate::job::{self, Context};
 use crate::journal::{JobRef, JobState, Journal, JournalError};
 use crate::runner::{self, Spawner};
@@ -44,6 +48,12 @@ pub enum DaemonError {
         key: &'static str,
         problem: Box<SettingProblem>,
     },
+    /// An alert key of `[global]` the mailer cannot use (exit 2).
+    #[error("{}: [global] {}: {}", file.display(), .source.key, .source.problem)]
+    Alerts { file: PathBuf, source: AlertSettingError },
+    /// STATE_DIR/control.sock could not be created (exit 1).
+    #[error("{}: cannot create the control socket: {source}", socket.display())]
+    Control { socket: PathBuf, source: std::io::Error },
     /// The template map, the source images or a template (exit 2).
     #[error(transparent)]
     Catalog(#[from] LoadError),
@@ -86,6 +96,12 @@ pub enum SettingProblem {
     /// PACKER_AUTH_FILE could not be sourced.
     #[error(transparent)]
     RcFile(#[from] RcFileError),
+    /// STATUS_LISTEN cannot be bound (taken by another daemon on this host).
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
     /// Another daemon holds STATE_DIR's lock.
     #[error("{} is in use by another rabbit2packer ({})", dir.display(), holder.map_or_else(|| "pid unknown".to_string(), |p| format!("pid {p}")))]
     InUse { dir: PathBuf, holder: Option<u32> },
@@ -98,9 +114,10 @@ impl DaemonError {
     /// 2 for a configuration error (systemd does not restart on it), else 1.
     pub fn exit_code(&self) -> i32 {
         match self {
-            DaemonError::Config(_) | DaemonError::Setting { .. } | DaemonError::Catalog(_) => {
-                packuilon_common::EXIT_CONFIG
-            }
+            DaemonError::Config(_)
+            | DaemonError::Setting { .. }
+            | DaemonError::Catalog(_)
+            | DaemonError::Alerts { .. } => packuilon_common::EXIT_CONFIG,
             _ => packuilon_common::EXIT_FAILED,
         }
     }
@@ -115,6 +132,8 @@ pub struct Settings {
     pub global: GlobalConfig,
     /// `[rabbit2packer]`.
     pub r2p: Rabbit2PackerConfig,
+    /// Where alerts go (`[global]` ADMIN_MAIL ..., STATUS_URL).
+    pub alerts: AlertsConfig,
 }
 
 impl Settings {
@@ -133,6 +152,7 @@ pub fn load_settings(config_file: &Path) -> Result<Settings, DaemonError> {
     let mut warnings = Vec::new();
     let global = ini.global(&mut warnings)?;
     let r2p = ini.rabbit2packer(&mut warnings)?;
+    let alerts = ini.alerts()?;
     for w in warnings {
         tracing::warn!("{w}");
     }
@@ -140,6 +160,7 @@ pub fn load_settings(config_file: &Path) -> Result<Settings, DaemonError> {
         config_file: config_file.to_path_buf(),
         global,
         r2p,
+        alerts,
     })
 }
 
@@ -250,6 +271,18 @@ fn notify(state: &[sd_notify::NotifyState<'_>]) {
     }
 }
 
+/// Half of systemd's watchdog interval (WATCHDOG_USEC, for this process
+/// when WATCHDOG_PID says so or is unset, as sd_watchdog_enabled(3)).
+fn watchdog_interval() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok().filter(|u| *u > 0)?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
+        if pid.parse::<u32>().ok() != Some(std::process::id()) {
+            return None;
+        }
+    }
+    Some(Duration::from_micros(usec / 2))
+}
+
 /// Runs the daemon until SIGTERM/SIGINT: start-up checks, `recover`,
 /// `Running::start` (workers, then the consumer), `Running::shut_down`.
 pub async fn run(config_file: &Path) -> Result<(), DaemonError> {
@@ -258,9 +291,18 @@ pub async fn run(config_file: &Path) -> Result<(), DaemonError> {
     tracing::info!("Starting");
     // Held until exit: a second daemon on this STATE_DIR would build images twice at once.
     let _lock = lock_state_dir(&settings)?;
+    let listener = match settings.r2p.status.listen {
+        Some(addr) => Some(
+            std::net::TcpListener::bind(addr)
+                .map_err(|source| settings.setting_error("STATUS_LISTEN", SettingProblem::Listen { addr, source }))?,
+        ),
+        None => None,
+    };
     let journal = Arc::new(open_journal(&settings)?);
     let jobs = recover(&journal, &settings.r2p).await?;
-    let mut running = Running::start(&settings, journal, catalog, jobs)?;
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    load_last_successes(&journal, &metrics);
+    let mut running = Running::start(&settings, journal, catalog, jobs, metrics, listener)?;
     let why = running.until_stopped().await;
     running.shut_down(why).await
 }
@@ -271,6 +313,21 @@ fn open_journal(settings: &Settings) -> Result<Journal, DaemonError> {
         JournalError::NotWritable { .. } => settings.setting_error("STATE_DIR", SettingProblem::Journal(e)),
         e => DaemonError::Journal(e),
     })
+}
+
+/// `packuilon_last_success_timestamp_seconds` survives a restart: each
+/// image's newest success, from the journal.
+fn load_last_successes(journal: &Journal, metrics: &crate::metrics::Metrics) {
+    match journal.images() {
+        Ok(images) => {
+            for im in images {
+                if let Some(t) = im.last_success_at.as_deref().and_then(crate::metrics::unix_time) {
+                    metrics.image_succeeded(&im.image_key, t);
+                }
+            }
+        }
+        Err(e) => tracing::warn!("metrics: cannot read the last successes from the journal: {e}"),
+    }
 }
 
 /// What a crashed or stopped run left: packer groups still alive are
@@ -322,6 +379,14 @@ struct Running {
     consumer: Option<tokio::task::JoinHandle<Result<(), JournalLost>>>,
     stop_consuming: CancellationToken,
     signals: Signals,
+    scheduler: Arc<Scheduler>,
+    /// What systemd was last told (running, waiting).
+    told: (usize, usize),
+    /// Half of systemd's WatchdogSec, when it watches us.
+    watchdog: Option<Duration>,
+    /// The status server, and what stops it.
+    server: Option<tokio::task::JoinHandle<()>>,
+    stop_server: CancellationToken,
 }
 
 struct Signals {
@@ -361,12 +426,29 @@ impl Running {
         journal: Arc<Journal>,
         catalog: Catalog,
         jobs: Vec<JobRef>,
+        metrics: Arc<crate::metrics::Metrics>,
+        listener: Option<std::net::TcpListener>,
     ) -> Result<Running, DaemonError> {
         let cfg = settings.r2p.clone();
         let scheduler = Arc::new(Scheduler::new(journal.clone()));
         scheduler.restore(jobs);
+        let alerts = Alerts::start(&settings.alerts, journal.clone()).map_err(|source| DaemonError::Alerts {
+            file: settings.config_file.clone(),
+            source,
+        })?;
+        let cancels = Arc::new(Cancels::default());
+        let socket = cfg.state_dir.join(crate::control::SOCKET_NAME);
+        let control_socket =
+            crate::control::bind(&cfg.state_dir).map_err(|source| DaemonError::Control { socket, source })?;
+        let control = Control {
+            journal: journal.clone(),
+            scheduler: scheduler.clone(),
+            cancels: cancels.clone(),
+        };
         let ctx = Arc::new(Context {
             config: cfg.clone(),
+            cancels,
+            alerts,
             journal,
             catalog: Arc::new(LiveCatalog::new(catalog)),
             spawner: Spawner::start().map_err(DaemonError::Spawner)?,
@@ -374,6 +456,7 @@ impl Running {
             boot_id: runner::boot_id(),
             rotation_backoff: rotation_backoff(),
             auth_env: Default::default(),
+            metrics: metrics.clone(),
         });
         let mut workers = Workers {
             set: tokio::task::JoinSet::new(),
@@ -392,6 +475,12 @@ impl Running {
             hup: install(SignalKind::hangup())?,
         };
 
+        let stop_server = CancellationToken::new();
+        let server = match listener {
+            Some(l) => Some(start_server(settings, &ctx.journal, &metrics, l, stop_server.clone())?),
+            None => None,
+        };
+
         // Journal open, recovery done, workers started: we are doing our job
         // whether or not the broker answers.
         notify(&[sd_notify::NotifyState::Ready]);
@@ -402,12 +491,19 @@ impl Running {
             packuilon_common::rabbit::endpoint(&settings.global.rabbit)
         );
         let stop_consuming = CancellationToken::new();
+        tokio::spawn(crate::control::serve(control_socket, control, stop_consuming.clone()));
         let consumer = {
             let global = settings.global.clone();
             let state_dir = cfg.state_dir.clone();
             let stop = stop_consuming.clone();
-            tokio::spawn(async move { crate::consumer::run(&global, &state_dir, scheduler, stop).await })
+            let scheduler = scheduler.clone();
+            let metrics = metrics.clone();
+            tokio::spawn(async move { crate::consumer::run(&global, &state_dir, scheduler, stop, metrics).await })
         };
+        let watchdog = watchdog_interval();
+        if let Some(every) = watchdog {
+            tracing::info!("systemd watchdog: pinging every {every:?}");
+        }
         Ok(Running {
             cfg,
             ctx,
@@ -415,14 +511,46 @@ impl Running {
             consumer: Some(consumer),
             stop_consuming,
             signals,
+            scheduler,
+            told: (0, 0),
+            watchdog,
+            server,
+            stop_server,
         })
     }
 
     /// Serves SIGHUP and restarts lost workers until a stop signal, or
     /// until the consumer ends.
     async fn until_stopped(&mut self) -> Stop {
+        let mut watchdog = self.watchdog.map(|every| {
+            let mut t = tokio::time::interval(every);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        });
         loop {
             tokio::select! {
+                _ = self.scheduler.changed.notified() => {
+                    let now = self.scheduler.counts();
+                    if now != self.told {
+                        self.told = now;
+                        let line = format!("{} building, {} waiting", now.0, now.1);
+                        notify(&[sd_notify::NotifyState::Status(&line)]);
+                    }
+                }
+                // Pinged from this loop, which also restarts lost workers:
+                // a loop that hangs, or workers that cannot be kept alive,
+                // stop the pings and systemd restarts the daemon.
+                _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => {
+                    if self.workers.set.len() == self.cfg.thread_count {
+                        notify(&[sd_notify::NotifyState::Watchdog]);
+                    } else {
+                        tracing::warn!(
+                            "watchdog: {} of {} workers alive; not pinging systemd",
+                            self.workers.set.len(),
+                            self.cfg.thread_count
+                        );
+                    }
+                }
                 _ = self.signals.term.recv() => return Stop::Signal("SIGTERM"),
                 _ = self.signals.int.recv() => return Stop::Signal("SIGINT"),
                 _ = self.signals.hup.recv() => {
@@ -484,6 +612,13 @@ impl Running {
         {
             tracing::error!("builds still running after STOP_TIMEOUT; marking them interrupted");
         }
+        // Last, so the page shows the stop; long polls are not waited for.
+        self.stop_server.cancel();
+        if let Some(mut server) = self.server.take() {
+            if tokio::time::timeout(Duration::from_secs(2), &mut server).await.is_err() {
+                server.abort();
+            }
+        }
         match self.ctx.journal.interrupt_running() {
             Ok(0) => {}
             Ok(n) => tracing::warn!("{n} job(s) marked interrupted"),
@@ -497,6 +632,29 @@ impl Running {
     }
 }
 
+/// Starts the status server on its own read-only connection to the journal.
+fn start_server(
+    settings: &Settings,
+    journal: &Journal,
+    metrics: &Arc<crate::metrics::Metrics>,
+    listener: std::net::TcpListener,
+    stop: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, DaemonError> {
+    let reader = Arc::new(Journal::open_read_only(&settings.r2p.state_dir)?);
+    let router = crate::status::router(reader, journal.subscribe(), metrics.clone(), &settings.r2p.log_dir);
+    let addr = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => return Err(DaemonError::Signals(e)),
+    };
+    let url = crate::status::public_url(&settings.r2p.status, addr);
+    tracing::info!("Status page on {addr}, reached as {url}");
+    Ok(tokio::spawn(async move {
+        if let Err(e) = crate::status::serve(listener, router, stop).await {
+            tracing::error!("status server on {addr}: {e}");
+        }
+    }))
+}
+
 /// One worker (`Thread-N`): takes ready jobs until the daemon stops. A job
 /// runs in a task of its own, so a panic fails that job alone.
 async fn worker(thread: String, ctx: Arc<Context>, scheduler: Arc<Scheduler>, stop: CancellationToken) {
@@ -508,12 +666,15 @@ async fn worker(thread: String, ctx: Arc<Context>, scheduler: Arc<Scheduler>, st
             j = scheduler.next() => j,
         };
         tracing::info!("{thread} processing {}", job.image_key);
+        // Registered before the journal says running: a `cancel` that sees
+        // it running finds its token.
+        let job_stop = ctx.cancels.start(job.id, &ctx.stop);
         if let Err(e) = ctx.journal.set_running(job.id, &thread) {
             tracing::error!("{thread}: {e}");
         }
         let handle = {
             let (ctx, thread, job) = (ctx.clone(), thread.clone(), job.clone());
-            tokio::spawn(async move { job::execute(&ctx, &thread, &job).await })
+            tokio::spawn(async move { job::execute(&ctx, &thread, &job, &job_stop).await })
         };
         let finished = match handle.await {
             Ok(f) => f,
@@ -536,16 +697,44 @@ async fn worker(thread: String, ctx: Arc<Context>, scheduler: Arc<Scheduler>, st
                 }
             }
         };
-        let error = finished.error.as_ref().map(ToString::to_string);
-        if let Err(e) = ctx.journal.finish(job.id, finished.state, error.as_deref()) {
+        let mut error = finished.error.as_ref().map(ToString::to_string);
+        let mut state = finished.state;
+        if let Some(by) = ctx.cancels.finish(job.id) {
+            if state == JobState::Interrupted {
+                state = JobState::Cancelled;
+                error = Some(by);
+            } else {
+                // The cancel came once packer had ended (during the
+                // rotation): there was nothing left to interrupt.
+                tracing::warn!(
+                    "{thread}: job {} for {} was {by} after its builds had ended; it finished as {}",
+                    job.id,
+                    job.image_key,
+                    state.as_str()
+                );
+            }
+        }
+        if let Err(e) = ctx.journal.finish(job.id, state, error.as_deref()) {
             tracing::error!("{thread}: {e}");
         }
-        match finished.state {
+        // Records the image's health; an alert is sent by another task.
+        ctx.alerts.observe(&job.image_key, job.id);
+        if state == JobState::Succeeded {
+            let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
+            ctx.metrics.image_succeeded(&job.image_key, now);
+        }
+        match state {
             JobState::Succeeded => tracing::info!("{thread}: job {} for {} succeeded", job.id, job.image_key),
             JobState::Interrupted => tracing::warn!(
                 "{thread}: job {} for {} interrupted; it runs again at the next start",
                 job.id,
                 job.image_key
+            ),
+            JobState::Cancelled => tracing::warn!(
+                "{thread}: job {} for {} {}",
+                job.id,
+                job.image_key,
+                error.as_deref().unwrap_or("cancelled")
             ),
             _ => tracing::error!(
                 "{thread}: job {} for {} failed: {}",

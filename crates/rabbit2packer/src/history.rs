@@ -80,6 +80,26 @@ pub fn status(journal: &Journal, json: bool) -> Result<String, JournalError> {
             );
         }
     }
+    // Images alerted about as failing: the alert went out once; the count
+    // says how many failures followed it without another alert.
+    let failing = journal.image_health()?;
+    if !failing.is_empty() {
+        let _ = writeln!(out, "failing: {}", failing.len());
+        for h in failing {
+            let _ = writeln!(
+                out,
+                "  {} {} since job #{} ({}){}",
+                esc(&h.image_key),
+                esc(&h.state),
+                h.since_job,
+                esc(&h.since_at),
+                match h.further {
+                    0 => String::new(),
+                    n => format!(", {n} further failure(s), the last job #{}", h.last_job),
+                }
+            );
+        }
+    }
     Ok(out)
 }
 

@@ -41,6 +41,12 @@ pub(crate) struct Context {
     pub(crate) rotation_backoff: Vec<Duration>,
     /// PACKER_AUTH_FILE's exports.
     pub(crate) auth_env: AuthEnv,
+    /// Running jobs' own stop tokens (`rabbit2packer cancel`).
+    pub(crate) cancels: Arc<crate::control::Cancels>,
+    /// Health changes of images -> mail, webhook.
+    pub(crate) alerts: crate::alerts::Alerts,
+    /// Builds and rotations are counted here (`/metrics`).
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// How a job ended.
@@ -142,8 +148,10 @@ pub(crate) enum PackerFailure {
 }
 
 /// Runs `job` on worker `thread` (`Thread-N`) and returns its final state.
-/// Journal writes that fail are logged; they never stop the build.
-pub(crate) async fn execute(ctx: &Context, thread: &str, job: &JobRef) -> Finished {
+/// `stop` fires when the daemon stops or the job is cancelled
+/// (`rabbit2packer cancel`): packer is interrupted. Journal writes that
+/// fail are logged; they never stop the build.
+pub(crate) async fn execute(ctx: &Context, thread: &str, job: &JobRef, stop: &CancellationToken) -> Finished {
     let names = match crate::consumer::image_names(&job.body) {
         Ok(n) => n,
         // Checked when the message arrived; only a journal edited by hand gets here.
@@ -185,11 +193,12 @@ pub(crate) async fn execute(ctx: &Context, thread: &str, job: &JobRef) -> Finish
 
     let mut failures = Vec::new();
     for template in &choice.templates {
-        if ctx.stop.is_cancelled() {
+        if stop.is_cancelled() {
             return Finished::failed(JobError::Interrupted { during: None });
         }
         let build = TemplateBuild {
             ctx,
+            stop,
             thread,
             job,
             key: &key,
@@ -300,6 +309,8 @@ async fn packer_env(ctx: &Context) -> Result<BTreeMap<String, String>, AuthError
 /// [`record`](Self::record) the outcome; a built image is then rotated.
 pub(crate) struct TemplateBuild<'a> {
     ctx: &'a Context,
+    /// The job's stop: the daemon's, or a `cancel` of this job.
+    stop: &'a CancellationToken,
     thread: &'a str,
     job: &'a JobRef,
     key: &'a str,
@@ -355,6 +366,13 @@ impl TemplateBuild<'_> {
             ran.started,
         )
         .await;
+        for r in &rotations {
+            self.ctx.metrics.rotation(match r {
+                Rotation::Skipped(_) => "skipped",
+                Rotation::Done(_) => "done",
+                Rotation::Failed { .. } => "failed",
+            });
+        }
         if let Some(b) = ran.build_id {
             if let Err(e) = self.ctx.journal.set_rotation(b, &rotation_field(&rotations)) {
                 tracing::error!("{}: {e}", self.thread);
@@ -423,7 +441,7 @@ impl TemplateBuild<'_> {
             cmd,
             cfg.build_timeout,
             cfg.stop_timeout,
-            &ctx.stop,
+            self.stop,
             |pgid| {
                 if let Some(b) = build_id {
                     if let Err(e) = journal.set_build_pgid(b, pgid, &boot_id) {
@@ -452,6 +470,9 @@ impl TemplateBuild<'_> {
             Ok(o) => (o.exit_code, None),
         };
         match &failure {
+            Some(PackerFailure::Interrupted) if !ctx.stop.is_cancelled() => log.note(
+                "the job was cancelled (rabbit2packer cancel): packer was interrupted (SIGINT to its process group)",
+            ),
             Some(PackerFailure::Interrupted) => {
                 log.note("rabbit2packer is stopping: packer was interrupted (SIGINT to its process group)")
             }
@@ -485,6 +506,13 @@ impl TemplateBuild<'_> {
             failure,
             log: ran.log_path.clone(),
         });
+        let result = match &error {
+            None => crate::metrics::BuildResult::Succeeded,
+            Some(_) if cancelled => crate::metrics::BuildResult::Interrupted,
+            Some(_) => crate::metrics::BuildResult::Failed,
+        };
+        let seconds = (chrono::Utc::now() - ran.started).num_milliseconds() as f64 / 1000.0;
+        self.ctx.metrics.build_finished(key, &tname, result, seconds);
         if let Some(b) = ran.build_id {
             let error_text = error.as_ref().map(ToString::to_string);
             if let Err(e) = self.ctx.journal.finish_build(
@@ -707,14 +735,18 @@ mod tests {
             std::fs::create_dir_all(d).unwrap();
         }
         let catalog = Catalog::load(&cfg.packer_template_map, &cfg.images_config).unwrap();
+        let journal = Arc::new(Journal::open(&cfg.state_dir).unwrap());
         let ctx = Context {
-            journal: Arc::new(Journal::open(&cfg.state_dir).unwrap()),
+            alerts: crate::alerts::Alerts::disabled(journal.clone()),
+            cancels: Default::default(),
+            journal,
             catalog: Arc::new(LiveCatalog::new(catalog)),
             spawner: Spawner::start().unwrap(),
             stop: CancellationToken::new(),
             boot_id: runner::boot_id(),
             rotation_backoff: Vec::new(),
             auth_env: AuthEnv::default(),
+            metrics: Default::default(),
             config: cfg,
         };
         let catalog = ctx.catalog.refresh();
@@ -744,6 +776,7 @@ mod tests {
         fn build<'a>(&'a self, ctx: &'a Context, template: &'a Path) -> TemplateBuild<'a> {
             TemplateBuild {
                 ctx,
+                stop: &ctx.stop,
                 thread: "Thread-1",
                 job: &self.job,
                 key: &self.job.image_key,

@@ -68,10 +68,14 @@ pub enum JobState {
     Superseded,
     /// The daemon stopped during it; it runs again at the next start.
     Interrupted,
+    /// `rabbit2packer cancel` stopped it (waiting, or running: packer was
+    /// interrupted and cleaned up); it does not run again.
+    Cancelled,
 }
 
 impl JobState {
-    pub(crate) fn as_str(self) -> &'static str {
+    /// The state's name.
+    pub fn as_str(self) -> &'static str {
         match self {
             JobState::Waiting => "waiting",
             JobState::Running => "running",
@@ -79,10 +83,12 @@ impl JobState {
             JobState::Failed => "failed",
             JobState::Superseded => "superseded",
             JobState::Interrupted => "interrupted",
+            JobState::Cancelled => "cancelled",
         }
     }
 
-    pub(crate) fn parse(s: &str) -> Option<JobState> {
+    /// A state's name as the journal and the API write it.
+    pub fn parse(s: &str) -> Option<JobState> {
         Some(match s {
             "waiting" => JobState::Waiting,
             "running" => JobState::Running,
@@ -90,6 +96,7 @@ impl JobState {
             "failed" => JobState::Failed,
             "superseded" => JobState::Superseded,
             "interrupted" => JobState::Interrupted,
+            "cancelled" => JobState::Cancelled,
             _ => return None,
         })
     }
@@ -162,6 +169,69 @@ pub struct JobRecord {
     pub error: Option<String>,
     /// Its template builds, in order.
     pub builds: Vec<BuildRecord>,
+}
+
+/// Which jobs `Journal::jobs` returns (newest first).
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub state: Option<StateFilter>,
+    pub image: Option<String>,
+    /// Only jobs older than this id (the next page).
+    pub before: Option<i64>,
+    pub limit: usize,
+}
+
+/// The `state` filter of [`JobFilter`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateFilter {
+    /// Jobs in this state.
+    Is(JobState),
+    /// Jobs no longer running or waiting (what `history` shows).
+    Finished,
+}
+
+impl StateFilter {
+    /// A job state's name, or `finished`.
+    pub fn parse(s: &str) -> Option<StateFilter> {
+        match s {
+            "finished" => Some(StateFilter::Finished),
+            s => JobState::parse(s).map(StateFilter::Is),
+        }
+    }
+}
+
+/// What an image is doing, as the status page shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageState {
+    /// Its last job succeeded (or it has none pending).
+    Idle,
+    /// A job waits for a worker (or for the next start, when interrupted).
+    Waiting,
+    /// A job is running.
+    Building,
+    /// Its last finished job failed.
+    Failed,
+    /// Its last job built the image, but the rotation failed.
+    RotationFailed,
+}
+
+/// One image key, as `/api/images` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageSummary {
+    pub image_key: String,
+    pub state: ImageState,
+    /// RFC 3339 `finished_at` of its newest succeeded job.
+    pub last_success_at: Option<String>,
+    pub last_success_job: Option<i64>,
+    /// RFC 3339 `finished_at` of its newest failed job.
+    pub last_failure_at: Option<String>,
+    pub last_failure_job: Option<i64>,
+    /// The running job, else the waiting one, else the last finished one.
+    pub job: Option<JobRecord>,
+    /// Whether it is failing, since which job, and how many failures since
+    /// (alerted about once; the page shows the count).
+    pub failing: Option<ImageHealth>,
 }
 
 /// A packer process group recorded as running when the daemon last stopped.
@@ -241,6 +311,81 @@ CREATE TABLE IF NOT EXISTS bodies (
 CREATE INDEX IF NOT EXISTS builds_pgid ON builds(pgid) WHERE pgid IS NOT NULL;
 ";
 
+/// The journal's schema version (`PRAGMA user_version`). 0: journals from
+/// before versioning (the tables of [`SCHEMA`]); 1 adds an index for the
+/// status page; 2 the alert state of each image (`image_health`) and the
+/// alerts' outbox. Each step below upgrades an existing journal in place,
+/// once, in one transaction; an older rabbit2packer still reads it.
+pub const SCHEMA_VERSION: i64 = 2;
+const MIGRATIONS: &[(i64, &str)] = &[
+    // 1 (#12, the status page): an image's newest job in each state is one
+    // index seek, so `/api/images` stays fast with 100,000 jobs.
+    (
+        1,
+        "CREATE INDEX IF NOT EXISTS jobs_image_state ON jobs(image_key, state, id);",
+    ),
+    // 2 (#12, alerts): image health and the outbox.
+    (
+        2,
+        "CREATE TABLE IF NOT EXISTS image_health (
+            image_key TEXT PRIMARY KEY,
+            -- 'build failing' or 'rotation failing' (a healthy image has no row)
+            state TEXT NOT NULL,
+            since_job INTEGER NOT NULL,
+            since_at TEXT NOT NULL,
+            -- failures after the first one (no alert is sent for these)
+            further INTEGER NOT NULL DEFAULT 0,
+            last_job INTEGER NOT NULL,
+            updated_at TEXT NOT NULL
+        );
+        -- alerts to send (a health change), until sent or given up on: one
+        -- not sent when the daemon stops is sent after the restart
+        CREATE TABLE IF NOT EXISTS alert_outbox (
+            id INTEGER PRIMARY KEY,
+            image_key TEXT NOT NULL,
+            job_id INTEGER NOT NULL,
+            change TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        );",
+    ),
+];
+
+/// An image whose builds or rotations fail, as the alerts and the page see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct ImageHealth {
+    pub image_key: String,
+    /// `build failing` or `rotation failing`.
+    pub state: String,
+    /// The job whose failure started it (the one alerted about).
+    pub since_job: i64,
+    pub since_at: String,
+    /// Failures since, not alerted about again.
+    pub further: i64,
+    /// The newest failed job.
+    pub last_job: i64,
+}
+
+/// A change of an image's health the alerts tell about.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub(crate) enum HealthChange {
+    /// From healthy (or another failure) to this failure, by this job.
+    Failing {
+        state: String,
+        previous: Option<ImageHealth>,
+    },
+    /// Healthy again; it had been failing so.
+    Recovered { was: ImageHealth },
+}
+
+/// An alert waiting in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PendingAlert {
+    pub(crate) id: i64,
+    pub(crate) image_key: String,
+    pub(crate) job_id: i64,
+    pub(crate) change: HealthChange,
+}
+
 /// Time stamps as operators read them (UTC, RFC 3339, seconds).
 pub(crate) fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
@@ -260,6 +405,9 @@ pub struct Journal {
     /// The files SQLite writes (database, WAL, shared memory), each held open
     /// by us too, to tell whether the path still leads to them.
     on_disk: Vec<(PathBuf, std::fs::File)>,
+    /// Counts the writes, so that the status page follows them without
+    /// polling (see [`Journal::subscribe`]).
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Journal {
@@ -313,6 +461,10 @@ impl Journal {
         ))
         .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
+        migrate(&conn).map_err(|problem| JournalError::Other {
+            file: file.display().to_string(),
+            problem,
+        })?;
         // The WAL and shared-memory files exist now (WAL mode, schema written).
         let mut on_disk = Vec::new();
         for f in sqlite_files(&file) {
@@ -331,6 +483,7 @@ impl Journal {
             file,
             conn: Mutex::new(conn),
             on_disk,
+            changes: tokio::sync::watch::Sender::new(0),
         };
         journal.check_on_disk()?;
         Ok(journal)
@@ -385,7 +538,21 @@ impl Journal {
             file,
             conn: Mutex::new(conn),
             on_disk: Vec::new(),
+            changes: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// Fires after each write of this process to the journal (the value
+    /// counts them). The status page waits on it instead of polling.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// A write like [`Journal::with`], announced to subscribers once done.
+    fn write<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T> {
+        let out = self.with(f);
+        self.changes.send_modify(|n| *n += 1);
+        out
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T> {
@@ -402,7 +569,7 @@ impl Journal {
     /// cdb2rabbit sends) a redelivery whose body was journaled before.
     /// `supersede` is the image's waiting job that the new one replaces.
     pub(crate) fn insert(&self, job: &NewJob, redelivered: bool, supersede: Option<i64>) -> Result<Inserted> {
-        self.with(|conn| {
+        self.write(|conn| {
             let tx = conn.transaction()?;
             let existing: Option<i64> = match &job.message_id {
                 Some(mid) => tx
@@ -462,7 +629,7 @@ impl Journal {
 
     /// A worker took the job.
     pub(crate) fn set_running(&self, id: i64, worker: &str) -> Result<()> {
-        self.with(|c| {
+        self.write(|c| {
             c.execute(
                 "UPDATE jobs SET state = 'running', started_at = ?1, finished_at = NULL, worker = ?2,
                  attempts = attempts + 1, error = NULL WHERE id = ?3",
@@ -474,7 +641,7 @@ impl Journal {
 
     /// The job's final state (succeeded, failed, interrupted).
     pub(crate) fn finish(&self, id: i64, state: JobState, error: Option<&str>) -> Result<()> {
-        self.with(|c| {
+        self.write(|c| {
             let tx = c.transaction()?;
             tx.execute(
                 "UPDATE jobs SET state = ?1, finished_at = ?2, error = ?3 WHERE id = ?4",
@@ -484,13 +651,13 @@ impl Journal {
             // body per image is kept (history needs none; dedupe uses the hash).
             tx.execute(
                 "UPDATE jobs SET body = X'' WHERE image_key = (SELECT image_key FROM jobs WHERE id = ?1)
-                 AND id < ?1 AND state IN ('succeeded', 'failed', 'superseded') AND length(body) > 0",
+                 AND id < ?1 AND state IN ('succeeded', 'failed', 'superseded', 'cancelled') AND length(body) > 0",
                 [id],
             )?;
             tx.execute(
                 "DELETE FROM bodies WHERE job_id IN (SELECT id FROM jobs
                  WHERE image_key = (SELECT image_key FROM jobs WHERE id = ?1)
-                 AND id < ?1 AND state IN ('succeeded', 'failed', 'superseded'))",
+                 AND id < ?1 AND state IN ('succeeded', 'failed', 'superseded', 'cancelled'))",
                 [id],
             )?;
             tx.commit()?;
@@ -500,7 +667,7 @@ impl Journal {
 
     /// A template build starts: returns its id.
     pub(crate) fn start_build(&self, job_id: i64, template: &str, log_path: &Path, build_file: &Path) -> Result<i64> {
-        self.with(|c| {
+        self.write(|c| {
             c.execute(
                 "INSERT INTO builds (job_id, template, started_at, log_path, build_file) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![
@@ -534,7 +701,7 @@ impl Journal {
         artifact_id: Option<&str>,
         error: Option<&str>,
     ) -> Result<()> {
-        self.with(|c| {
+        self.write(|c| {
             c.execute(
                 "UPDATE builds SET finished_at = ?1, exit_code = ?2, artifact_id = ?3, error = ?4, pgid = NULL
                  WHERE id = ?5",
@@ -546,7 +713,7 @@ impl Journal {
 
     /// The rotation result of a build (`done: ...`, `skipped: ...`, `failed: ...`).
     pub(crate) fn set_rotation(&self, build_id: i64, rotation: &str) -> Result<()> {
-        self.with(|c| {
+        self.write(|c| {
             c.execute(
                 "UPDATE builds SET rotation = ?1 WHERE id = ?2",
                 params![rotation, build_id],
@@ -560,7 +727,7 @@ impl Journal {
     /// newest stays, the others superseded by it. Returns them to schedule,
     /// and the process groups of builds that never finished.
     pub(crate) fn recover(&self) -> Result<Recovery> {
-        self.with(|conn| {
+        self.write(|conn| {
             let tx = conn.transaction()?;
             let mut rec = Recovery::default();
             {
@@ -638,7 +805,7 @@ impl Journal {
 
     /// Marks every job still running as interrupted (the end of a stop).
     pub(crate) fn interrupt_running(&self) -> Result<usize> {
-        self.with(|c| {
+        self.write(|c| {
             c.execute(
                 "UPDATE jobs SET state = 'interrupted', finished_at = ?1,
                  error = COALESCE(error, 'interrupted: rabbit2packer stopped') WHERE state = 'running'",
@@ -668,10 +835,295 @@ impl Journal {
         }
     }
 
-    /// One job by id (for the unit tests).
-    #[cfg(test)]
-    pub(crate) fn job(&self, id: i64) -> Result<Option<JobRecord>> {
+    /// One job by id.
+    pub fn job(&self, id: i64) -> Result<Option<JobRecord>> {
         Ok(self.jobs_where("id = ?1", params![id])?.into_iter().next())
+    }
+
+    /// The newest profile journaled for `image_key` (for `rebuild`): its
+    /// job, `profile` header and body. Only the newest finished body per
+    /// image is kept, which is the one a rebuild wants.
+    pub(crate) fn last_body(&self, image_key: &str) -> Result<Option<(i64, Option<String>, Vec<u8>)>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT id, profile, COALESCE((SELECT body FROM bodies WHERE job_id = jobs.id), body) AS b
+                 FROM jobs WHERE image_key = ?1 AND length(b) > 0 ORDER BY id DESC LIMIT 1",
+                [image_key],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+        })
+    }
+
+    /// A job's body, when still kept (for `retry`).
+    pub(crate) fn body(&self, id: i64) -> Result<Option<Vec<u8>>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT COALESCE((SELECT body FROM bodies WHERE job_id = jobs.id), body) FROM jobs WHERE id = ?1",
+                [id],
+                |r| r.get::<_, Vec<u8>>(0),
+            )
+            .optional()
+            .map(|b| b.filter(|b| !b.is_empty()))
+        })
+    }
+
+    /// The image keys of the jobs journaled (newest first, at most `limit`).
+    pub(crate) fn image_keys(&self, limit: usize) -> Result<Vec<String>> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT image_key FROM jobs GROUP BY image_key ORDER BY max(id) DESC LIMIT ?1")?;
+            let rows = st.query_map([limit as i64], |r| r.get(0))?;
+            rows.collect()
+        })
+    }
+
+    /// A waiting job is cancelled (the scheduler has let go of it).
+    pub(crate) fn cancel_waiting(&self, id: i64, why: &str) -> Result<bool> {
+        self.with(|c| {
+            let n = c.execute(
+                "UPDATE jobs SET state = 'cancelled', finished_at = ?1, error = ?2 WHERE id = ?3 AND state = 'waiting'",
+                params![now(), why, id],
+            )?;
+            Ok(n > 0)
+        })
+    }
+
+    /// Records how `job_id` left its image: `failing` is `Some("build
+    /// failing")`/`Some("rotation failing")`, or `None` for healthy. Returns
+    /// the change to alert about: none when the image stays as it was (a
+    /// further failure of the same kind is only counted).
+    /// With `outbox`, the change is also queued in the journal's outbox,
+    /// in the same transaction (see [`Journal::pending_alerts`]).
+    pub(crate) fn record_health(
+        &self,
+        image_key: &str,
+        job_id: i64,
+        failing: Option<&str>,
+        outbox: bool,
+    ) -> Result<Option<HealthChange>> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let previous = health_row(&tx, image_key)?;
+            let change = match (failing, previous) {
+                (None, None) => None,
+                (None, Some(was)) => {
+                    tx.execute("DELETE FROM image_health WHERE image_key = ?1", [image_key])?;
+                    Some(HealthChange::Recovered { was })
+                }
+                (Some(state), Some(was)) if was.state == state => {
+                    tx.execute(
+                        "UPDATE image_health SET further = further + 1, last_job = ?1, updated_at = ?2
+                         WHERE image_key = ?3",
+                        params![job_id, now(), image_key],
+                    )?;
+                    None
+                }
+                (Some(state), previous) => {
+                    tx.execute(
+                        "INSERT OR REPLACE INTO image_health
+                         (image_key, state, since_job, since_at, further, last_job, updated_at)
+                         VALUES (?1, ?2, ?3, ?4, 0, ?3, ?4)",
+                        params![image_key, state, job_id, now()],
+                    )?;
+                    Some(HealthChange::Failing {
+                        state: state.to_string(),
+                        previous,
+                    })
+                }
+            };
+            if let (Some(change), true) = (&change, outbox) {
+                tx.execute(
+                    "INSERT INTO alert_outbox (image_key, job_id, change, created_at) VALUES (?1, ?2, ?3, ?4)",
+                    params![
+                        image_key,
+                        job_id,
+                        serde_json::to_string(change).expect("changes serialise"),
+                        now()
+                    ],
+                )?;
+            }
+            tx.commit()?;
+            Ok(change)
+        })
+    }
+
+    /// Alerts not yet sent (nor given up on), oldest first.
+    pub(crate) fn pending_alerts(&self) -> Result<Vec<PendingAlert>> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT id, image_key, job_id, change FROM alert_outbox ORDER BY id")?;
+            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get::<_, String>(3)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, image_key, job_id, change) = row?;
+                match serde_json::from_str(&change) {
+                    Ok(change) => out.push(PendingAlert {
+                        id,
+                        image_key,
+                        job_id,
+                        change,
+                    }),
+                    // Written by this code; only a hand-edited journal gets here.
+                    Err(e) => tracing::error!("alert {id} in the journal's outbox is unreadable, dropped: {e}"),
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Jobs newest first, filtered (the status API's `/api/jobs`). Each
+    /// filter is served by an index: `jobs_state`, `jobs_image`,
+    /// `jobs_image_state`, or the primary key alone.
+    pub fn jobs(&self, filter: &JobFilter) -> Result<Vec<JobRecord>> {
+        let mut clause = String::from("id < ?1");
+        let mut args: Vec<Box<dyn rusqlite::ToSql>> = vec![Box::new(filter.before.unwrap_or(i64::MAX))];
+        if let Some(img) = &filter.image {
+            args.push(Box::new(img.clone()));
+            clause.push_str(&format!(" AND image_key = ?{}", args.len()));
+        }
+        match filter.state {
+            Some(StateFilter::Is(st)) => {
+                args.push(Box::new(st.as_str()));
+                clause.push_str(&format!(" AND state = ?{}", args.len()));
+            }
+            Some(StateFilter::Finished) => clause.push_str(" AND state NOT IN ('running', 'waiting')"),
+            None => {}
+        }
+        args.push(Box::new(filter.limit as i64));
+        clause.push_str(&format!(" ORDER BY id DESC LIMIT ?{}", args.len()));
+        let refs: Vec<&dyn rusqlite::ToSql> = args.iter().map(|a| a.as_ref()).collect();
+        self.jobs_where(&clause, &refs)
+    }
+
+    /// Running and waiting jobs (gauges of `/metrics`).
+    pub fn counts(&self) -> Result<(i64, i64)> {
+        self.with(|c| {
+            let n = |state: &str| -> rusqlite::Result<i64> {
+                c.query_row("SELECT count(*) FROM jobs WHERE state = ?1", [state], |r| r.get(0))
+            };
+            Ok((n("running")?, n("waiting")?))
+        })
+    }
+
+    /// One summary per image key that has a job, by key: what it is doing,
+    /// its last success and failure, its current or last job. A few index
+    /// seeks per image (`jobs_image_state`), whatever the journal's size.
+    pub fn images(&self) -> Result<Vec<ImageSummary>> {
+        // One read transaction: a consistent view, and no lock taken per query.
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let mut keys = Vec::new();
+            {
+                let mut st =
+                    tx.prepare_cached("SELECT image_key FROM jobs WHERE image_key > ?1 ORDER BY image_key LIMIT 1")?;
+                let mut last = String::new();
+                while let Some(k) = st.query_row([&last], |r| r.get::<_, String>(0)).optional()? {
+                    last.clone_from(&k);
+                    keys.push(k);
+                }
+            }
+            let mut newest_st = tx.prepare_cached(
+                "SELECT id, finished_at FROM jobs WHERE image_key = ?1 AND state = ?2 ORDER BY id DESC LIMIT 1",
+            )?;
+            let mut out = Vec::with_capacity(keys.len());
+            for key in keys {
+                let mut newest = |state: &str| -> rusqlite::Result<Option<(i64, Option<String>)>> {
+                    newest_st
+                        .query_row(params![key, state], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .optional()
+                };
+                let running = newest("running")?;
+                let waiting = match newest("waiting")? {
+                    Some(w) => Some(w),
+                    None => newest("interrupted")?,
+                };
+                let success = newest("succeeded")?;
+                let failure = newest("failed")?;
+                let last_finished = match (&success, &failure) {
+                    (Some(s), Some(f)) => Some(s.0.max(f.0)),
+                    (Some(s), None) => Some(s.0),
+                    (None, Some(f)) => Some(f.0),
+                    (None, None) => None,
+                };
+                let current_id = running
+                    .as_ref()
+                    .map(|r| r.0)
+                    .or(waiting.as_ref().map(|w| w.0))
+                    .or(last_finished);
+                let one = |id: i64| -> rusqlite::Result<Option<JobRecord>> {
+                    Ok(query_jobs(&tx, "id = ?1", params![id])?.into_iter().next())
+                };
+                let current = match current_id {
+                    Some(id) => one(id)?,
+                    None => None,
+                };
+                // The last finished job decides between idle, failed and rotation failed.
+                let last = match last_finished {
+                    Some(id) if Some(id) == current_id => current.clone(),
+                    Some(id) => one(id)?,
+                    None => None,
+                };
+                let state = if running.is_some() {
+                    ImageState::Building
+                } else if waiting.is_some() {
+                    ImageState::Waiting
+                } else {
+                    match &last {
+                        Some(j) if j.state == JobState::Failed => ImageState::Failed,
+                        Some(j) if j.outcome == "built, rotation failed" => ImageState::RotationFailed,
+                        _ => ImageState::Idle,
+                    }
+                };
+                out.push(ImageSummary {
+                    image_key: key,
+                    state,
+                    last_success_at: success.as_ref().and_then(|s| s.1.clone()),
+                    last_success_job: success.map(|s| s.0),
+                    last_failure_at: failure.as_ref().and_then(|f| f.1.clone()),
+                    last_failure_job: failure.map(|f| f.0),
+                    job: current,
+                    failing: None,
+                });
+            }
+            drop(newest_st);
+            // A journal from before alerts (read by an older daemon's `status`) has no health table.
+            let has_health: bool = tx.query_row(
+                "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'image_health'",
+                [],
+                |r| r.get(0),
+            )?;
+            if has_health {
+                for image in &mut out {
+                    image.failing = health_row(&tx, &image.image_key)?;
+                }
+            }
+            tx.commit()?;
+            Ok(out)
+        })
+    }
+
+    /// The alert was sent (or given up on): out of the outbox.
+    pub(crate) fn alert_done(&self, id: i64) -> Result<()> {
+        self.with(|c| c.execute("DELETE FROM alert_outbox WHERE id = ?1", [id]).map(drop))
+    }
+
+    /// Images whose builds or rotations fail, by image key (empty for a
+    /// journal from before alerts).
+    pub fn image_health(&self) -> Result<Vec<ImageHealth>> {
+        self.with(|c| {
+            let exists: i64 = c.query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'image_health'",
+                [],
+                |r| r.get(0),
+            )?;
+            if exists == 0 {
+                return Ok(Vec::new());
+            }
+            let mut st = c.prepare(
+                "SELECT image_key, state, since_job, since_at, further, last_job FROM image_health ORDER BY image_key",
+            )?;
+            let rows = st.query_map([], health_from_row)?;
+            rows.collect()
+        })
     }
 
     /// Every job (tests and benchmarks).
@@ -680,58 +1132,86 @@ impl Journal {
     }
 
     fn jobs_where(&self, clause: &str, args: &[&dyn rusqlite::ToSql]) -> Result<Vec<JobRecord>> {
-        self.with(|c| {
-            let sql = format!(
-                "SELECT id, image_key, profile, message_id, state, received_at, started_at, finished_at,
-                        superseded_by, attempts, worker, error
-                 FROM jobs WHERE {clause}"
-            );
-            let mut st = c.prepare(&sql)?;
-            let mut jobs: Vec<JobRecord> = st
-                .query_map(args, |r| {
-                    let state: String = r.get(4)?;
-                    Ok(JobRecord {
-                        id: r.get(0)?,
-                        image_key: r.get(1)?,
-                        profile: r.get(2)?,
-                        message_id: r.get(3)?,
-                        state: JobState::parse(&state).unwrap_or(JobState::Failed),
-                        outcome: String::new(),
-                        received_at: r.get(5)?,
-                        started_at: r.get(6)?,
-                        finished_at: r.get(7)?,
-                        superseded_by: r.get(8)?,
-                        attempts: r.get(9)?,
-                        worker: r.get(10)?,
-                        error: r.get(11)?,
-                        builds: Vec::new(),
-                    })
-                })?
-                .collect::<rusqlite::Result<_>>()?;
-            let mut bst = c.prepare(
-                "SELECT template, started_at, finished_at, exit_code, log_path, artifact_id, rotation, error
-                 FROM builds WHERE job_id = ?1 ORDER BY id",
-            )?;
-            for job in &mut jobs {
-                job.builds = bst
-                    .query_map([job.id], |r| {
-                        Ok(BuildRecord {
-                            template: r.get(0)?,
-                            started_at: r.get(1)?,
-                            finished_at: r.get(2)?,
-                            exit_code: r.get(3)?,
-                            log_path: r.get(4)?,
-                            artifact_id: r.get(5)?,
-                            rotation: r.get(6)?,
-                            error: r.get(7)?,
-                        })
-                    })?
-                    .collect::<rusqlite::Result<_>>()?;
-                job.outcome = outcome(job);
-            }
-            Ok(jobs)
-        })
+        self.with(|c| query_jobs(c, clause, args))
     }
+}
+
+/// Upgrades the journal to [`SCHEMA_VERSION`]; refuses a newer one (a
+/// downgrade would write a journal the newer version misreads).
+fn migrate(conn: &Connection) -> std::result::Result<(), String> {
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(|e| e.to_string())?;
+    if version > SCHEMA_VERSION {
+        return Err(format!(
+            "was written by a newer rabbit2packer (journal schema {version}; this one knows up to {SCHEMA_VERSION})"
+        ));
+    }
+    for (to, sql) in MIGRATIONS.iter().filter(|(to, _)| *to > version) {
+        conn.execute_batch(&format!("BEGIN IMMEDIATE; {sql} PRAGMA user_version = {to}; COMMIT;"))
+            .map_err(|e| {
+                let _ = conn.execute_batch("ROLLBACK");
+                format!("cannot upgrade to journal schema {to}: {e}")
+            })?;
+        if *to > 1 {
+            tracing::info!("job journal upgraded to schema {to}");
+        }
+    }
+    Ok(())
+}
+
+/// Jobs (with their builds) matching `clause`; statements are cached, as
+/// the status server asks the same questions again and again.
+fn query_jobs(c: &Connection, clause: &str, args: &[&dyn rusqlite::ToSql]) -> rusqlite::Result<Vec<JobRecord>> {
+    let sql = format!(
+        "SELECT id, image_key, profile, message_id, state, received_at, started_at, finished_at,
+                    superseded_by, attempts, worker, error
+             FROM jobs WHERE {clause}"
+    );
+    let mut st = c.prepare_cached(&sql)?;
+    let mut jobs: Vec<JobRecord> = st
+        .query_map(args, |r| {
+            let state: String = r.get(4)?;
+            Ok(JobRecord {
+                id: r.get(0)?,
+                image_key: r.get(1)?,
+                profile: r.get(2)?,
+                message_id: r.get(3)?,
+                state: JobState::parse(&state).unwrap_or(JobState::Failed),
+                outcome: String::new(),
+                received_at: r.get(5)?,
+                started_at: r.get(6)?,
+                finished_at: r.get(7)?,
+                superseded_by: r.get(8)?,
+                attempts: r.get(9)?,
+                worker: r.get(10)?,
+                error: r.get(11)?,
+                builds: Vec::new(),
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut bst = c.prepare_cached(
+        "SELECT template, started_at, finished_at, exit_code, log_path, artifact_id, rotation, error
+             FROM builds WHERE job_id = ?1 ORDER BY id",
+    )?;
+    for job in &mut jobs {
+        job.builds = bst
+            .query_map([job.id], |r| {
+                Ok(BuildRecord {
+                    template: r.get(0)?,
+                    started_at: r.get(1)?,
+                    finished_at: r.get(2)?,
+                    exit_code: r.get(3)?,
+                    log_path: r.get(4)?,
+                    artifact_id: r.get(5)?,
+                    rotation: r.get(6)?,
+                    error: r.get(7)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        job.outcome = outcome(job);
+    }
+    Ok(jobs)
 }
 
 /// Gives the pages of cleared bodies back to the file system once there are
@@ -753,6 +1233,26 @@ fn reclaim_space(c: &Connection) -> rusqlite::Result<()> {
         Ok((r.get(0)?, r.get(1)?, r.get(2)?))
     })?;
     Ok(())
+}
+
+fn health_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ImageHealth> {
+    Ok(ImageHealth {
+        image_key: r.get(0)?,
+        state: r.get(1)?,
+        since_job: r.get(2)?,
+        since_at: r.get(3)?,
+        further: r.get(4)?,
+        last_job: r.get(5)?,
+    })
+}
+
+fn health_row(c: &Connection, image_key: &str) -> rusqlite::Result<Option<ImageHealth>> {
+    c.query_row(
+        "SELECT image_key, state, since_job, since_at, further, last_job FROM image_health WHERE image_key = ?1",
+        [image_key],
+        health_from_row,
+    )
+    .optional()
 }
 
 /// The journal and the files SQLite keeps beside it in WAL mode.
@@ -901,6 +1401,139 @@ mod tests {
         let old = j.job(ids[0]).unwrap().unwrap();
         assert_eq!(old.state, JobState::Superseded);
         assert_eq!(old.superseded_by, Some(ids[1]));
+    }
+
+    #[test]
+    fn a_journal_from_before_alerts_is_upgraded_once_and_a_newer_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = {
+            let j = Journal::open(dir.path()).unwrap();
+            let Inserted::New(id) = j.insert(&new_job("a", Some("m"), "{}"), false, None).unwrap() else {
+                panic!()
+            };
+            j.finish(id, JobState::Failed, Some("x")).unwrap();
+            // As the previous version left it: no version, no health table.
+            j.with(|c| c.execute_batch("DROP TABLE image_health; PRAGMA user_version = 0;"))
+                .unwrap();
+            id
+        };
+        let j = Journal::open(dir.path()).unwrap();
+        let version: i64 = j
+            .with(|c| c.query_row("PRAGMA user_version", [], |r| r.get(0)))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        assert_eq!(j.job(id).unwrap().unwrap().state, JobState::Failed, "jobs are kept");
+        assert!(j.record_health("a", id, Some("build failing"), true).unwrap().is_some());
+        // Reading an old journal (status of a daemon not yet upgraded) works too.
+        j.with(|c| c.execute_batch("DROP TABLE image_health; PRAGMA user_version = 0;"))
+            .unwrap();
+        drop(j);
+        let r = Journal::open_read_only(dir.path()).unwrap();
+        assert!(r.image_health().unwrap().is_empty());
+        drop(r);
+        let j = Journal::open(dir.path()).unwrap();
+        j.with(|c| c.execute_batch("PRAGMA user_version = 99;")).unwrap();
+        drop(j);
+        let e = Journal::open(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("newer rabbit2packer (journal schema 99"), "{e}");
+    }
+
+    #[test]
+    fn a_journal_without_a_schema_version_is_upgraded_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // As rabbit2packer wrote it before schema versions: user_version 0.
+            let c = Connection::open(dir.path().join(FILE_NAME)).unwrap();
+            c.execute_batch(SCHEMA).unwrap();
+            c.execute(
+                "INSERT INTO jobs (body_sha256, image_key, body, state, received_at, finished_at)
+                 VALUES ('x', 'a-sl7x-x86_64', X'', 'succeeded', 't', '2026-01-01T00:00:00.000Z')",
+                [],
+            )
+            .unwrap();
+        }
+        let j = Journal::open(dir.path()).unwrap();
+        let (version, index): (i64, i64) = j
+            .with(|c| {
+                Ok((
+                    c.query_row("PRAGMA user_version", [], |r| r.get(0))?,
+                    c.query_row(
+                        "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND name = 'jobs_image_state'",
+                        [],
+                        |r| r.get(0),
+                    )?,
+                ))
+            })
+            .unwrap();
+        assert_eq!((version, index), (SCHEMA_VERSION, 1));
+        assert_eq!(j.all().unwrap().len(), 1);
+        drop(j);
+        // Opening again changes nothing.
+        let j = Journal::open(dir.path()).unwrap();
+        assert_eq!(
+            j.images().unwrap()[0].last_success_at.as_deref(),
+            Some("2026-01-01T00:00:00.000Z")
+        );
+    }
+
+    #[test]
+    fn images_show_what_each_image_key_is_doing() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let add = |key: &str, n: usize| match j.insert(&new_job(key, Some(&format!("{key}{n}")), "{}"), false, None) {
+            Ok(Inserted::New(id)) => id,
+            other => panic!("{other:?}"),
+        };
+        let a1 = add("a", 1);
+        j.finish(a1, JobState::Succeeded, None).unwrap();
+        let a2 = add("a", 2);
+        j.finish(a2, JobState::Failed, Some("boom")).unwrap();
+        let b1 = add("b", 1);
+        j.set_running(b1, "Thread-1").unwrap();
+        let c1 = add("c", 1);
+        let d1 = add("d", 1);
+        j.finish(d1, JobState::Succeeded, None).unwrap();
+        let b = j.start_build(d1, "t.json", Path::new("/l"), Path::new("/f")).unwrap();
+        j.set_rotation(b, "failed after 4 attempt(s): glance down").unwrap();
+        let images = j.images().unwrap();
+        let keys: Vec<(&str, ImageState)> = images.iter().map(|i| (i.image_key.as_str(), i.state)).collect();
+        assert_eq!(
+            keys,
+            vec![
+                ("a", ImageState::Failed),
+                ("b", ImageState::Building),
+                ("c", ImageState::Waiting),
+                ("d", ImageState::RotationFailed)
+            ]
+        );
+        assert_eq!(images[0].last_success_job, Some(a1));
+        assert_eq!(images[0].last_failure_job, Some(a2));
+        assert_eq!(images[0].job.as_ref().unwrap().id, a2);
+        assert_eq!(images[1].job.as_ref().unwrap().id, b1);
+        assert_eq!(images[2].job.as_ref().unwrap().id, c1);
+
+        let page = |state: Option<StateFilter>, image: Option<&str>, before: Option<i64>, limit: usize| -> Vec<i64> {
+            j.jobs(&JobFilter {
+                state,
+                image: image.map(str::to_string),
+                before,
+                limit,
+            })
+            .unwrap()
+            .iter()
+            .map(|j| j.id)
+            .collect()
+        };
+        assert_eq!(page(None, None, None, 50), vec![d1, c1, b1, a2, a1]);
+        assert_eq!(page(None, None, Some(b1), 2), vec![a2, a1]);
+        assert_eq!(page(Some(StateFilter::Finished), None, None, 50), vec![d1, a2, a1]);
+        assert_eq!(page(Some(StateFilter::Is(JobState::Running)), None, None, 50), vec![b1]);
+        assert_eq!(
+            page(Some(StateFilter::Is(JobState::Failed)), Some("a"), None, 50),
+            vec![a2]
+        );
+        assert_eq!(page(None, Some("a"), None, 1), vec![a2]);
+        assert_eq!(j.counts().unwrap(), (1, 1));
     }
 
     #[test]

@@ -9,26 +9,35 @@
 //! process group while [`build_log`] writes the log operators know, then the
 //! image is rotated (glance-rotate). [`history`] reads the journal for
 //! `status` and `history`; [`daemon`] ties the life cycle together.
+//! Beside the data path: [`status`] serves the status page, its API and the
+//! [`metrics`]; `alerts` tells a person when an image starts failing or
+//! recovers (mail, webhook), and [`control`] takes the operators'
+//! `rebuild`, `cancel` and `retry` over a Unix socket.
 //!
 //! The API (for the binary, xtask's man pages, the tests and benchmarks):
 //! [`cli`], [`daemon::run`] and [`daemon::load_settings`], the
-//! [`journal::Journal`]'s records and [`history`]'s reports of them, and
+//! [`journal::Journal`]'s records and [`history`]'s reports of them, the
+//! [`status`] server's router (its tests start the daemon itself), and
 //! what the tests check on disk ([`build_log::logs_of`],
 //! [`runner::group_members`]). The rest is `pub(crate)`.
 //!
 //! Not here: profile names and `$METADATA` (packuilon-common::profile),
 //! config.ini (packuilon-common::config), Glance (glance-rotate).
 
+pub mod alerts;
 pub mod build_log;
 pub(crate) mod catalog;
 pub mod cli;
 pub(crate) mod consumer;
+pub mod control;
 pub mod daemon;
 pub mod history;
 pub(crate) mod job;
 pub mod journal;
+pub mod metrics;
 pub(crate) mod render;
 pub mod runner;
 pub(crate) mod scheduler;
+pub mod status;
 
 pub use catalog::{CatalogError, LoadError};

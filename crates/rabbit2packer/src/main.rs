@@ -1,4 +1,5 @@
-//! `rabbit2packer`: the daemon (default) and its `status` / `history` commands.
+//! `rabbit2packer`: the daemon (default), its `status` / `history` commands
+//! (read the journal) and `rebuild` / `cancel` / `retry` (ask the daemon).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -6,6 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use packuilon_common::logging;
 use rabbit2packer::cli::{Cli, Command};
+use rabbit2packer::control::Request;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -39,6 +41,40 @@ fn main() -> ExitCode {
         }) => report(&config, state_dir, |j| {
             rabbit2packer::history::history(j, image.as_deref(), limit, json)
         }),
+        Some(Command::Rebuild { image_key, state_dir }) => control(&config, state_dir, Request::Rebuild { image_key }),
+        Some(Command::Cancel { job, state_dir }) => control(&config, state_dir, Request::Cancel { job }),
+        Some(Command::Retry { job, state_dir }) => control(&config, state_dir, Request::Retry { job }),
+    }
+}
+
+fn state_dir_of(config: &std::path::Path, state_dir: Option<PathBuf>) -> Result<PathBuf, ExitCode> {
+    match state_dir {
+        Some(d) => Ok(d),
+        None => match rabbit2packer::daemon::load_settings(config) {
+            Ok(s) => Ok(s.r2p.state_dir),
+            Err(e) => {
+                eprintln!("rabbit2packer: {e}");
+                Err(ExitCode::from(e.exit_code() as u8))
+            }
+        },
+    }
+}
+
+/// `rebuild`, `cancel`, `retry`: asks the running daemon.
+fn control(config: &std::path::Path, state_dir: Option<PathBuf>, req: Request) -> ExitCode {
+    let state_dir = match state_dir_of(config, state_dir) {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    match rabbit2packer::control::send(&state_dir, &req) {
+        Ok(reply) => {
+            println!("{}", reply.message);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("rabbit2packer: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
     }
 }
 
@@ -47,15 +83,9 @@ fn report(
     state_dir: Option<PathBuf>,
     f: impl FnOnce(&rabbit2packer::journal::Journal) -> Result<String, rabbit2packer::journal::JournalError>,
 ) -> ExitCode {
-    let state_dir = match state_dir {
-        Some(d) => d,
-        None => match rabbit2packer::daemon::load_settings(config) {
-            Ok(s) => s.r2p.state_dir,
-            Err(e) => {
-                eprintln!("rabbit2packer: {e}");
-                return ExitCode::from(e.exit_code() as u8);
-            }
-        },
+    let state_dir = match state_dir_of(config, state_dir) {
+        Ok(d) => d,
+        Err(code) => return code,
     };
     let out = rabbit2packer::journal::Journal::open_read_only(&state_dir).and_then(|j| f(&j));
     match out {

@@ -44,6 +44,8 @@ pub(crate) struct Scheduler {
     state: Mutex<State>,
     ready_tx: mpsc::UnboundedSender<String>,
     ready_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<String>>,
+    /// Woken when a job is accepted, started, done or cancelled (systemd's STATUS=).
+    pub(crate) changed: tokio::sync::Notify,
 }
 
 impl Scheduler {
@@ -54,6 +56,7 @@ impl Scheduler {
             state: Mutex::new(State::default()),
             ready_tx,
             ready_rx: tokio::sync::Mutex::new(ready_rx),
+            changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -79,6 +82,7 @@ impl Scheduler {
             body: Arc::new(job.body),
         });
         self.make_ready(slot, key);
+        self.changed.notify_one();
         Ok(Accepted::New {
             id,
             superseded: supersede,
@@ -126,9 +130,43 @@ impl Scheduler {
             }
             if let Some(job) = slot.waiting.take() {
                 slot.running = Some(job.id);
+                self.changed.notify_one();
                 return job;
             }
         }
+    }
+
+    /// Cancels job `id` if it is an image's waiting job (under the lock, so
+    /// no worker takes it meanwhile); false if it is not waiting here.
+    pub(crate) fn cancel_waiting(&self, id: i64, why: &str) -> Result<bool, JournalError> {
+        let mut state = self.lock();
+        let Some((key, _)) = state
+            .slots
+            .iter()
+            .find(|(_, s)| s.waiting.as_ref().is_some_and(|w| w.id == id))
+        else {
+            return Ok(false);
+        };
+        let key = key.clone();
+        if !self.journal.cancel_waiting(id, why)? {
+            return Ok(false);
+        }
+        let slot = state.slots.get_mut(&key).expect("found above");
+        slot.waiting = None;
+        if slot.running.is_none() {
+            // `next` skips a key whose slot is gone.
+            state.slots.remove(&key);
+        }
+        self.changed.notify_one();
+        Ok(true)
+    }
+
+    /// Jobs running and waiting, for systemd's STATUS= line.
+    pub(crate) fn counts(&self) -> (usize, usize) {
+        let state = self.lock();
+        let running = state.slots.values().filter(|s| s.running.is_some()).count();
+        let waiting = state.slots.values().filter(|s| s.waiting.is_some()).count();
+        (running, waiting)
     }
 
     /// The image's running job ended: its waiting job (if any) becomes ready.
@@ -142,6 +180,7 @@ impl Scheduler {
             self.make_ready(slot, image_key.to_string());
             slot.waiting.is_none()
         };
+        self.changed.notify_one();
         if remove {
             // Thousands of images come and go: keep only the busy ones.
             state.slots.remove(image_key);

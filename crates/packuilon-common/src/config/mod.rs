@@ -112,6 +112,97 @@ impl fmt::Debug for RabbitSettings {
     }
 }
 
+/// Where rabbit2packer's alerts go (`[global]` ADMIN_MAIL, MAIL_FROM,
+/// SMTP_*, SENDMAIL_PATH, ALERT_WEBHOOK) and the status page they link to
+/// (`[rabbit2packer]` STATUS_URL). No ADMIN_MAIL and no ALERT_WEBHOOK: no alerts.
+#[derive(Clone)]
+pub struct AlertsConfig {
+    /// ADMIN_MAIL: addresses (comma- or space-separated); empty: no mail.
+    pub admin_mail: Vec<String>,
+    /// MAIL_FROM, default `rabbit2packer@<host name>`.
+    pub mail_from: String,
+    /// How mail leaves the host.
+    pub mail_transport: MailTransport,
+    /// ALERT_WEBHOOK: a URL that takes `{"text": ...}` (Slack, Mattermost).
+    pub webhook: Option<url::Url>,
+    /// STATUS_URL, default `http://<host name>:8150/`: the link in every alert.
+    pub status_url: String,
+}
+
+impl fmt::Debug for AlertsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AlertsConfig")
+            .field("admin_mail", &self.admin_mail)
+            .field("mail_from", &self.mail_from)
+            .field("mail_transport", &self.mail_transport)
+            // A webhook URL is a credential (Slack's carry their token).
+            .field("webhook", &self.webhook.as_ref().map(|_| "<hidden>"))
+            .field("status_url", &self.status_url)
+            .finish()
+    }
+}
+
+/// SMTP_SERVER (with SMTP_USER/SMTP_PASSWORD) or SENDMAIL_PATH.
+#[derive(Clone)]
+pub enum MailTransport {
+    /// SMTP to `host:port` (default `localhost:25`), STARTTLS when offered.
+    Smtp {
+        host: String,
+        port: u16,
+        /// SMTP_USER and SMTP_PASSWORD, both or neither.
+        credentials: Option<(String, String)>,
+    },
+    /// SENDMAIL_PATH: a sendmail-compatible program (`-i -f FROM -- TO...`).
+    Sendmail(PathBuf),
+}
+
+impl fmt::Debug for MailTransport {
+    // The password never reaches a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MailTransport::Smtp {
+                host,
+                port,
+                credentials,
+            } => f
+                .debug_struct("Smtp")
+                .field("host", host)
+                .field("port", port)
+                .field("user", &credentials.as_ref().map(|c| &c.0))
+                .finish(),
+            MailTransport::Sendmail(p) => f.debug_tuple("Sendmail").field(p).finish(),
+        }
+    }
+}
+
+/// The default port of STATUS_URL (the status server's default listen port).
+pub const DEFAULT_STATUS_PORT: u16 = 8150;
+
+/// This host's name (for MAIL_FROM's and STATUS_URL's defaults).
+pub fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer outlives the call, its length is passed.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    match std::str::from_utf8(&buf[..end]) {
+        Ok(n) if rc == 0 && !n.is_empty() => n.to_string(),
+        _ => "localhost".to_string(),
+    }
+}
+
+/// A plain `local@domain` address: no display name, no space, no control
+/// character, nothing that could end or add a mail header.
+fn plain_address(a: &str) -> bool {
+    let Some((local, domain)) = a.rsplit_once('@') else {
+        return false;
+    };
+    !local.is_empty()
+        && !domain.is_empty()
+        && a.chars().all(|c| {
+            c.is_ascii_graphic() && !matches!(c, '<' | '>' | '(' | ')' | ',' | ';' | ':' | '"' | '[' | ']' | '\\')
+        })
+}
+
 /// `[cdb2rabbit]`.
 #[derive(Debug, Clone)]
 pub struct Cdb2RabbitConfig {
@@ -129,6 +220,9 @@ pub struct Cdb2RabbitConfig {
     pub http_timeout: Duration,
     /// DOWNLOAD_CONCURRENCY: profile downloads at once (default 8).
     pub download_concurrency: usize,
+    /// METRICS_FILE: a Prometheus text file written after each run (for
+    /// node_exporter's textfile collector); `None`: not written.
+    pub metrics_file: Option<PathBuf>,
 }
 
 /// `[rabbit2packer]`.
@@ -155,6 +249,40 @@ pub struct Rabbit2PackerConfig {
     /// STOP_TIMEOUT, default 5 min: how long a stop waits for packer to clean up.
     pub stop_timeout: Duration,
     pub rotation: RotationConfig,
+    /// STATUS_LISTEN and STATUS_URL: the status page, API and metrics.
+    pub status: StatusConfig,
+}
+
+/// The status server of rabbit2packer (`[rabbit2packer] STATUS_*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusConfig {
+    /// STATUS_LISTEN, default `127.0.0.1:8150`; empty turns the server off (`None`).
+    pub listen: Option<std::net::SocketAddr>,
+    /// STATUS_URL: the address people reach the page by (links in alerts);
+    /// `None`: `http://<host name>:<port>/`.
+    pub url: Option<String>,
+}
+
+/// Default of STATUS_LISTEN.
+pub const DEFAULT_STATUS_LISTEN: &str = "127.0.0.1:8150";
+
+impl Default for StatusConfig {
+    fn default() -> Self {
+        StatusConfig {
+            listen: DEFAULT_STATUS_LISTEN.parse().ok(),
+            url: None,
+        }
+    }
+}
+
+impl StatusConfig {
+    /// STATUS_URL, else `http://<host name>:<port>/`, `port` being the one
+    /// the server is bound to (or STATUS_LISTEN's).
+    pub fn public_url(&self, port: u16) -> String {
+        self.url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}:{port}/", host_name()))
+    }
 }
 
 /// The rename-old-images step (`[rabbit2packer]` keys it reads).
@@ -245,8 +373,15 @@ impl IniFile {
                 "RABBIT_RETRY_DELAY",
                 "RABBIT_CONNECT_TIMEOUT",
                 "PUBLISH_TIMEOUT",
+                "ADMIN_MAIL",
+                "MAIL_FROM",
+                "SMTP_SERVER",
+                "SMTP_USER",
+                "SMTP_PASSWORD",
+                "SENDMAIL_PATH",
+                "ALERT_WEBHOOK",
             ],
-            // Later versions of the original kept mail addresses here.
+            // Later versions of the original kept other mail keys here.
             |k| k.to_ascii_uppercase().contains("MAIL"),
         ));
         Ok(GlobalConfig {
@@ -299,6 +434,7 @@ impl IniFile {
         let download_concurrency = s
             .parse_optional("DOWNLOAD_CONCURRENCY", "a whole number >= 1", positive_usize)?
             .unwrap_or(8);
+        let metrics_file = s.optional_path("METRICS_FILE");
         warnings.extend(s.unknown_keys(
             &[
                 "PROFILE_INFO_URL",
@@ -308,6 +444,7 @@ impl IniFile {
                 "CA_BUNDLE",
                 "HTTP_TIMEOUT",
                 "DOWNLOAD_CONCURRENCY",
+                "METRICS_FILE",
             ],
             |_| false,
         ));
@@ -319,6 +456,7 @@ impl IniFile {
             ca_bundle,
             http_timeout,
             download_concurrency,
+            metrics_file,
         })
     }
 
@@ -350,6 +488,7 @@ impl IniFile {
             .unwrap_or(Duration::from_secs(6 * 3600));
         let stop_timeout = s.duration_optional("STOP_TIMEOUT")?.unwrap_or(Duration::from_secs(300));
         let rotation = rotation_from(&s)?;
+        let status = status_from(&s)?;
         warnings.extend(s.unknown_keys(
             &[
                 "THREAD_COUNT",
@@ -367,6 +506,8 @@ impl IniFile {
                 "ARCHIVE_NAME",
                 "HIDE_ARCHIVED",
                 "KEEP_ARCHIVES",
+                "STATUS_LISTEN",
+                "STATUS_URL",
             ],
             |_| false,
         ));
@@ -383,6 +524,91 @@ impl IniFile {
             build_timeout,
             stop_timeout,
             rotation,
+            status,
+        })
+    }
+
+    /// The alert keys of `[global]` and `[rabbit2packer]` STATUS_URL (unknown
+    /// keys are reported by [`IniFile::global`] and [`IniFile::rabbit2packer`]).
+    pub fn alerts(&self) -> Result<AlertsConfig> {
+        let g = self.section("global");
+        let admin_mail: Vec<String> = g
+            .optional("ADMIN_MAIL")
+            .unwrap_or_default()
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|a| !a.is_empty())
+            .map(str::to_string)
+            .collect();
+        if let Some(bad) = admin_mail.iter().find(|a| !plain_address(a)) {
+            return Err(g.err("ADMIN_MAIL", format!("{bad:?} is not a plain address (user@domain)")));
+        }
+        let host = host_name();
+        let mail_from = g
+            .optional("MAIL_FROM")
+            .unwrap_or_else(|| format!("rabbit2packer@{host}"));
+        if !plain_address(&mail_from) {
+            return Err(g.err(
+                "MAIL_FROM",
+                format!("{mail_from:?} is not a plain address (user@domain)"),
+            ));
+        }
+        let sendmail = g.optional_path("SENDMAIL_PATH");
+        let server = g.optional("SMTP_SERVER");
+        let user = g.optional("SMTP_USER");
+        let password = g.optional("SMTP_PASSWORD");
+        let mail_transport = match (sendmail, server) {
+            (Some(_), Some(_)) => {
+                return Err(g.err("SENDMAIL_PATH", "set SMTP_SERVER or SENDMAIL_PATH, not both"));
+            }
+            (Some(path), None) => MailTransport::Sendmail(path),
+            (None, server) => {
+                let server = server.unwrap_or_else(|| "localhost:25".to_string());
+                let (host, port) = match server.rsplit_once(':') {
+                    Some((h, p)) if !h.contains(':') || h.starts_with('[') => {
+                        let port = p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| {
+                            g.err(
+                                "SMTP_SERVER",
+                                format!("{server:?}: the port must be a TCP port number (1-65535)"),
+                            )
+                        })?;
+                        (h.trim_start_matches('[').trim_end_matches(']').to_string(), port)
+                    }
+                    _ => (server.clone(), 25),
+                };
+                if host.is_empty() || host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    return Err(g.err("SMTP_SERVER", format!("{server:?} is not host[:port]")));
+                }
+                let credentials = match (user, password) {
+                    (Some(u), Some(p)) => Some((u, p)),
+                    (None, None) => None,
+                    (Some(_), None) => return Err(g.err("SMTP_PASSWORD", "missing (SMTP_USER is set)")),
+                    (None, Some(_)) => return Err(g.err("SMTP_USER", "missing (SMTP_PASSWORD is set)")),
+                };
+                MailTransport::Smtp {
+                    host,
+                    port,
+                    credentials,
+                }
+            }
+        };
+        let webhook = match g.optional("ALERT_WEBHOOK") {
+            Some(_) => {
+                let u = g.url("ALERT_WEBHOOK")?;
+                if !matches!(u.scheme(), "http" | "https") {
+                    return Err(g.err("ALERT_WEBHOOK", "must be an http:// or https:// URL"));
+                }
+                Some(u)
+            }
+            None => None,
+        };
+        let status = status_from(&self.section("rabbit2packer"))?;
+        let status_url = status.public_url(status.listen.map_or(DEFAULT_STATUS_PORT, |a| a.port()));
+        Ok(AlertsConfig {
+            admin_mail,
+            mail_from,
+            mail_transport,
+            webhook,
+            status_url,
         })
     }
 
@@ -418,6 +644,31 @@ fn rotation_from(s: &Section<'_>) -> Result<RotationConfig> {
         hide_archived,
         keep_archives,
     })
+}
+
+fn status_from(s: &Section<'_>) -> Result<StatusConfig> {
+    // Present but empty turns the server off; absent gives the default.
+    let listen = match s.raw("STATUS_LISTEN") {
+        None => DEFAULT_STATUS_LISTEN.parse().ok(),
+        Some("") => None,
+        Some(v) => Some(v.parse::<std::net::SocketAddr>().map_err(|_| {
+            s.err(
+                "STATUS_LISTEN",
+                format!("must be an address and port such as 127.0.0.1:8150 or [::]:8150, got {v:?}"),
+            )
+        })?),
+    };
+    let url = match s.optional("STATUS_URL") {
+        None => None,
+        Some(u) if u.starts_with("http://") || u.starts_with("https://") => Some(u),
+        Some(u) => {
+            return Err(s.err(
+                "STATUS_URL",
+                format!("must be an http:// or https:// address, got {u:?}"),
+            ))
+        }
+    };
+    Ok(StatusConfig { listen, url })
 }
 
 /// ARCHIVE_NAME must say which image it archived (`{name}`) and may use only
@@ -654,6 +905,53 @@ CACHE_DIR = /etc/packer-utils/profiles/
     }
 
     #[test]
+    fn alert_keys_have_defaults_and_bad_values_are_named() {
+        let a = load(GOOD).alerts().unwrap();
+        assert_eq!(a.admin_mail, vec!["ops@example.org"]);
+        assert!(a.mail_from.starts_with("rabbit2packer@"), "{}", a.mail_from);
+        assert!(
+            matches!(&a.mail_transport, MailTransport::Smtp { host, port: 25, credentials: None } if host == "localhost")
+        );
+        assert!(a.webhook.is_none());
+        assert!(a.status_url.ends_with(":8150/"), "{}", a.status_url);
+        let with = |lines: &str| load(&GOOD.replace("[cdb2rabbit]", &format!("{lines}\n[cdb2rabbit]"))).alerts();
+        let a = with(
+            "ADMIN_MAIL = a@x.org,b@y.org  c@z.org\nSMTP_SERVER = mail.x.org:587\nSMTP_USER = u\nSMTP_PASSWORD = p",
+        )
+        .unwrap();
+        assert_eq!(a.admin_mail, vec!["a@x.org", "b@y.org", "c@z.org"]);
+        assert!(matches!(
+            &a.mail_transport,
+            MailTransport::Smtp {
+                port: 587,
+                credentials: Some(_),
+                ..
+            }
+        ));
+        assert!(!format!("{a:?}").contains("\"p\""), "the password is not shown");
+        for (line, key) in [
+            ("ADMIN_MAIL = Ops <ops@x.org>", "ADMIN_MAIL"),
+            ("MAIL_FROM = nobody", "MAIL_FROM"),
+            ("SMTP_SERVER = mail:0", "SMTP_SERVER"),
+            ("SMTP_USER = u", "SMTP_PASSWORD"),
+            ("SENDMAIL_PATH = /usr/sbin/sendmail\nSMTP_SERVER = m", "SENDMAIL_PATH"),
+            ("ALERT_WEBHOOK = ftp://x/", "ALERT_WEBHOOK"),
+        ] {
+            let e = with(line).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{line}: {e}");
+        }
+        let mut w = Vec::new();
+        with("SMTP_SERVER = m\nALERT_WEBHOOK = https://chat/hook").unwrap();
+        load(&GOOD.replace(
+            "[cdb2rabbit]",
+            "SMTP_SERVER = m\nALERT_WEBHOOK = https://chat/h\n[cdb2rabbit]",
+        ))
+        .global(&mut w)
+        .unwrap();
+        assert!(w.is_empty(), "{w:?}");
+    }
+
+    #[test]
     fn missing_key_names_file_section_and_key() {
         let f = load(&GOOD.replace("RABBIT_HOST: localhost\n", ""));
         let e = f.global(&mut Vec::new()).unwrap_err();
@@ -674,6 +972,29 @@ CACHE_DIR = /etc/packer-utils/profiles/
         let f = load(&format!("{GOOD}DOWNLOAD_CONCURRENCY = 0\n"));
         let e = f.cdb2rabbit(&mut Vec::new()).unwrap_err();
         assert!(e.to_string().contains("[cdb2rabbit] DOWNLOAD_CONCURRENCY"), "{e}");
+    }
+
+    #[test]
+    fn status_listen_defaults_to_loopback_8150_and_empty_turns_it_off() {
+        let status = |lines: &str| {
+            let f = load(&format!("{GOOD}\n[rabbit2packer]\n{lines}\n"));
+            status_from(&f.section("rabbit2packer"))
+        };
+        let d = status("").unwrap();
+        assert_eq!(d.listen, Some("127.0.0.1:8150".parse().unwrap()));
+        assert_eq!(d.url, None);
+        assert_eq!(status("STATUS_LISTEN =").unwrap().listen, None);
+        let s = status("STATUS_LISTEN = [::]:9000\nSTATUS_URL = https://img.example.org/p/").unwrap();
+        assert_eq!(s.listen, Some("[::]:9000".parse().unwrap()));
+        assert_eq!(s.url.as_deref(), Some("https://img.example.org/p/"));
+        let e = status("STATUS_LISTEN = localhost").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("[rabbit2packer] STATUS_LISTEN: must be an address"),
+            "{e}"
+        );
+        let e = status("STATUS_URL = img.example.org").unwrap_err();
+        assert!(e.to_string().contains("[rabbit2packer] STATUS_URL"), "{e}");
     }
 
     #[test]

@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod browser;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -97,11 +99,17 @@ impl Site {
         site.write_images(json!({"sl7x-x86_64": "src-7x-uuid", "sl8x-x86_64": "src-8x-uuid"}));
         site.template("a.json", Step { sleep: 0.3, exit: 0 });
         site.write_map(json!({"DEFAULT": ["templates/a.json"]}));
+        // Each daemon's status server on a port of its own (the log names it).
+        let status = if extra.contains("STATUS_LISTEN") {
+            ""
+        } else {
+            "STATUS_LISTEN = 127.0.0.1:0\n"
+        };
         let config = format!(
             "{global}RABBIT_RETRY_DELAY = 0.5\n\n[rabbit2packer]\nTHREAD_COUNT = {thread_count}\n\
              LOG_DIR = {log}\nBUILD_FILE_DIR = {build}\nPACKER_AUTH_FILE = {auth}\n\
              PACKER_TEMPLATE_MAP = {map}\nIMAGES_CONFIG = {images}\nPACKER_PATH = {PACKER}\n\
-             STATE_DIR = {state}\nSTOP_TIMEOUT = 15\n{extra}\n",
+             STATE_DIR = {state}\nSTOP_TIMEOUT = 15\n{status}{extra}\n",
             global = broker.global_section(&site.queue.name),
             log = site.log_dir.display(),
             build = site.build_dir.display(),
@@ -502,6 +510,13 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(25));
         }
+    }
+
+    /// The status server's address, from the daemon's `Status page on ADDR, ...` line.
+    pub fn status_addr(&self) -> std::net::SocketAddr {
+        let line = self.wait_log("Status page on ", T);
+        let rest = &line[line.find("Status page on ").unwrap() + "Status page on ".len()..];
+        rest.split(',').next().unwrap().trim().parse().unwrap()
     }
 
     /// SIGTERM and wait for a clean exit (0).
