@@ -59,7 +59,7 @@ fn query(args: &[&str]) -> String {
 /// The RPM's payload unpacked (rpm2cpio | cpio) into a temp dir.
 fn unpack_rpm() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let cpio = Command::new("rpm2cpio")
+    let mut rpm2cpio = Command::new("rpm2cpio")
         .arg(rpm())
         .stdout(Stdio::piped())
         .spawn()
@@ -67,9 +67,10 @@ fn unpack_rpm() -> tempfile::TempDir {
     let out = Command::new("cpio")
         .args(["-idm", "--quiet", "--no-absolute-filenames"])
         .current_dir(dir.path())
-        .stdin(cpio.stdout.unwrap())
+        .stdin(rpm2cpio.stdout.take().unwrap())
         .output()
         .expect("cpio");
+    assert!(rpm2cpio.wait().expect("rpm2cpio").success(), "rpm2cpio failed");
     assert!(out.status.success(), "cpio: {}", String::from_utf8_lossy(&out.stderr));
     dir
 }
