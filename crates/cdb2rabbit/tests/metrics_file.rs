@@ -2,31 +2,10 @@
 //! real `promtool check metrics` (Debian's prometheus) accepts, after a
 //! successful and after a failed run.
 
+#[allow(dead_code)] // support serves the other test files too
 mod support;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
 use support::{profile, Site};
-
-fn promtool_check(text: &str) {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus) is installed");
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed ({}): {}{}\n{text}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 fn value(text: &str, name: &str) -> Option<f64> {
     text.lines()
@@ -43,7 +22,7 @@ fn metrics_file_after_each_run_passes_promtool_and_keeps_the_last_success() {
     site.put("ci-a.example.org.json", &profile("a", 2), 101);
     site.run(&[]).assert_status(0);
     let text = std::fs::read_to_string(&prom).unwrap();
-    promtool_check(&text);
+    packuilon_testsupport::command::promtool_check_metrics(&text);
     assert_eq!(value(&text, "packuilon_cdb2rabbit_published"), Some(1.0), "{text}");
     assert_eq!(value(&text, "packuilon_cdb2rabbit_failed"), Some(0.0), "{text}");
     assert_eq!(value(&text, "packuilon_cdb2rabbit_index_profiles"), Some(2.0), "{text}");
@@ -60,7 +39,7 @@ fn metrics_file_after_each_run_passes_promtool_and_keeps_the_last_success() {
     let out = site.run(&[]);
     out.assert_status(1);
     let text = std::fs::read_to_string(&prom).unwrap();
-    promtool_check(&text);
+    packuilon_testsupport::command::promtool_check_metrics(&text);
     assert_eq!(
         value(&text, "packuilon_cdb2rabbit_last_success_timestamp_seconds"),
         Some(success),

@@ -83,20 +83,7 @@ enum Mailer {
 /// `RABBIT2PACKER_ALERT_RETRY_DELAYS` (seconds, comma-separated) overrides
 /// them, so tests need not wait minutes.
 fn retry_delays() -> Vec<Duration> {
-    std::env::var("RABBIT2PACKER_ALERT_RETRY_DELAYS")
-        .ok()
-        .and_then(|v| {
-            v.split(',')
-                .map(|s| packuilon_common::config::parse_duration(s.trim()))
-                .collect::<Option<Vec<_>>>()
-        })
-        .unwrap_or_else(|| {
-            vec![
-                Duration::from_secs(10),
-                Duration::from_secs(60),
-                Duration::from_secs(300),
-            ]
-        })
+    crate::daemon::retry_delays("RABBIT2PACKER_ALERT_RETRY_DELAYS", &[10, 60, 300])
 }
 
 impl Alerts {

@@ -249,20 +249,20 @@ fn find_program(p: &Path) -> Option<PathBuf> {
 /// `RABBIT2PACKER_ROTATION_RETRY_DELAYS` (seconds, comma-separated) overrides
 /// them, so tests need not wait minutes.
 fn rotation_backoff() -> Vec<Duration> {
-    std::env::var("RABBIT2PACKER_ROTATION_RETRY_DELAYS")
+    retry_delays("RABBIT2PACKER_ROTATION_RETRY_DELAYS", &[5, 30, 120])
+}
+
+/// Pauses between retries: `default` (seconds), or the comma-separated
+/// durations in the environment variable `var` (for tests).
+pub(crate) fn retry_delays(var: &str, default: &[u64]) -> Vec<Duration> {
+    std::env::var(var)
         .ok()
         .and_then(|v| {
             v.split(',')
                 .map(|s| packuilon_common::config::parse_duration(s.trim()))
                 .collect::<Option<Vec<_>>>()
         })
-        .unwrap_or_else(|| {
-            vec![
-                Duration::from_secs(5),
-                Duration::from_secs(30),
-                Duration::from_secs(120),
-            ]
-        })
+        .unwrap_or_else(|| default.iter().map(|s| Duration::from_secs(*s)).collect())
 }
 
 fn notify(state: &[sd_notify::NotifyState<'_>]) {

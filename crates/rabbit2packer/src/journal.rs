@@ -350,6 +350,9 @@ const MIGRATIONS: &[(i64, &str)] = &[
     ),
 ];
 
+/// The newest profile journaled for an image: its job, `profile` header and body.
+pub(crate) type LastBody = (i64, Option<String>, Vec<u8>);
+
 /// An image whose builds or rotations fail, as the alerts and the page see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct ImageHealth {
@@ -843,7 +846,7 @@ impl Journal {
     /// The newest profile journaled for `image_key` (for `rebuild`): its
     /// job, `profile` header and body. Only the newest finished body per
     /// image is kept, which is the one a rebuild wants.
-    pub(crate) fn last_body(&self, image_key: &str) -> Result<Option<(i64, Option<String>, Vec<u8>)>> {
+    pub(crate) fn last_body(&self, image_key: &str) -> Result<Option<LastBody>> {
         self.with(|c| {
             c.query_row(
                 "SELECT id, profile, COALESCE((SELECT body FROM bodies WHERE job_id = jobs.id), body) AS b

@@ -615,14 +615,7 @@ fn ready_reaches_systemd_with_the_broker_unreachable_and_journaled_jobs_build() 
     );
 
     // Next start: nothing listens on RABBIT_PORT.
-    let closed = packuilon_testsupport::free_port();
-    let text = std::fs::read_to_string(&site.config).unwrap();
-    let port_line = text.lines().find(|l| l.starts_with("RABBIT_PORT")).unwrap().to_string();
-    std::fs::write(
-        &site.config,
-        text.replace(&port_line, &format!("RABBIT_PORT = {closed}")),
-    )
-    .unwrap();
+    let closed = site.use_closed_broker_port();
     site.template("a.json", Step { sleep: 0.2, exit: 0 });
     let sock_path = site.dir.path().join("notify.sock");
     let sock = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();

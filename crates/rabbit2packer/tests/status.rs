@@ -10,16 +10,13 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use rabbit2packer::journal::JobState;
 use serde_json::{json, Value};
 use support::browser::{Browser, Http};
 use support::*;
-
-const PROMTOOL: &str = "/usr/bin/promtool";
 
 /// A template whose build waits until `out/go-<name>` exists, then succeeds.
 fn gated_template(site: &Site, name: &str) {
@@ -74,28 +71,6 @@ fn sample(metrics: &str, name_and_labels: &str) -> Option<f64> {
         let (k, v) = l.rsplit_once(' ')?;
         (k == name_and_labels).then(|| v.parse().ok())?
     })
-}
-
-fn promtool_check(metrics: &str) {
-    assert!(
-        Path::new(PROMTOOL).exists(),
-        "{PROMTOOL} is missing: install Debian's prometheus package (scripts/install-packages.sh prometheus)"
-    );
-    let mut child = Command::new(PROMTOOL)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(metrics.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed: {}{}\n{metrics}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[test]
@@ -213,7 +188,7 @@ fn api_and_metrics_show_failed_and_running_builds_and_refuse_hostile_requests() 
     // /metrics: promtool accepts it, and the counters are what was built.
     let (status, metrics) = http.get("/metrics");
     assert_eq!(status, 200);
-    promtool_check(&metrics);
+    packuilon_testsupport::command::promtool_check_metrics(&metrics);
     let failed_bad = r#"packuilon_builds_total{image="bad-sl7x-x86_64",result="failed",template="bad.json"}"#;
     assert_eq!(sample(&metrics, failed_bad), Some(1.0), "{metrics}");
     assert_eq!(sample(&metrics, "packuilon_builds_running"), Some(1.0), "{metrics}");
@@ -236,7 +211,7 @@ fn api_and_metrics_show_failed_and_running_builds_and_refuse_hostile_requests() 
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    promtool_check(&metrics);
+    packuilon_testsupport::command::promtool_check_metrics(&metrics);
     let ok_web = r#"packuilon_builds_total{image="web-sl7x-x86_64",result="succeeded",template="slow.json"}"#;
     assert_eq!(sample(&metrics, ok_web), Some(1.0), "{metrics}");
     assert_eq!(
@@ -424,14 +399,7 @@ fn the_page_in_chromium_follows_builds_live_and_shows_log_markup_as_text() {
 fn readyz_is_503_naming_the_broker_while_it_is_unreachable() {
     let site = Site::new(1, "");
     // Nothing listens on RABBIT_PORT.
-    let closed = packuilon_testsupport::free_port();
-    let text = std::fs::read_to_string(&site.config).unwrap();
-    let port_line = text.lines().find(|l| l.starts_with("RABBIT_PORT")).unwrap().to_string();
-    std::fs::write(
-        &site.config,
-        text.replace(&port_line, &format!("RABBIT_PORT = {closed}")),
-    )
-    .unwrap();
+    site.use_closed_broker_port();
     let mut d = site.start();
     let http = Http::new(d.status_addr());
     d.wait_log("unreachable", T);

@@ -121,12 +121,24 @@ fn problem(status: StatusCode, why: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": why.into() }))).into_response()
 }
 
-/// A job id from the URL: digits only, else 404 (there is no such job).
-fn job_id(raw: &str) -> Result<i64, Response> {
-    if raw.is_empty() || raw.len() > 18 || !raw.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(problem(StatusCode::NOT_FOUND, "no such job"));
+/// A refusal not yet made into a response (small enough to return in a
+/// `Result`).
+#[derive(Debug)]
+struct Problem(StatusCode, String);
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        problem(self.0, self.1)
     }
-    raw.parse().map_err(|_| problem(StatusCode::NOT_FOUND, "no such job"))
+}
+
+/// A job id from the URL: digits only, else 404 (there is no such job).
+fn job_id(raw: &str) -> Result<i64, Problem> {
+    let no_such_job = || Problem(StatusCode::NOT_FOUND, "no such job".into());
+    if raw.is_empty() || raw.len() > 18 || !raw.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(no_such_job());
+    }
+    raw.parse().map_err(|_| no_such_job())
 }
 
 /// Runs a journal read on the blocking pool.
@@ -149,7 +161,7 @@ fn now() -> String {
 async fn job_page(State(shared): State<Arc<Shared>>, UrlPath(raw): UrlPath<String>) -> Response {
     let id = match job_id(&raw) {
         Ok(id) => id,
-        Err(r) => return r,
+        Err(p) => return p.into_response(),
     };
     match read(&shared, move |j| j.job(id)).await {
         Ok(Some(_)) => html(JOB_PAGE),
@@ -234,7 +246,7 @@ async fn jobs(
 async fn job(State(shared): State<Arc<Shared>>, UrlPath(raw): UrlPath<String>) -> Response {
     let id = match job_id(&raw) {
         Ok(id) => id,
-        Err(r) => return r,
+        Err(p) => return p.into_response(),
     };
     match read(&shared, move |j| j.job(id)).await {
         Ok(Some(job)) => Json(serde_json::json!({ "now": now(), "job": job })).into_response(),
@@ -259,23 +271,23 @@ async fn job_log(
 ) -> Response {
     let id = match job_id(&raw) {
         Ok(id) => id,
-        Err(r) => return r,
+        Err(p) => return p.into_response(),
     };
     let Ok(Query(q)) = query else {
         return problem(StatusCode::BAD_REQUEST, "unknown query (build, offset)");
     };
-    let number = |v: Option<String>, what: &str| -> Result<Option<u64>, Response> {
+    let number = |v: Option<String>, what: &str| -> Result<Option<u64>, Problem> {
         match v.as_deref() {
             None | Some("") => Ok(None),
             Some(s) => s
                 .parse::<u64>()
                 .map(Some)
-                .map_err(|_| problem(StatusCode::BAD_REQUEST, format!("{what}: must be a whole number"))),
+                .map_err(|_| Problem(StatusCode::BAD_REQUEST, format!("{what}: must be a whole number"))),
         }
     };
     let (build, offset) = match (number(q.build, "build"), number(q.offset, "offset")) {
         (Ok(b), Ok(o)) => (b, o.unwrap_or(0)),
-        (Err(r), _) | (_, Err(r)) => return r,
+        (Err(p), _) | (_, Err(p)) => return p.into_response(),
     };
     let job = match read(&shared, move |j| j.job(id)).await {
         Ok(Some(job)) => job,

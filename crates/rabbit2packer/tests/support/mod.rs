@@ -122,6 +122,20 @@ impl Site {
         site
     }
 
+    /// Points RABBIT_PORT at a port nothing listens on (the broker "down");
+    /// returns that port.
+    pub fn use_closed_broker_port(&self) -> u16 {
+        let closed = packuilon_testsupport::free_port();
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let port_line = text.lines().find(|l| l.starts_with("RABBIT_PORT")).unwrap().to_string();
+        std::fs::write(
+            &self.config,
+            text.replace(&port_line, &format!("RABBIT_PORT = {closed}")),
+        )
+        .unwrap();
+        closed
+    }
+
     pub fn write_map(&self, v: Value) {
         write_json(&self.map, &v);
     }
