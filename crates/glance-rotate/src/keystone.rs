@@ -125,14 +125,26 @@ impl Session {
     async fn issue(&self) -> Result<Token, RotateError> {
         let url = format!("{}/auth/tokens", self.creds.auth_url);
         let body = auth_body(&self.creds.method);
-        self.count_request();
-        let resp = self
-            .http
-            .post(&url)
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| RotateError::http("Keystone", "POST", &url, None, transport_message(&e)))?;
+        // A connection the server (or a proxy in front of it) closes before
+        // answering is tried again, twice: issuing a token changes nothing
+        // else, and a Keystone under load or restarting (uwsgi, Apache,
+        // HAProxy) does that. A timeout or an answer is never repeated.
+        let mut pauses = [Duration::from_millis(500), Duration::from_secs(2)].into_iter();
+        let resp = loop {
+            self.count_request();
+            match self.http.post(&url).json(&body).send().await {
+                Ok(resp) => break resp,
+                Err(e) if !e.is_timeout() && (e.is_request() || e.is_connect()) => {
+                    let message = transport_message(&e);
+                    let Some(pause) = pauses.next() else {
+                        return Err(RotateError::http("Keystone", "POST", &url, None, message));
+                    };
+                    tracing::warn!("Keystone POST {url}: {message}; trying again in {pause:?}");
+                    tokio::time::sleep(pause).await;
+                }
+                Err(e) => return Err(RotateError::http("Keystone", "POST", &url, None, transport_message(&e))),
+            }
+        };
         let status = resp.status();
         let header = resp
             .headers()

@@ -35,6 +35,58 @@ async fn password_auth_gets_a_token_and_the_image_endpoint_from_the_catalog() {
     assert_eq!(session.requests(), 1);
 }
 
+/// A TCP front for Keystone that closes the first connection it accepts
+/// without answering (as a restarting uwsgi, Apache or HAProxy may), then
+/// forwards every later one; returns its address.
+fn keystone_front_dropping_the_first_connection(keystone: &str) -> String {
+    let target = keystone
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut first = true;
+        for client in listener.incoming() {
+            let Ok(client) = client else { continue };
+            if std::mem::take(&mut first) {
+                // Read the request, then close without a word.
+                let mut buf = [0u8; 4096];
+                let _ = std::io::Read::read(&mut &client, &mut buf);
+                drop(client);
+                continue;
+            }
+            let Ok(server) = std::net::TcpStream::connect(&target) else {
+                continue;
+            };
+            let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || std::io::copy(&mut &c2, &mut &s2));
+            std::thread::spawn(move || std::io::copy(&mut &server, &mut &client));
+        }
+    });
+    let path = keystone
+        .trim_start_matches("http://")
+        .splitn(2, '/')
+        .nth(1)
+        .unwrap_or("");
+    format!("http://{addr}/{path}")
+}
+
+#[tokio::test]
+async fn a_keystone_connection_closed_before_an_answer_is_tried_again() {
+    let cloud = Cloud::new().await;
+    let mut env = cloud.env.clone();
+    let front = keystone_front_dropping_the_first_connection(&env["OS_AUTH_URL"]);
+    env.insert("OS_AUTH_URL".into(), front);
+    let session = Session::new(Credentials::from_env(&env).unwrap()).unwrap();
+    let token = session.token().await.expect("the second try gets a token");
+    assert_eq!(token.project_id.as_deref(), Some(cloud.admin_project.as_str()));
+    // The dropped POST and the one that was answered.
+    assert_eq!(session.requests(), 2);
+}
+
 #[tokio::test]
 async fn a_token_glance_rejects_is_replaced_and_the_request_repeated() {
     let cloud = Cloud::new().await;
