@@ -68,9 +68,8 @@ fn keystone_front_dropping_the_first_connection(keystone: &str) -> String {
     });
     let path = keystone
         .trim_start_matches("http://")
-        .splitn(2, '/')
-        .nth(1)
-        .unwrap_or("");
+        .split_once('/')
+        .map_or("", |(_, p)| p);
     format!("http://{addr}/{path}")
 }
 
