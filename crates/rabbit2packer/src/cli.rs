@@ -73,6 +73,17 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },
+    /// Show what a build of a profile would do, building nothing: the image key, the
+    /// templates chosen (and why), the source image, and `packer validate` on each
+    /// rendered build file. Exit 0 all valid; 1 something would fail (named); 2 bad
+    /// arguments, profile or config.
+    Plan {
+        /// The profile (JSON, as cdb2rabbit publishes it).
+        profile: PathBuf,
+        /// Also write the rendered build files here.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+    },
     /// Queue a build of an image with the newest profile the journal holds for it
     /// (the running daemon does it; root or the service user only).
     Rebuild {

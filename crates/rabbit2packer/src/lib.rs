@@ -35,6 +35,7 @@ pub mod history;
 pub(crate) mod job;
 pub mod journal;
 pub mod metrics;
+pub mod plan;
 pub(crate) mod render;
 pub mod runner;
 pub(crate) mod scheduler;

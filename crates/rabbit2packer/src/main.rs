@@ -1,5 +1,6 @@
 //! `rabbit2packer`: the daemon (default), its `status` / `history` commands
-//! (read the journal) and `rebuild` / `cancel` / `retry` (ask the daemon).
+//! (read the journal), `plan` (a build without building) and `rebuild` /
+//! `cancel` / `retry` (ask the daemon).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,6 +42,7 @@ fn main() -> ExitCode {
         }) => report(&config, state_dir, |j| {
             rabbit2packer::history::history(j, image.as_deref(), limit, json)
         }),
+        Some(Command::Plan { profile, out }) => plan(&config, &profile, out.as_deref()),
         Some(Command::Rebuild { image_key, state_dir }) => control(&config, state_dir, Request::Rebuild { image_key }),
         Some(Command::Cancel { job, state_dir }) => control(&config, state_dir, Request::Cancel { job }),
         Some(Command::Retry { job, state_dir }) => control(&config, state_dir, Request::Retry { job }),
@@ -57,6 +59,27 @@ fn state_dir_of(config: &std::path::Path, state_dir: Option<PathBuf>) -> Result<
                 Err(ExitCode::from(e.exit_code() as u8))
             }
         },
+    }
+}
+
+/// `plan`: what a build of the profile would do (exit 0 valid, 1 would fail, 2 bad input).
+fn plan(config: &std::path::Path, profile: &std::path::Path, out: Option<&std::path::Path>) -> ExitCode {
+    let settings = match rabbit2packer::daemon::load_settings(config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("rabbit2packer: {e}");
+            return ExitCode::from(e.exit_code() as u8);
+        }
+    };
+    match rabbit2packer::plan::plan(&settings, profile, out) {
+        Ok(p) => {
+            print!("{}", p.report);
+            ExitCode::from(if p.ok { 0 } else { 1 })
+        }
+        Err(e) => {
+            eprintln!("rabbit2packer: {e}");
+            ExitCode::from(2)
+        }
     }
 }
 
