@@ -2,7 +2,6 @@
 //! validate`, a site's own template map and source images; nothing is
 //! built and no broker or journal is touched.
 
-#[allow(dead_code)] // support serves the other test files too
 mod support;
 
 use std::path::PathBuf;
