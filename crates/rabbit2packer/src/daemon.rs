@@ -642,10 +642,10 @@ fn start_server(
 ) -> Result<tokio::task::JoinHandle<()>, DaemonError> {
     let reader = Arc::new(Journal::open_read_only(&settings.r2p.state_dir)?);
     let router = crate::status::router(reader, journal.subscribe(), metrics.clone(), &settings.r2p.log_dir);
-    let addr = match listener.local_addr() {
-        Ok(a) => a,
-        Err(e) => return Err(DaemonError::Signals(e)),
-    };
+    let addr = listener.local_addr().map_err(|source| {
+        let addr = settings.r2p.status.listen.unwrap_or_else(|| ([127, 0, 0, 1], 0).into());
+        settings.setting_error("STATUS_LISTEN", SettingProblem::Listen { addr, source })
+    })?;
     let url = crate::status::public_url(&settings.r2p.status, addr);
     tracing::info!("Status page on {addr}, reached as {url}");
     Ok(tokio::spawn(async move {

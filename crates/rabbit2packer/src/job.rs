@@ -285,7 +285,14 @@ pub(crate) enum AuthError {
 /// The daemon's environment plus what PACKER_AUTH_FILE exports plus the
 /// original's aliases, and HOME (STATE_DIR) when the daemon has none.
 async fn packer_env(ctx: &Context) -> Result<BTreeMap<String, String>, AuthError> {
-    let mut env = ctx.auth_env.exports(&ctx.config.packer_auth_file).await?;
+    let exports = ctx.auth_env.exports(&ctx.config.packer_auth_file).await?;
+    Ok(packer_env_from(exports, &ctx.config.state_dir))
+}
+
+/// Packer's environment from PACKER_AUTH_FILE's `exports`: the names the
+/// OpenStack builder reads filled in from the ones RC files set (also for
+/// `plan`'s `packer validate`).
+pub(crate) fn packer_env_from(mut env: BTreeMap<String, String>, state_dir: &Path) -> BTreeMap<String, String> {
     let lookup = |env: &BTreeMap<String, String>, k: &str| env.get(k).cloned().or_else(|| std::env::var(k).ok());
     if !env.contains_key("OS_TENANT_ID") {
         if let Some(v) = lookup(&env, "OS_PROJECT_ID") {
@@ -294,14 +301,14 @@ async fn packer_env(ctx: &Context) -> Result<BTreeMap<String, String>, AuthError
     }
     // Packer keeps its config under $HOME; a system service may have none.
     if lookup(&env, "HOME").is_none() {
-        env.insert("HOME".into(), ctx.config.state_dir.display().to_string());
+        env.insert("HOME".into(), state_dir.display().to_string());
     }
     if !env.contains_key("OS_DOMAIN_NAME") {
         if let Some(v) = lookup(&env, "OS_USER_DOMAIN_NAME") {
             env.insert("OS_DOMAIN_NAME".into(), v);
         }
     }
-    Ok(env)
+    env
 }
 
 /// One template of a job and what its steps share: [`render`](Self::render)

@@ -144,10 +144,12 @@ pub fn plan(settings: &Settings, profile: &Path, out: Option<&Path>) -> Result<P
     Ok(Plan { report, ok })
 }
 
-/// PACKER_AUTH_FILE's exports when it can be read (a build would fail
-/// without them, but `validate` mostly does not need them).
+/// Packer's environment as a build has it, from PACKER_AUTH_FILE's exports
+/// when it can be read (a build would fail without them; `validate` mostly
+/// does not need them).
 fn packer_env(settings: &Settings) -> BTreeMap<String, String> {
-    packuilon_common::rcfile::source(&settings.r2p.packer_auth_file).unwrap_or_default()
+    let exports = packuilon_common::rcfile::source(&settings.r2p.packer_auth_file).unwrap_or_default();
+    crate::job::packer_env_from(exports, &settings.r2p.state_dir)
 }
 
 /// `packer validate` on one build file, in its directory, as a build runs it.

@@ -340,10 +340,11 @@ fn read_log(log_dir: &Path, log: &Path, offset: u64) -> Result<(Vec<u8>, u64, u6
         return Err(StatusCode::NOT_FOUND);
     }
     let mut f = std::fs::File::open(&real).map_err(|_| StatusCode::NOT_FOUND)?;
-    let size = f.metadata().map_err(|_| StatusCode::NOT_FOUND)?.len();
-    if !f.metadata().map(|m| m.is_file()).unwrap_or(false) {
+    let meta = f.metadata().map_err(|_| StatusCode::NOT_FOUND)?;
+    if !meta.is_file() {
         return Err(StatusCode::NOT_FOUND);
     }
+    let size = meta.len();
     let start = offset.min(size);
     f.seek(std::io::SeekFrom::Start(start))
         .map_err(|_| StatusCode::INTERNAL_SERVER_ERROR)?;
