@@ -26,10 +26,10 @@ benches=("$@")
 
 for b in "${benches[@]}"; do
   if [ "$b" = glance-rotate ] && [ -z "${PACKUILON_TEST_OPENRC:-}" ]; then
-    free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
     os_state=$(mktemp -d /tmp/packuilon-bench-openstack.XXXXXX)
     trap 'scripts/openstack-down.sh "$os_state" >/dev/null 2>&1 || true; rm -rf "$os_state"' EXIT
-    scripts/openstack-up.sh "$os_state" "$(free_port)" "$(free_port)" >&2
+    read -r kport gport < <(scripts/free-ports.sh 2 | tr '\n' ' ')
+    scripts/openstack-up.sh "$os_state" "$kport" "$gport" >&2
     export PACKUILON_TEST_OPENRC="$os_state/admin-openrc.sh"
   fi
   # rabbit2packer's status bench loads the page in headless Chromium.

@@ -17,7 +17,6 @@ cd "$(dirname "$0")/.."
 repo=$(pwd)
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 say "Installing and starting what is missing"
 scripts/install-packages.sh
@@ -39,7 +38,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-kport=$(free_port); gport=$(free_port); hport=$(free_port); sport=$(free_port)
+read -r kport gport hport sport < <(scripts/free-ports.sh 4 | tr '\n' ' ')
 scripts/openstack-up.sh "$demo/openstack" "$kport" "$gport" > "$demo/openstack-up.log" 2>&1 &
 os_up=$!
 cargo build -q --workspace --bins
@@ -52,7 +51,13 @@ say "Serving the sample Aquilon site on http://127.0.0.1:$hport/"
 cp -r demo/site "$demo/site"
 /usr/bin/python3 -m http.server --bind 127.0.0.1 --directory "$demo/site" "$hport" > "$demo/http.log" 2>&1 &
 http_pid=$!
-until curl -fs -o /dev/null "http://127.0.0.1:$hport/profiles/profiles-info.xml"; do sleep 0.1; done
+for _ in $(seq 300); do
+  curl -fs -o /dev/null "http://127.0.0.1:$hport/profiles/profiles-info.xml" && break
+  kill -0 "$http_pid" 2>/dev/null || { cat "$demo/http.log" >&2; echo "demo: the site's web server did not start" >&2; exit 1; }
+  sleep 0.1
+done
+curl -fs -o /dev/null "http://127.0.0.1:$hport/profiles/profiles-info.xml" \
+  || { echo "demo: the site's web server did not answer in 30 s" >&2; exit 1; }
 grep -o ">[^<]*<" "$demo/site/profiles/profiles-info.xml" | tr -d '<>' | sed 's/^/  /'
 
 mkdir -p "$demo/templates" "$demo/logs" "$demo/build-files" "$demo/state" "$demo/cache"

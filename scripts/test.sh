@@ -27,15 +27,13 @@ scripts/install-packages.sh lintian man-db systemd dpkg-dev rsyslog rpm rpm2cpio
 scripts/install-packages.sh prometheus python3-aiosmtpd util-linux chromium chromium-driver
 scripts/rabbitmq-up.sh
 
-free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 os_state=$(mktemp -d /tmp/packuilon-test-openstack.XXXXXX)
 cleanup() {
   scripts/openstack-down.sh "$os_state" >/dev/null 2>&1 || true
   rm -rf "$os_state" "$os_state.up.log"
 }
 trap cleanup EXIT
-kport=$(free_port); gport=$(free_port)
-while [ "$gport" = "$kport" ]; do gport=$(free_port); done
+read -r kport gport < <(scripts/free-ports.sh 2 | tr '\n' ' ')
 # Bring Keystone and Glance up in the background while cargo builds.
 scripts/openstack-up.sh "$os_state" "$kport" "$gport" > "$os_state.up.log" 2>&1 &
 os_pid=$!
