@@ -28,7 +28,7 @@ for b in "${benches[@]}"; do
   if [ "$b" = glance-rotate ] && [ -z "${PACKUILON_TEST_OPENRC:-}" ]; then
     os_state=$(mktemp -d /tmp/packuilon-bench-openstack.XXXXXX)
     trap 'scripts/openstack-down.sh "$os_state" >/dev/null 2>&1 || true; rm -rf "$os_state"' EXIT
-    read -r kport gport < <(scripts/free-ports.sh 2 | tr '\n' ' ')
+    read -r kport gport < <(scripts/free-ports.sh 2)
     scripts/openstack-up.sh "$os_state" "$kport" "$gport" >&2
     export PACKUILON_TEST_OPENRC="$os_state/admin-openrc.sh"
   fi

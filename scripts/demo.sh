@@ -38,7 +38,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-read -r kport gport hport sport < <(scripts/free-ports.sh 4 | tr '\n' ' ')
+read -r kport gport hport sport < <(scripts/free-ports.sh 4)
 scripts/openstack-up.sh "$demo/openstack" "$kport" "$gport" > "$demo/openstack-up.log" 2>&1 &
 os_up=$!
 cargo build -q --workspace --bins

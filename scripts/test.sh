@@ -33,7 +33,7 @@ cleanup() {
   rm -rf "$os_state" "$os_state.up.log"
 }
 trap cleanup EXIT
-read -r kport gport < <(scripts/free-ports.sh 2 | tr '\n' ' ')
+read -r kport gport < <(scripts/free-ports.sh 2)
 # Bring Keystone and Glance up in the background while cargo builds.
 scripts/openstack-up.sh "$os_state" "$kport" "$gport" > "$os_state.up.log" 2>&1 &
 os_pid=$!
