@@ -20,6 +20,7 @@
 
 pub mod cli;
 pub mod credentials;
+pub mod gate;
 pub mod glance;
 pub mod keystone;
 pub mod rotate;
@@ -55,6 +56,8 @@ pub struct RotateOptions {
     pub archive_name: String,
     pub hide_archived: bool,
     pub keep_archives: Option<u32>,
+    /// BROKEN_NAME: what a rollback renames the image it takes off its name to.
+    pub broken_name: String,
     pub dry_run: bool,
 }
 
@@ -64,6 +67,7 @@ impl From<&RotationConfig> for RotateOptions {
             archive_name: c.archive_name.clone(),
             hide_archived: c.hide_archived,
             keep_archives: c.keep_archives,
+            broken_name: c.broken_name.clone(),
             dry_run: false,
         }
     }

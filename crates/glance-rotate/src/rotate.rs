@@ -34,7 +34,7 @@ use crate::{Report, RotateError, RotateOptions, Target};
 /// Property naming the image an archive was made from.
 pub const ARCHIVE_OF: &str = "packuilon_archive_of";
 /// Property holding when an image was archived (RFC 3339, UTC).
-pub(crate) const ARCHIVED_AT: &str = "packuilon_archived_at";
+pub const ARCHIVED_AT: &str = "packuilon_archived_at";
 
 /// Requests in flight at once while executing (Glance serialises writes on
 /// its database anyway; a few in flight hide the round trips).

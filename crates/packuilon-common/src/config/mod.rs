@@ -251,6 +251,37 @@ pub struct Rabbit2PackerConfig {
     pub rotation: RotationConfig,
     /// STATUS_LISTEN and STATUS_URL: the status page, API and metrics.
     pub status: StatusConfig,
+    /// TEST_COMMAND, TEST_TIMEOUT, STAGED_NAME: the test gate before an image goes live.
+    pub gate: GateConfig,
+    /// REBUILD_OUTDATED: when IMAGES_CONFIG changes, rebuild the images
+    /// built from a source image that is no longer the current one.
+    pub rebuild_outdated: bool,
+}
+
+/// The test gate (`[rabbit2packer] TEST_*`, STAGED_NAME): after a build and
+/// before the rotation, the new image waits under STAGED_NAME while
+/// TEST_COMMAND runs; it goes live only if the command exits 0.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GateConfig {
+    /// TEST_COMMAND: run by bash; `None` (unset or empty): no gate.
+    pub test_command: Option<String>,
+    /// TEST_TIMEOUT, default 1 h: a test running longer fails.
+    pub test_timeout: Duration,
+    /// STAGED_NAME, default `next-{name}`: the image's name while it is tested.
+    pub staged_name: String,
+}
+
+/// Default of STAGED_NAME.
+pub const DEFAULT_STAGED_NAME: &str = "next-{name}";
+
+impl Default for GateConfig {
+    fn default() -> Self {
+        GateConfig {
+            test_command: None,
+            test_timeout: Duration::from_secs(3600),
+            staged_name: DEFAULT_STAGED_NAME.to_string(),
+        }
+    }
 }
 
 /// The status server of rabbit2packer (`[rabbit2packer] STATUS_*`).
@@ -296,12 +327,17 @@ pub struct RotationConfig {
     pub hide_archived: bool,
     /// KEEP_ARCHIVES: delete archives of a name beyond the newest N.
     pub keep_archives: Option<u32>,
+    /// BROKEN_NAME: `{name}`, `{date}`, `{datetime}`; the name of an image
+    /// that failed its test, or that a rollback took off its name.
+    pub broken_name: String,
 }
 
 /// Default of PACKER_ADMIN_AUTH_FILE (used when that file exists).
 pub const DEFAULT_ADMIN_AUTH_FILE: &str = "/etc/packer-utils/admin-auth.sh";
 /// Default of ARCHIVE_NAME: the original's archive name.
 pub const DEFAULT_ARCHIVE_NAME: &str = "archive-{name} {date}";
+/// Default of BROKEN_NAME.
+pub const DEFAULT_BROKEN_NAME: &str = "broken-{name} {datetime}";
 
 impl Default for RotationConfig {
     fn default() -> Self {
@@ -310,6 +346,7 @@ impl Default for RotationConfig {
             archive_name: DEFAULT_ARCHIVE_NAME.to_string(),
             hide_archived: false,
             keep_archives: None,
+            broken_name: DEFAULT_BROKEN_NAME.to_string(),
         }
     }
 }
@@ -489,6 +526,10 @@ impl IniFile {
         let stop_timeout = s.duration_optional("STOP_TIMEOUT")?.unwrap_or(Duration::from_secs(300));
         let rotation = rotation_from(&s)?;
         let status = status_from(&s)?;
+        let gate = gate_from(&s)?;
+        let rebuild_outdated = s
+            .parse_optional("REBUILD_OUTDATED", "true or false", parse_bool)?
+            .unwrap_or(false);
         warnings.extend(s.unknown_keys(
             &[
                 "THREAD_COUNT",
@@ -508,6 +549,11 @@ impl IniFile {
                 "KEEP_ARCHIVES",
                 "STATUS_LISTEN",
                 "STATUS_URL",
+                "BROKEN_NAME",
+                "TEST_COMMAND",
+                "TEST_TIMEOUT",
+                "STAGED_NAME",
+                "REBUILD_OUTDATED",
             ],
             |_| false,
         ));
@@ -525,6 +571,8 @@ impl IniFile {
             stop_timeout,
             rotation,
             status,
+            gate,
+            rebuild_outdated,
         })
     }
 
@@ -632,6 +680,10 @@ fn rotation_from(s: &Section<'_>) -> Result<RotationConfig> {
         .optional("ARCHIVE_NAME")
         .unwrap_or_else(|| DEFAULT_ARCHIVE_NAME.to_string());
     check_archive_name(&archive_name).map_err(|p| s.err("ARCHIVE_NAME", p))?;
+    let broken_name = s
+        .optional("BROKEN_NAME")
+        .unwrap_or_else(|| DEFAULT_BROKEN_NAME.to_string());
+    check_archive_name(&broken_name).map_err(|p| s.err("BROKEN_NAME", p))?;
     let hide_archived = s
         .parse_optional("HIDE_ARCHIVED", "true or false", parse_bool)?
         .unwrap_or(false);
@@ -643,6 +695,23 @@ fn rotation_from(s: &Section<'_>) -> Result<RotationConfig> {
         archive_name,
         hide_archived,
         keep_archives,
+        broken_name,
+    })
+}
+
+fn gate_from(s: &Section<'_>) -> Result<GateConfig> {
+    let test_command = s.optional("TEST_COMMAND").filter(|c| !c.trim().is_empty());
+    let test_timeout = s
+        .duration_optional("TEST_TIMEOUT")?
+        .unwrap_or(Duration::from_secs(3600));
+    let staged_name = s
+        .optional("STAGED_NAME")
+        .unwrap_or_else(|| DEFAULT_STAGED_NAME.to_string());
+    check_archive_name(&staged_name).map_err(|p| s.err("STAGED_NAME", p))?;
+    Ok(GateConfig {
+        test_command,
+        test_timeout,
+        staged_name,
     })
 }
 
@@ -691,7 +760,7 @@ fn check_archive_name(template: &str) -> std::result::Result<(), String> {
         return Err(format!("{template:?} must contain {{name}}"));
     }
     if template == "{name}" {
-        return Err("archive names must differ from the image name".to_string());
+        return Err("must differ from the image name".to_string());
     }
     Ok(())
 }
@@ -972,6 +1041,40 @@ CACHE_DIR = /etc/packer-utils/profiles/
         let f = load(&format!("{GOOD}DOWNLOAD_CONCURRENCY = 0\n"));
         let e = f.cdb2rabbit(&mut Vec::new()).unwrap_err();
         assert!(e.to_string().contains("[cdb2rabbit] DOWNLOAD_CONCURRENCY"), "{e}");
+    }
+
+    #[test]
+    fn gate_and_broken_name_keys_have_defaults_and_bad_values_are_named() {
+        let section = |lines: &str| load(&format!("{GOOD}\n[rabbit2packer]\n{lines}\n"));
+        let d = section("");
+        let g = gate_from(&d.section("rabbit2packer")).unwrap();
+        assert_eq!(g, GateConfig::default());
+        assert_eq!(g.test_command, None);
+        assert_eq!(g.test_timeout, Duration::from_secs(3600));
+        assert_eq!(d.rotation().unwrap().broken_name, "broken-{name} {datetime}");
+        let f = section(
+            "TEST_COMMAND = /usr/local/bin/boot-test --flavor m1\nTEST_TIMEOUT = 20m\nSTAGED_NAME = staging {name}",
+        );
+        let g = gate_from(&f.section("rabbit2packer")).unwrap();
+        assert_eq!(g.test_command.as_deref(), Some("/usr/local/bin/boot-test --flavor m1"));
+        assert_eq!(g.test_timeout, Duration::from_secs(1200));
+        assert_eq!(g.staged_name, "staging {name}");
+        assert_eq!(
+            gate_from(&section("TEST_COMMAND =   ").section("rabbit2packer"))
+                .unwrap()
+                .test_command,
+            None
+        );
+        for (line, key) in [
+            ("STAGED_NAME = {name}", "STAGED_NAME"),
+            ("STAGED_NAME = next", "STAGED_NAME"),
+            ("TEST_TIMEOUT = soon", "TEST_TIMEOUT"),
+        ] {
+            let e = gate_from(&section(line).section("rabbit2packer")).unwrap_err();
+            assert_eq!(e.key.as_deref(), Some(key), "{line}: {e}");
+        }
+        let e = section("BROKEN_NAME = broken {when}").rotation().unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("BROKEN_NAME"), "{e}");
     }
 
     #[test]
