@@ -17,6 +17,27 @@ pub const BROKEN_OF: &str = "packuilon_broken_of";
 /// Property of a broken image: when it was taken off its name (RFC 3339, UTC).
 pub const BROKEN_AT: &str = "packuilon_broken_at";
 
+/// The provenance properties rabbit2packer sets on every new image (`aq_*`
+/// as in `$METADATA`, `aq_domain` or `aq_sandbox`), in the order `--show` lists them.
+pub const PROVENANCE_PROPERTIES: &[&str] = &[
+    "aq_personality",
+    "aq_os",
+    "aq_osversion",
+    "aq_archetype",
+    "aq_domain",
+    "aq_sandbox",
+    "packuilon_image_key",
+    "packuilon_profile",
+    "packuilon_profile_sha256",
+    "packuilon_template",
+    "packuilon_template_sha256",
+    "packuilon_source_image",
+    "packuilon_job",
+    "packuilon_builder_host",
+    "packuilon_packer_version",
+    "image_build_date",
+];
+
 /// Glance keeps at most 255 characters of a property value.
 pub const MAX_PROPERTY_LEN: usize = 255;
 

@@ -89,8 +89,9 @@ fn suffixed(base: &str, n: usize) -> String {
     }
 }
 
-/// Finds the new image: by ID, or the newest active image of a name.
-async fn new_image(glance: &Glance, target: &Target) -> Result<Option<Image>, RotateError> {
+/// Finds the new image: by ID (it must be active and named), or the newest
+/// active image of a name. `Ok(None)`: no image of that name.
+pub async fn new_image(glance: &Glance, target: &Target) -> Result<Option<Image>, RotateError> {
     match target {
         Target::ImageId(id) => {
             let img = glance.image(id).await.map_err(|e| match e.status() {

@@ -110,22 +110,28 @@ impl ImageNames {
     /// `$METADATA`: the JSON fragment pasted inside braces in templates,
     /// every value JSON-escaped.
     pub fn metadata_fragment(&self) -> String {
+        self.metadata_pairs()
+            .iter()
+            .map(|(k, v)| format!("\"{k}\": {}", json_string(v)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The pairs of `$METADATA`, in its order: `AQ_PERSONALITY`, `AQ_OS`,
+    /// `AQ_OSVERSION`, `AQ_DOMAIN` or `AQ_SANDBOX`, `AQ_ARCHETYPE` (also
+    /// the images' provenance properties, in lower case).
+    pub fn metadata_pairs(&self) -> [(&'static str, String); 5] {
         let (branch_key, branch) = match &self.branch {
             Branch::Domain(d) => ("AQ_DOMAIN", d),
             Branch::Sandbox(s) => ("AQ_SANDBOX", s),
         };
-        let pairs = [
+        [
             ("AQ_PERSONALITY", self.personality.clone()),
             ("AQ_OS", self.os.clone()),
             ("AQ_OSVERSION", format!("{}-{}", self.os_version, self.arch)),
             (branch_key, branch.clone()),
             ("AQ_ARCHETYPE", self.archetype.clone()),
-        ];
-        pairs
-            .iter()
-            .map(|(k, v)| format!("\"{k}\": {}", json_string(v)))
-            .collect::<Vec<_>>()
-            .join(", ")
+        ]
     }
 }
 

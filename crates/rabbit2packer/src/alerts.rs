@@ -42,9 +42,11 @@ const SUBJECT_CHARS: usize = 150;
 /// How long one attempt to send may take.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// `build failing` / `rotation failing`: the health states of the journal.
+/// `build failing` / `rotation failing` / `test failing`: the health states of the journal.
 pub(crate) const BUILD_FAILING: &str = "build failing";
 pub(crate) const ROTATION_FAILING: &str = "rotation failing";
+/// The image was built and failed its test (TEST_COMMAND).
+pub(crate) const TEST_FAILING: &str = "test failing";
 
 /// Why the alert settings cannot be used (a configuration error).
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +144,7 @@ impl Alerts {
 /// `Some(Some(state))` failing, `None` nothing (interrupted, cancelled).
 pub(crate) fn health_of(job: &JobRecord) -> Option<Option<&'static str>> {
     match job.state {
+        JobState::Failed if job.builds.iter().any(crate::journal::test_failed) => Some(Some(TEST_FAILING)),
         JobState::Failed => Some(Some(BUILD_FAILING)),
         JobState::Succeeded => {
             let rotation_failed = job
@@ -331,10 +334,13 @@ pub(crate) fn compose(image_key: &str, job: &JobRecord, change: &HealthChange, s
     let mut text = String::new();
     let subject = match change {
         HealthChange::Failing { state, previous } => {
-            let what = if state == ROTATION_FAILING {
-                "the image was built but its rotation (rename-old-images) failed"
-            } else {
-                "the build failed"
+            let what = match state.as_str() {
+                ROTATION_FAILING => "the image was built but its rotation (rename-old-images) failed",
+                TEST_FAILING => {
+                    "the image was built but failed its test (TEST_COMMAND); it was renamed \
+                     BROKEN_NAME and the live image was left alone"
+                }
+                _ => "the build failed",
             };
             text.push_str(&format!("{key}: {what} (job {}).\n", job.id));
             match previous {
@@ -491,6 +497,7 @@ mod tests {
                 artifact_id: None,
                 rotation: None,
                 error: Some("packer exited with code 1".into()),
+                ..BuildRecord::default()
             }],
         }
     }

@@ -244,6 +244,54 @@ impl BuildLog {
     }
 }
 
+/// The test gate's part of a build log: appended after packer's trailer
+/// (TEST_COMMAND's output and rabbit2packer's notes), ending with its own
+/// trailer `rabbit2packer: Test finished at <epoch> (epoch) with exit code
+/// <rc>`, so the log's last line still says how it ended. A log that cannot
+/// be opened loses these lines, never the test.
+pub(crate) struct TestLog {
+    out: Option<File>,
+}
+
+impl TestLog {
+    /// Opens `path` to append (a log pruned or removed meanwhile is created again).
+    pub(crate) fn open(path: &Path) -> TestLog {
+        match File::options().append(true).create(true).open(path) {
+            Ok(f) => TestLog { out: Some(f) },
+            Err(e) => {
+                tracing::warn!("cannot append the test's output to {}: {e}", path.display());
+                TestLog { out: None }
+            }
+        }
+    }
+
+    /// A line TEST_COMMAND printed, kept as is.
+    pub(crate) fn line(&mut self, text: &str) {
+        if let Some(out) = &mut self.out {
+            let mut line = String::with_capacity(text.len() + 1);
+            line.push_str(text);
+            line.push('\n');
+            let _ = out.write_all(line.as_bytes());
+        }
+    }
+
+    /// A line from rabbit2packer about the test.
+    pub(crate) fn note(&mut self, text: &str) {
+        self.line(&format!("rabbit2packer: test: {text}"));
+    }
+
+    /// The test's trailer.
+    pub(crate) fn finish(&mut self, exit_code: i32) {
+        self.line(&format!(
+            "rabbit2packer: Test finished at {} (epoch) with exit code {exit_code}",
+            epoch_now()
+        ));
+        if let Some(out) = &mut self.out {
+            let _ = out.sync_all();
+        }
+    }
+}
+
 /// The trailer or the pruning failed; the build's summary is still here.
 #[derive(Debug)]
 pub(crate) struct Unfinished {

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use packuilon_common::config::Rabbit2PackerConfig;
-use packuilon_common::profile::ProfileError;
+use packuilon_common::profile::{ImageNames, ProfileError};
 use packuilon_common::rcfile::RcFileError;
 use tokio_util::sync::CancellationToken;
 
@@ -25,7 +25,7 @@ use crate::build_log::{BuildLog, Summary};
 use crate::catalog::{Catalog, LiveCatalog};
 use crate::journal::{JobRef, JobState, Journal};
 use crate::render::{self, RenderError, Values};
-use crate::runner::{self, PackerCommand, Spawner, Stream};
+use crate::runner::{self, GroupCommand, Spawner, Stream};
 
 /// Everything a worker needs, shared by all workers.
 #[derive(Debug)]
@@ -123,6 +123,9 @@ pub(crate) enum TemplateError {
     /// No build log could be created in LOG_DIR.
     #[error("cannot create a build log in {} (LOG_DIR): {source}", dir.display())]
     BuildLog { dir: PathBuf, source: std::io::Error },
+    /// The image was built and did not pass the test gate (or could not be tested).
+    #[error("built, test failed: {0}")]
+    Test(crate::gate::GateFailure),
     /// Packer ran (or could not start) and made no image; `last_error` is
     /// the last error packer printed.
     #[error("{failure}{} (log: {})", last_error.as_ref().map(|l| format!(": {l}")).unwrap_or_default(), log.display())]
@@ -202,6 +205,8 @@ pub(crate) async fn execute(ctx: &Context, thread: &str, job: &JobRef, stop: &Ca
             thread,
             job,
             key: &key,
+            names: &names,
+            source_image,
             values: &values,
             env: &env,
             template,
@@ -321,6 +326,9 @@ pub(crate) struct TemplateBuild<'a> {
     thread: &'a str,
     job: &'a JobRef,
     key: &'a str,
+    names: &'a ImageNames,
+    /// IMAGES_CONFIG's entry for the image (`$IMAGE`).
+    source_image: &'a str,
     values: &'a Values,
     env: &'a BTreeMap<String, String>,
     template: &'a Path,
@@ -330,6 +338,8 @@ pub(crate) struct TemplateBuild<'a> {
 #[derive(Debug)]
 pub(crate) struct Rendered {
     build_file: PathBuf,
+    /// The build file's text (its SHA-256 is a provenance property).
+    text: String,
     json: serde_json::Value,
 }
 
@@ -350,8 +360,17 @@ impl TemplateBuild<'_> {
         render::template_name(self.template)
     }
 
-    /// Render, run, record, then rotate what was built.
+    /// Render, run, record; then the new images get their provenance, pass
+    /// the test gate (when TEST_COMMAND is set) and are rotated. A build
+    /// whose images were staged before a stop resumes at the test.
     async fn build(&self, catalog: &Catalog) -> TemplateResult {
+        if let Some(command) = &self.ctx.config.gate.test_command {
+            match self.ctx.journal.staged(self.job.id, &self.name()) {
+                Ok(Some(staged)) => return self.resume_at_test(command, staged).await,
+                Ok(None) => {}
+                Err(e) => tracing::error!("{}: {e}", self.thread),
+            }
+        }
         let rendered = match self.render(catalog) {
             Ok(r) => r,
             Err(e) => return TemplateResult::Failed(e),
@@ -364,15 +383,196 @@ impl TemplateBuild<'_> {
         if !matches!(result, TemplateResult::Ok) {
             return result;
         }
-        let rotations = rotate(
-            self.ctx,
+        let published = match self.publish(&ran, &rendered).await {
+            Ok(p) => p,
+            Err(e) => return self.gate_failed(e),
+        };
+        let targets = match (&self.ctx.config.gate.test_command, published) {
+            (Some(command), Some(p)) => match self.gate(command, ran.build_id, &ran.log_path, &p).await {
+                Ok(()) => Some(p.targets()),
+                Err(result) => return result,
+            },
+            (Some(_), None) => unreachable!("publish finds the images to test or fails"),
+            (None, p) => p.map(|p| p.targets()),
+        };
+        let targets = targets.unwrap_or_else(|| legacy_targets(&ran.summary, &rendered.json, self.values, ran.started));
+        self.rotate_and_record(ran.build_id, targets).await;
+        TemplateResult::Ok
+    }
+
+    /// A job stopped during its test: the images were built and staged;
+    /// the test runs again, then the rotation.
+    async fn resume_at_test(&self, command: &str, staged: crate::journal::StagedBuild) -> TemplateResult {
+        let ids: Vec<&str> = staged.images.iter().map(|i| i.id.as_str()).collect();
+        tracing::info!(
+            "{}: {}.{}: image(s) {} built before the stop; running the test again, not the build",
             self.thread,
-            &ran.summary,
-            &rendered.json,
-            self.values,
-            ran.started,
-        )
+            self.key,
+            self.name(),
+            ids.join(", ")
+        );
+        let glance = match self.glance().await {
+            Ok(g) => g,
+            Err(e) => return self.gate_failed(e),
+        };
+        let p = Published {
+            glance,
+            images: staged.images,
+        };
+        if let Err(result) = self.gate(command, Some(staged.build_id), &staged.log_path, &p).await {
+            return result;
+        }
+        self.rotate_and_record(Some(staged.build_id), p.targets()).await;
+        TemplateResult::Ok
+    }
+
+    /// The test gate for `p`'s images: `Ok` when they passed (they have their names back).
+    async fn gate(
+        &self,
+        command: &str,
+        build_id: Option<i64>,
+        log_path: &Path,
+        p: &Published,
+    ) -> Result<(), TemplateResult> {
+        let gate = crate::gate::Gate {
+            ctx: self.ctx,
+            thread: self.thread,
+            job: self.job,
+            key: self.key,
+            build_id,
+            log_path,
+            glance: &p.glance,
+            env: self.env,
+            stop: self.stop,
+        };
+        match gate.run(command, &p.images).await {
+            crate::gate::GateOutcome::Passed => Ok(()),
+            crate::gate::GateOutcome::Cancelled => Err(TemplateResult::Cancelled),
+            crate::gate::GateOutcome::Failed(f) => Err(TemplateResult::Failed(TemplateError::Test(f))),
+        }
+    }
+
+    /// A gate that could not start (no Glance, no image): the build stands, nothing goes live.
+    fn gate_failed(&self, e: crate::gate::GateFailure) -> TemplateResult {
+        if self.stop.is_cancelled() {
+            return TemplateResult::Cancelled;
+        }
+        tracing::error!("{}: {}.{}: built, test failed: {e}", self.thread, self.key, self.name());
+        self.ctx.metrics.test_finished(e.result());
+        TemplateResult::Failed(TemplateError::Test(e))
+    }
+
+    /// Glance with PACKER_ADMIN_AUTH_FILE's credentials, else PACKER_AUTH_FILE's.
+    async fn glance(&self) -> Result<glance_rotate::Glance, crate::gate::GateFailure> {
+        let rc = (self.ctx.config.rotation.admin_auth_file.clone())
+            .unwrap_or_else(|| self.ctx.config.packer_auth_file.clone());
+        let what = format!("Glance credentials from {}", rc.display());
+        let creds = tokio::task::spawn_blocking(move || glance_rotate::credentials_from_rc(&rc))
+            .await
+            .map_err(|e| glance_rotate::RotateError::Other(format!("sourcing: {e}")))
+            .and_then(|r| r);
+        let session = creds.and_then(glance_rotate::Session::new);
+        match session {
+            Ok(s) => Ok(glance_rotate::Glance::new(Arc::new(s))),
+            Err(source) => Err(crate::gate::GateFailure::Glance { what, source }),
+        }
+    }
+
+    /// The images a successful run made, found in Glance, with their
+    /// provenance properties set. `Ok(None)`: Glance is not used for this
+    /// build (no gate, no OpenStack image reported, rotation off) or could
+    /// not be asked (the rotation then tries on its own). With TEST_COMMAND
+    /// set, no image found is an error: nothing untested goes live.
+    async fn publish(&self, ran: &Ran, rendered: &Rendered) -> Result<Option<Published>, crate::gate::GateFailure> {
+        let cfg = &self.ctx.config;
+        let gated = cfg.gate.test_command.is_some();
+        let reported = ran.summary.openstack_images();
+        if !gated && reported.is_empty() && cfg.rotation.admin_auth_file.is_none() {
+            return Ok(None);
+        }
+        let found = async {
+            let glance = self.glance().await?;
+            let targets: Vec<glance_rotate::Target> = if reported.is_empty() {
+                legacy_targets(&ran.summary, &rendered.json, self.values, ran.started)
+            } else {
+                reported.into_iter().map(glance_rotate::Target::ImageId).collect()
+            };
+            let mut images = Vec::new();
+            for target in &targets {
+                let what = format!("looking up the new {}", target_text(target));
+                let found = crate::gate::with_retries(self.ctx, self.thread, self.stop, &what, || {
+                    glance_rotate::rotate::new_image(&glance, target)
+                })
+                .await?;
+                match found {
+                    Some(img) => images.push(crate::journal::BuiltImage {
+                        id: img.id.clone(),
+                        name: img.name().to_string(),
+                    }),
+                    None => {
+                        return Err(crate::gate::GateFailure::NoImage(format!(
+                            "no active {} in Glance",
+                            target_text(target)
+                        )))
+                    }
+                }
+            }
+            Ok(Published { glance, images })
+        }
         .await;
+        let published = match found {
+            Ok(p) => p,
+            Err(e) if gated => return Err(e),
+            Err(e) => {
+                tracing::warn!("{}: {}.{}: no provenance set: {e}", self.thread, self.key, self.name());
+                return Ok(None);
+            }
+        };
+        if let Some(b) = ran.build_id {
+            if let Err(e) = self
+                .ctx
+                .journal
+                .set_build_images(b, &published.images, self.source_image)
+            {
+                tracing::error!("{}: {e}", self.thread);
+            }
+        }
+        self.set_provenance(&published, rendered).await;
+        Ok(Some(published))
+    }
+
+    /// Provenance properties on each new image (a failure is logged: the
+    /// image is good without them).
+    async fn set_provenance(&self, p: &Published, rendered: &Rendered) {
+        let profile = self.ctx.journal.job(self.job.id).ok().flatten().and_then(|j| j.profile);
+        let packer_version = crate::provenance::packer_version(&self.ctx.config.packer_path).await;
+        let origin = crate::provenance::Origin {
+            names: self.names,
+            image_key: self.key,
+            profile: profile.as_deref(),
+            body: &self.job.body,
+            template: self.template,
+            build_file_text: &rendered.text,
+            source_image: self.source_image,
+            job: self.job.id,
+            packer_version: &packer_version,
+        };
+        let props = crate::provenance::properties(&origin, chrono::Utc::now());
+        for image in &p.images {
+            let what = format!("setting the provenance of image {}", image.id);
+            let set = crate::gate::with_retries(self.ctx, self.thread, self.stop, &what, || {
+                glance_rotate::gate::set_properties(&p.glance, &image.id, &props)
+            })
+            .await;
+            if let Err(e) = set {
+                tracing::warn!("{}: {e}", self.thread);
+            }
+        }
+    }
+
+    /// Rotates `targets` and records the result on the build.
+    async fn rotate_and_record(&self, build_id: Option<i64>, targets: Vec<glance_rotate::Target>) {
+        let rotations = rotate(self.ctx, self.thread, targets).await;
         for r in &rotations {
             self.ctx.metrics.rotation(match r {
                 Rotation::Skipped(_) => "skipped",
@@ -380,12 +580,11 @@ impl TemplateBuild<'_> {
                 Rotation::Failed { .. } => "failed",
             });
         }
-        if let Some(b) = ran.build_id {
+        if let Some(b) = build_id {
             if let Err(e) = self.ctx.journal.set_rotation(b, &rotation_field(&rotations)) {
                 tracing::error!("{}: {e}", self.thread);
             }
         }
-        TemplateResult::Ok
     }
 
     /// The template with the job's values, written atomically to BUILD_FILE_DIR.
@@ -410,7 +609,11 @@ impl TemplateBuild<'_> {
             tracing::error!("{thread}: {e}");
             return Err(e);
         }
-        Ok(Rendered { build_file, json })
+        Ok(Rendered {
+            build_file,
+            text: rendered,
+            json,
+        })
     }
 
     /// Packer on the build file, its output into a new build log, the
@@ -435,12 +638,12 @@ impl TemplateBuild<'_> {
         tracing::info!("packer build starting, see: {} for details", log_path.display());
         let started = chrono::Utc::now();
 
-        let cmd = PackerCommand {
-            packer: cfg.packer_path.clone(),
-            build_file: build_file.clone(),
-            env: self.env.clone(),
-            cwd: build_file.parent().map(Path::to_path_buf),
-        };
+        let cmd = GroupCommand::packer_build(
+            cfg.packer_path.clone(),
+            build_file,
+            self.env.clone(),
+            build_file.parent().map(Path::to_path_buf),
+        );
         let journal = ctx.journal.clone();
         let boot_id = ctx.boot_id.clone();
         let outcome = runner::run(
@@ -553,7 +756,7 @@ impl TemplateBuild<'_> {
     }
 }
 
-fn humanize(d: Duration) -> String {
+pub(crate) fn humanize(d: Duration) -> String {
     let s = d.as_secs_f64();
     if s >= 3600.0 && s % 3600.0 == 0.0 {
         format!("{}h", s / 3600.0)
@@ -619,30 +822,56 @@ fn rotation_field(rotations: &[Rotation]) -> String {
     rotations.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
 }
 
-/// The rename-old-images step for what this template build produced: one
-/// rotation per new image (after a few attempts each).
-async fn rotate(
-    ctx: &Context,
-    thread: &str,
+/// What a build made, found in Glance.
+pub(crate) struct Published {
+    glance: glance_rotate::Glance,
+    images: Vec<crate::journal::BuiltImage>,
+}
+
+impl Published {
+    fn targets(&self) -> Vec<glance_rotate::Target> {
+        self.images
+            .iter()
+            .map(|i| glance_rotate::Target::ImageId(i.id.clone()))
+            .collect()
+    }
+}
+
+fn target_text(target: &glance_rotate::Target) -> String {
+    match target {
+        glance_rotate::Target::ImageId(id) => format!("image {id}"),
+        glance_rotate::Target::Name { name, .. } => format!("image named {name:?}"),
+    }
+}
+
+/// The images a build made as the rotation looks for them without asking
+/// Glance first: packer's OpenStack artifacts, else the newest active image
+/// of the rendered name created since the build started.
+fn legacy_targets(
     summary: &Summary,
     rendered: &serde_json::Value,
     values: &Values,
     started: chrono::DateTime<chrono::Utc>,
-) -> Vec<Rotation> {
-    let rc = &ctx.config.rotation;
-    let Some(admin_rc) = rc.admin_auth_file.clone() else {
-        return vec![Rotation::Skipped(
-            "rotation is off (no PACKER_ADMIN_AUTH_FILE)".to_string(),
-        )];
-    };
+) -> Vec<glance_rotate::Target> {
     let images = summary.openstack_images();
-    let targets: Vec<glance_rotate::Target> = if images.is_empty() {
+    if images.is_empty() {
         vec![glance_rotate::Target::Name {
             name: render::image_name(rendered, &values.raw_name),
             created_after: Some(started.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
         }]
     } else {
         images.into_iter().map(glance_rotate::Target::ImageId).collect()
+    }
+}
+
+/// The rename-old-images step for what a template build produced: one
+/// rotation per new image (after a few attempts each).
+async fn rotate(ctx: &Context, thread: &str, targets: Vec<glance_rotate::Target>) -> Vec<Rotation> {
+    let rc = &ctx.config.rotation;
+    let Some(admin_rc) = rc.admin_auth_file.clone() else {
+        return vec![Rotation::Skipped(
+            "rotation is off (no PACKER_ADMIN_AUTH_FILE)".to_string(),
+        )];
     };
     let opts = glance_rotate::RotateOptions::from(rc);
     let mut results = Vec::new();
@@ -659,10 +888,7 @@ async fn rotate_one(
     target: glance_rotate::Target,
     opts: &glance_rotate::RotateOptions,
 ) -> Rotation {
-    let what = match &target {
-        glance_rotate::Target::ImageId(id) => format!("image {id}"),
-        glance_rotate::Target::Name { name, .. } => format!("image named {name:?}"),
-    };
+    let what = target_text(&target);
     let attempts = ctx.rotation_backoff.len() + 1;
     let mut attempt = 1;
     let last = loop {
@@ -763,6 +989,7 @@ mod tests {
     /// What a template's build borrows: the job, its values and environment.
     struct Job {
         job: JobRef,
+        names: ImageNames,
         values: Values,
         env: BTreeMap<String, String>,
     }
@@ -775,6 +1002,7 @@ mod tests {
                     image_key: "sample-sl7x-x86_64".into(),
                     body: Arc::new(Vec::new()),
                 },
+                names: ImageNames::from_json(&sample_profile()).unwrap(),
                 values: Values::sample(),
                 env: BTreeMap::new(),
             }
@@ -787,11 +1015,24 @@ mod tests {
                 thread: "Thread-1",
                 job: &self.job,
                 key: &self.job.image_key,
+                names: &self.names,
+                source_image: "00000000-0000-0000-0000-000000000000",
                 values: &self.values,
                 env: &self.env,
                 template,
             }
         }
+    }
+
+    /// A profile naming the sample image.
+    fn sample_profile() -> serde_json::Value {
+        serde_json::json!({
+            "system": {
+                "personality": {"name": "sample"},
+                "archetype": {"name": "sample-archetype"},
+                "os": {"distribution": {"name": "sl"}, "version": {"name": "7x"}, "architecture": "x86_64"}
+            }
+        })
     }
 
     #[test]

@@ -122,7 +122,7 @@ pub(crate) struct JobRef {
 }
 
 /// One template build of a job, as recorded.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct BuildRecord {
     /// The template's name (its file name without `.json`).
     pub template: String,
@@ -139,6 +139,35 @@ pub struct BuildRecord {
     pub rotation: Option<String>,
     /// Why the build failed, naming its log.
     pub error: Option<String>,
+    /// The images it made (Glance IDs and live names).
+    pub images: Vec<BuiltImage>,
+    /// The source image it was built from (IMAGES_CONFIG's entry then).
+    pub source_image: Option<String>,
+    /// The test gate: `testing`, `passed`, or why the test failed (none without a gate).
+    pub test: Option<String>,
+    /// TEST_COMMAND's exit code.
+    pub test_exit_code: Option<i64>,
+}
+
+/// An image a build made: its Glance ID and the name it goes live under.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct BuiltImage {
+    pub id: String,
+    pub name: String,
+}
+
+/// The test state of a build whose image waits for (or is in) its test.
+pub(crate) const TESTING: &str = "testing";
+/// The test state of a build whose image passed.
+pub(crate) const PASSED: &str = "passed";
+
+/// A build of a job whose images were staged and not yet tested (a restart
+/// runs the test again, not the build).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StagedBuild {
+    pub(crate) build_id: i64,
+    pub(crate) log_path: PathBuf,
+    pub(crate) images: Vec<BuiltImage>,
 }
 
 /// One job, as `status` and `history` show it.
@@ -314,9 +343,11 @@ CREATE INDEX IF NOT EXISTS builds_pgid ON builds(pgid) WHERE pgid IS NOT NULL;
 /// The journal's schema version (`PRAGMA user_version`). 0: journals from
 /// before versioning (the tables of [`SCHEMA`]); 1 adds an index for the
 /// status page; 2 the alert state of each image (`image_health`) and the
-/// alerts' outbox. Each step below upgrades an existing journal in place,
-/// once, in one transaction; an older rabbit2packer still reads it.
-pub const SCHEMA_VERSION: i64 = 2;
+/// alerts' outbox; 3 what a build made and its test (the test gate,
+/// provenance, outdated images). Each step below upgrades an existing
+/// journal in place, once, in one transaction; an older rabbit2packer still
+/// reads it.
+pub const SCHEMA_VERSION: i64 = 3;
 const MIGRATIONS: &[(i64, &str)] = &[
     // 1 (#12, the status page): an image's newest job in each state is one
     // index seek, so `/api/images` stays fast with 100,000 jobs.
@@ -329,7 +360,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
         2,
         "CREATE TABLE IF NOT EXISTS image_health (
             image_key TEXT PRIMARY KEY,
-            -- 'build failing' or 'rotation failing' (a healthy image has no row)
+            -- 'build failing', 'rotation failing' or 'test failing' (a healthy image has no row)
             state TEXT NOT NULL,
             since_job INTEGER NOT NULL,
             since_at TEXT NOT NULL,
@@ -348,6 +379,17 @@ const MIGRATIONS: &[(i64, &str)] = &[
             created_at TEXT NOT NULL
         );",
     ),
+    // 3 (#14, safe promotion): the images a build made (JSON list of
+    // {"id", "name"}), the source image it was built from, and its test:
+    // NULL (no gate), 'testing' (staged, the test to run or running: a
+    // restart resumes there), 'passed', or why it failed.
+    (
+        3,
+        "ALTER TABLE builds ADD COLUMN images TEXT;
+        ALTER TABLE builds ADD COLUMN source_image TEXT;
+        ALTER TABLE builds ADD COLUMN test TEXT;
+        ALTER TABLE builds ADD COLUMN test_exit_code INTEGER;",
+    ),
 ];
 
 /// The newest profile journaled for an image: its job, `profile` header and body.
@@ -357,7 +399,7 @@ pub(crate) type LastBody = (i64, Option<String>, Vec<u8>);
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct ImageHealth {
     pub image_key: String,
-    /// `build failing` or `rotation failing`.
+    /// `build failing`, `rotation failing` or `test failing`.
     pub state: String,
     /// The job whose failure started it (the one alerted about).
     pub since_job: i64,
@@ -722,6 +764,76 @@ impl Journal {
                 params![rotation, build_id],
             )
             .map(drop)
+        })
+    }
+
+    /// What a build made: its images and the source image they were built from.
+    pub(crate) fn set_build_images(&self, build_id: i64, images: &[BuiltImage], source_image: &str) -> Result<()> {
+        let images = serde_json::to_string(images).expect("images serialise");
+        self.write(|c| {
+            c.execute(
+                "UPDATE builds SET images = ?1, source_image = ?2 WHERE id = ?3",
+                params![images, source_image, build_id],
+            )
+            .map(drop)
+        })
+    }
+
+    /// The test gate's state of a build (`testing`, `passed`, or why it failed).
+    pub(crate) fn set_test(&self, build_id: i64, test: &str, exit_code: Option<i32>) -> Result<()> {
+        self.write(|c| {
+            c.execute(
+                "UPDATE builds SET test = ?1, test_exit_code = ?2 WHERE id = ?3",
+                params![test, exit_code, build_id],
+            )
+            .map(drop)
+        })
+    }
+
+    /// The newest build of `template` in job `job_id` whose images were
+    /// staged and not tested to the end (a restart resumes there).
+    pub(crate) fn staged(&self, job_id: i64, template: &str) -> Result<Option<StagedBuild>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT id, COALESCE(log_path, ''), images, test FROM builds
+                 WHERE job_id = ?1 AND template = ?2 ORDER BY id DESC LIMIT 1",
+                params![job_id, template],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                        r.get::<_, Option<String>>(3)?,
+                    ))
+                },
+            )
+            .optional()
+            .map(|row| {
+                row.filter(|(_, _, _, test)| test.as_deref() == Some(TESTING))
+                    .map(|(build_id, log, images, _)| StagedBuild {
+                        build_id,
+                        log_path: PathBuf::from(log),
+                        images: images_from(images),
+                    })
+                    .filter(|s| !s.images.is_empty())
+            })
+        })
+    }
+
+    /// The source image of each image key's newest succeeded build (for
+    /// outdated images): image key -> (job, source image).
+    pub fn built_from(&self) -> Result<Vec<(String, i64, String)>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT j.image_key, j.id, b.source_image FROM jobs j JOIN builds b ON b.job_id = j.id
+                 WHERE j.state = 'succeeded' AND b.source_image IS NOT NULL
+                 AND j.id = (SELECT max(id) FROM jobs WHERE image_key = j.image_key AND state = 'succeeded')
+                 ORDER BY j.image_key, b.id",
+            )?;
+            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            let mut out: Vec<(String, i64, String)> = rows.collect::<rusqlite::Result<_>>()?;
+            out.dedup_by(|a, b| a.0 == b.0);
+            Ok(out)
         })
     }
 
@@ -1194,7 +1306,8 @@ fn query_jobs(c: &Connection, clause: &str, args: &[&dyn rusqlite::ToSql]) -> ru
         })?
         .collect::<rusqlite::Result<_>>()?;
     let mut bst = c.prepare_cached(
-        "SELECT template, started_at, finished_at, exit_code, log_path, artifact_id, rotation, error
+        "SELECT template, started_at, finished_at, exit_code, log_path, artifact_id, rotation, error,
+                images, source_image, test, test_exit_code
              FROM builds WHERE job_id = ?1 ORDER BY id",
     )?;
     for job in &mut jobs {
@@ -1209,6 +1322,10 @@ fn query_jobs(c: &Connection, clause: &str, args: &[&dyn rusqlite::ToSql]) -> ru
                     artifact_id: r.get(5)?,
                     rotation: r.get(6)?,
                     error: r.get(7)?,
+                    images: images_from(r.get::<_, Option<String>>(8)?),
+                    source_image: r.get(9)?,
+                    test: r.get(10)?,
+                    test_exit_code: r.get(11)?,
                 })
             })?
             .collect::<rusqlite::Result<_>>()?;
@@ -1326,8 +1443,27 @@ fn account_name(id: u32, group: bool) -> String {
     }
 }
 
-/// The one-word summary history shows: the state, or `built, rotation failed`.
+/// A build's `images` column (a JSON list; nothing for NULL or junk).
+fn images_from(column: Option<String>) -> Vec<BuiltImage> {
+    column
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or_default()
+}
+
+/// The outcome of a job whose image was built but failed its test.
+pub const TEST_FAILED: &str = "built, test failed";
+
+/// Whether a build's image failed the test gate.
+pub(crate) fn test_failed(b: &BuildRecord) -> bool {
+    b.test.as_deref().is_some_and(|t| t != TESTING && t != PASSED)
+}
+
+/// The one-word summary history shows: the state, `built, rotation failed`
+/// or `built, test failed`.
 fn outcome(job: &JobRecord) -> String {
+    if job.state == JobState::Failed && job.builds.iter().any(test_failed) {
+        return TEST_FAILED.to_string();
+    }
     if job.state == JobState::Succeeded
         && job
             .builds

@@ -6,8 +6,9 @@
 //! image at most one running and one waiting job and hands ready ones to
 //! THREAD_COUNT workers; a `job` takes the `catalog`'s templates for the
 //! image, `render`s each to a build file, [`runner`] runs packer in its own
-//! process group while [`build_log`] writes the log operators know, then the
-//! image is rotated (glance-rotate). [`history`] reads the journal for
+//! process group while [`build_log`] writes the log operators know; the new
+//! image gets its `provenance` properties, waits for its test at the `gate`
+//! (TEST_COMMAND), and is rotated (glance-rotate). [`history`] reads the journal for
 //! `status` and `history`; [`daemon`] ties the life cycle together.
 //! Beside the data path: [`status`] serves the status page, its API and the
 //! [`metrics`]; `alerts` tells a person when an image starts failing or
@@ -31,11 +32,13 @@ pub mod cli;
 pub(crate) mod consumer;
 pub mod control;
 pub mod daemon;
+pub(crate) mod gate;
 pub mod history;
 pub(crate) mod job;
 pub mod journal;
 pub mod metrics;
 pub mod plan;
+pub(crate) mod provenance;
 pub(crate) mod render;
 pub mod runner;
 pub(crate) mod scheduler;

@@ -51,6 +51,35 @@ pub struct Metrics {
     rotations: IntCounterVec,
     rejected: IntCounter,
     broker_connected: IntGauge,
+    tests: IntCounterVec,
+}
+
+/// How a test gate ended (`result` of `packuilon_image_tests_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum TestResult {
+    Passed,
+    Failed,
+    TimedOut,
+    /// The test could not be run (Glance, no image, TEST_COMMAND not started).
+    Error,
+}
+
+impl TestResult {
+    const ALL: [TestResult; 4] = [
+        TestResult::Passed,
+        TestResult::Failed,
+        TestResult::TimedOut,
+        TestResult::Error,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            TestResult::Passed => "passed",
+            TestResult::Failed => "failed",
+            TestResult::TimedOut => "timed_out",
+            TestResult::Error => "error",
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -113,8 +142,17 @@ impl Metrics {
             "1 while rabbit2packer consumes from RabbitMQ, else 0.",
         )
         .expect("valid metric");
+        let tests = IntCounterVec::new(
+            Opts::new(
+                "packuilon_image_tests_total",
+                "Test gate runs (TEST_COMMAND on a new image) by result.",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
         for c in [
-            Box::new(builds.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(tests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(builds.clone()),
             Box::new(build_duration.clone()),
             Box::new(running.clone()),
             Box::new(waiting.clone()),
@@ -129,6 +167,9 @@ impl Metrics {
         for r in ["done", "skipped", "failed"] {
             rotations.with_label_values(&[r]);
         }
+        for r in TestResult::ALL {
+            tests.with_label_values(&[r.label()]);
+        }
         Metrics {
             registry,
             builds,
@@ -139,7 +180,13 @@ impl Metrics {
             rotations,
             rejected,
             broker_connected,
+            tests,
         }
+    }
+
+    /// A test gate ended.
+    pub(crate) fn test_finished(&self, result: TestResult) {
+        self.tests.with_label_values(&[result.label()]).inc();
     }
 
     /// A template build ended after `seconds`.

@@ -1,6 +1,7 @@
 //! Running packer: `PACKER_PATH build -machine-readable -color=false FILE`,
 //! no shell in between, as the leader of its own process group, so that a
 //! stop or a timeout reaches packer and every plugin and script it started.
+//! The test gate's TEST_COMMAND runs the same way.
 //!
 //! - Stop (SIGTERM to the daemon) or BUILD_TIMEOUT: SIGINT to the group, as
 //!   Ctrl-C at a terminal would, then SIGKILL to the group after the grace
@@ -32,23 +33,40 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-/// What to run.
+/// What to run: packer on a build file, or TEST_COMMAND (the test gate).
 #[derive(Debug, Clone)]
-pub(crate) struct PackerCommand {
-    pub(crate) packer: PathBuf,
-    pub(crate) build_file: PathBuf,
+pub(crate) struct GroupCommand {
+    pub(crate) program: PathBuf,
+    pub(crate) args: Vec<std::ffi::OsString>,
     /// Added to the daemon's own environment.
     pub(crate) env: BTreeMap<String, String>,
     pub(crate) cwd: Option<PathBuf>,
 }
 
-impl PackerCommand {
+impl GroupCommand {
+    /// `PACKER_PATH build -machine-readable -color=false FILE`.
+    pub(crate) fn packer_build(
+        packer: PathBuf,
+        build_file: &std::path::Path,
+        env: BTreeMap<String, String>,
+        cwd: Option<PathBuf>,
+    ) -> GroupCommand {
+        GroupCommand {
+            program: packer,
+            args: vec![
+                "build".into(),
+                "-machine-readable".into(),
+                "-color=false".into(),
+                build_file.into(),
+            ],
+            env,
+            cwd,
+        }
+    }
+
     fn command(&self, daemon_pid: libc::pid_t) -> Command {
-        let mut cmd = Command::new(&self.packer);
-        cmd.arg("build")
-            .arg("-machine-readable")
-            .arg("-color=false")
-            .arg(&self.build_file)
+        let mut cmd = Command::new(&self.program);
+        cmd.args(&self.args)
             .envs(&self.env)
             // systemd's socket is the daemon's: packer has nothing to tell it.
             .env_remove("NOTIFY_SOCKET")
@@ -78,7 +96,7 @@ impl PackerCommand {
     }
 }
 
-type SpawnRequest = (PackerCommand, oneshot::Sender<io::Result<Child>>);
+type SpawnRequest = (GroupCommand, oneshot::Sender<io::Result<Child>>);
 
 /// The one long-lived thread that forks every packer (see the module doc).
 #[derive(Debug, Clone)]
@@ -101,7 +119,7 @@ impl Spawner {
         Ok(Spawner { tx })
     }
 
-    async fn spawn(&self, cmd: PackerCommand) -> io::Result<Child> {
+    async fn spawn(&self, cmd: GroupCommand) -> io::Result<Child> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send((cmd, reply))
@@ -182,7 +200,7 @@ pub(crate) enum Stream {
 /// then SIGKILL after `grace`.
 pub(crate) async fn run<S, L>(
     spawner: &Spawner,
-    cmd: PackerCommand,
+    cmd: GroupCommand,
     timeout: Duration,
     grace: Duration,
     stop: &CancellationToken,
@@ -337,13 +355,13 @@ mod tests {
         p
     }
 
-    fn cmd(packer: PathBuf) -> PackerCommand {
-        PackerCommand {
+    fn cmd(packer: PathBuf) -> GroupCommand {
+        GroupCommand::packer_build(
             packer,
-            build_file: "/dev/null".into(),
-            env: [("R2P_X".to_string(), "a b".to_string())].into(),
-            cwd: None,
-        }
+            std::path::Path::new("/dev/null"),
+            [("R2P_X".to_string(), "a b".to_string())].into(),
+            None,
+        )
     }
 
     #[tokio::test]
