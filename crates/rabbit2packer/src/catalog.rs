@@ -184,6 +184,11 @@ impl Catalog {
         &self.map_file
     }
 
+    /// IMAGES_CONFIG's entries: `<os><version>-<arch>` -> source image ID.
+    pub(crate) fn source_images(&self) -> &BTreeMap<String, String> {
+        &self.source_images
+    }
+
     pub(crate) fn images_file(&self) -> &Path {
         &self.images_file
     }
@@ -233,7 +238,7 @@ fn load_map(map_file: &Path) -> Result<BTreeMap<String, Vec<PathBuf>>, CatalogEr
 }
 
 /// source-images.json: `<os><version>-<arch>` -> image ID.
-fn load_images(images_file: &Path) -> Result<BTreeMap<String, String>, CatalogError> {
+pub(crate) fn load_images(images_file: &Path) -> Result<BTreeMap<String, String>, CatalogError> {
     let images = read_object(images_file, "\"<os><version>-<arch>\" -> image ID")?;
     let mut source_images = BTreeMap::new();
     for (key, value) in images {

@@ -84,11 +84,16 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
     },
-    /// Queue a build of an image with the newest profile the journal holds for it
-    /// (the running daemon does it; root or the service user only).
+    /// Queue a build of an image with the newest profile the journal holds for it,
+    /// or with --outdated of every image built from a source image IMAGES_CONFIG no
+    /// longer names (the running daemon does it; root or the service user only).
     Rebuild {
         /// The image key (e.g. inventory-sl7x-x86_64; see `history`).
-        image_key: String,
+        #[arg(required_unless_present = "outdated", conflicts_with = "outdated")]
+        image_key: Option<String>,
+        /// Every outdated image (see `status`).
+        #[arg(long)]
+        outdated: bool,
         /// The daemon's STATE_DIR (its control socket) instead of the config's.
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,

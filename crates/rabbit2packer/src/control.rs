@@ -38,9 +38,17 @@ const MAX_REQUEST: usize = 4096;
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "command", rename_all = "lowercase")]
 pub enum Request {
-    Rebuild { image_key: String },
-    Cancel { job: i64 },
-    Retry { job: i64 },
+    Rebuild {
+        image_key: String,
+    },
+    /// Every image built from a source image IMAGES_CONFIG no longer names.
+    RebuildOutdated,
+    Cancel {
+        job: i64,
+    },
+    Retry {
+        job: i64,
+    },
 }
 
 /// The daemon's answer.
@@ -113,6 +121,8 @@ pub(crate) struct Control {
     pub(crate) journal: Arc<Journal>,
     pub(crate) scheduler: Arc<Scheduler>,
     pub(crate) cancels: Arc<Cancels>,
+    /// IMAGES_CONFIG (`rebuild --outdated`).
+    pub(crate) images_file: std::path::PathBuf,
 }
 
 /// Binds STATE_DIR/control.sock (0600; a socket left by a dead daemon is
@@ -190,6 +200,7 @@ async fn connection(stream: UnixStream, control: &Control) -> std::io::Result<()
 pub(crate) fn handle(control: &Control, req: &Request, by: &str) -> Reply {
     let result = match req {
         Request::Rebuild { image_key } => rebuild(control, image_key, by),
+        Request::RebuildOutdated => rebuild_outdated(control, by),
         Request::Retry { job } => retry(control, *job, by),
         Request::Cancel { job } => cancel(control, *job, by),
     };
@@ -214,6 +225,52 @@ fn rebuild(control: &Control, image_key: &str, by: &str) -> Result<Reply, String
     Ok(Reply::ok(
         format!("job {id} queued: a rebuild of {image_key} with the profile of job {from}"),
         id,
+    ))
+}
+
+/// Queues a rebuild of every outdated image with its newest profile.
+pub(crate) fn rebuild_outdated(control: &Control, by: &str) -> Result<Reply, String> {
+    let sources = crate::outdated::read_source_images(&control.images_file)?;
+    let outdated = crate::outdated::find(&control.journal, &sources).map_err(|e| e.to_string())?;
+    if outdated.is_empty() {
+        return Ok(Reply {
+            ok: true,
+            message: format!(
+                "no outdated image: every image was built from the source image {} names now",
+                control.images_file.display()
+            ),
+            job: None,
+        });
+    }
+    let mut queued = Vec::new();
+    let mut last = 0;
+    for o in &outdated {
+        let Some((from, profile, body)) = control.journal.last_body(&o.image_key).map_err(|e| e.to_string())? else {
+            continue;
+        };
+        let id = queue(
+            control,
+            &o.image_key,
+            profile,
+            body,
+            &format!("rebuild-outdated-{}", o.image_key),
+        )?;
+        tracing::info!(
+            "{by}: {} is outdated (built from {}, IMAGES_CONFIG now names {}): rebuild queued as job {id} (the profile of job {from})",
+            o.image_key,
+            o.built_from,
+            o.current
+        );
+        queued.push(format!("{} (job {id})", o.image_key));
+        last = id;
+    }
+    Ok(Reply::ok(
+        format!(
+            "{} rebuild(s) of outdated images queued: {}",
+            queued.len(),
+            queued.join(", ")
+        ),
+        last,
     ))
 }
 

@@ -13,7 +13,7 @@
 //! The status server ([`crate::status`]) is bound at start (a taken address
 //! is a configuration error naming STATUS_LISTEN) and serves from READY=1 on.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -387,6 +387,42 @@ struct Running {
     /// The status server, and what stops it.
     server: Option<tokio::task::JoinHandle<()>>,
     stop_server: CancellationToken,
+    /// REBUILD_OUTDATED: IMAGES_CONFIG as last seen, checked every few seconds.
+    outdated: Option<OutdatedWatch>,
+}
+
+/// How often REBUILD_OUTDATED looks at IMAGES_CONFIG (one stat when unchanged).
+const OUTDATED_CHECK: Duration = Duration::from_secs(5);
+
+/// REBUILD_OUTDATED: queues rebuilds of outdated images at start and
+/// whenever IMAGES_CONFIG's source images change.
+struct OutdatedWatch {
+    control: Control,
+    catalog: Arc<LiveCatalog>,
+    /// The source images the last check saw (`None`: none yet).
+    seen: Option<BTreeMap<String, String>>,
+}
+
+impl OutdatedWatch {
+    fn check(&mut self) {
+        let catalog = self.catalog.refresh();
+        let now = catalog.source_images().clone();
+        if self.seen.as_ref() == Some(&now) {
+            return;
+        }
+        let first = self.seen.is_none();
+        self.seen = Some(now);
+        let by = if first {
+            "REBUILD_OUTDATED (at start)"
+        } else {
+            "REBUILD_OUTDATED (IMAGES_CONFIG changed)"
+        };
+        match crate::control::rebuild_outdated(&self.control, by) {
+            Ok(reply) if reply.job.is_some() => tracing::info!("{by}: {}", reply.message),
+            Ok(_) => {}
+            Err(e) => tracing::error!("{by}: {e}"),
+        }
+    }
 }
 
 struct Signals {
@@ -444,6 +480,7 @@ impl Running {
             journal: journal.clone(),
             scheduler: scheduler.clone(),
             cancels: cancels.clone(),
+            images_file: cfg.images_config.clone(),
         };
         let ctx = Arc::new(Context {
             config: cfg.clone(),
@@ -491,6 +528,11 @@ impl Running {
             packuilon_common::rabbit::endpoint(&settings.global.rabbit)
         );
         let stop_consuming = CancellationToken::new();
+        let outdated = cfg.rebuild_outdated.then(|| OutdatedWatch {
+            control: control.clone(),
+            catalog: ctx.catalog.clone(),
+            seen: None,
+        });
         tokio::spawn(crate::control::serve(control_socket, control, stop_consuming.clone()));
         let consumer = {
             let global = settings.global.clone();
@@ -516,6 +558,7 @@ impl Running {
             watchdog,
             server,
             stop_server,
+            outdated,
         })
     }
 
@@ -527,8 +570,15 @@ impl Running {
             t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             t
         });
+        let mut outdated_check = tokio::time::interval(OUTDATED_CHECK);
+        outdated_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                _ = outdated_check.tick(), if self.outdated.is_some() => {
+                    if let Some(w) = self.outdated.as_mut() {
+                        w.check();
+                    }
+                }
                 _ = self.scheduler.changed.notified() => {
                     let now = self.scheduler.counts();
                     if now != self.told {
@@ -641,7 +691,13 @@ fn start_server(
     stop: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, DaemonError> {
     let reader = Arc::new(Journal::open_read_only(&settings.r2p.state_dir)?);
-    let router = crate::status::router(reader, journal.subscribe(), metrics.clone(), &settings.r2p.log_dir);
+    let router = crate::status::router(
+        reader,
+        journal.subscribe(),
+        metrics.clone(),
+        &settings.r2p.log_dir,
+        &settings.r2p.images_config,
+    );
     let addr = listener.local_addr().map_err(|source| {
         let addr = settings.r2p.status.listen.unwrap_or_else(|| ([127, 0, 0, 1], 0).into());
         settings.setting_error("STATUS_LISTEN", SettingProblem::Listen { addr, source })

@@ -13,7 +13,12 @@ use crate::journal::{JobRecord, JobState, Journal, JournalError};
 
 /// Running, waiting and interrupted jobs as text (or JSON). Interrupted
 /// jobs are pending work: after a stop they are all the journal holds.
-pub fn status(journal: &Journal, json: bool) -> Result<String, JournalError> {
+/// With IMAGES_CONFIG's `source_images`, the text also lists the outdated images.
+pub fn status(
+    journal: &Journal,
+    source_images: Option<&std::collections::BTreeMap<String, String>>,
+    json: bool,
+) -> Result<String, JournalError> {
     let jobs = journal.active()?;
     if json {
         return Ok(serde_json::to_string_pretty(&jobs).expect("records serialise") + "\n");
@@ -98,6 +103,26 @@ pub fn status(journal: &Journal, json: bool) -> Result<String, JournalError> {
                     n => format!(", {n} further failure(s), the last job #{}", h.last_job),
                 }
             );
+        }
+    }
+    if let Some(sources) = source_images {
+        let outdated = crate::outdated::find(journal, sources)?;
+        if !outdated.is_empty() {
+            let _ = writeln!(
+                out,
+                "outdated: {} (IMAGES_CONFIG names a new source image; `rabbit2packer rebuild --outdated` builds them)",
+                outdated.len()
+            );
+            for o in outdated {
+                let _ = writeln!(
+                    out,
+                    "  {} built from {} by job #{}, now {}",
+                    esc(&o.image_key),
+                    esc(&o.built_from),
+                    o.job,
+                    esc(&o.current)
+                );
+            }
         }
     }
     Ok(out)

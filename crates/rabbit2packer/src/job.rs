@@ -529,11 +529,7 @@ impl TemplateBuild<'_> {
             }
         };
         if let Some(b) = ran.build_id {
-            if let Err(e) = self
-                .ctx
-                .journal
-                .set_build_images(b, &published.images, self.source_image)
-            {
+            if let Err(e) = self.ctx.journal.set_build_images(b, &published.images) {
                 tracing::error!("{}: {e}", self.thread);
             }
         }
@@ -632,7 +628,7 @@ impl TemplateBuild<'_> {
         let log_path = log.path().to_path_buf();
         let build_id = ctx
             .journal
-            .start_build(self.job.id, &self.name(), &log_path, build_file)
+            .start_build(self.job.id, &self.name(), &log_path, build_file, self.source_image)
             .map_err(|e| tracing::error!("{thread}: {e}"))
             .ok();
         tracing::info!("packer build starting, see: {} for details", log_path.display());

@@ -261,6 +261,9 @@ pub struct ImageSummary {
     /// Whether it is failing, since which job, and how many failures since
     /// (alerted about once; the page shows the count).
     pub failing: Option<ImageHealth>,
+    /// Built from a source image IMAGES_CONFIG no longer names (filled in
+    /// by the status server, which reads IMAGES_CONFIG).
+    pub outdated: Option<crate::outdated::Outdated>,
 }
 
 /// A packer process group recorded as running when the daemon last stopped.
@@ -710,17 +713,26 @@ impl Journal {
         })
     }
 
-    /// A template build starts: returns its id.
-    pub(crate) fn start_build(&self, job_id: i64, template: &str, log_path: &Path, build_file: &Path) -> Result<i64> {
+    /// A template build from `source_image` starts: returns its id.
+    pub(crate) fn start_build(
+        &self,
+        job_id: i64,
+        template: &str,
+        log_path: &Path,
+        build_file: &Path,
+        source_image: &str,
+    ) -> Result<i64> {
         self.write(|c| {
             c.execute(
-                "INSERT INTO builds (job_id, template, started_at, log_path, build_file) VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT INTO builds (job_id, template, started_at, log_path, build_file, source_image)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![
                     job_id,
                     template,
                     now(),
                     log_path.display().to_string(),
-                    build_file.display().to_string()
+                    build_file.display().to_string(),
+                    source_image
                 ],
             )?;
             Ok(c.last_insert_rowid())
@@ -767,15 +779,12 @@ impl Journal {
         })
     }
 
-    /// What a build made: its images and the source image they were built from.
-    pub(crate) fn set_build_images(&self, build_id: i64, images: &[BuiltImage], source_image: &str) -> Result<()> {
+    /// The images a build made (found in Glance).
+    pub(crate) fn set_build_images(&self, build_id: i64, images: &[BuiltImage]) -> Result<()> {
         let images = serde_json::to_string(images).expect("images serialise");
         self.write(|c| {
-            c.execute(
-                "UPDATE builds SET images = ?1, source_image = ?2 WHERE id = ?3",
-                params![images, source_image, build_id],
-            )
-            .map(drop)
+            c.execute("UPDATE builds SET images = ?1 WHERE id = ?2", params![images, build_id])
+                .map(drop)
         })
     }
 
@@ -1197,6 +1206,7 @@ impl Journal {
                     last_failure_job: failure.map(|f| f.0),
                     job: current,
                     failing: None,
+                    outdated: None,
                 });
             }
             drop(newest_st);
@@ -1530,7 +1540,7 @@ mod tests {
             .collect();
         j.set_running(ids[0], "Thread-1").unwrap();
         let b = j
-            .start_build(ids[0], "t.json", Path::new("/l"), Path::new("/f"))
+            .start_build(ids[0], "t.json", Path::new("/l"), Path::new("/f"), "src")
             .unwrap();
         j.set_build_pgid(b, 4242, "boot").unwrap();
         let rec = j.recover().unwrap();
@@ -1632,7 +1642,9 @@ mod tests {
         let c1 = add("c", 1);
         let d1 = add("d", 1);
         j.finish(d1, JobState::Succeeded, None).unwrap();
-        let b = j.start_build(d1, "t.json", Path::new("/l"), Path::new("/f")).unwrap();
+        let b = j
+            .start_build(d1, "t.json", Path::new("/l"), Path::new("/f"), "src")
+            .unwrap();
         j.set_rotation(b, "failed after 4 attempt(s): glance down").unwrap();
         let images = j.images().unwrap();
         let keys: Vec<(&str, ImageState)> = images.iter().map(|i| (i.image_key.as_str(), i.state)).collect();

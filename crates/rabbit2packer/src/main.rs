@@ -32,7 +32,13 @@ fn main() -> ExitCode {
             }
         }
         Some(Command::Status { json, state_dir }) => {
-            report(&config, state_dir, |j| rabbit2packer::history::status(j, json))
+            // Outdated images need IMAGES_CONFIG: without a readable config they are not listed.
+            let sources = rabbit2packer::daemon::load_settings(&config)
+                .ok()
+                .and_then(|s| rabbit2packer::outdated::read_source_images(&s.r2p.images_config).ok());
+            report(&config, state_dir, |j| {
+                rabbit2packer::history::status(j, sources.as_ref(), json)
+            })
         }
         Some(Command::History {
             image,
@@ -43,7 +49,16 @@ fn main() -> ExitCode {
             rabbit2packer::history::history(j, image.as_deref(), limit, json)
         }),
         Some(Command::Plan { profile, out }) => plan(&config, &profile, out.as_deref()),
-        Some(Command::Rebuild { image_key, state_dir }) => control(&config, state_dir, Request::Rebuild { image_key }),
+        Some(Command::Rebuild {
+            image_key: Some(image_key),
+            state_dir,
+            ..
+        }) => control(&config, state_dir, Request::Rebuild { image_key }),
+        Some(Command::Rebuild {
+            image_key: None,
+            state_dir,
+            ..
+        }) => control(&config, state_dir, Request::RebuildOutdated),
         Some(Command::Cancel { job, state_dir }) => control(&config, state_dir, Request::Cancel { job }),
         Some(Command::Retry { job, state_dir }) => control(&config, state_dir, Request::Retry { job }),
     }

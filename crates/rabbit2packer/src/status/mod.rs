@@ -51,6 +51,8 @@ struct Shared {
     metrics: Arc<Metrics>,
     /// LOG_DIR, resolved (symbolic links followed) at start.
     log_dir: PathBuf,
+    /// IMAGES_CONFIG (outdated images).
+    images_config: PathBuf,
 }
 
 /// The address people reach the page by, for links (alerts, log lines):
@@ -65,12 +67,14 @@ pub fn router(
     changes: tokio::sync::watch::Receiver<u64>,
     metrics: Arc<Metrics>,
     log_dir: &Path,
+    images_config: &Path,
 ) -> Router {
     let shared = Arc::new(Shared {
         journal,
         changes,
         metrics,
         log_dir: std::fs::canonicalize(log_dir).unwrap_or_else(|_| log_dir.to_path_buf()),
+        images_config: images_config.to_path_buf(),
     });
     Router::new()
         .route("/", get(|| async { html(PAGE) }))
@@ -171,7 +175,23 @@ async fn job_page(State(shared): State<Arc<Shared>>, UrlPath(raw): UrlPath<Strin
 }
 
 async fn images(State(shared): State<Arc<Shared>>) -> Response {
-    match read(&shared, |j| j.images()).await {
+    let images_config = shared.images_config.clone();
+    let summaries = move |j: &Journal| {
+        let mut images = j.images()?;
+        // An IMAGES_CONFIG that cannot be read marks nothing (the daemon says why).
+        if let Ok(sources) = crate::outdated::read_source_images(&images_config) {
+            let mut outdated: std::collections::BTreeMap<String, crate::outdated::Outdated> =
+                crate::outdated::find(j, &sources)?
+                    .into_iter()
+                    .map(|o| (o.image_key.clone(), o))
+                    .collect();
+            for im in &mut images {
+                im.outdated = outdated.remove(&im.image_key);
+            }
+        }
+        Ok(images)
+    };
+    match read(&shared, summaries).await {
         Ok(images) => Json(serde_json::json!({ "now": now(), "images": images })).into_response(),
         Err(r) => r,
     }
