@@ -44,7 +44,7 @@ rpm: build assets
 DIST := packuilon-$(VERSION)-x86_64-linux
 dist: build assets
 	rm -rf target/dist/$(DIST) && mkdir -p target/dist/$(DIST)/{bin,libexec,systemd,config,man/man1,completions/bash}
-	cp -p libexec/cdp-hook target/dist/$(DIST)/libexec/
+	cp -p libexec/cdp-hook scripts/image-smoke-test.sh target/dist/$(DIST)/libexec/
 	cp -p $(BIN)/* target/dist/$(DIST)/bin/
 	cp -p systemd/*.service systemd/*.timer target/dist/$(DIST)/systemd/
 	cp -p config/config.ini config/template-map.json config/source-images.json config/prometheus-alerts.yml target/dist/$(DIST)/config/
@@ -86,6 +86,7 @@ install: build assets
 	  $(DESTDIR)/etc/packer-utils $(DESTDIR)$(PREFIX)/share/doc/packuilon
 	install -d $(DESTDIR)$(PREFIX)/libexec/packuilon
 	install -m 0755 libexec/cdp-hook $(DESTDIR)$(PREFIX)/libexec/packuilon/
+	install -D -m 0755 scripts/image-smoke-test.sh $(DESTDIR)$(PREFIX)/share/packuilon/image-smoke-test.sh
 	install -m 0755 $(BIN)/cdb2rabbit $(BIN)/rabbit2packer $(BIN)/rename-old-images $(DESTDIR)$(PREFIX)/bin/
 	install -m 0644 target/assets/man/*.1.gz $(DESTDIR)$(PREFIX)/share/man/man1/
 	install -m 0644 target/assets/completions/bash/* $(DESTDIR)$(PREFIX)/share/bash-completion/completions/

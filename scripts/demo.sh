@@ -10,6 +10,8 @@
 #      the image "$NAME" in the loopback Glance, as the openstack builder would)
 #   6. rename-old-images (inside rabbit2packer) archives the older image of
 #      that name and moves its members to the new one
+#   7. the test gate: with a TEST_COMMAND that fails, a rebuild's image is
+#      renamed broken-... and the live image and its member are left alone
 # Everything lives in one temp dir and is stopped at the end (DEMO_KEEP=1
 # keeps the services and files for a look around).
 set -euo pipefail
@@ -154,5 +156,36 @@ case "$(glance show "$old_id")" in
   archive-*) ;;
   *) echo "the older image $old_id was not archived"; exit 1 ;;
 esac
+say "The test gate: TEST_COMMAND runs on each new image before it goes live"
+live_id=$("$bin/rabbit2packer" history --json | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["builds"][0]["images"][0]["id"])')
+echo "  live image now: $live_id"
+kill "$daemon_pid"; wait "$daemon_pid" || true; daemon_pid=""
+cat >> "$demo/config.ini" <<'EOF'
+# A smoke test that fails, as a broken image would (scripts/image-smoke-test.sh is a real one).
+TEST_COMMAND = echo "smoke test of $PACKUILON_IMAGE_ID ($PACKUILON_IMAGE_NAME): no login prompt on the console"; exit 1
+EOF
+echo "  config.ini: TEST_COMMAND added; rabbit2packer restarted; a rebuild of inventory-sl7x-x86_64 queued"
+"$bin/rabbit2packer" --log stderr > "$demo/rabbit2packer-gate.log" 2>&1 &
+daemon_pid=$!
+for _ in $(seq 300); do grep -q "Ready:" "$demo/rabbit2packer-gate.log" && break; sleep 0.1; done
+"$bin/rabbit2packer" rebuild inventory-sl7x-x86_64 | sed 's/^/  /'
+deadline=$((SECONDS + 180))
+until "$bin/rabbit2packer" history --json 2>/dev/null | /usr/bin/python3 -c 'import json,sys; sys.exit(0 if len(json.load(sys.stdin)) >= 2 else 1)'; do
+  if [ $SECONDS -gt $deadline ] || ! kill -0 "$daemon_pid" 2>/dev/null; then
+    echo "rabbit2packer did not finish the rebuild; its log:"; cat "$demo/rabbit2packer-gate.log"; exit 1
+  fi
+  sleep 0.5
+done
+grep -E "test|Staged|renamed" "$demo/rabbit2packer-gate.log" | sed 's/^/  /'
+"$bin/rabbit2packer" history -n 1
+"$bin/rabbit2packer" history --json | grep -q '"outcome": "built, test failed"' \
+  || { echo "the rebuild was not recorded as built, test failed"; exit 1; }
+
+say "Glance afterwards: the new image is broken-... (private); the live image and its member are as they were"
+glance list | sed 's/^/  /'
+[ "$(glance show "$live_id")" = "sl7x-x86_64 inventory" ] || { echo "the live image $live_id lost its name"; exit 1; }
+glance list | grep -q "^broken-sl7x-x86_64 inventory " || { echo "no broken-... image"; exit 1; }
+
 echo
-echo "Done: the changed profile was queued once, built once, and the older image archived with its member moved."
+echo "Done: the changed profile was queued once, built once, and the older image archived with its member moved;"
+echo "a rebuild that failed its test left the live image alone."

@@ -181,6 +181,18 @@ fn the_package_installs_runs_upgrades_keeping_config_edits_and_purges_clean() {
     assert_eq!(mode(hook), 0o755, "{hook}");
     let v = ok(Command::new(hook).arg("--version"));
     assert_eq!(v.trim(), format!("cdb2rabbit {version}"), "{hook} --version");
+    // The test gate's example TEST_COMMAND: installed runnable, and it
+    // refuses to run unconfigured with a clear reason (exit 2).
+    let smoke = "/usr/share/packuilon/image-smoke-test.sh";
+    assert_eq!(mode(smoke), 0o755, "{smoke}");
+    let out = sh(Command::new(smoke)
+        .env("PACKUILON_IMAGE_ID", "x")
+        .env_remove("SMOKE_FLAVOR"));
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("SMOKE_FLAVOR is not set"),
+        "{out:?}"
+    );
     for sub in ["status", "history", "run"] {
         ok(Command::new("man").args(["-w", &format!("rabbit2packer-{sub}")]));
     }

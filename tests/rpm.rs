@@ -162,6 +162,7 @@ fn the_rpm_holds_the_binaries_man_pages_completions_units_and_config() {
     }
     expected.push("/usr/lib/systemd/system-preset/50-packuilon.preset".into());
     expected.push("/usr/libexec/packuilon/cdp-hook".into());
+    expected.push("/usr/share/packuilon/image-smoke-test.sh".into());
     expected.extend(CONFIG_FILES.iter().map(|f| f.to_string()));
     expected.push("/usr/share/doc/packuilon/README.md".into());
     expected.push("/usr/share/doc/packuilon/examples/prometheus-alerts.yml".into());
@@ -367,6 +368,7 @@ fn the_deb_and_the_dist_tarball_carry_the_same_binaries_as_the_rpm() {
         "README.md".to_string(),
         "LICENSE".into(),
         "libexec/cdp-hook".into(),
+        "libexec/image-smoke-test.sh".into(),
         "systemd/rabbit2packer.service".into(),
         "systemd/cdb2rabbit.service".into(),
         "systemd/cdb2rabbit.timer".into(),

@@ -169,10 +169,14 @@ fn write_job(out: &mut String, j: &JobRecord) {
     for b in &j.builds {
         let _ = writeln!(
             out,
-            "    {} exit {} artifact {} rotation {} log {}",
+            "    {} exit {} artifact {}{} rotation {} log {}",
             esc(&b.template),
             b.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
             esc(b.artifact_id.as_deref().unwrap_or("-")),
+            b.test
+                .as_deref()
+                .map(|t| format!(" test {}", esc(t)))
+                .unwrap_or_default(),
             esc(b.rotation.as_deref().unwrap_or("-")),
             esc(b.log_path.as_deref().unwrap_or("-")),
         );
