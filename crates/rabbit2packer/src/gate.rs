@@ -143,8 +143,17 @@ impl Gate<'_> {
             ));
             match self.test(command, image, &mut log).await {
                 Ok(()) => log.note(&format!("image {} passed", image.id)),
-                Err(None) => {
+                Err(None) if ctx.stop.is_cancelled() => {
                     log.note("rabbit2packer stopped: the test runs again at the next start");
+                    return GateOutcome::Cancelled;
+                }
+                Err(None) => {
+                    // `rabbit2packer cancel`: the job ends here and never runs
+                    // again, so its untested images must not wait as STAGED_NAME.
+                    log.note("the job was cancelled during the test (rabbit2packer cancel)");
+                    self.record("cancelled during the test", None);
+                    self.mark_broken(images, &mut log).await;
+                    log.finish(130);
                     return GateOutcome::Cancelled;
                 }
                 Err(Some(failure)) => {

@@ -360,3 +360,29 @@ fn a_daemon_killed_during_the_test_runs_the_test_again_not_the_build() {
     d.stop();
     g.cleanup();
 }
+
+#[test]
+fn a_job_cancelled_during_its_test_leaves_no_staged_image_and_does_not_run_again() {
+    let g = GatedSite::new("gate-cancel", "");
+    std::fs::write(g.site.out.join("test-sleep"), "300").unwrap();
+    let mut d = g.start();
+    g.publish();
+    wait_for("the test to start", T, || g.lines("tests").len() == 1);
+    let staged = g.lines("tests")[0][2].clone();
+    let job = g.lines("tests")[0][5].clone();
+    let (code, out, err) = g.site.cli(&["cancel", &job]);
+    assert_eq!(code, 0, "{out}{err}");
+    let jobs = g.site.wait_jobs("the cancelled job", T, |j| j.len() == 1 && j[0].state == JobState::Cancelled);
+    assert_eq!(jobs[0].builds[0].test.as_deref(), Some("cancelled during the test"));
+    let image = g.on(g.cloud.get(&staged));
+    assert!(image.name().starts_with("broken-"), "{image:?}");
+    assert_eq!(image.visibility, "private");
+    // A restart does not take it up again.
+    d.stop();
+    let mut d = g.start();
+    d.wait_log("Ready:", T);
+    assert_eq!(g.lines("tests").len(), 1);
+    assert_eq!(g.lines("builds").len(), 1);
+    d.stop();
+    g.cleanup();
+}
