@@ -17,6 +17,30 @@ pub const BROKEN_OF: &str = "packuilon_broken_of";
 /// Property of a broken image: when it was taken off its name (RFC 3339, UTC).
 pub const BROKEN_AT: &str = "packuilon_broken_at";
 
+/// Where an image came from, as properties the build sets on it (when known):
+/// the Aquilon names of its profile, its image key, the profile and template
+/// it was built from (with their SHA-256), its source image, the rabbit2packer
+/// job and build host, Packer's version and the build date.
+/// `rename-old-images --show` prints them.
+pub const PROVENANCE_PROPERTIES: &[&str] = &[
+    "aq_personality",
+    "aq_os",
+    "aq_osversion",
+    "aq_archetype",
+    "aq_domain",
+    "aq_sandbox",
+    "packuilon_image_key",
+    "packuilon_profile",
+    "packuilon_profile_sha256",
+    "packuilon_template",
+    "packuilon_template_sha256",
+    "packuilon_source_image",
+    "packuilon_job",
+    "packuilon_builder_host",
+    "packuilon_packer_version",
+    "image_build_date",
+];
+
 /// Glance keeps at most 255 characters of a property value.
 pub const MAX_PROPERTY_LEN: usize = 255;
 
