@@ -11,9 +11,13 @@ use packuilon_common::logging::LogTarget;
 /// Credentials: --auth-file, else [rabbit2packer] PACKER_ADMIN_AUTH_FILE of the
 /// config (default /etc/packer-utils/admin-auth.sh when it exists), else the OS_*
 /// variables of the environment. Rotation keys come from the config's
-/// [rabbit2packer] section: ARCHIVE_NAME, HIDE_ARCHIVED, KEEP_ARCHIVES.
+/// [rabbit2packer] section: ARCHIVE_NAME, HIDE_ARCHIVED, KEEP_ARCHIVES, BROKEN_NAME.
+///
+/// --show lists what Glance holds for the name (live image, archives, broken
+/// images); --rollback gives the name back to its newest archive.
 #[derive(Debug, Parser)]
 #[command(name = "rename-old-images", version)]
+#[command(group(clap::ArgGroup::new("action").args(["show", "rollback"])))]
 pub struct Cli {
     /// config.ini (default: $PACKER_UTILS_CONFIG, else /etc/packer-utils/config.ini; a missing default is fine).
     #[arg(long, value_name = "PATH")]
@@ -27,6 +31,22 @@ pub struct Cli {
     /// Print the plan, change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// List the live image of the name, its archives and its broken images,
+    /// with their provenance properties; change nothing.
+    #[arg(long, conflicts_with_all = ["image_id", "dry_run"])]
+    pub show: bool,
+    /// Roll the name back: its newest archive takes the name again, the live
+    /// image is renamed BROKEN_NAME (private) and its members move back. Run
+    /// again after a failure to finish; a finished rollback is not repeated.
+    #[arg(long, conflicts_with = "image_id")]
+    pub rollback: bool,
+    /// With --rollback: also when the live image was itself restored by a
+    /// rollback (goes back one more archive each time).
+    #[arg(long, requires = "rollback")]
+    pub again: bool,
+    /// With --show or --rollback: print JSON on stdout instead of text.
+    #[arg(long, requires = "action")]
+    pub json: bool,
     /// Where log lines go (default: stderr on a terminal, journald under systemd, syslog otherwise).
     #[arg(long, value_enum, value_name = "TARGET")]
     pub log: Option<LogTarget>,

@@ -17,8 +17,11 @@ pub const BROKEN_OF: &str = "packuilon_broken_of";
 /// Property of a broken image: when it was taken off its name (RFC 3339, UTC).
 pub const BROKEN_AT: &str = "packuilon_broken_at";
 
-/// The provenance properties rabbit2packer sets on every new image (`aq_*`
-/// as in `$METADATA`, `aq_domain` or `aq_sandbox`), in the order `--show` lists them.
+/// Where an image came from, as properties the build sets on it (when known):
+/// the Aquilon names of its profile, its image key, the profile and template
+/// it was built from (with their SHA-256), its source image, the rabbit2packer
+/// job and build host, Packer's version and the build date.
+/// `rename-old-images --show` prints them.
 pub const PROVENANCE_PROPERTIES: &[&str] = &[
     "aq_personality",
     "aq_os",

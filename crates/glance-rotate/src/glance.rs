@@ -70,6 +70,8 @@ pub struct Member {
 pub(crate) enum PatchOp {
     /// `replace` when the image has the property, `add` when not (Glance refuses the other).
     Set { path: String, value: Value, exists: bool },
+    /// `remove`: only for a property the image has (Glance refuses the other).
+    Remove { path: String },
 }
 
 impl PatchOp {
@@ -78,6 +80,7 @@ impl PatchOp {
             PatchOp::Set { path, value, exists } => {
                 json!({ "op": if *exists { "replace" } else { "add" }, "path": path, "value": value })
             }
+            PatchOp::Remove { path } => json!({ "op": "remove", "path": path }),
         }
     }
 }
@@ -277,6 +280,15 @@ impl Glance {
         Ok(images)
     }
 
+    /// Every image matching `filters`, visible and hidden ones (two lists).
+    pub(crate) async fn list_visible_and_hidden(&self, filters: &[(&str, &str)]) -> Result<Vec<Image>, RotateError> {
+        let mut out = self.list(filters).await?;
+        let mut f: Vec<(&str, &str)> = filters.to_vec();
+        f.push(("os_hidden", "true"));
+        out.extend(self.list(&f).await?);
+        Ok(out)
+    }
+
     /// Images (visible or hidden) whose name is one of `names`, with extra filters.
     pub(crate) async fn list_names(
         &self,
@@ -357,7 +369,7 @@ impl Glance {
     }
 
     /// DELETE /v2/images/{id}/members/{member}. `Ok(false)`: it was gone already (404).
-    pub(crate) async fn remove_member(&self, image_id: &str, member: &str) -> Result<bool, RotateError> {
+    pub async fn remove_member(&self, image_id: &str, member: &str) -> Result<bool, RotateError> {
         let r = self
             .call(
                 Method::DELETE,
@@ -422,5 +434,7 @@ mod tests {
         };
         assert_eq!(set(true).to_json()["op"], "replace");
         assert_eq!(set(false).to_json()["op"], "add");
+        let rm = PatchOp::Remove { path: "/x".into() }.to_json();
+        assert_eq!(rm, json!({"op": "remove", "path": "/x"}));
     }
 }

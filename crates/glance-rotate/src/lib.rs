@@ -5,7 +5,11 @@
 //! - [`credentials`]: `OS_*` variables (an RC file or the environment) into typed credentials.
 //! - [`keystone`]: tokens (reused until shortly before expiry) and the image endpoint.
 //! - [`glance`]: the Glance v2 calls a rotation needs.
-//! - [`rotate`](mod@rotate): the plan (what is to be done, read-only) and its execution.
+//! - [`rotate`](mod@rotate): the plan (what is to be done, read-only) and its execution;
+//!   [`preview`] plans for an image not built yet (`plan --rotation`).
+//! - [`gate`]: staging, promoting and marking broken (rabbit2packer's test gate).
+//! - [`rollback`](mod@rollback): the newest archive of a name takes it back.
+//! - [`show`](mod@show): what Glance holds for a name (live, archives, broken).
 //!
 //! API contract used by rabbit2packer (keep it stable):
 //! - [`Target`]: which new image to rotate for.
@@ -23,7 +27,9 @@ pub mod credentials;
 pub mod gate;
 pub mod glance;
 pub mod keystone;
+pub mod rollback;
 pub mod rotate;
+pub mod show;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -35,7 +41,9 @@ use packuilon_common::rcfile::RcFileError;
 pub use credentials::{Credentials, CredentialsError};
 pub use glance::Glance;
 pub use keystone::Session;
-pub use rotate::{plan, rotate, Plan};
+pub use rollback::{rollback, rollback_again, RollbackReport};
+pub use rotate::{plan, preview, rotate, Plan};
+pub use show::{show, Role, ShownImage};
 
 /// Which image is the new one.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,6 +132,10 @@ pub enum RotateError {
     /// The new image is not usable (not found, not active, no name).
     #[error("{0}")]
     NewImage(String),
+    /// A rollback found nothing to roll back, or no active archive to restore
+    /// (the message names the image name).
+    #[error("{0}")]
+    NothingToRollBack(String),
     #[error("{0}")]
     Other(String),
 }

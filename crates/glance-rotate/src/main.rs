@@ -2,15 +2,22 @@
 //! their members to the new image. The original's call form still works:
 //! `rename-old-images sl7x-x86_64 inventory AQ` (the words are the name).
 //!
-//! Exit status: 0 done (or nothing to do), 1 the rotation failed (the HTTP
-//! status and Glance's message are logged), 2 bad arguments or configuration.
+//! `--show NAME` lists what Glance holds for the name; `--rollback NAME`
+//! gives the name back to its newest archive (see `glance_rotate::rollback`).
+//!
+//! Exit status: 0 done (or nothing to do), 1 the rotation or rollback failed
+//! (the HTTP status and Glance's message are logged), 2 bad arguments or
+//! configuration.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser;
 use glance_rotate::cli::Cli;
-use glance_rotate::{credentials_from_rc, Credentials, RotateOptions, Target};
+use glance_rotate::{
+    credentials_from_rc, Credentials, Glance, RollbackReport, RotateError, RotateOptions, Session, ShownImage, Target,
+};
 use packuilon_common::config::{self, IniFile, RotationConfig};
 use packuilon_common::logging;
 use packuilon_common::{EXIT_CONFIG, EXIT_FAILED};
@@ -25,7 +32,7 @@ fn main() -> ExitCode {
         }
     };
     logging::init("rename-old-images", cli.log);
-    let (creds, opts, target) = match setup(&cli) {
+    let (creds, opts, action) = match setup(&cli) {
         Ok(v) => v,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -41,6 +48,13 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!("cannot start the async runtime: {e}");
             return ExitCode::from(EXIT_FAILED as u8);
+        }
+    };
+    let target = match action {
+        Action::Rotate(target) => target,
+        Action::Show(name) => return finish(rt.block_on(show(creds, &name, cli.json)), "show"),
+        Action::Rollback { name, again } => {
+            return finish(rt.block_on(rollback(creds, &name, again, &opts, cli.json)), "rollback")
         }
     };
     match rt.block_on(glance_rotate::rotate_with_credentials(creds, target, &opts)) {
@@ -78,6 +92,170 @@ fn main() -> ExitCode {
     }
 }
 
+/// The exit status of --show or --rollback.
+fn finish(r: Result<(), RotateError>, what: &str) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is_config() => {
+            tracing::error!("{e}");
+            ExitCode::from(EXIT_CONFIG as u8)
+        }
+        Err(e) => {
+            tracing::error!("{what} failed: {e}");
+            ExitCode::from(EXIT_FAILED as u8)
+        }
+    }
+}
+
+fn glance(creds: Credentials) -> Result<Glance, RotateError> {
+    Ok(Glance::new(Arc::new(Session::new(creds)?)))
+}
+
+/// `--show`: a table (or JSON) on stdout.
+async fn show(creds: Credentials, name: &str, json: bool) -> Result<(), RotateError> {
+    let images = glance_rotate::show(&glance(creds)?, name).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&images).unwrap_or_default());
+    } else if images.is_empty() {
+        println!("no image named {name:?}, and no archive or broken image of it");
+    } else {
+        print_images(&images);
+    }
+    Ok(())
+}
+
+/// One row per image (ROLE ... NAME), then an indented line of its details.
+fn print_images(images: &[ShownImage]) {
+    let rows: Vec<[String; 7]> = images
+        .iter()
+        .map(|i| {
+            let since = match i.role {
+                glance_rotate::Role::Live => &i.created_at,
+                glance_rotate::Role::Archive => i.archived_at.as_ref().unwrap_or(&i.created_at),
+                glance_rotate::Role::Broken => i.broken_at.as_ref().unwrap_or(&i.created_at),
+            };
+            [
+                i.role.as_str().to_string(),
+                i.id.clone(),
+                i.status.clone(),
+                format!("{}{}", i.visibility, if i.os_hidden { ",hidden" } else { "" }),
+                i.members.to_string(),
+                since.clone(),
+                format!("{:?}", i.name),
+            ]
+        })
+        .collect();
+    let head = ["ROLE", "ID", "STATUS", "VISIBILITY", "MEMBERS", "SINCE", "NAME"];
+    let mut widths = head.map(str::len);
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: &[String]| {
+        let mut out = String::new();
+        for (k, (c, w)) in cells.iter().zip(widths).enumerate() {
+            if k + 1 == cells.len() {
+                out.push_str(c);
+            } else {
+                out.push_str(&format!("{c:<w$}  "));
+            }
+        }
+        println!("{out}");
+    };
+    line(&head.map(String::from));
+    for (i, r) in images.iter().zip(&rows) {
+        line(r);
+        let mut details = vec![format!("owner={}", i.owner.as_deref().unwrap_or("none"))];
+        if let Some(x) = &i.restored_from {
+            details.push(format!("restored_from={x}"));
+        }
+        if let Some(x) = &i.rolled_back_to {
+            details.push(format!("rolled_back_to={x}"));
+        }
+        details.extend(i.properties.iter().map(|(k, v)| format!("{k}={v:?}")));
+        println!("    {}", details.join("  "));
+    }
+}
+
+/// `--rollback`: what was (or would be) done on stdout, each step in the log.
+async fn rollback(
+    creds: Credentials,
+    name: &str,
+    again: bool,
+    opts: &RotateOptions,
+    json: bool,
+) -> Result<(), RotateError> {
+    let g = glance(creds)?;
+    let r = if again {
+        glance_rotate::rollback_again(&g, name, opts).await?
+    } else {
+        glance_rotate::rollback(&g, name, opts).await?
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+    } else {
+        print_rollback(&r);
+    }
+    tracing::info!(
+        "{}: {}, {} member(s) moved, {} HTTP requests{}",
+        r.name,
+        if r.already_done {
+            "already rolled back".to_string()
+        } else {
+            format!("image {} has the name", r.restored_image_id)
+        },
+        r.members_moved.len(),
+        r.http_requests,
+        if r.dry_run { " (dry run: nothing changed)" } else { "" }
+    );
+    Ok(())
+}
+
+fn print_rollback(r: &RollbackReport) {
+    let broken = r.broken_image_id.as_deref().unwrap_or("?");
+    let broken_name = r.broken_name.as_deref().unwrap_or("?");
+    if r.already_done {
+        println!(
+            "already rolled back: image {} has the name {:?} (restored from image {broken} {broken_name:?}); nothing to do",
+            r.restored_image_id, r.name
+        );
+        println!("(--rollback --again goes back one more archive)");
+    } else if r.dry_run {
+        if r.resumed {
+            println!("finish the rollback that renamed {broken} {broken_name:?}");
+        }
+        if r.shared_restored_image {
+            println!("share {} (private, has members to receive)", r.restored_image_id);
+        }
+        if !r.resumed {
+            for m in &r.members_moved {
+                println!("move member {m} from {broken} to {}", r.restored_image_id);
+            }
+            println!("rename {broken} {:?} -> {broken_name:?} (private)", r.name);
+        }
+        println!(
+            "rename {} {:?} -> {:?}",
+            r.restored_image_id, r.restored_image_old_name, r.name
+        );
+    } else {
+        println!(
+            "rolled back {:?}: image {} (was {:?}) has the name; image {broken} is now {broken_name:?}{}",
+            r.name,
+            r.restored_image_id,
+            r.restored_image_old_name,
+            if r.members_moved.is_empty() {
+                String::new()
+            } else {
+                format!(", {} member(s) moved", r.members_moved.len())
+            }
+        );
+    }
+    for (id, why) in &r.left_alone {
+        println!("leave {id}: {why}");
+    }
+}
+
 /// `--dry-run`: the plan on stdout, one action per line, whatever the log target.
 fn print_plan(r: &glance_rotate::Report) {
     if let Some(why) = &r.skipped {
@@ -106,8 +284,15 @@ fn print_plan(r: &glance_rotate::Report) {
     }
 }
 
-/// Credentials, options and target from the arguments and config; errors here mean exit 2.
-fn setup(cli: &Cli) -> anyhow::Result<(Credentials, RotateOptions, Target)> {
+/// What the command line asks for.
+enum Action {
+    Rotate(Target),
+    Show(String),
+    Rollback { name: String, again: bool },
+}
+
+/// Credentials, options and action from the arguments and config; errors here mean exit 2.
+fn setup(cli: &Cli) -> anyhow::Result<(Credentials, RotateOptions, Action)> {
     let explicit = cli.config.is_some() || std::env::var_os(config::CONFIG_ENV).is_some_and(|v| !v.is_empty());
     let path = config::resolve_path(cli.config.clone());
     let rotation = if explicit || path.exists() {
@@ -128,19 +313,25 @@ fn setup(cli: &Cli) -> anyhow::Result<(Credentials, RotateOptions, Target)> {
     };
     let mut opts = RotateOptions::from(&rotation);
     opts.dry_run = cli.dry_run;
-    let target = match &cli.image_id {
+    let action = match &cli.image_id {
         Some(id) if id.trim().is_empty() => anyhow::bail!("--image-id: empty"),
-        Some(id) => Target::ImageId(id.trim().to_string()),
+        Some(id) => Action::Rotate(Target::ImageId(id.trim().to_string())),
         None => {
             let name = cli.name.join(" ");
             if name.trim().is_empty() {
                 anyhow::bail!("the image name is empty");
             }
-            Target::Name {
-                name,
-                created_after: None,
+            if cli.show {
+                Action::Show(name)
+            } else if cli.rollback {
+                Action::Rollback { name, again: cli.again }
+            } else {
+                Action::Rotate(Target::Name {
+                    name,
+                    created_after: None,
+                })
             }
         }
     };
-    Ok((creds, opts, target))
+    Ok((creds, opts, action))
 }

@@ -144,6 +144,11 @@ pub async fn plan(glance: &Glance, target: &Target, opts: &RotateOptions) -> Res
     let Some(new) = new_image(glance, target).await? else {
         return Ok(None);
     };
+    plan_for(glance, new, opts).await.map(Some)
+}
+
+/// The plan for `new` (a real image, or [`preview`]'s stand-in).
+async fn plan_for(glance: &Glance, new: Image, opts: &RotateOptions) -> Result<Plan, RotateError> {
     let name = new.name().to_string();
     let owner = new.owner.clone();
     let owner_filter: Vec<(&str, &str)> = owner.as_deref().map(|o| vec![("owner", o)]).unwrap_or_default();
@@ -222,7 +227,7 @@ pub async fn plan(glance: &Glance, target: &Target, opts: &RotateOptions) -> Res
         None => (Vec::new(), Vec::new()),
     };
 
-    Ok(Some(Plan {
+    Ok(Plan {
         new_image: new,
         share_new,
         add,
@@ -233,7 +238,63 @@ pub async fn plan(glance: &Glance, target: &Target, opts: &RotateOptions) -> Res
         left_alone,
         archived_at,
         hide: opts.hide_archived,
-    }))
+    })
+}
+
+/// The ID [`preview`] gives the image it stands in for.
+pub const PREVIEW_IMAGE_ID: &str = "(new image)";
+
+/// What a rotation for a new image of `name` would do now (`plan --rotation`);
+/// changes nothing. The new image is taken to be created now, private and
+/// owned by `owner` (or, when `None`, by the owner of the newest active image
+/// named `name`); its ID in the report is [`PREVIEW_IMAGE_ID`]. Like a real
+/// build's image, it would be made `shared` to receive members.
+pub async fn preview(
+    glance: &Glance,
+    name: &str,
+    owner: Option<&str>,
+    opts: &RotateOptions,
+) -> Result<Report, RotateError> {
+    if name.trim().is_empty() {
+        return Err(RotateError::NewImage("empty image name".into()));
+    }
+    let before = glance.session().requests();
+    let owner = match owner {
+        Some(o) => Some(o.to_string()),
+        None => glance
+            .list_named(name, Hidden::No, &[("status", "active")])
+            .await?
+            .into_iter()
+            .filter(|i| i.status == "active")
+            .max_by(|a, b| a.created().cmp(&b.created()).then_with(|| a.id.cmp(&b.id)))
+            .and_then(|i| i.owner),
+    };
+    let mut report = match owner {
+        None => Report {
+            name: name.to_string(),
+            skipped: Some(format!(
+                "no active image named {name:?} (give the new image's owner to preview its rotation)"
+            )),
+            ..Report::default()
+        },
+        Some(owner) => {
+            let stand_in = Image {
+                id: PREVIEW_IMAGE_ID.to_string(),
+                name: Some(name.to_string()),
+                owner: Some(owner),
+                status: "active".into(),
+                visibility: "private".into(),
+                created_at: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                os_hidden: false,
+                protected: false,
+                extra: serde_json::Map::new(),
+            };
+            plan_for(glance, stand_in, opts).await?.report()
+        }
+    };
+    report.dry_run = true;
+    report.http_requests = glance.session().requests() - before;
+    Ok(report)
 }
 
 /// `count` archive names starting at `base` that no image of the owner has.

@@ -247,3 +247,119 @@ fn help_explains_the_call() {
         assert!(out.contains(word), "{out}");
     }
 }
+
+#[tokio::test]
+async fn show_and_rollback_from_the_command_line() {
+    let cloud = Cloud::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let owner = cloud.project("cli-rollback").await;
+    let member = cloud.project("cli-rollback-member").await;
+    let personality = unique_name("rollback");
+    let name = format!("sl7x-x86_64 {personality}");
+    let old = cloud.image(&name, &owner, "shared").await;
+    cloud.share(&old.id, &member, "accepted").await;
+    let new = cloud.image(&name, &owner, "shared").await;
+    glance_rotate::rotate(
+        &cloud.glance,
+        glance_rotate::Target::ImageId(new.id.clone()),
+        &RotateOptions::default(),
+    )
+    .await
+    .unwrap();
+    let cfg = config(dir.path(), "BROKEN_NAME = bad {name}\n");
+    let rc = cloud.openrc().display().to_string();
+    let base = ["--config", cfg.as_str(), "--auth-file", rc.as_str()];
+    let with = |extra: &[&str]| -> Vec<String> {
+        base.iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .chain(["sl7x-x86_64".to_string(), personality.clone()])
+            .collect()
+    };
+    let call = |extra: &[&str]| {
+        let args = with(extra);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        run(&refs, &[])
+    };
+
+    let (code, out) = call(&["--show"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ROLE") && out.contains("MEMBERS"), "{out}");
+    assert!(out.contains(&format!("live     {}", new.id)), "{out}");
+    assert!(out.contains(&format!("archive  {}", old.id)), "{out}");
+
+    let before = cloud.snapshot(&owner).await;
+    let (code, out) = call(&["--rollback", "--dry-run"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("move member {member} from {} to {}", new.id, old.id)),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("rename {} {name:?} -> \"bad {name}\" (private)", new.id)),
+        "{out}"
+    );
+    assert_eq!(cloud.snapshot(&owner).await, before, "--dry-run changes nothing");
+
+    let (code, out) = call(&["--rollback"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("rolled back {name:?}: image {}", old.id)),
+        "{out}"
+    );
+    assert_eq!(cloud.get(&old.id).await.name(), name);
+    assert_eq!(cloud.get(&new.id).await.name(), format!("bad {name}"));
+
+    let (code, out) = call(&["--rollback"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("already rolled back"), "{out}");
+
+    let (code, out) = call(&["--show", "--json"]);
+    assert_eq!(code, 0, "{out}");
+    // stdout (the list, its `]` alone on a line) comes before the log lines.
+    let json_part = &out[..out.find("\n]").expect("a JSON list") + 2];
+    let shown: serde_json::Value = serde_json::from_str(json_part).unwrap();
+    let roles: Vec<(&str, &str)> = shown
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["role"].as_str().unwrap(), i["id"].as_str().unwrap()))
+        .collect();
+    assert_eq!(roles, vec![("live", old.id.as_str()), ("broken", new.id.as_str())]);
+    assert_eq!(shown[0]["members"], 1);
+
+    // Nothing older left: exit 1, naming the name.
+    let (code, out) = call(&["--rollback", "--again"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains(&format!("no archive of {name:?} to roll back to")),
+        "{out}"
+    );
+    cloud.cleanup().await;
+}
+
+#[test]
+fn show_and_rollback_arguments_that_do_not_fit_are_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), "");
+    for args in [
+        vec!["--show"],
+        vec!["--rollback"],
+        vec!["--show", "--rollback", "name"],
+        vec!["--show", "--image-id", "x"],
+        vec!["--rollback", "--image-id", "x"],
+        vec!["--show", "--dry-run", "name"],
+        vec!["--again", "name"],
+        vec!["--json", "name"],
+    ] {
+        let mut all = vec!["--config", cfg.as_str()];
+        all.extend(&args);
+        let (code, out) = run(&all, &[]);
+        assert_eq!(code, 2, "{args:?}: {out}");
+    }
+    let (code, out) = run(&["--help"], &[]);
+    assert_eq!(code, 0);
+    for word in ["--show", "--rollback", "--again", "--json", "BROKEN_NAME"] {
+        assert!(out.contains(word), "{out}");
+    }
+}
