@@ -213,47 +213,7 @@ async fn rollback(
 }
 
 fn print_rollback(r: &RollbackReport) {
-    let broken = r.broken_image_id.as_deref().unwrap_or("?");
-    let broken_name = r.broken_name.as_deref().unwrap_or("?");
-    if r.already_done {
-        println!(
-            "already rolled back: image {} has the name {:?} (restored from image {broken} {broken_name:?}); nothing to do",
-            r.restored_image_id, r.name
-        );
-        println!("(--rollback --again goes back one more archive)");
-    } else if r.dry_run {
-        if r.resumed {
-            println!("finish the rollback that renamed {broken} {broken_name:?}");
-        }
-        if r.shared_restored_image {
-            println!("share {} (private, has members to receive)", r.restored_image_id);
-        }
-        if !r.resumed {
-            for m in &r.members_moved {
-                println!("move member {m} from {broken} to {}", r.restored_image_id);
-            }
-            println!("rename {broken} {:?} -> {broken_name:?} (private)", r.name);
-        }
-        println!(
-            "rename {} {:?} -> {:?}",
-            r.restored_image_id, r.restored_image_old_name, r.name
-        );
-    } else {
-        println!(
-            "rolled back {:?}: image {} (was {:?}) has the name; image {broken} is now {broken_name:?}{}",
-            r.name,
-            r.restored_image_id,
-            r.restored_image_old_name,
-            if r.members_moved.is_empty() {
-                String::new()
-            } else {
-                format!(", {} member(s) moved", r.members_moved.len())
-            }
-        );
-    }
-    for (id, why) in &r.left_alone {
-        println!("leave {id}: {why}");
-    }
+    print!("{}", r.text());
 }
 
 /// `--dry-run`: the plan on stdout, one action per line, whatever the log target.

@@ -77,6 +77,61 @@ pub struct RollbackReport {
     pub http_requests: u64,
 }
 
+impl RollbackReport {
+    /// The report as operators read it, one line per action (for a dry
+    /// run: what would be done).
+    pub fn text(&self) -> String {
+        use std::fmt::Write as _;
+        let r = self;
+        let mut out = String::new();
+        let broken = r.broken_image_id.as_deref().unwrap_or("?");
+        let broken_name = r.broken_name.as_deref().unwrap_or("?");
+        if r.already_done {
+            let _ = writeln!(
+                out,
+                "already rolled back: image {} has the name {:?} (restored from image {broken} {broken_name:?}); nothing to do",
+                r.restored_image_id, r.name
+            );
+            let _ = writeln!(out, "(--rollback --again goes back one more archive)");
+        } else if r.dry_run {
+            if r.resumed {
+                let _ = writeln!(out, "finish the rollback that renamed {broken} {broken_name:?}");
+            }
+            if r.shared_restored_image {
+                let _ = writeln!(out, "share {} (private, has members to receive)", r.restored_image_id);
+            }
+            if !r.resumed {
+                for m in &r.members_moved {
+                    let _ = writeln!(out, "move member {m} from {broken} to {}", r.restored_image_id);
+                }
+                let _ = writeln!(out, "rename {broken} {:?} -> {broken_name:?} (private)", r.name);
+            }
+            let _ = writeln!(
+                out,
+                "rename {} {:?} -> {:?}",
+                r.restored_image_id, r.restored_image_old_name, r.name
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "rolled back {:?}: image {} (was {:?}) has the name; image {broken} is now {broken_name:?}{}",
+                r.name,
+                r.restored_image_id,
+                r.restored_image_old_name,
+                if r.members_moved.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {} member(s) moved", r.members_moved.len())
+                }
+            );
+        }
+        for (id, why) in &r.left_alone {
+            let _ = writeln!(out, "leave {id}: {why}");
+        }
+        out
+    }
+}
+
 /// What is left to do.
 struct Steps {
     name: String,

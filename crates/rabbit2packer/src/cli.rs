@@ -75,14 +75,18 @@ pub enum Command {
     },
     /// Show what a build of a profile would do, building nothing: the image key, the
     /// templates chosen (and why), the source image, and `packer validate` on each
-    /// rendered build file. Exit 0 all valid; 1 something would fail (named); 2 bad
-    /// arguments, profile or config.
+    /// rendered build file (--rotation: and what the rotation would do). Exit 0 all
+    /// valid; 1 something would fail (named); 2 bad arguments, profile or config.
     Plan {
         /// The profile (JSON, as cdb2rabbit publishes it).
         profile: PathBuf,
         /// Also write the rendered build files here.
         #[arg(long, value_name = "DIR")]
         out: Option<PathBuf>,
+        /// Also show what the rotation would archive and which members it would
+        /// move (read-only Glance calls with the rotation's credentials).
+        #[arg(long)]
+        rotation: bool,
     },
     /// Queue a build of an image with the newest profile the journal holds for it,
     /// or with --outdated of every image built from a source image IMAGES_CONFIG no
@@ -95,6 +99,25 @@ pub enum Command {
         #[arg(long)]
         outdated: bool,
         /// The daemon's STATE_DIR (its control socket) instead of the config's.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
+    /// Put the previous image of an image key back under its name: for each image
+    /// its builds make, the newest archive becomes live again, the live image is
+    /// renamed BROKEN_NAME and its members move back (as `rename-old-images
+    /// --rollback`, with the rotation's credentials). Idempotent; a rerun finishes
+    /// one stopped half-way. Exit 0 done (or nothing to do); 1 failed (named); 2 bad
+    /// arguments, unknown image key or configuration.
+    Rollback {
+        /// The image key (e.g. inventory-sl7x-x86_64; see `history`).
+        image_key: String,
+        /// Go back one more archive when the live image is itself a rollback's.
+        #[arg(long)]
+        again: bool,
+        /// Print what would be done, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Read the journal in this directory instead of the config's STATE_DIR.
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },

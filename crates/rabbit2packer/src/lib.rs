@@ -41,6 +41,7 @@ pub mod outdated;
 pub mod plan;
 pub(crate) mod provenance;
 pub(crate) mod render;
+pub mod rollback;
 pub mod runner;
 pub(crate) mod scheduler;
 pub mod status;

@@ -48,7 +48,7 @@ fn main() -> ExitCode {
         }) => report(&config, state_dir, |j| {
             rabbit2packer::history::history(j, image.as_deref(), limit, json)
         }),
-        Some(Command::Plan { profile, out }) => plan(&config, &profile, out.as_deref()),
+        Some(Command::Plan { profile, out, rotation }) => plan(&config, &profile, out.as_deref(), rotation),
         Some(Command::Rebuild {
             image_key: Some(image_key),
             state_dir,
@@ -59,6 +59,12 @@ fn main() -> ExitCode {
             state_dir,
             ..
         }) => control(&config, state_dir, Request::RebuildOutdated),
+        Some(Command::Rollback {
+            image_key,
+            again,
+            dry_run,
+            state_dir,
+        }) => rollback(&config, state_dir, &image_key, again, dry_run),
         Some(Command::Cancel { job, state_dir }) => control(&config, state_dir, Request::Cancel { job }),
         Some(Command::Retry { job, state_dir }) => control(&config, state_dir, Request::Retry { job }),
     }
@@ -78,7 +84,12 @@ fn state_dir_of(config: &std::path::Path, state_dir: Option<PathBuf>) -> Result<
 }
 
 /// `plan`: what a build of the profile would do (exit 0 valid, 1 would fail, 2 bad input).
-fn plan(config: &std::path::Path, profile: &std::path::Path, out: Option<&std::path::Path>) -> ExitCode {
+fn plan(
+    config: &std::path::Path,
+    profile: &std::path::Path,
+    out: Option<&std::path::Path>,
+    rotation: bool,
+) -> ExitCode {
     let settings = match rabbit2packer::daemon::load_settings(config) {
         Ok(s) => s,
         Err(e) => {
@@ -86,7 +97,7 @@ fn plan(config: &std::path::Path, profile: &std::path::Path, out: Option<&std::p
             return ExitCode::from(e.exit_code() as u8);
         }
     };
-    match rabbit2packer::plan::plan(&settings, profile, out) {
+    match rabbit2packer::plan::plan(&settings, profile, out, rotation) {
         Ok(p) => {
             print!("{}", p.report);
             ExitCode::from(if p.ok { 0 } else { 1 })
@@ -94,6 +105,44 @@ fn plan(config: &std::path::Path, profile: &std::path::Path, out: Option<&std::p
         Err(e) => {
             eprintln!("rabbit2packer: {e}");
             ExitCode::from(2)
+        }
+    }
+}
+
+/// `rollback`: the previous image of each of the key's names back under its name.
+fn rollback(
+    config: &std::path::Path,
+    state_dir: Option<PathBuf>,
+    image_key: &str,
+    again: bool,
+    dry_run: bool,
+) -> ExitCode {
+    let settings = match rabbit2packer::daemon::load_settings(config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("rabbit2packer: {e}");
+            return ExitCode::from(e.exit_code() as u8);
+        }
+    };
+    let dir = state_dir.unwrap_or_else(|| settings.r2p.state_dir.clone());
+    let journal = match rabbit2packer::journal::Journal::open_read_only(&dir) {
+        Ok(j) => j,
+        Err(e) => {
+            eprintln!("rabbit2packer: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rabbit2packer::rollback::rollback(&settings, &journal, image_key, again, dry_run) {
+        Ok(report) => {
+            print!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            if let rabbit2packer::rollback::RollbackError::Failed { report, .. } = &e {
+                print!("{report}");
+            }
+            eprintln!("rabbit2packer: rollback: {e}");
+            ExitCode::from(e.exit_code())
         }
     }
 }

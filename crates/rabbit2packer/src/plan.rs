@@ -1,9 +1,11 @@
 //! `rabbit2packer plan PROFILE.json`: what a build of this profile would
 //! do, without building anything: the image key, the templates chosen (and
 //! why), the source image, each rendered build file and what `packer
-//! validate` says of it. The same steps as a job ([`crate::job`]), stopped
-//! before packer builds: consumer's profile decoding, the catalog's choice,
-//! render's substitution.
+//! validate` says of it; with `--rotation`, what the rotation would archive
+//! and which members it would move (read-only Glance calls). The same steps
+//! as a job ([`crate::job`]), stopped before packer builds: consumer's
+//! profile decoding, the catalog's choice, render's substitution, the test
+//! gate's names, glance-rotate's plan.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -39,7 +41,7 @@ pub enum PlanError {
 /// Plans the build of the profile in `profile`; with `out`, the rendered
 /// build files are written there (else to a temporary directory, for
 /// `packer validate`, and removed).
-pub fn plan(settings: &Settings, profile: &Path, out: Option<&Path>) -> Result<Plan, PlanError> {
+pub fn plan(settings: &Settings, profile: &Path, out: Option<&Path>, rotation: bool) -> Result<Plan, PlanError> {
     let body = std::fs::read(profile).map_err(|source| PlanError::Profile {
         path: profile.to_path_buf(),
         source,
@@ -105,6 +107,16 @@ pub fn plan(settings: &Settings, profile: &Path, out: Option<&Path>) -> Result<P
         }
     };
     let env = packer_env(settings);
+    if let Some(command) = &cfg.gate.test_command {
+        let _ = writeln!(
+            report,
+            "test gate: each new image waits as {:?} while TEST_COMMAND runs (timeout {}): {}",
+            glance_rotate::gate::render_name(&cfg.gate.staged_name, &names.name(), chrono::Local::now()),
+            crate::job::humanize(cfg.gate.test_timeout),
+            packuilon_common::logging::escape_control(command)
+        );
+    }
+    let mut preview = rotation.then(|| Preview::new(settings));
     for template in &choice.templates {
         let _ = writeln!(report, "== {}", template.display());
         let Some(text) = catalog.template_text(template) else {
@@ -114,7 +126,11 @@ pub fn plan(settings: &Settings, profile: &Path, out: Option<&Path>) -> Result<P
         };
         let rendered = match render::render(&text, &values) {
             Ok((rendered, json)) => {
-                let _ = writeln!(report, "image: {}", render::image_name(&json, &names.name()));
+                let image = render::image_name(&json, &names.name());
+                let _ = writeln!(report, "image: {image}");
+                if let Some(p) = preview.as_mut() {
+                    ok &= p.report(&image, &mut report);
+                }
                 rendered
             }
             Err(e) => {
@@ -142,6 +158,78 @@ pub fn plan(settings: &Settings, profile: &Path, out: Option<&Path>) -> Result<P
         }
     }
     Ok(Plan { report, ok })
+}
+
+/// `--rotation`: glance-rotate's plan for a new image of a name, made with
+/// read-only calls on the rotation's credentials.
+struct Preview {
+    rt: Option<tokio::runtime::Runtime>,
+    glance: Result<glance_rotate::Glance, String>,
+    opts: glance_rotate::RotateOptions,
+}
+
+impl Preview {
+    fn new(settings: &Settings) -> Preview {
+        let cfg = &settings.r2p;
+        let opts = glance_rotate::RotateOptions {
+            dry_run: true,
+            ..glance_rotate::RotateOptions::from(&cfg.rotation)
+        };
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok();
+        // The rotation's admin credentials; without them (rotation off) the
+        // builder's, which see the images of its own project.
+        let rc = cfg
+            .rotation
+            .admin_auth_file
+            .clone()
+            .unwrap_or_else(|| cfg.packer_auth_file.clone());
+        let glance = glance_rotate::credentials_from_rc(&rc)
+            .and_then(glance_rotate::Session::new)
+            .map(|s| glance_rotate::Glance::new(std::sync::Arc::new(s)))
+            .map_err(|e| format!("{}: {e}", rc.display()));
+        Preview { rt, glance, opts }
+    }
+
+    /// Writes what the rotation would do for a new image named `name`;
+    /// false when it cannot be told (named in a FAIL line).
+    fn report(&mut self, name: &str, out: &mut String) -> bool {
+        let (Some(rt), Ok(glance)) = (&self.rt, &self.glance) else {
+            let why = match &self.glance {
+                Err(e) => e.clone(),
+                Ok(_) => "no async runtime".to_string(),
+            };
+            let _ = writeln!(out, "FAIL rotation: cannot ask Glance: {why}");
+            return false;
+        };
+        let r = match rt.block_on(glance_rotate::rotate::preview(glance, name, None, &self.opts)) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = writeln!(out, "FAIL rotation: {e}");
+                return false;
+            }
+        };
+        let esc = |s: &str| packuilon_common::logging::escape_control(s).into_owned();
+        let _ = writeln!(out, "rotation (read-only preview, as if the new image were made now):");
+        if r.archived.is_empty() {
+            let _ = writeln!(out, "  nothing to archive: no older image named {:?}", esc(name));
+        }
+        for (id, old, archive) in &r.archived {
+            let _ = writeln!(out, "  would archive {id} {:?} as {:?}", esc(old), esc(archive));
+        }
+        if r.shared_new_image {
+            let _ = writeln!(out, "  would make the new image shared to receive members");
+        }
+        for (member, from, _) in &r.members_moved {
+            let _ = writeln!(out, "  would move member {} from {from} to the new image", esc(member));
+        }
+        for id in &r.deleted {
+            let _ = writeln!(out, "  would delete archive {id} (KEEP_ARCHIVES)");
+        }
+        for (id, why) in r.kept.iter().chain(&r.left_alone) {
+            let _ = writeln!(out, "  would leave {id} alone: {}", esc(why));
+        }
+        true
+    }
 }
 
 /// Packer's environment as a build has it, from PACKER_AUTH_FILE's exports

@@ -372,7 +372,9 @@ fn a_job_cancelled_during_its_test_leaves_no_staged_image_and_does_not_run_again
     let job = g.lines("tests")[0][5].clone();
     let (code, out, err) = g.site.cli(&["cancel", &job]);
     assert_eq!(code, 0, "{out}{err}");
-    let jobs = g.site.wait_jobs("the cancelled job", T, |j| j.len() == 1 && j[0].state == JobState::Cancelled);
+    let jobs = g.site.wait_jobs("the cancelled job", T, |j| {
+        j.len() == 1 && j[0].state == JobState::Cancelled
+    });
     assert_eq!(jobs[0].builds[0].test.as_deref(), Some("cancelled during the test"));
     let image = g.on(g.cloud.get(&staged));
     assert!(image.name().starts_with("broken-"), "{image:?}");
@@ -384,5 +386,61 @@ fn a_job_cancelled_during_its_test_leaves_no_staged_image_and_does_not_run_again
     assert_eq!(g.lines("tests").len(), 1);
     assert_eq!(g.lines("builds").len(), 1);
     d.stop();
+    g.cleanup();
+}
+
+#[test]
+fn rollback_puts_the_previous_image_and_its_members_back_and_a_rerun_changes_nothing() {
+    let g = GatedSite::new("gate-rollback", "");
+    let owner = g.cloud.admin_project.clone();
+    let older = g.on(g.cloud.image(&g.name, &owner, "shared"));
+    let consumer = g.on(g.cloud.project("rollback-consumer"));
+    g.on(g.cloud.share(&older.id, &consumer, "accepted"));
+    let mut d = g.start();
+    g.publish();
+    let job = g.finished("the build");
+    assert_eq!(job.state, JobState::Succeeded, "{job:#?}\n{}", d.output());
+    let new_id = job.builds[0].images[0].id.clone();
+    d.stop();
+    let key = format!("{}-sl7x-x86_64", g.personality);
+
+    // A dry run says what it would do and changes nothing.
+    let before = g.on(g.cloud.snapshot(&owner));
+    let (code, out, err) = g.site.cli(&["rollback", &key, "--dry-run"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&format!("move member {consumer} from {new_id} to {}", older.id)),
+        "{out}"
+    );
+    assert_eq!(g.on(g.cloud.snapshot(&owner)), before);
+
+    let (code, out, err) = g.site.cli(&["rollback", &key]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&format!("rolled back {:?}: image {}", g.name, older.id)),
+        "{out}"
+    );
+    let restored = g.on(g.cloud.get(&older.id));
+    assert_eq!(restored.name(), g.name);
+    assert_eq!(restored.property("packuilon_archive_of"), None);
+    assert_eq!(
+        g.on(g.cloud.members(&older.id)).get(&consumer).map(String::as_str),
+        Some("accepted")
+    );
+    let broken = g.on(g.cloud.get(&new_id));
+    assert!(broken.name().starts_with(&format!("broken-{} ", g.name)), "{broken:?}");
+    assert_eq!(broken.visibility, "private");
+
+    // Again: nothing to do, nothing changed.
+    let after = g.on(g.cloud.snapshot(&owner));
+    let (code, out, _) = g.site.cli(&["rollback", &key]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("already rolled back"), "{out}");
+    assert_eq!(g.on(g.cloud.snapshot(&owner)), after);
+
+    // An image key the journal has never seen: exit 2, named.
+    let (code, _, err) = g.site.cli(&["rollback", "nosuch-sl7x-x86_64"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("no profile of image \"nosuch-sl7x-x86_64\""), "{err}");
     g.cleanup();
 }

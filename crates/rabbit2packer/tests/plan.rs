@@ -101,3 +101,68 @@ fn a_missing_or_malformed_profile_exits_2_naming_it() {
         "{stderr}"
     );
 }
+
+/// `--rotation` against the real Keystone and Glance: what would be archived
+/// and which member would move, with nothing changed.
+#[test]
+fn rotation_shows_what_would_be_archived_and_moved_and_changes_nothing() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let cloud = rt.block_on(packuilon_testsupport::cloud::Cloud::new());
+    let personality = packuilon_testsupport::unique_name("plan-rot");
+    let name = format!("sl7x-x86_64 {personality}");
+    let owner = cloud.admin_project.clone();
+    let live = rt.block_on(cloud.image(&name, &owner, "shared"));
+    let consumer = rt.block_on(cloud.project("plan-consumer"));
+    rt.block_on(cloud.share(&live.id, &consumer, "accepted"));
+    let before = rt.block_on(cloud.snapshot(&owner));
+
+    let rc = cloud.openrc();
+    let site = Site::new(
+        1,
+        &format!("PACKER_ADMIN_AUTH_FILE = {}\nTEST_COMMAND = /bin/true\n", rc.display()),
+    );
+    let p = write_profile(&site, &profile(&personality, "7x", "ral", prod()));
+    let (code, stdout, stderr) = site.cli(&["plan", p.to_str().unwrap(), "--rotation"]);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let today = chrono::Local::now().format("%Y-%m-%d");
+    for line in [
+        format!("test gate: each new image waits as \"next-{name}\""),
+        "rotation (read-only preview".to_string(),
+        format!("would archive {} \"{name}\" as \"archive-{name} {today}\"", live.id),
+        format!("would move member {consumer} from {} to the new image", live.id),
+    ] {
+        assert!(stdout.contains(&line), "{line:?} missing from:\n{stdout}");
+    }
+    assert_eq!(rt.block_on(cloud.snapshot(&owner)), before, "plan changed Glance");
+
+    // A name with no image: nothing to archive. Glance unreachable: a FAIL line, exit 1.
+    let p = write_profile(&site, &profile(&format!("{personality}-new"), "7x", "ral", prod()));
+    let (code, stdout, _) = site.cli(&["plan", p.to_str().unwrap(), "--rotation"]);
+    assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.contains("nothing to archive"), "{stdout}");
+    let dead = packuilon_testsupport::cloud::write_rc(
+        site.dir.path(),
+        "dead-rc.sh",
+        &[
+            (
+                "OS_AUTH_URL",
+                &format!("http://127.0.0.1:{}/v3", packuilon_testsupport::free_port()),
+            ),
+            ("OS_USERNAME", "admin"),
+            ("OS_PASSWORD", "x"),
+            ("OS_PROJECT_NAME", "admin"),
+            ("OS_USER_DOMAIN_NAME", "Default"),
+            ("OS_PROJECT_DOMAIN_NAME", "Default"),
+        ],
+    );
+    let text = std::fs::read_to_string(&site.config).unwrap();
+    std::fs::write(
+        &site.config,
+        text.replace(&rc.display().to_string(), &dead.display().to_string()),
+    )
+    .unwrap();
+    let (code, stdout, _) = site.cli(&["plan", p.to_str().unwrap(), "--rotation"]);
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("FAIL rotation: "), "{stdout}");
+    rt.block_on(cloud.cleanup());
+}
