@@ -392,6 +392,22 @@ fn the_page_in_chromium_follows_builds_live_and_shows_log_markup_as_text() {
     assert_ne!(browser.eval("return document.title;"), "owned");
     let exit = browser.eval("return document.querySelector('#builds tbody').innerText;");
     assert!(exit.as_str().unwrap().contains("bad"), "{exit}");
+
+    // A new source image: the page marks the images built from the old one.
+    site.write_images(json!({"sl7x-x86_64": "src-7x-new", "sl8x-x86_64": "src-8x-uuid"}));
+    browser.goto(&base);
+    let outdated = "const r = document.querySelector('#images tr[data-image=\"web-sl7x-x86_64\"]'); \
+                    return r ? r.dataset.outdated + ' ' + r.innerText : '';";
+    let row = browser.wait("web marked outdated", outdated, |v| {
+        v.as_str().is_some_and(|s| s.starts_with("yes "))
+    });
+    assert!(
+        row.as_str()
+            .unwrap()
+            .contains("outdated: built from src-7x-uuid by job"),
+        "{row}"
+    );
+    assert!(row.as_str().unwrap().contains("source image now src-7x-new"), "{row}");
     d.stop();
 }
 
