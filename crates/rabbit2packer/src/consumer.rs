@@ -132,6 +132,15 @@ pub(crate) async fn run(
                         "RabbitMQ at {endpoint} unreachable: {e}; no new requests until it is back \
                          (journaled jobs still build); reconnecting to channel in {pause:?}"
                     ),
+                    // The node lost is the one before `first` (see `consume`).
+                    Lost::Broken(e) if global.rabbit.nodes.len() > 1 => {
+                        let count = global.rabbit.nodes.len();
+                        tracing::warn!(
+                            "RabbitMQ at {}: {e}; reconnecting to channel in {pause:?}, trying {} first",
+                            rabbit::node_endpoint(&global.rabbit, (first + count - 1) % count),
+                            rabbit::node_endpoint(&global.rabbit, first)
+                        )
+                    }
                     Lost::Broken(e) => {
                         tracing::warn!("RabbitMQ at {endpoint}: {e}; reconnecting to channel in {pause:?}")
                     }
