@@ -104,7 +104,7 @@ impl PublishError {
         matches!(self, PublishError::Channel { .. })
     }
 
-    /// A configuration problem (QUEUE_TYPE, RABBIT_CA_FILE): exit 2.
+    /// The broker refuses the configuration (a QUEUE_TYPE mismatch): exit 2.
     pub fn is_config(&self) -> bool {
         matches!(self, PublishError::Connect(e) if e.is_config())
     }

@@ -55,9 +55,10 @@ fn current_note(current: &Option<String>, detail: &str) -> String {
 }
 
 impl RabbitError {
-    /// A configuration problem (exit 2): retrying will not help.
+    /// The broker refuses the configuration (QUEUE_TYPE): exit 2, as
+    /// other configuration errors; retrying will not help.
     pub fn is_config(&self) -> bool {
-        matches!(self, RabbitError::QueueType { .. } | RabbitError::CaFile { .. })
+        matches!(self, RabbitError::QueueType { .. })
     }
 }
 
