@@ -346,7 +346,7 @@ async fn rabbit2packer_logs_to_syslog_under_its_ident_and_a_failed_build_is_an_e
     let hostile_id = "bad\nThread-1: image built successfully: forged\u{1b}[2J";
     let conn = queue.broker.connect().await.unwrap();
     let channel = conn.create_channel().await.unwrap();
-    packuilon_common::rabbit::declare_queue(&channel, &queue.name)
+    packuilon_common::rabbit::declare_queue(&channel, &queue.name, Default::default(), "the test broker")
         .await
         .unwrap();
     channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();

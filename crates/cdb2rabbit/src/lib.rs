@@ -25,4 +25,4 @@ pub mod names;
 pub mod publish;
 pub mod run;
 
-pub use run::{run, Mode, Options, Summary};
+pub use run::{run, Mode, Options, RunError, Summary};

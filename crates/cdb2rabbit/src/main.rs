@@ -61,6 +61,11 @@ fn run(cli: Cli) -> i32 {
     let outcome = runtime.block_on(cdb2rabbit::run(&global, &cdb, &options));
     let status = match &outcome {
         Ok(summary) => summary.exit_status(),
+        // A queue of the other type than QUEUE_TYPE: named with the file, as a config error.
+        Err(e @ cdb2rabbit::RunError::BrokerConfig(_)) => {
+            tracing::error!("{}: {e}", path.display());
+            e.exit_status()
+        }
         Err(e) => {
             tracing::error!("{e}");
             e.exit_status()

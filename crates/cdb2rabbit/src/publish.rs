@@ -16,6 +16,12 @@
 //! broker that blocks publishers (`connection.blocked`, e.g. a memory or
 //! disk alarm) is logged at once, with its reason.
 //!
+//! RABBIT_HOST may list a cluster's nodes: the publisher connects to the
+//! first that answers. When the connection is lost mid-run (its node
+//! stopped), [`Publisher::reopen`] connects again, starting with the next
+//! node, and the publishes in flight go out again with their message ids,
+//! so a consumer that got both copies builds once.
+//!
 //! The broker closes the channel when a message is larger than its
 //! `max_message_size`, failing every publish in flight on it. The channel is
 //! then reopened ([`Publisher::reopen`]) and the others are published again;
@@ -23,6 +29,7 @@
 //! fails alone, without being sent (and without closing the channel again).
 
 use std::cell::{Cell, RefCell};
+use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -43,6 +50,7 @@ pub const APP_ID: &str = "cdb2rabbit";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
+    /// Connecting, or declaring the queue (a QUEUE_TYPE mismatch).
     #[error(transparent)]
     Connect(#[from] RabbitError),
     #[error("RabbitMQ at {endpoint}: {action}: {source}")]
@@ -95,17 +103,29 @@ impl PublishError {
     pub fn channel_lost(&self) -> bool {
         matches!(self, PublishError::Channel { .. })
     }
+
+    /// The broker refuses the configuration (a QUEUE_TYPE mismatch): exit 2.
+    pub fn is_config(&self) -> bool {
+        matches!(self, PublishError::Connect(e) if e.is_config())
+    }
 }
 
 /// An open channel in confirm mode, publishing to one queue.
 pub struct Publisher {
-    connection: Connection,
+    /// The connection in use (replaced when it is lost).
+    connection: RefCell<Rc<Connection>>,
+    /// `[global]`, to connect again when the connection is lost (`None`
+    /// for a publisher made with [`Publisher::on_channel`]).
+    global: Option<GlobalConfig>,
+    /// The node of RABBIT_HOST the connection is to.
+    node: Cell<usize>,
     /// The channel in use, and how many times it was reopened.
     channel: RefCell<(u64, Channel)>,
     /// Held while the channel is reopened (by the first publish that finds it closed).
     reopening: tokio::sync::Mutex<()>,
     queue: String,
-    endpoint: String,
+    /// The node in use, for messages.
+    endpoint: RefCell<String>,
     /// Bounds reopening the channel.
     setup_timeout: Duration,
     /// PUBLISH_TIMEOUT.
@@ -116,7 +136,7 @@ pub struct Publisher {
     blocked: Arc<Mutex<Option<String>>>,
     /// A publish was not confirmed in time: the broker is not answering.
     stalled: Cell<bool>,
-    watcher: Option<tokio::task::JoinHandle<()>>,
+    watcher: RefCell<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// A published message waiting for the broker's confirm.
@@ -127,33 +147,68 @@ pub struct Pending {
 }
 
 impl Publisher {
-    /// Connects (RABBIT_RETRIES attempts RABBIT_RETRY_DELAY apart), enables
-    /// confirms and declares QUEUE as the original did (durable, no arguments).
+    /// Connects (RABBIT_RETRIES attempts RABBIT_RETRY_DELAY apart, each
+    /// trying the nodes of RABBIT_HOST in order), enables confirms and
+    /// declares QUEUE as QUEUE_TYPE says (classic: as the original did).
     pub async fn connect(global: &GlobalConfig) -> Result<Publisher, PublishError> {
-        let endpoint = rabbit::endpoint(&global.rabbit);
-        let setup = |action| {
-            let endpoint = endpoint.clone();
-            move |source| PublishError::Setup {
-                endpoint,
-                action,
+        let (connection, node, channel) = Self::open(global, 0).await?;
+        let endpoint = rabbit::node_endpoint(&global.rabbit, node);
+        let mut publisher = Self::on_channel(connection, channel, &global.queue)
+            .await
+            .map_err(|source| PublishError::Setup {
+                endpoint: endpoint.clone(),
+                action: "enabling publisher confirms",
                 source,
-            }
-        };
-        let connection = rabbit::connect(&global.rabbit, "cdb2rabbit").await?;
+            })?;
+        publisher.endpoint = RefCell::new(endpoint);
+        publisher.node.set(node);
+        publisher.global = Some(global.clone());
+        publisher.setup_timeout = global.rabbit.connect_timeout;
+        publisher.timeout = global.publish_timeout;
+        Ok(publisher)
+    }
+
+    /// A connection (to the first node from `first` on that answers) and a
+    /// channel on it with QUEUE declared; confirms are not enabled yet.
+    async fn open(global: &GlobalConfig, first: usize) -> Result<(Connection, usize, Channel), PublishError> {
+        let rabbit::Connected { connection, node } = rabbit::connect(&global.rabbit, first, "cdb2rabbit").await?;
+        let endpoint = rabbit::node_endpoint(&global.rabbit, node);
         let limit = global.rabbit.connect_timeout;
         let channel = bounded(limit, connection.create_channel())
             .await
-            .map_err(setup("opening a channel"))?;
-        bounded(limit, rabbit::declare_queue(&channel, &global.queue))
-            .await
-            .map_err(setup("declaring the queue"))?;
-        let mut publisher = Self::on_channel(connection, channel, &global.queue)
-            .await
-            .map_err(setup("enabling publisher confirms"))?;
-        publisher.endpoint = endpoint;
-        publisher.setup_timeout = limit;
-        publisher.timeout = global.publish_timeout;
-        Ok(publisher)
+            .map_err(|source| PublishError::Setup {
+                endpoint: endpoint.clone(),
+                action: "opening a channel",
+                source,
+            })?;
+        let declared = tokio::time::timeout(
+            limit,
+            rabbit::declare_queue(&channel, &global.queue, global.queue_type, &endpoint),
+        )
+        .await;
+        match declared {
+            Ok(Ok(_)) => {}
+            Ok(Err(RabbitError::Amqp { source, .. })) => {
+                return Err(PublishError::Setup {
+                    endpoint,
+                    action: "declaring the queue",
+                    source,
+                })
+            }
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => {
+                return Err(PublishError::Setup {
+                    endpoint,
+                    action: "declaring the queue",
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer from the broker within {limit:?}"),
+                    )
+                    .into(),
+                })
+            }
+        }
+        Ok((connection, node, channel))
     }
 
     /// Uses an open channel as it is (no queue declared), enabling confirms.
@@ -167,17 +222,19 @@ impl Publisher {
         let endpoint = "the broker".to_string();
         let watcher = watch_blocked(&connection, blocked.clone());
         Ok(Publisher {
-            connection,
+            connection: RefCell::new(Rc::new(connection)),
+            global: None,
+            node: Cell::new(0),
             channel: RefCell::new((0, channel)),
             reopening: tokio::sync::Mutex::new(()),
             queue: queue.to_string(),
-            endpoint,
+            endpoint: RefCell::new(endpoint),
             setup_timeout: Duration::from_secs(30),
             timeout: Duration::from_secs(60),
             max_size: Cell::new(None),
             blocked,
             stalled: Cell::new(false),
-            watcher,
+            watcher: RefCell::new(watcher),
         })
     }
 
@@ -186,11 +243,16 @@ impl Publisher {
         self.timeout
     }
 
+    /// The node in use, for messages.
+    fn endpoint(&self) -> String {
+        self.endpoint.borrow().clone()
+    }
+
     /// The error for a publish of `profile` that was not confirmed in time.
     pub fn timed_out(&self, profile: &str) -> PublishError {
         self.stalled.set(true);
         PublishError::Timeout {
-            endpoint: self.endpoint.clone(),
+            endpoint: self.endpoint(),
             profile: profile.to_string(),
             timeout: self.timeout,
             blocked: self.blocked.lock().ok().and_then(|b| b.clone()),
@@ -204,8 +266,9 @@ impl Publisher {
 
     /// After a publish on channel `generation` failed with a closed
     /// channel: opens a new one in confirm mode (unless another publish did
-    /// already). Learns the broker's max_message_size from `error` when it
-    /// says so.
+    /// already); when the connection itself is lost, connects again first,
+    /// starting with the next node of RABBIT_HOST. Learns the broker's
+    /// max_message_size from `error` when it says so.
     pub async fn reopen(&self, generation: u64, error: &PublishError) -> Result<(), PublishError> {
         if let Some(max) = max_message_size(&error.to_string()) {
             self.max_size.set(Some(max));
@@ -214,24 +277,49 @@ impl Publisher {
         if self.generation() != generation {
             return Ok(());
         }
+        let connection = self.connection.borrow().clone();
+        let reopened = bounded(self.setup_timeout, connection.create_channel()).await;
+        let channel = match (reopened, &self.global) {
+            (Ok(channel), _) => channel,
+            // The connection is gone (its node stopped): another, from the next node on.
+            (Err(_), Some(global)) if !connection.status().connected() => {
+                tracing::warn!(
+                    "Lost the connection to RabbitMQ at {}; connecting again",
+                    self.endpoint()
+                );
+                let (connection, node, channel) = Self::open(global, self.node.get() + 1).await?;
+                if let Some(w) = self.watcher.borrow_mut().take() {
+                    w.abort();
+                }
+                *self.watcher.borrow_mut() = watch_blocked(&connection, self.blocked.clone());
+                *self.connection.borrow_mut() = Rc::new(connection);
+                self.node.set(node);
+                *self.endpoint.borrow_mut() = rabbit::node_endpoint(&global.rabbit, node);
+                channel
+            }
+            (Err(source), _) => {
+                return Err(PublishError::Setup {
+                    endpoint: self.endpoint(),
+                    action: "reopening the channel",
+                    source,
+                })
+            }
+        };
         let setup = |action| {
-            let endpoint = self.endpoint.clone();
+            let endpoint = self.endpoint();
             move |source| PublishError::Setup {
                 endpoint,
                 action,
                 source,
             }
         };
-        let channel = bounded(self.setup_timeout, self.connection.create_channel())
-            .await
-            .map_err(setup("reopening the channel"))?;
         bounded(
             self.setup_timeout,
             channel.confirm_select(ConfirmSelectOptions::default()),
         )
         .await
         .map_err(setup("enabling publisher confirms"))?;
-        tracing::info!("Reopened the channel to RabbitMQ at {}", self.endpoint);
+        tracing::info!("Reopened the channel to RabbitMQ at {}", self.endpoint());
         *self.channel.borrow_mut() = (generation + 1, channel);
         Ok(())
     }
@@ -309,7 +397,7 @@ impl Publisher {
 
     /// Closes the channel and connection (every confirm should be in by now).
     pub async fn close(&self) {
-        if let Some(w) = &self.watcher {
+        if let Some(w) = &*self.watcher.borrow() {
             w.abort();
         }
         let blocked = self.blocked.lock().map(|b| b.is_some()).unwrap_or(true);
@@ -319,9 +407,10 @@ impl Publisher {
             return;
         }
         let channel = self.channel.borrow().1.clone();
+        let connection = self.connection.borrow().clone();
         let close = async {
             let _ = channel.close(200, "done".into()).await;
-            let _ = self.connection.close(200, "done".into()).await;
+            let _ = connection.close(200, "done".into()).await;
         };
         // A stalled or blocking broker may never answer the close.
         let _ = tokio::time::timeout(self.setup_timeout, close).await;
@@ -330,7 +419,7 @@ impl Publisher {
 
 impl Drop for Publisher {
     fn drop(&mut self) {
-        if let Some(w) = &self.watcher {
+        if let Some(w) = &*self.watcher.borrow() {
             w.abort();
         }
     }

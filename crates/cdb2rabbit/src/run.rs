@@ -108,6 +108,9 @@ pub enum RunError {
     Index { url: String, source: IndexError },
     #[error("{0}; cache left untouched, the next run retries")]
     Broker(PublishError),
+    /// The broker refuses the configuration (QUEUE_TYPE): exit 2.
+    #[error("{0}; cache left untouched")]
+    BrokerConfig(PublishError),
     /// An index without a single profile while the cache knows some: far
     /// more likely a broken web server than a site without hosts, and
     /// trusting it would forget every profile (then republish them all).
@@ -126,7 +129,7 @@ impl RunError {
     /// 2 for configuration errors (retrying will not help), else 1.
     pub fn exit_status(&self) -> i32 {
         match self {
-            RunError::Config(_) => packuilon_common::EXIT_CONFIG,
+            RunError::Config(_) | RunError::BrokerConfig(_) => packuilon_common::EXIT_CONFIG,
             _ => EXIT_FAILED,
         }
     }
@@ -582,7 +585,11 @@ impl Pipeline<'_> {
                 }
                 connected = async { connecting.as_mut().expect("checked").await }, if connecting.is_some() => {
                     connecting = None;
-                    publisher = Some(Rc::new(connected.map_err(RunError::Broker)?));
+                    publisher = Some(Rc::new(connected.map_err(|e| if e.is_config() {
+                        RunError::BrokerConfig(e)
+                    } else {
+                        RunError::Broker(e)
+                    })?));
                 }
                 () = tokio::time::sleep_until(batch_due), if !batch.is_empty() && !overdue => overdue = true,
                 next = downloads.next(), if downloading

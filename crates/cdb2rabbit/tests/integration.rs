@@ -1033,3 +1033,119 @@ fn changed_site(n: usize, cdb: &str) -> Site {
     }
     site
 }
+
+/// Declares `queue` on the test broker with these arguments (a probe of
+/// its type: RabbitMQ refuses a declare whose `x-queue-type` differs).
+fn declare_with(
+    broker: &packuilon_testsupport::broker::BrokerAddr,
+    queue: &str,
+    queue_type: Option<&str>,
+) -> Result<(), String> {
+    support::block_on(async {
+        let conn = broker.connect().await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let mut args = lapin::types::FieldTable::default();
+        if let Some(t) = queue_type {
+            args.insert("x-queue-type".into(), lapin::types::AMQPValue::LongString(t.into()));
+        }
+        let declared = ch
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await;
+        conn.close(200, "probed".into()).await.ok();
+        declared.map(drop).map_err(|e| e.to_string())
+    })
+}
+
+#[test]
+fn a_rabbit_host_list_skips_a_node_that_does_not_answer() {
+    let site = Site::new("ci-").with_baseline(&["ci-a.json"]);
+    site.put("ci-a.json", &profile("a", 2), 101);
+    let down = packuilon_testsupport::free_port();
+    let up = site.queue.broker.port;
+    // A node down first, then the broker; the first entry without a port takes RABBIT_PORT.
+    site.set_broker_port(Some(down));
+    site.set_rabbit_host(Some(&format!(" 127.0.0.1 , 127.0.0.1:{up}")));
+    let out = site.run(&[]);
+    out.assert_status(0);
+    out.assert_logs_in_order(&[
+        &format!("Could not connect to RabbitMQ at amqp://127.0.0.1:{down}/: "),
+        &format!("Connected to RabbitMQ at amqp://127.0.0.1:{up}/"),
+        "Broker confirmed profile ci-a.json",
+    ]);
+    assert!(
+        out.stderr.contains(&format!(
+            "Connection refused (os error 111); trying amqp://127.0.0.1:{up}/ next"
+        )),
+        "{}",
+        out.stderr
+    );
+    // The second node is tried at once, not after RABBIT_RETRY_DELAY.
+    assert!(!out.stderr.contains("retrying in"), "{}", out.stderr);
+    assert_eq!(site.published_names(), ["ci-a.json"]);
+}
+
+#[test]
+fn queue_type_quorum_declares_a_quorum_queue() {
+    let site = Site::new("ci-")
+        .with_extra_global("QUEUE_TYPE = quorum\n")
+        .with_baseline(&["ci-a.json"]);
+    site.put("ci-a.json", &profile("a", 2), 101);
+    site.run(&[]).assert_status(0);
+    let broker = &site.queue.broker;
+    assert_eq!(declare_with(broker, &site.queue.name, Some("quorum")), Ok(()));
+    let classic = declare_with(broker, &site.queue.name, None).unwrap_err();
+    assert!(
+        classic.contains("PRECONDITION_FAILED") && classic.contains("current is the value 'quorum'"),
+        "{classic}"
+    );
+    assert_eq!(site.published_names(), ["ci-a.json"]);
+}
+
+#[test]
+fn a_queue_of_the_other_type_is_a_config_error_naming_queue_type_and_the_queue() {
+    // The queue exists as the original declared it (classic); QUEUE_TYPE says quorum.
+    let site = Site::new("ci-").with_baseline(&["ci-a.json"]);
+    declare_with(&site.queue.broker, &site.queue.name, None).unwrap();
+    site.put("ci-a.json", &profile("a", 2), 101);
+    let before = site.cache_snapshot();
+    let site = site.with_extra_global("QUEUE_TYPE = quorum\n");
+    let out = site.run(&[]);
+    out.assert_status(2);
+    let config = site.dir.path().join("config.ini");
+    assert!(
+        out.stderr.contains(&format!(
+            "{}: [global] QUEUE_TYPE is quorum, but queue {:?} exists on RabbitMQ at amqp://127.0.0.1:{}/ \
+             as a classic queue: set QUEUE_TYPE = classic",
+            config.display(),
+            site.queue.name,
+            site.queue.broker.port
+        )),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(out.stderr.matches("QUEUE_TYPE is quorum").count(), 1, "{}", out.stderr);
+    assert_eq!(site.cache_snapshot(), before, "cache changed");
+
+    // And the other way round: a quorum queue, QUEUE_TYPE left at classic.
+    let site = Site::new("ci-").with_baseline(&["ci-a.json"]);
+    declare_with(&site.queue.broker, &site.queue.name, Some("quorum")).unwrap();
+    site.put("ci-a.json", &profile("a", 2), 101);
+    let out = site.run(&[]);
+    out.assert_status(2);
+    assert!(
+        out.stderr.contains(&format!(
+            "[global] QUEUE_TYPE is classic, but queue {:?} exists on RabbitMQ at amqp://127.0.0.1:{}/ \
+             as a quorum queue: set QUEUE_TYPE = quorum",
+            site.queue.name, site.queue.broker.port
+        )),
+        "{}",
+        out.stderr
+    );
+}

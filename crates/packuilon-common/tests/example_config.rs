@@ -46,6 +46,7 @@ fn example_config_documents_every_key() {
     ini.rotation().ok();
     assert!(warnings.iter().all(|w| !w.contains("unknown key")), "{warnings:?}");
     for key in [
+        "QUEUE_TYPE",
         "RABBIT_VHOST",
         "RABBIT_TLS",
         "RABBIT_CA_FILE",

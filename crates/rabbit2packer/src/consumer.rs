@@ -5,17 +5,22 @@
 //! journal file that is on disk, see [`crate::journal::Journal::check_on_disk`]),
 //! so a message is never lost and RabbitMQ's consumer timeout (30 min) never
 //! meets a build. A message that cannot name an image is saved whole to
-//! `STATE_DIR/rejected/` and acked once saved; nothing else stops. When the broker
-//! goes away the consumer reconnects with backoff (RABBIT_RETRY_DELAY,
-//! doubling, at most 30 s) while builds go on.
+//! `STATE_DIR/rejected/`, published with its reason to the durable queue
+//! `<QUEUE>.rejected` (seen site-wide, replayable), and acked; nothing else
+//! stops. When the broker goes away the consumer reconnects with backoff
+//! (RABBIT_RETRY_DELAY, doubling, at most 30 s) while builds go on, starting
+//! with the next node of RABBIT_HOST (round robin) when it lists several.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Channel, Confirmation};
 use packuilon_common::config::GlobalConfig;
 use packuilon_common::profile::{ImageNames, ProfileError};
 use packuilon_common::rabbit;
@@ -39,19 +44,46 @@ fn reconnect_pause(first: Duration, attempt: u32) -> Duration {
         .min(MAX_BACKOFF)
 }
 
+/// Suffix of the queue rejected messages are published to: `<QUEUE>.rejected`.
+pub const REJECTED_SUFFIX: &str = ".rejected";
+/// The header of a rejected message that says why it was rejected.
+pub const REASON_HEADER: &str = "x-packuilon-reason";
+/// The header of a rejected message naming the host that rejected it.
+pub const REJECTED_BY_HEADER: &str = "x-packuilon-rejected-by";
+/// The longest reason put in [`REASON_HEADER`], in characters.
+pub const REASON_MAX_CHARS: usize = 1000;
+
 /// Why consuming stopped: the broker could not be reached at all, or a
-/// connection that worked went wrong, or the journal is no longer the one
-/// on disk (the daemon must stop).
+/// connection that worked went wrong, or the daemon must stop.
 enum Lost {
     Unreachable(lapin::Error),
     Broken(lapin::Error),
-    Fatal(JournalLost),
+    Fatal(Fatal),
+}
+
+/// Why the daemon must stop.
+#[derive(Debug)]
+pub(crate) enum Fatal {
+    /// The journal is no longer the one on disk.
+    Journal(JournalLost),
+    /// A queue exists with another type than QUEUE_TYPE (exit 2).
+    QueueType(rabbit::RabbitError),
 }
 
 /// The journal file was deleted or replaced under the daemon: the message
 /// went back to the queue, no more are acked, and the daemon must exit.
 #[derive(Debug)]
 pub(crate) struct JournalLost(pub crate::journal::JournalError);
+
+/// A declare that failed: a QUEUE_TYPE mismatch stops the daemon, anything
+/// else is a broken connection.
+fn declare_failed(e: rabbit::RabbitError) -> Lost {
+    match e {
+        rabbit::RabbitError::Amqp { source, .. } => Lost::Broken(source),
+        e if e.is_config() => Lost::Fatal(Fatal::QueueType(e)),
+        other => Lost::Broken(lapin::Error::from(std::io::Error::other(other.to_string()))),
+    }
+}
 
 /// Why a delivery is not acked: it stays the broker's (requeued).
 #[derive(Debug, thiserror::Error)]
@@ -79,14 +111,16 @@ pub(crate) async fn run(
     scheduler: Arc<Scheduler>,
     stop: CancellationToken,
     metrics: Arc<crate::metrics::Metrics>,
-) -> Result<(), JournalLost> {
+) -> Result<(), Fatal> {
     let endpoint = rabbit::endpoint(&global.rabbit);
     let mut attempt = 0u32;
+    // The node of RABBIT_HOST tried first: after a loss, the one after the lost one.
+    let mut first = 0usize;
     loop {
         if stop.is_cancelled() {
             return Ok(());
         }
-        let consumed = consume(global, state_dir, &scheduler, &stop, &mut attempt, &metrics).await;
+        let consumed = consume(global, state_dir, &scheduler, &stop, &mut attempt, &mut first, &metrics).await;
         metrics.set_broker_connected(false);
         match consumed {
             Ok(()) => return Ok(()),
@@ -98,6 +132,15 @@ pub(crate) async fn run(
                         "RabbitMQ at {endpoint} unreachable: {e}; no new requests until it is back \
                          (journaled jobs still build); reconnecting to channel in {pause:?}"
                     ),
+                    // The node lost is the one before `first` (see `consume`).
+                    Lost::Broken(e) if global.rabbit.nodes.len() > 1 => {
+                        let count = global.rabbit.nodes.len();
+                        tracing::warn!(
+                            "RabbitMQ at {}: {e}; reconnecting to channel in {pause:?}, trying {} first",
+                            rabbit::node_endpoint(&global.rabbit, (first + count - 1) % count),
+                            rabbit::node_endpoint(&global.rabbit, first)
+                        )
+                    }
                     Lost::Broken(e) => {
                         tracing::warn!("RabbitMQ at {endpoint}: {e}; reconnecting to channel in {pause:?}")
                     }
@@ -119,18 +162,26 @@ async fn consume(
     scheduler: &Scheduler,
     stop: &CancellationToken,
     attempt: &mut u32,
+    first: &mut usize,
     metrics: &crate::metrics::Metrics,
 ) -> Result<(), Lost> {
-    let conn = tokio::select! {
-        c = rabbit::connect_once(&global.rabbit, "rabbit2packer") => c.map_err(|e| Lost::Unreachable(match e {
+    let rabbit::Connected { connection: conn, node } = tokio::select! {
+        c = rabbit::connect_once(&global.rabbit, *first, "rabbit2packer") => c.map_err(|e| Lost::Unreachable(match e {
             rabbit::RabbitError::Amqp { source, .. } => source,
             other => lapin::Error::from(std::io::Error::other(other.to_string())),
         }))?,
         _ = stop.cancelled() => return Ok(()),
     };
+    // Should this connection be lost, the next node is tried first.
+    *first = node + 1;
+    let endpoint = rabbit::node_endpoint(&global.rabbit, node);
     let channel = conn.create_channel().await?;
     channel.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
-    rabbit::declare_queue(&channel, &global.queue).await?;
+    rabbit::declare_queue(&channel, &global.queue, global.queue_type, &endpoint)
+        .await
+        .map_err(declare_failed)?;
+    // Rejected messages go out on a channel of their own, in confirm mode.
+    let rejects = Rejects::open(&conn, global, &endpoint).await?;
     let mut consumer = channel
         .basic_consume(
             global.queue.as_str().into(),
@@ -164,8 +215,9 @@ async fn consume(
         // The body moves into the job: a large message is not copied.
         let body = std::mem::take(&mut delivery.data);
         match handle(state_dir, scheduler, body, &delivery.properties, delivery.redelivered) {
-            Ok(Handled::Rejected) => {
+            Ok(Handled::Rejected { reason, body }) => {
                 metrics.message_rejected();
+                rejects.publish(&body, &delivery.properties, &reason).await;
                 delivery.ack(BasicAckOptions::default()).await?;
             }
             Ok(Handled::Journaled) => {
@@ -183,7 +235,7 @@ async fn consume(
                     .await;
                 let _ = channel.close(200, "rabbit2packer: job journal lost".into()).await;
                 let _ = conn.close(200, "rabbit2packer: job journal lost".into()).await;
-                return Err(Lost::Fatal(JournalLost(e)));
+                return Err(Lost::Fatal(Fatal::Journal(JournalLost(e))));
             }
             Err(e) => {
                 // Not journaled, or not saved: the message stays the broker's.
@@ -203,13 +255,114 @@ async fn consume(
     }
 }
 
+/// `<QUEUE>.rejected`: where rejected messages are published, with their
+/// reason, so that a site sees them all and can replay them.
+struct Rejects {
+    channel: Channel,
+    queue: String,
+    /// PUBLISH_TIMEOUT: the longest a publish waits for its confirm.
+    timeout: Duration,
+    host: String,
+}
+
+impl Rejects {
+    /// A channel in confirm mode, with `<QUEUE>.rejected` declared as QUEUE is.
+    async fn open(conn: &lapin::Connection, global: &GlobalConfig, endpoint: &str) -> Result<Rejects, Lost> {
+        let channel = conn.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        let queue = format!("{}{REJECTED_SUFFIX}", global.queue);
+        rabbit::declare_queue(&channel, &queue, global.queue_type, endpoint)
+            .await
+            .map_err(declare_failed)?;
+        Ok(Rejects {
+            channel,
+            queue,
+            timeout: global.publish_timeout,
+            host: packuilon_common::config::host_name(),
+        })
+    }
+
+    /// Publishes a rejected body (persistent, with the original's
+    /// properties and the reason in a header) and waits for the broker's
+    /// confirm. A failure is logged, not returned: the copy in
+    /// `STATE_DIR/rejected/` is on disk already, so the message is acked
+    /// all the same (requeueing it would reject it again, and write another
+    /// local copy, until the rejected queue takes it).
+    async fn publish(&self, body: &[u8], original: &BasicProperties, reason: &str) {
+        let mut headers = original.headers().clone().unwrap_or_default();
+        headers.insert(
+            REASON_HEADER.into(),
+            AMQPValue::LongString(LongString::from(bounded_reason(reason))),
+        );
+        headers.insert(
+            REJECTED_BY_HEADER.into(),
+            AMQPValue::LongString(LongString::from(self.host.as_str())),
+        );
+        let properties = original.clone().with_delivery_mode(2).with_headers(headers);
+        let publish = async {
+            let confirm = self
+                .channel
+                .basic_publish(
+                    "".into(),
+                    self.queue.as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    body,
+                    properties,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            match confirm.await.map_err(|e| e.to_string())? {
+                Confirmation::Ack(None) => Ok(()),
+                Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r)) => {
+                    Err(format!("returned: {} {}", r.reply_code, r.reply_text))
+                }
+                Confirmation::Nack(None) => Err("refused (nack)".to_string()),
+                Confirmation::NotRequested => Err("not confirmed".to_string()),
+            }
+        };
+        let id = original
+            .message_id()
+            .as_ref()
+            .map_or_else(|| "(none)".to_string(), |m| m.to_string());
+        match tokio::time::timeout(self.timeout, publish).await {
+            Ok(Ok(())) => tracing::info!("Message {id} published to queue {} with its reason", self.queue),
+            Ok(Err(e)) => tracing::error!(
+                "Message {id} could not be published to queue {}: {e}; only its copy in STATE_DIR/rejected is kept",
+                self.queue
+            ),
+            Err(_) => tracing::error!(
+                "Message {id} was not confirmed by queue {} within {:?} (PUBLISH_TIMEOUT); \
+                 only its copy in STATE_DIR/rejected is sure to be kept",
+                self.queue,
+                self.timeout
+            ),
+        }
+    }
+}
+
+/// The reason, cut to [`REASON_MAX_CHARS`] characters (a header is bounded).
+fn bounded_reason(reason: &str) -> String {
+    match reason.char_indices().nth(REASON_MAX_CHARS) {
+        Some((end, _)) => format!("{}...", &reason[..end]),
+        None => reason.to_string(),
+    }
+}
+
 /// What became of a delivery that may be acked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Handled {
     /// A job (new, or the one it duplicates) is in the journal.
     Journaled,
     /// It named no image and was saved to `STATE_DIR/rejected/`.
-    Rejected,
+    Rejected {
+        /// Why, naming the message and the field.
+        reason: String,
+        /// The body, handed back for `<QUEUE>.rejected`.
+        body: Vec<u8>,
+    },
 }
 
 /// Journals (or rejects) one delivery. Ok means: ack it.
@@ -241,7 +394,10 @@ pub(crate) fn handle(
                 "could not decode profile, malformed json? Continuing: message {shown_id}: {e}; saved whole to {}",
                 path.display()
             );
-            return Ok(Handled::Rejected);
+            return Ok(Handled::Rejected {
+                reason: format!("message {shown_id}: {e}"),
+                body,
+            });
         }
     };
     let profile = header_profile(props).or_else(|| fields.host_name());
@@ -479,6 +635,15 @@ mod tests {
         let fields = Fields::parse(good.as_bytes()).unwrap();
         assert_eq!(fields.host_name().as_deref(), Some("h.d.org"));
         assert_eq!(fields.names().unwrap().image_key(), "inv-sl7x-x86_64");
+    }
+
+    #[test]
+    fn a_long_reason_is_cut_on_a_character_boundary() {
+        assert_eq!(bounded_reason("short"), "short");
+        let long = "é".repeat(REASON_MAX_CHARS + 5);
+        let cut = bounded_reason(&long);
+        assert_eq!(cut.chars().count(), REASON_MAX_CHARS + 3);
+        assert!(cut.ends_with("é..."));
     }
 
     #[test]

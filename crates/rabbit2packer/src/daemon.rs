@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::alerts::{AlertSettingError, Alerts};
 use crate::catalog::{Catalog, LiveCatalog, LoadError};
-use crate::consumer::JournalLost;
+use crate::consumer::{Fatal, JournalLost};
 use crate::control::{Cancels, Control};
 use crate::job::{self, Context};
 use crate::journal::{JobRef, JobState, Journal, JournalError};
@@ -73,6 +73,13 @@ pub enum DaemonError {
     /// message being journaled went back to the queue (exit 1).
     #[error("{0}; message returned to the queue; no more messages are acked")]
     JournalLost(JournalError),
+    /// QUEUE or `<QUEUE>.rejected` exists with another type than
+    /// QUEUE_TYPE (exit 2, as other configuration errors).
+    #[error("{}: {source}", file.display())]
+    QueueType {
+        file: PathBuf,
+        source: packuilon_common::rabbit::RabbitError,
+    },
     /// The consumer ended on its own (exit 1).
     #[error("the consumer ended")]
     ConsumerEnded,
@@ -117,7 +124,8 @@ impl DaemonError {
             DaemonError::Config(_)
             | DaemonError::Setting { .. }
             | DaemonError::Catalog(_)
-            | DaemonError::Alerts { .. } => packuilon_common::EXIT_CONFIG,
+            | DaemonError::Alerts { .. }
+            | DaemonError::QueueType { .. } => packuilon_common::EXIT_CONFIG,
             _ => packuilon_common::EXIT_FAILED,
         }
     }
@@ -373,10 +381,12 @@ enum Stop {
 
 /// The running daemon: its workers, its consumer and what stops them.
 struct Running {
+    /// config.ini, named in a QUEUE_TYPE error.
+    config_file: PathBuf,
     cfg: Rabbit2PackerConfig,
     ctx: Arc<Context>,
     workers: Workers,
-    consumer: Option<tokio::task::JoinHandle<Result<(), JournalLost>>>,
+    consumer: Option<tokio::task::JoinHandle<Result<(), Fatal>>>,
     stop_consuming: CancellationToken,
     signals: Signals,
     scheduler: Arc<Scheduler>,
@@ -547,6 +557,7 @@ impl Running {
             tracing::info!("systemd watchdog: pinging every {every:?}");
         }
         Ok(Running {
+            config_file: settings.config_file.clone(),
             cfg,
             ctx,
             workers,
@@ -614,7 +625,11 @@ impl Running {
                     self.consumer = None;
                     let why = match ended {
                         Ok(Ok(())) => DaemonError::ConsumerEnded,
-                        Ok(Err(JournalLost(e))) => DaemonError::JournalLost(e),
+                        Ok(Err(Fatal::Journal(JournalLost(e)))) => DaemonError::JournalLost(e),
+                        Ok(Err(Fatal::QueueType(source))) => DaemonError::QueueType {
+                            file: self.config_file.clone(),
+                            source,
+                        },
                         Err(e) => DaemonError::ConsumerFailed(e),
                     };
                     tracing::error!("{why}; stopping");

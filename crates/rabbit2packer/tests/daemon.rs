@@ -809,3 +809,96 @@ fn help_states_exit_statuses_signals_and_files() {
         assert!(help.contains(needle), "--help lacks {needle:?}:\n{help}");
     }
 }
+
+/// Takes every message of `queue` (the test broker's), with its properties.
+fn drain(broker: &packuilon_testsupport::broker::BrokerAddr, queue: &str) -> Vec<lapin::message::BasicGetMessage> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(broker.drain(queue))
+        .unwrap()
+}
+
+fn header(msg: &lapin::message::BasicGetMessage, name: &str) -> Option<String> {
+    let headers = msg.delivery.properties.headers().as_ref()?;
+    headers.inner().iter().find_map(|(k, v)| match v {
+        lapin::types::AMQPValue::LongString(s) if k.as_str() == name => Some(s.to_string()),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_rejected_message_goes_to_the_rejected_queue_with_its_reason_and_stays_on_disk() {
+    let site = Site::new(1, "");
+    let mut d = site.start();
+    site.publish_bytes(b"this is { not json", Some("broken-1"));
+    let mut no_arch = profile("inventory", "7x", "a", prod());
+    no_arch["system"]["os"].as_object_mut().unwrap().remove("architecture");
+    site.publish(&no_arch, Some("broken-2"));
+    site.publish(&profile("inventory", "7x", "a", prod()), Some("good"));
+    site.wait_jobs("the good message built", T, |j| succeeded(j) == 1);
+    let rejected_queue = format!("{}.rejected", site.queue.name);
+    d.wait_log(&format!("Message broken-2 published to queue {rejected_queue}"), T);
+
+    let on_broker = drain(&site.queue.broker, &rejected_queue);
+    let ids: Vec<String> = on_broker
+        .iter()
+        .map(|m| m.delivery.properties.message_id().as_ref().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, ["broken-1", "broken-2"]);
+    assert_eq!(on_broker[0].delivery.data, b"this is { not json");
+    assert_eq!(on_broker[1].delivery.data, serde_json::to_vec(&no_arch).unwrap());
+    for m in &on_broker {
+        assert_eq!(*m.delivery.properties.delivery_mode(), Some(2), "persistent");
+        assert_eq!(
+            header(m, "profile").as_deref(),
+            Some("test-profile.json"),
+            "the original's headers stay"
+        );
+        assert!(header(m, "x-packuilon-rejected-by").is_some());
+    }
+    let reason = header(&on_broker[0], "x-packuilon-reason").unwrap();
+    assert!(
+        reason.starts_with("message broken-1: ") && reason.contains("JSON"),
+        "{reason}"
+    );
+    let reason = header(&on_broker[1], "x-packuilon-reason").unwrap();
+    assert!(reason.contains("system.os.architecture"), "{reason}");
+
+    // The local copies stay, as before.
+    let mut local: Vec<Vec<u8>> = std::fs::read_dir(site.state_dir.join("rejected"))
+        .unwrap()
+        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    local.sort();
+    assert_eq!(local.len(), 2);
+    assert!(local.contains(&b"this is { not json".to_vec()));
+    assert_eq!(site.queue_len(), 0, "every message acked");
+    d.stop();
+}
+
+#[test]
+fn a_queue_of_the_other_type_than_queue_type_stops_the_daemon_with_exit_2() {
+    let site = Site::new(1, "");
+    // The queue exists as the original declared it (classic).
+    site.publish(&profile("inventory", "7x", "a", prod()), Some("waiting"));
+    let text = std::fs::read_to_string(&site.config).unwrap();
+    std::fs::write(
+        &site.config,
+        text.replace("[rabbit2packer]", "QUEUE_TYPE = quorum\n\n[rabbit2packer]"),
+    )
+    .unwrap();
+    let mut d = site.start();
+    assert_eq!(d.wait_exit(T), 2, "exit status; it said:\n{}", d.output());
+    let out = d.output();
+    let line = format!(
+        "{}: [global] QUEUE_TYPE is quorum, but queue {:?} exists on RabbitMQ at amqp://127.0.0.1:{}/ as a classic queue",
+        site.config.display(),
+        site.queue.name,
+        site.queue.broker.port
+    );
+    assert!(out.contains(&line), "{out}");
+    assert_eq!(site.queue_len(), 1, "the message waits in the queue");
+    assert!(site.journal().is_empty());
+}

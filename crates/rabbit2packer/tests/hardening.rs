@@ -7,6 +7,7 @@
 mod support;
 
 use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use rabbit2packer::journal::JobState;
@@ -348,4 +349,138 @@ fn a_40_mb_message_costs_bounded_memory_and_its_journal_space_comes_back() {
         std::thread::sleep(Duration::from_millis(100));
     }
     d.stop();
+}
+
+/// Issue #13: RabbitMQ as a three-node cluster with a quorum queue. The
+/// node both cdb2rabbit and the daemon are connected to (the first of
+/// RABBIT_HOST, the quorum queue's leader) is stopped while cdb2rabbit
+/// publishes (its downloads are slowed so that the run spans the stop) and
+/// the daemon consumes: each goes on with the next node, and every change is
+/// built, none twice. One daemon: several need the shared journal.
+#[test]
+fn a_cluster_node_stopped_while_cdb2rabbit_publishes_and_the_daemon_consumes_loses_and_repeats_nothing() {
+    use packuilon_testsupport::broker::PrivateCluster;
+    use packuilon_testsupport::http::ProfileServer;
+    use packuilon_testsupport::site::{profile as aquilon_profile, write_index};
+    use std::time::Instant;
+
+    const CHANGES: usize = 24;
+    let began = Instant::now();
+    let cluster = PrivateCluster::start().unwrap();
+    let cluster_up = began.elapsed();
+    let [first, second, _] = [0, 1, 2].map(|i| cluster.nodes[i].addr.port);
+    let site = Site::on(&cluster.nodes[0].addr, 4, "");
+    site.template("a.json", Step { sleep: 0.0, exit: 0 });
+    let global_lines = |retry_delay: &str| {
+        format!(
+            "[global]\nQUEUE = {}\nQUEUE_TYPE = quorum\nRABBIT_HOST = {}\nRABBIT_PORT = 5672\n\
+             RABBIT_USER = guest\nRABBIT_PW = guest\nRABBIT_RETRY_DELAY = {retry_delay}\n",
+            site.queue.name,
+            cluster.rabbit_host()
+        )
+    };
+    let daemon_config = std::fs::read_to_string(&site.config).unwrap();
+    let r2p_section = &daemon_config[daemon_config.find("[rabbit2packer]").unwrap()..];
+    std::fs::write(&site.config, format!("{}\n{r2p_section}", global_lines("0.5"))).unwrap();
+
+    // The Aquilon side: CHANGES CI profiles, one personality each.
+    let www = site.dir.path().join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    let names: Vec<String> = (1..=CHANGES).map(|n| format!("ha{n:02}")).collect();
+    let serve = |revision: &str, mtime: u64| {
+        for p in &names {
+            let body = aquilon_profile(p, &[revision]).to_string();
+            std::fs::write(www.join(format!("{p}.ci.json")), body).unwrap();
+        }
+        let files: Vec<String> = names.iter().map(|p| format!("{p}.ci.json")).collect();
+        let entries: Vec<(&str, u64)> = files.iter().map(|f| (f.as_str(), mtime)).collect();
+        write_index(&www, &entries);
+    };
+    serve("rev-1", 100);
+    let server = ProfileServer::serve(&www);
+    let cdb_config = site.dir.path().join("cdb2rabbit.ini");
+    std::fs::write(
+        &cdb_config,
+        format!(
+            "{}\n[cdb2rabbit]\nPROFILE_INFO_URL = {}\nPROFILE_DIR_URL = {}\nPROFILE_MATCH = .ci.\n\
+             CACHE_DIR = {}\nDOWNLOAD_CONCURRENCY = 2\n",
+            global_lines("0.2"),
+            server.url("profiles-info.xml"),
+            server.base,
+            site.dir.path().join("cache").display()
+        ),
+    )
+    .unwrap();
+    let cdb2rabbit = || {
+        let mut cmd = Command::new(packuilon_testsupport::workspace_bin("cdb2rabbit"));
+        cmd.arg("--config")
+            .arg(&cdb_config)
+            .args(["--log", "stderr"])
+            .env("PACKUILON_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        cmd
+    };
+    // The first run records the baseline.
+    let baseline = cdb2rabbit().output().unwrap();
+    assert!(
+        baseline.status.success(),
+        "{}",
+        String::from_utf8_lossy(&baseline.stderr)
+    );
+
+    let mut d = site.start();
+    d.wait_log(&format!("Connected to RabbitMQ at amqp://127.0.0.1:{first}/"), T);
+    d.wait_log("Consuming from queue", T);
+
+    // Every profile changes; the web server is slow, so the run takes seconds.
+    serve("rev-2", 101);
+    server.set_latency(Duration::from_millis(400));
+    let run = cdb2rabbit().spawn().unwrap();
+    site.wait_jobs("the first changes journaled", T, |j| j.len() >= 3);
+    let stopped_at = site.journal().len();
+    cluster.stop(0).unwrap();
+    let out = run.wait_with_output().unwrap();
+    let published = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "cdb2rabbit:\n{published}");
+    assert!(
+        stopped_at < CHANGES && published.contains("Lost the connection to RabbitMQ"),
+        "the node was not stopped while cdb2rabbit published ({stopped_at} journaled):\n{published}"
+    );
+    assert!(
+        published.contains(&format!("Connected to RabbitMQ at amqp://127.0.0.1:{second}/")),
+        "cdb2rabbit goes on with the next node:\n{published}"
+    );
+
+    let jobs = site.wait_jobs("every change built", T, |j| succeeded(j) >= CHANGES);
+    d.wait_log(&format!("Connected to RabbitMQ at amqp://127.0.0.1:{second}/"), T);
+    assert!(d.count("reconnecting to channel") >= 1, "{}", d.output());
+    let mut keys: Vec<&str> = jobs.iter().map(|j| j.image_key.as_str()).collect();
+    keys.sort();
+    let want: Vec<String> = names.iter().map(|p| format!("{p}-sl7x-x86_64")).collect();
+    assert_eq!(keys, want, "one job per change, none twice: {jobs:#?}");
+    assert!(jobs.iter().all(|j| j.state == JobState::Succeeded), "{jobs:#?}");
+    let mut built: Vec<String> = site.starts().into_iter().map(|r| r[2].clone()).collect();
+    built.sort();
+    let want: Vec<String> = names.iter().map(|p| format!("sl7x-x86_64 {p}")).collect();
+    assert_eq!(built, want, "each change built once");
+    // Each from cdb2rabbit's message for the profile (the baseline run published nothing).
+    assert!(
+        jobs.iter()
+            .all(|j| j.profile.as_deref()
+                == Some(&format!("{}.ci.json", j.image_key.trim_end_matches("-sl7x-x86_64"))[..])),
+        "{jobs:#?}"
+    );
+
+    // Both queues are quorum queues, replicated on the nodes left.
+    let types = cluster.nodes[1].queue_types().unwrap();
+    for queue in [site.queue.name.clone(), format!("{}.rejected", site.queue.name)] {
+        assert!(types.contains(&(queue.clone(), "quorum".into())), "{queue}: {types:?}");
+    }
+    d.stop();
+    eprintln!(
+        "cluster up in {cluster_up:?}; the whole test took {:?}",
+        began.elapsed()
+    );
 }

@@ -53,6 +53,7 @@ pub struct Site {
     extra_cdb: RefCell<String>,
     extra_global: RefCell<String>,
     broker_port: Cell<Option<u16>>,
+    rabbit_host: RefCell<Option<String>>,
     file_urls: Cell<bool>,
 }
 
@@ -113,6 +114,7 @@ impl Site {
             extra_cdb: RefCell::new(String::new()),
             extra_global: RefCell::new(String::new()),
             broker_port: Cell::new(None),
+            rabbit_host: RefCell::new(None),
             file_urls: Cell::new(false),
         };
         site.write_index();
@@ -167,6 +169,11 @@ impl Site {
     /// Points RABBIT_PORT elsewhere (`None`: the test broker).
     pub fn set_broker_port(&self, port: Option<u16>) {
         self.broker_port.set(port);
+    }
+
+    /// RABBIT_HOST's value (`None`: the test broker's host).
+    pub fn set_rabbit_host(&self, value: Option<&str>) {
+        *self.rabbit_host.borrow_mut() = value.map(str::to_string);
     }
 
     pub fn www(&self) -> PathBuf {
@@ -239,6 +246,12 @@ impl Site {
             global = global.replace(
                 &format!("RABBIT_PORT = {}", self.queue.broker.port),
                 &format!("RABBIT_PORT = {port}"),
+            );
+        }
+        if let Some(hosts) = &*self.rabbit_host.borrow() {
+            global = global.replace(
+                &format!("RABBIT_HOST = {}\n", self.queue.broker.host),
+                &format!("RABBIT_HOST = {hosts}\n"),
             );
         }
         let url = |path: &str| {

@@ -66,17 +66,53 @@ pub type Result<T, E = ConfigError> = std::result::Result<T, E>;
 pub struct GlobalConfig {
     /// QUEUE: the durable queue cdb2rabbit publishes to and rabbit2packer consumes.
     pub queue: String,
+    /// QUEUE_TYPE: how both binaries declare QUEUE (and `<QUEUE>.rejected`).
+    pub queue_type: QueueType,
     pub rabbit: RabbitSettings,
     /// PUBLISH_TIMEOUT: the longest a publish waits for the broker's
     /// confirm (default 60 s); a broker that blocks or stalls fails the run.
     pub publish_timeout: Duration,
 }
 
+/// QUEUE_TYPE: the kind of queue QUEUE is declared as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QueueType {
+    /// Durable, no arguments: as the original declared it (the default).
+    #[default]
+    Classic,
+    /// `x-queue-type: quorum`: replicated over a cluster's nodes.
+    Quorum,
+}
+
+impl QueueType {
+    /// The name RabbitMQ gives the type (`x-queue-type`), and QUEUE_TYPE's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Classic => "classic",
+            QueueType::Quorum => "quorum",
+        }
+    }
+}
+
+impl fmt::Display for QueueType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One RabbitMQ node of RABBIT_HOST.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RabbitNode {
+    pub host: String,
+    pub port: u16,
+}
+
 /// How to reach the broker (`[global]` RABBIT_* keys).
 #[derive(Clone)]
 pub struct RabbitSettings {
-    pub host: String,
-    pub port: u16,
+    /// RABBIT_HOST: one node, or a cluster's nodes in the order they are
+    /// tried (each `host` or `host:port`; RABBIT_PORT where none is given).
+    pub nodes: Vec<RabbitNode>,
     pub user: String,
     pub password: String,
     /// RABBIT_VHOST, default `/`.
@@ -98,8 +134,7 @@ impl fmt::Debug for RabbitSettings {
     // The password never reaches a log line.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RabbitSettings")
-            .field("host", &self.host)
-            .field("port", &self.port)
+            .field("nodes", &self.nodes)
             .field("user", &self.user)
             .field("password", &"<hidden>")
             .field("vhost", &self.vhost)
@@ -201,6 +236,62 @@ fn plain_address(a: &str) -> bool {
         && a.chars().all(|c| {
             c.is_ascii_graphic() && !matches!(c, '<' | '>' | '(' | ')' | ',' | ';' | ':' | '"' | '[' | ']' | '\\')
         })
+}
+
+/// A TCP port number (1-65535).
+fn parse_port(v: &str) -> Option<u16> {
+    v.parse::<u16>().ok().filter(|p| *p != 0)
+}
+
+/// RABBIT_HOST: `host[:port]` entries separated by commas, whitespace
+/// around them ignored; `[v6 address]:port` for an IPv6 address with a
+/// port (an address without brackets is a host without port, as before).
+fn parse_nodes(value: &str) -> std::result::Result<Vec<(String, Option<u16>)>, String> {
+    let mut nodes = Vec::new();
+    for (i, entry) in value.split(',').map(str::trim).enumerate() {
+        let n = i + 1;
+        if entry.is_empty() {
+            return Err(format!(
+                "entry {n} is empty in {value:?} (a comma-separated list of host or host:port)"
+            ));
+        }
+        if entry
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '/' || c == '@')
+        {
+            return Err(format!("entry {n}, {entry:?}, is not a host or host:port"));
+        }
+        let (host, port) = if let Some(rest) = entry.strip_prefix('[') {
+            let Some((host, after)) = rest.split_once(']') else {
+                return Err(format!("entry {n}, {entry:?}: a '[' without ']'"));
+            };
+            match after {
+                "" => (host, None),
+                _ => match after.strip_prefix(':') {
+                    Some(p) => (host, Some(p)),
+                    None => return Err(format!("entry {n}, {entry:?}, is not a host or host:port")),
+                },
+            }
+        } else {
+            match entry.split_once(':') {
+                // More than one colon: an IPv6 address, no port.
+                Some((host, p)) if !p.contains(':') => (host, Some(p)),
+                _ => (entry, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(format!("entry {n}, {entry:?}, has no host"));
+        }
+        let port = match port {
+            None => None,
+            Some(p) => Some(
+                parse_port(p)
+                    .ok_or_else(|| format!("entry {n}, {entry:?}: the port must be a TCP port number (1-65535)"))?,
+            ),
+        };
+        nodes.push((host.to_string(), port));
+    }
+    Ok(nodes)
 }
 
 /// `[cdb2rabbit]`.
@@ -367,10 +458,30 @@ impl IniFile {
         let s = self.section("global");
         s.require_present()?;
         let queue = s.required_nonempty("QUEUE")?;
-        let host = s.required_nonempty("RABBIT_HOST")?;
-        let port = s.parse_required("RABBIT_PORT", "a TCP port number (1-65535)", |v| {
-            v.parse::<u16>().ok().filter(|p| *p != 0)
-        })?;
+        let queue_type = s
+            .parse_optional("QUEUE_TYPE", "classic or quorum", |v| {
+                match v.to_ascii_lowercase().as_str() {
+                    "classic" => Some(QueueType::Classic),
+                    "quorum" => Some(QueueType::Quorum),
+                    _ => None,
+                }
+            })?
+            .unwrap_or_default();
+        let hosts = s.required_nonempty("RABBIT_HOST")?;
+        let entries = parse_nodes(&hosts).map_err(|problem| s.err("RABBIT_HOST", problem))?;
+        // RABBIT_PORT is required, as in the original, unless every node names its port.
+        let port = if entries.iter().all(|(_, port)| port.is_some()) && s.optional("RABBIT_PORT").is_none() {
+            None
+        } else {
+            Some(s.parse_required("RABBIT_PORT", "a TCP port number (1-65535)", parse_port)?)
+        };
+        let nodes = entries
+            .into_iter()
+            .map(|(host, p)| RabbitNode {
+                host,
+                port: p.or(port).expect("RABBIT_PORT is read when a node has no port"),
+            })
+            .collect();
         let user = s.required_nonempty("RABBIT_USER")?;
         let password = s.required("RABBIT_PW")?;
         let vhost = s.optional("RABBIT_VHOST").unwrap_or_else(|| "/".to_string());
@@ -399,6 +510,7 @@ impl IniFile {
         warnings.extend(s.unknown_keys(
             &[
                 "QUEUE",
+                "QUEUE_TYPE",
                 "RABBIT_HOST",
                 "RABBIT_PORT",
                 "RABBIT_USER",
@@ -423,9 +535,9 @@ impl IniFile {
         ));
         Ok(GlobalConfig {
             queue,
+            queue_type,
             rabbit: RabbitSettings {
-                host,
-                port,
+                nodes,
                 user,
                 password,
                 vhost,
@@ -958,8 +1070,14 @@ CACHE_DIR = /etc/packer-utils/profiles/
         let mut w = Vec::new();
         let g = f.global(&mut w).unwrap();
         assert_eq!(g.queue, "build-queue");
-        assert_eq!(g.rabbit.host, "localhost");
-        assert_eq!(g.rabbit.port, 5672);
+        assert_eq!(
+            g.rabbit.nodes,
+            [RabbitNode {
+                host: "localhost".into(),
+                port: 5672
+            }]
+        );
+        assert_eq!(g.queue_type, QueueType::Classic);
         assert_eq!(g.rabbit.password, "p#ss;word");
         assert_eq!(g.rabbit.vhost, "/");
         assert_eq!(g.rabbit.retries, 10);
@@ -1165,7 +1283,88 @@ CACHE_DIR = /etc/packer-utils/profiles/
             "[DEFAULT]\nRABBIT_HOST = rabbit.example.org\n{}",
             GOOD.replace("RABBIT_HOST: localhost\n", "")
         ));
-        assert_eq!(f.global(&mut Vec::new()).unwrap().rabbit.host, "rabbit.example.org");
+        assert_eq!(
+            f.global(&mut Vec::new()).unwrap().rabbit.nodes[0].host,
+            "rabbit.example.org"
+        );
+    }
+
+    #[test]
+    fn rabbit_host_takes_a_list_of_nodes_with_rabbit_port_as_their_default() {
+        let with_host = |hosts: &str| load(&GOOD.replace("RABBIT_HOST: localhost", &format!("RABBIT_HOST: {hosts}")));
+        let nodes = |hosts: &str| {
+            with_host(hosts)
+                .global(&mut Vec::new())
+                .unwrap()
+                .rabbit
+                .nodes
+                .into_iter()
+                .map(|n| (n.host, n.port))
+                .collect::<Vec<_>>()
+        };
+        let owned = |v: &[(&str, u16)]| v.iter().map(|(h, p)| (h.to_string(), *p)).collect::<Vec<_>>();
+        assert_eq!(
+            nodes("rabbit1.example.org, rabbit2.example.org:5673 ,10.0.0.3"),
+            owned(&[
+                ("rabbit1.example.org", 5672),
+                ("rabbit2.example.org", 5673),
+                ("10.0.0.3", 5672)
+            ])
+        );
+        assert_eq!(
+            nodes("[::1]:5673,[fe80::1],::1"),
+            owned(&[("::1", 5673), ("fe80::1", 5672), ("::1", 5672)])
+        );
+        // Every node names its port: RABBIT_PORT may be left out.
+        let f = load(
+            &GOOD
+                .replace("RABBIT_HOST: localhost", "RABBIT_HOST = a:5701, b:5702")
+                .replace("rabbit_port = 5672\n", ""),
+        );
+        let g = f.global(&mut Vec::new()).unwrap();
+        assert_eq!(g.rabbit.nodes.iter().map(|n| n.port).collect::<Vec<_>>(), [5701, 5702]);
+        // A node without one needs it.
+        let f = load(
+            &GOOD
+                .replace("RABBIT_HOST: localhost", "RABBIT_HOST = a:5701, b")
+                .replace("rabbit_port = 5672\n", ""),
+        );
+        let e = f.global(&mut Vec::new()).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("RABBIT_PORT"), "{e}");
+        for bad in ["a,,b", "a,", " , a", "a:0", "a:x", "a b", "[::1", ":5672", "amqp://a"] {
+            let e = with_host(bad).global(&mut Vec::new()).unwrap_err();
+            assert!(
+                e.to_string()
+                    .starts_with("/etc/packer-utils/config.ini: [global] RABBIT_HOST: "),
+                "{bad:?}: {e}"
+            );
+        }
+        let e = with_host("a,,b").global(&mut Vec::new()).unwrap_err();
+        assert!(e.problem.contains("entry 2 is empty"), "{e}");
+    }
+
+    #[test]
+    fn queue_type_is_classic_or_quorum() {
+        let with = |line: &str| load(&GOOD.replace("[cdb2rabbit]", &format!("{line}\n[cdb2rabbit]")));
+        let mut w = Vec::new();
+        assert_eq!(
+            with("QUEUE_TYPE = quorum").global(&mut w).unwrap().queue_type,
+            QueueType::Quorum
+        );
+        assert!(w.is_empty(), "{w:?}");
+        assert_eq!(
+            with("QUEUE_TYPE = Classic").global(&mut w).unwrap().queue_type,
+            QueueType::Classic
+        );
+        assert_eq!(
+            with("QUEUE_TYPE =").global(&mut w).unwrap().queue_type,
+            QueueType::Classic
+        );
+        let e = with("QUEUE_TYPE = stream").global(&mut w).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/etc/packer-utils/config.ini: [global] QUEUE_TYPE: must be classic or quorum, got \"stream\""
+        );
     }
 
     #[test]

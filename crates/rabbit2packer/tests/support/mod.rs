@@ -341,7 +341,9 @@ pub fn publish_all_as(broker: &BrokerAddr, queue: &str, messages: &[(Vec<u8>, Op
         let conn = broker.connect().await.unwrap();
         let ch = conn.create_channel().await.unwrap();
         ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
-        packuilon_common::rabbit::declare_queue(&ch, queue).await.unwrap();
+        packuilon_common::rabbit::declare_queue(&ch, queue, Default::default(), "the test broker")
+            .await
+            .unwrap();
         let mut confirms = Vec::new();
         for (body, message_id) in messages {
             let mut headers = FieldTable::default();
@@ -381,7 +383,9 @@ impl Publisher {
             let conn = broker.connect().await.unwrap();
             let ch = conn.create_channel().await.unwrap();
             ch.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
-            packuilon_common::rabbit::declare_queue(&ch, queue).await.unwrap();
+            packuilon_common::rabbit::declare_queue(&ch, queue, Default::default(), "the test broker")
+                .await
+                .unwrap();
             (conn, ch)
         });
         Publisher {
