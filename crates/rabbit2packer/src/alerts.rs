@@ -503,6 +503,31 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_test_is_its_own_health_state_and_the_alert_says_the_live_image_was_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("x.log");
+        std::fs::write(&log, "rabbit2packer: Test finished at 1 (epoch) with exit code 3\n").unwrap();
+        let mut j = job(JobState::Failed, &log);
+        assert_eq!(health_of(&j), Some(Some(BUILD_FAILING)));
+        j.builds[0].exit_code = Some(0);
+        j.builds[0].test = Some("failed: TEST_COMMAND exited with code 3".into());
+        j.builds[0].test_exit_code = Some(3);
+        assert_eq!(health_of(&j), Some(Some(TEST_FAILING)));
+        let change = HealthChange::Failing {
+            state: TEST_FAILING.into(),
+            previous: None,
+        };
+        let a = compose("inventory-sl7x-x86_64", &j, &change, "http://h:8150/");
+        assert_eq!(a.subject, "packuilon: inventory-sl7x-x86_64 test failing (job 7)");
+        assert!(a.text.contains("failed its test (TEST_COMMAND)"), "{}", a.text);
+        assert!(a.text.contains("the live image was left alone"), "{}", a.text);
+        // A test still running (or passed) is not a failure.
+        j.state = JobState::Succeeded;
+        j.builds[0].test = Some("passed".into());
+        assert_eq!(health_of(&j), Some(None));
+    }
+
+    #[test]
     fn a_failure_alert_names_the_job_and_carries_the_last_40_log_lines_cut_and_cleaned() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("x.log");

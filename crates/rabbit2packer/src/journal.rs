@@ -1261,6 +1261,29 @@ impl Journal {
     }
 }
 
+/// `sql` without its `ALTER TABLE t ADD COLUMN c ...` statements whose
+/// column `t` has already (SQLite has no `ADD COLUMN IF NOT EXISTS`): a
+/// migration stopped between its statements and its version, or a journal
+/// whose version was reset by hand, is upgraded all the same.
+fn without_present_columns(conn: &Connection, sql: &str) -> rusqlite::Result<String> {
+    let mut out = String::new();
+    for stmt in sql.split_inclusive(';') {
+        let words: Vec<&str> = stmt.split_whitespace().collect();
+        if let ["ALTER", "TABLE", table, "ADD", "COLUMN", column, ..] = words.as_slice() {
+            let present: bool = conn.query_row(
+                "SELECT count(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
+                [table, column],
+                |r| r.get(0),
+            )?;
+            if present {
+                continue;
+            }
+        }
+        out.push_str(stmt);
+    }
+    Ok(out)
+}
+
 /// Upgrades the journal to [`SCHEMA_VERSION`]; refuses a newer one (a
 /// downgrade would write a journal the newer version misreads).
 fn migrate(conn: &Connection) -> std::result::Result<(), String> {
@@ -1273,6 +1296,7 @@ fn migrate(conn: &Connection) -> std::result::Result<(), String> {
         ));
     }
     for (to, sql) in MIGRATIONS.iter().filter(|(to, _)| *to > version) {
+        let sql = without_present_columns(conn, sql).map_err(|e| e.to_string())?;
         conn.execute_batch(&format!("BEGIN IMMEDIATE; {sql} PRAGMA user_version = {to}; COMMIT;"))
             .map_err(|e| {
                 let _ = conn.execute_batch("ROLLBACK");
