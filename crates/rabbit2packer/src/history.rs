@@ -29,6 +29,12 @@ pub fn status(
     let _ = writeln!(out, "running: {}", running.len());
     for j in running {
         let b = j.builds.iter().rev().find(|b| b.finished_at.is_none());
+        // Built, and its images at the test gate.
+        let testing = j
+            .builds
+            .iter()
+            .rev()
+            .find(|b| b.test.as_deref() == Some(crate::journal::TESTING));
         let _ = writeln!(
             out,
             "  #{} {} since {} on {}{}{}",
@@ -36,9 +42,21 @@ pub fn status(
             esc(&j.image_key),
             esc(j.started_at.as_deref().unwrap_or("-")),
             esc(j.worker.as_deref().unwrap_or("-")),
-            b.map(|b| format!(", building {}", esc(&b.template)))
-                .unwrap_or_default(),
-            b.and_then(|b| b.log_path.as_deref())
+            match (b, testing) {
+                (Some(b), _) => format!(", building {}", esc(&b.template)),
+                (None, Some(t)) => format!(
+                    ", testing {} ({})",
+                    esc(&t.template),
+                    t.images
+                        .iter()
+                        .map(|i| esc(&i.id).into_owned())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                (None, None) => String::new(),
+            },
+            b.or(testing)
+                .and_then(|b| b.log_path.as_deref())
                 .map(|p| format!(", log {}", esc(p)))
                 .unwrap_or_default(),
         );

@@ -339,11 +339,13 @@ fn a_daemon_killed_during_the_test_runs_the_test_again_not_the_build() {
     let mut d = g.start();
     g.publish();
     wait_for("the test to start", T, || g.lines("tests").len() == 1);
+    let staged = g.lines("tests")[0][2].clone();
+    let (_, status, _) = g.site.cli(&["status"]);
+    assert!(status.contains(&format!("testing glance.json ({staged})")), "{status}");
     d.signal(libc::SIGKILL);
     d.wait_exit(T);
     assert_eq!(g.lines("builds").len(), 1);
     // The staged image is not live meanwhile.
-    let staged = g.lines("tests")[0][2].clone();
     assert_eq!(g.on(g.cloud.get(&staged)).name(), format!("next-{}", g.name));
 
     // The next start: the test passes this time.
