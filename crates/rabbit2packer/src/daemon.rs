@@ -347,7 +347,7 @@ async fn recover(journal: &Journal, cfg: &Rabbit2PackerConfig) -> Result<Vec<Job
         let n = runner::kill_leftover_group(g.pgid, &g.boot_id, cfg.stop_timeout).await;
         if n > 0 {
             tracing::warn!(
-                "packer process group {} (build {}) outlived the previous rabbit2packer: {n} process(es) stopped",
+                "packer (or TEST_COMMAND) process group {} (build {}) outlived the previous rabbit2packer: {n} process(es) stopped",
                 g.pgid,
                 g.build_id
             );

@@ -206,16 +206,30 @@ impl Gate<'_> {
             env,
             cwd: Some(ctx.config.state_dir.clone()),
         };
+        // The group is in the journal while it runs, as packer's is: a start
+        // after `kill -9` stops what is left of it.
+        let record_group = |pgid| {
+            if let Some(b) = self.build_id {
+                if let Err(e) = ctx.journal.set_build_pgid(b, pgid, &ctx.boot_id) {
+                    tracing::error!("{}: {e}", self.thread);
+                }
+            }
+        };
         let outcome = runner::run(
             &ctx.spawner,
             cmd,
             gate.test_timeout,
             ctx.config.stop_timeout,
             self.stop,
-            |_| {},
+            record_group,
             |_: Stream, line| log.line(line),
         )
         .await;
+        if let Some(b) = self.build_id {
+            if let Err(e) = ctx.journal.clear_build_pgid(b) {
+                tracing::error!("{}: {e}", self.thread);
+            }
+        }
         let outcome = match outcome {
             Ok(o) => o,
             Err(e) => {

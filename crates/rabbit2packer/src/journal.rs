@@ -750,6 +750,14 @@ impl Journal {
         })
     }
 
+    /// The build's test (TEST_COMMAND) ended: its process group is gone.
+    pub(crate) fn clear_build_pgid(&self, build_id: i64) -> Result<()> {
+        self.with(|c| {
+            c.execute("UPDATE builds SET pgid = NULL WHERE id = ?1", [build_id])
+                .map(drop)
+        })
+    }
+
     /// A template build ended (the process group is gone).
     pub(crate) fn finish_build(
         &self,
@@ -881,6 +889,8 @@ impl Journal {
                  WHERE finished_at IS NULL",
                 [now()],
             )?;
+            // A finished build's group is its test's (TEST_COMMAND), stopped above.
+            tx.execute("UPDATE builds SET pgid = NULL WHERE pgid IS NOT NULL", [])?;
             {
                 let mut st = tx.prepare("SELECT id FROM jobs WHERE state = 'running' ORDER BY id")?;
                 rec.rebuilt = st.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;

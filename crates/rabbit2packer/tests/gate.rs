@@ -70,7 +70,7 @@ impl GatedSite {
                 "#!/bin/bash\n\
                  out={out}\n\
                  seen=$(/usr/bin/python3 {repo}/templates/demo/glance.py show \"$PACKUILON_IMAGE_ID\")\n\
-                 echo \"test|$1|$PACKUILON_IMAGE_ID|$PACKUILON_IMAGE_NAME|$PACKUILON_IMAGE_KEY|$PACKUILON_JOB|$seen|${{OS_AUTH_URL:+auth}}\" >> $out/tests\n\
+                 echo \"test|$1|$PACKUILON_IMAGE_ID|$PACKUILON_IMAGE_NAME|$PACKUILON_IMAGE_KEY|$PACKUILON_JOB|$seen|${{OS_AUTH_URL:+auth}}|$(cut -d' ' -f5 /proc/$$/stat)\" >> $out/tests\n\
                  echo \"smoke test of $PACKUILON_IMAGE_ID: booting\"\n\
                  [ -e $out/test-sleep ] && sleep \"$(cat $out/test-sleep)\"\n\
                  exit \"$(cat $out/test-exit 2>/dev/null || echo 0)\"\n",
@@ -327,14 +327,26 @@ fn a_test_that_times_out_is_a_failed_test() {
     assert!(new.name().starts_with("broken-"), "{new:?}");
     assert_eq!(g.on(g.cloud.get(&live.id)).name(), g.name);
     // The test's process group is gone.
-    assert!(processes_mentioning(&g.site.out.join("test-sleep").display().to_string()).is_empty());
+    let group: i32 = g.lines("tests")[0][8].parse().unwrap();
+    assert!(!group_alive(group), "the timed-out test's process group is still alive");
     d.stop();
     g.cleanup();
 }
 
 #[test]
 fn a_daemon_killed_during_the_test_runs_the_test_again_not_the_build() {
-    let g = GatedSite::new("gate-kill", "");
+    resumes_at_the_test("gate-kill", libc::SIGKILL);
+}
+
+#[test]
+fn a_daemon_stopped_during_the_test_runs_the_test_again_not_the_build() {
+    resumes_at_the_test("gate-stop", libc::SIGTERM);
+}
+
+/// The daemon gets `signal` while TEST_COMMAND runs; the next start tests
+/// the same image again and builds nothing.
+fn resumes_at_the_test(prefix: &str, signal: i32) {
+    let g = GatedSite::new(prefix, "");
     std::fs::write(g.site.out.join("test-sleep"), "300").unwrap();
     let mut d = g.start();
     g.publish();
@@ -342,8 +354,14 @@ fn a_daemon_killed_during_the_test_runs_the_test_again_not_the_build() {
     let staged = g.lines("tests")[0][2].clone();
     let (_, status, _) = g.site.cli(&["status"]);
     assert!(status.contains(&format!("testing glance.json ({staged})")), "{status}");
-    d.signal(libc::SIGKILL);
-    d.wait_exit(T);
+    d.signal(signal);
+    let code = d.wait_exit(T);
+    let group: i32 = g.lines("tests")[0][8].parse().unwrap();
+    if signal == libc::SIGTERM {
+        assert_eq!(code, 0, "a stop is clean: {}", d.output());
+        // The test was interrupted, not left running.
+        assert!(!group_alive(group), "the test's process group outlived the stop");
+    }
     assert_eq!(g.lines("builds").len(), 1);
     // The staged image is not live meanwhile.
     assert_eq!(g.on(g.cloud.get(&staged)).name(), format!("next-{}", g.name));
@@ -352,6 +370,8 @@ fn a_daemon_killed_during_the_test_runs_the_test_again_not_the_build() {
     std::fs::remove_file(g.site.out.join("test-sleep")).unwrap();
     let mut d = g.start();
     let job = g.finished("the resumed job");
+    // What the killed daemon's test left running was stopped at the start.
+    assert!(!group_alive(group), "the old test's process group is still alive");
     assert_eq!(job.state, JobState::Succeeded, "{job:#?}\n{}", d.output());
     assert_eq!(g.lines("builds").len(), 1, "the image was not built again");
     let tests = g.lines("tests");
