@@ -78,7 +78,7 @@ pub enum DaemonError {
     #[error("{}: {source}", file.display())]
     QueueType {
         file: PathBuf,
-        source: packuilon_common::rabbit::RabbitError,
+        source: Box<packuilon_common::rabbit::RabbitError>,
     },
     /// The consumer ended on its own (exit 1).
     #[error("the consumer ended")]
@@ -628,7 +628,7 @@ impl Running {
                         Ok(Err(Fatal::Journal(JournalLost(e)))) => DaemonError::JournalLost(e),
                         Ok(Err(Fatal::QueueType(source))) => DaemonError::QueueType {
                             file: self.config_file.clone(),
-                            source,
+                            source: Box::new(source),
                         },
                         Err(e) => DaemonError::ConsumerFailed(e),
                     };
