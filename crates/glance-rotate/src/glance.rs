@@ -329,6 +329,22 @@ impl Glance {
         Self::parse("a patch", v)
     }
 
+    /// Makes image `id` `shared`, so that it can receive members (logged).
+    pub(crate) async fn make_shared(&self, image: &Image) -> Result<Image, RotateError> {
+        let shared = self
+            .patch(
+                &image.id,
+                &[PatchOp::Set {
+                    path: "/visibility".into(),
+                    value: json!("shared"),
+                    exists: true,
+                }],
+            )
+            .await?;
+        tracing::info!("Made image {} {:?} shared to receive members", image.id, image.name());
+        Ok(shared)
+    }
+
     /// GET /v2/images/{id}/members.
     pub async fn members(&self, image_id: &str) -> Result<Vec<Member>, RotateError> {
         #[derive(Deserialize)]

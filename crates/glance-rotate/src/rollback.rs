@@ -449,17 +449,7 @@ impl Steps {
         if let Some(live) = &self.live {
             // 1. The restored image gets the members first: nobody loses access.
             if self.share_restore {
-                glance
-                    .patch(
-                        &x.id,
-                        &[PatchOp::Set {
-                            path: "/visibility".into(),
-                            value: json!("shared"),
-                            exists: true,
-                        }],
-                    )
-                    .await?;
-                tracing::info!("Made image {} {:?} shared to receive members", x.id, x.name());
+                glance.make_shared(x).await?;
             }
             for m in &self.add {
                 if glance.add_member(&x.id, m).await? {

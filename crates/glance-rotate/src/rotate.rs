@@ -462,17 +462,7 @@ impl Plan {
     pub(crate) async fn execute(&self, glance: &Glance) -> Result<Report, RotateError> {
         let new = &self.new_image;
         if self.share_new {
-            glance
-                .patch(
-                    &new.id,
-                    &[PatchOp::Set {
-                        path: "/visibility".into(),
-                        value: json!("shared"),
-                        exists: true,
-                    }],
-                )
-                .await?;
-            tracing::info!("Made image {} {:?} shared to receive members", new.id, new.name());
+            glance.make_shared(new).await?;
         }
         // Futures collected first (not a closure in the stream): keeps the whole rotation Send.
         let adds: Vec<_> = self.add.iter().map(|m| add_member(glance, &new.id, m)).collect();

@@ -70,16 +70,18 @@ fn main() -> ExitCode {
     }
 }
 
+/// The config's settings, or the exit status of its error (said on stderr).
+fn settings(config: &std::path::Path) -> Result<rabbit2packer::daemon::Settings, ExitCode> {
+    rabbit2packer::daemon::load_settings(config).map_err(|e| {
+        eprintln!("rabbit2packer: {e}");
+        ExitCode::from(e.exit_code() as u8)
+    })
+}
+
 fn state_dir_of(config: &std::path::Path, state_dir: Option<PathBuf>) -> Result<PathBuf, ExitCode> {
     match state_dir {
         Some(d) => Ok(d),
-        None => match rabbit2packer::daemon::load_settings(config) {
-            Ok(s) => Ok(s.r2p.state_dir),
-            Err(e) => {
-                eprintln!("rabbit2packer: {e}");
-                Err(ExitCode::from(e.exit_code() as u8))
-            }
-        },
+        None => settings(config).map(|s| s.r2p.state_dir),
     }
 }
 
@@ -90,12 +92,9 @@ fn plan(
     out: Option<&std::path::Path>,
     rotation: bool,
 ) -> ExitCode {
-    let settings = match rabbit2packer::daemon::load_settings(config) {
+    let settings = match settings(config) {
         Ok(s) => s,
-        Err(e) => {
-            eprintln!("rabbit2packer: {e}");
-            return ExitCode::from(e.exit_code() as u8);
-        }
+        Err(code) => return code,
     };
     match rabbit2packer::plan::plan(&settings, profile, out, rotation) {
         Ok(p) => {
@@ -117,12 +116,9 @@ fn rollback(
     again: bool,
     dry_run: bool,
 ) -> ExitCode {
-    let settings = match rabbit2packer::daemon::load_settings(config) {
+    let settings = match settings(config) {
         Ok(s) => s,
-        Err(e) => {
-            eprintln!("rabbit2packer: {e}");
-            return ExitCode::from(e.exit_code() as u8);
-        }
+        Err(code) => return code,
     };
     let dir = state_dir.unwrap_or_else(|| settings.r2p.state_dir.clone());
     let journal = match rabbit2packer::journal::Journal::open_read_only(&dir) {
