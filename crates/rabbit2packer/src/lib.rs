@@ -44,6 +44,7 @@ pub(crate) mod render;
 pub mod rollback;
 pub mod runner;
 pub(crate) mod scheduler;
+pub mod site_journal;
 pub mod status;
 
 pub use catalog::{CatalogError, LoadError};
