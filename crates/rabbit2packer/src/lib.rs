@@ -37,6 +37,7 @@ pub mod history;
 pub(crate) mod job;
 pub mod journal;
 pub mod metrics;
+pub mod migrate_journal;
 pub mod outdated;
 pub mod plan;
 pub(crate) mod provenance;
