@@ -15,6 +15,10 @@
 //! recovers (mail, webhook), and [`control`] takes the operators'
 //! `rebuild`, `cancel` and `retry` over a Unix socket.
 //!
+//! In progress (issue #13, not wired into the daemon yet): [`site_journal`],
+//! the journal in PostgreSQL shared by the daemons of a site, and
+//! [`migrate_journal`], which copies a host's SQLite journal into it.
+//!
 //! The API (for the binary, xtask's man pages, the tests and benchmarks):
 //! [`cli`], [`daemon::run`] and [`daemon::load_settings`], the
 //! [`journal::Journal`]'s records and [`history`]'s reports of them, the
