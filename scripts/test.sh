@@ -13,6 +13,8 @@
 #     tests/package.rs checks the .deb with lintian and installs, upgrades
 #     and purges it here; tests/rpm.rs checks the RPM with rpm and rpmlint;
 #     tests/syslog.rs starts its own rsyslogd.
+#   - PostgreSQL: Debian's postgresql package; the site journal's tests start
+#     private clusters (packuilon-testsupport's postgres module).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 t0=$SECONDS
@@ -25,6 +27,10 @@ scripts/install-packages.sh lintian man-db systemd dpkg-dev rsyslog rpm rpm2cpio
 # real SMTP server (aiosmtpd), util-linux's setpriv (control commands
 # refused to nobody), headless Chromium over WebDriver.
 scripts/install-packages.sh prometheus python3-aiosmtpd util-linux chromium chromium-driver
+# The shared site journal: Debian's PostgreSQL binaries (initdb, pg_ctl). Only
+# the package: its own cluster is never started (policy-rc.d, see
+# install-packages.sh); each test file starts a private cluster in a temp dir.
+scripts/install-packages.sh postgresql
 scripts/rabbitmq-up.sh
 
 os_state=$(mktemp -d /tmp/packuilon-test-openstack.XXXXXX)

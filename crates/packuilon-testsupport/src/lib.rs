@@ -10,12 +10,14 @@
 //! - [`tls`]: certificates and a TLS proxy in front of a plain server.
 //! - [`openstack`]: the Keystone + Glance deployment.
 //! - [`cloud`]: an admin session on it that creates projects, images and members.
+//! - [`postgres`]: a private PostgreSQL cluster (the shared site journal's tests).
 
 pub mod broker;
 pub mod cloud;
 pub mod command;
 pub mod http;
 pub mod openstack;
+pub mod postgres;
 pub mod site;
 pub mod tls;
 

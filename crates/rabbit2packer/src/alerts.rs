@@ -499,6 +499,7 @@ mod tests {
                 error: Some("packer exited with code 1".into()),
                 ..BuildRecord::default()
             }],
+            host: None,
         }
     }
 

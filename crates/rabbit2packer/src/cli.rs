@@ -121,6 +121,22 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },
+    /// Copy this host's SQLite journal (jobs with their history, builds and their logs,
+    /// the bodies it kept, image health) into the shared PostgreSQL site journal. Once per
+    /// journal (a second run is refused); the daemon of STATE_DIR must be stopped. Jobs
+    /// running or interrupted arrive waiting. Exit 0 copied; 1 refused or failed (named);
+    /// 2 bad URL, no journal in STATE_DIR, or configuration error.
+    MigrateJournal {
+        /// The site journal: postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE[?sslmode=...]
+        #[arg(long, value_name = "URL")]
+        to: String,
+        /// Read the database password from this file (its first line).
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<PathBuf>,
+        /// Copy the journal in this directory instead of the config's STATE_DIR.
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
     /// Stop a waiting or running job: packer is interrupted and cleans up; the job
     /// is recorded as cancelled (root or the service user only).
     Cancel {

@@ -147,6 +147,10 @@ pub struct BuildRecord {
     pub test: Option<String>,
     /// TEST_COMMAND's exit code.
     pub test_exit_code: Option<i64>,
+    /// The host that ran it (the shared site journal only; the SQLite
+    /// journal of one host leaves it out).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// An image a build made: its Glance ID and the name it goes live under.
@@ -198,6 +202,10 @@ pub struct JobRecord {
     pub error: Option<String>,
     /// Its template builds, in order.
     pub builds: Vec<BuildRecord>,
+    /// The host that runs or ran it (the shared site journal only; the
+    /// SQLite journal of one host leaves it out).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
 }
 
 /// Which jobs `Journal::jobs` returns (newest first).
@@ -1346,6 +1354,7 @@ fn query_jobs(c: &Connection, clause: &str, args: &[&dyn rusqlite::ToSql]) -> ru
                 worker: r.get(10)?,
                 error: r.get(11)?,
                 builds: Vec::new(),
+                host: None,
             })
         })?
         .collect::<rusqlite::Result<_>>()?;
@@ -1370,6 +1379,7 @@ fn query_jobs(c: &Connection, clause: &str, args: &[&dyn rusqlite::ToSql]) -> ru
                     source_image: r.get(9)?,
                     test: r.get(10)?,
                     test_exit_code: r.get(11)?,
+                    host: None,
                 })
             })?
             .collect::<rusqlite::Result<_>>()?;
@@ -1488,7 +1498,7 @@ fn account_name(id: u32, group: bool) -> String {
 }
 
 /// A build's `images` column (a JSON list; nothing for NULL or junk).
-fn images_from(column: Option<String>) -> Vec<BuiltImage> {
+pub(crate) fn images_from(column: Option<String>) -> Vec<BuiltImage> {
     column
         .and_then(|text| serde_json::from_str(&text).ok())
         .unwrap_or_default()
@@ -1504,7 +1514,7 @@ pub(crate) fn test_failed(b: &BuildRecord) -> bool {
 
 /// The one-word summary history shows: the state, `built, rotation failed`
 /// or `built, test failed`.
-fn outcome(job: &JobRecord) -> String {
+pub(crate) fn outcome(job: &JobRecord) -> String {
     if job.state == JobState::Failed && job.builds.iter().any(test_failed) {
         return TEST_FAILED.to_string();
     }

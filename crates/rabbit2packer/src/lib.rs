@@ -15,6 +15,10 @@
 //! recovers (mail, webhook), and [`control`] takes the operators'
 //! `rebuild`, `cancel` and `retry` over a Unix socket.
 //!
+//! In progress (issue #13, not wired into the daemon yet): [`site_journal`],
+//! the journal in PostgreSQL shared by the daemons of a site, and
+//! [`migrate_journal`], which copies a host's SQLite journal into it.
+//!
 //! The API (for the binary, xtask's man pages, the tests and benchmarks):
 //! [`cli`], [`daemon::run`] and [`daemon::load_settings`], the
 //! [`journal::Journal`]'s records and [`history`]'s reports of them, the
@@ -37,6 +41,7 @@ pub mod history;
 pub(crate) mod job;
 pub mod journal;
 pub mod metrics;
+pub mod migrate_journal;
 pub mod outdated;
 pub mod plan;
 pub(crate) mod provenance;
@@ -44,6 +49,7 @@ pub(crate) mod render;
 pub mod rollback;
 pub mod runner;
 pub(crate) mod scheduler;
+pub mod site_journal;
 pub mod status;
 
 pub use catalog::{CatalogError, LoadError};

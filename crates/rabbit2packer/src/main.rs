@@ -1,6 +1,6 @@
 //! `rabbit2packer`: the daemon (default), its `status` / `history` commands
 //! (read the journal), `plan` (a build without building) and `rebuild` /
-//! `cancel` / `retry` (ask the daemon).
+//! `cancel` / `retry` (ask the daemon); `migrate-journal` (SQLite to the site journal).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -65,6 +65,11 @@ fn main() -> ExitCode {
             dry_run,
             state_dir,
         }) => rollback(&config, state_dir, &image_key, again, dry_run),
+        Some(Command::MigrateJournal {
+            to,
+            password_file,
+            state_dir,
+        }) => migrate_journal(&config, state_dir, &to, password_file.as_deref()),
         Some(Command::Cancel { job, state_dir }) => control(&config, state_dir, Request::Cancel { job }),
         Some(Command::Retry { job, state_dir }) => control(&config, state_dir, Request::Retry { job }),
     }
@@ -138,6 +143,36 @@ fn rollback(
                 print!("{report}");
             }
             eprintln!("rabbit2packer: rollback: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+/// `migrate-journal`: this host's SQLite journal into the site journal.
+fn migrate_journal(
+    config: &std::path::Path,
+    state_dir: Option<PathBuf>,
+    url: &str,
+    password_file: Option<&std::path::Path>,
+) -> ExitCode {
+    let state_dir = match state_dir_of(config, state_dir) {
+        Ok(d) => d,
+        Err(code) => return code,
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("rabbit2packer: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(rabbit2packer::migrate_journal::migrate(&state_dir, url, password_file)) {
+        Ok(copied) => {
+            println!("{copied}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("rabbit2packer: migrate-journal: {e}");
             ExitCode::from(e.exit_code())
         }
     }
