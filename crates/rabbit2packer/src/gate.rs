@@ -109,6 +109,7 @@ impl Gate<'_> {
     async fn stage_and_test(&self, command: &str, images: &[BuiltImage]) -> GateOutcome {
         let (ctx, thread) = (self.ctx, self.thread);
         let gate = &ctx.config.gate;
+        self.retire_orphans().await;
         self.record(TESTING, None);
         let mut log = TestLog::open(self.log_path);
         let now = chrono::Local::now();
@@ -260,6 +261,39 @@ impl Gate<'_> {
             }));
         }
         Ok(())
+    }
+
+    /// Images an earlier job of this image key staged and never tested (it
+    /// was superseded at a restart while at the gate): they would wait as
+    /// STAGED_NAME for ever, so they become BROKEN_NAME.
+    async fn retire_orphans(&self) {
+        let orphans = match self.ctx.journal.orphaned_staged(self.key) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!("{}: {e}", self.thread);
+                return;
+            }
+        };
+        for (job, staged) in orphans {
+            tracing::warn!(
+                "{}: job {job} of {} was superseded while its image(s) waited for their test: renaming them BROKEN_NAME",
+                self.thread,
+                self.key
+            );
+            let mut log = TestLog::open(&staged.log_path);
+            log.note(&format!(
+                "never tested: job {job} was superseded by job {} (a newer request)",
+                self.job.id
+            ));
+            let orphan = Gate {
+                build_id: Some(staged.build_id),
+                log_path: &staged.log_path,
+                ..*self
+            };
+            orphan.record(&format!("not tested: superseded by job {}", self.job.id), None);
+            orphan.mark_broken(&staged.images, &mut log).await;
+            log.finish(1);
+        }
     }
 
     /// BROKEN_NAME for each image (a failure is logged: the image stays

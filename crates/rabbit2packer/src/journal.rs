@@ -815,6 +815,30 @@ impl Journal {
         })
     }
 
+    /// Builds of `image_key` whose images were staged for a test that will
+    /// never run: their job ended while `testing` (superseded by a newer
+    /// request at a restart). Their images wait as STAGED_NAME for nothing.
+    pub(crate) fn orphaned_staged(&self, image_key: &str) -> Result<Vec<(i64, StagedBuild)>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT b.id, COALESCE(b.log_path, ''), b.images, j.id FROM builds b JOIN jobs j ON j.id = b.job_id
+                 WHERE j.image_key = ?1 AND b.test = ?2 AND j.state NOT IN ('running', 'waiting', 'interrupted')
+                 ORDER BY b.id",
+            )?;
+            let rows = st.query_map(params![image_key, TESTING], |r| {
+                Ok((
+                    r.get::<_, i64>(3)?,
+                    StagedBuild {
+                        build_id: r.get(0)?,
+                        log_path: PathBuf::from(r.get::<_, String>(1)?),
+                        images: images_from(r.get::<_, Option<String>>(2)?),
+                    },
+                ))
+            })?;
+            rows.collect()
+        })
+    }
+
     /// The newest build of `template` in job `job_id` whose images were
     /// staged and not tested to the end (a restart resumes there).
     pub(crate) fn staged(&self, job_id: i64, template: &str) -> Result<Option<StagedBuild>> {

@@ -466,3 +466,44 @@ fn rollback_puts_the_previous_image_and_its_members_back_and_a_rerun_changes_not
     assert!(err.contains("no profile of image \"nosuch-sl7x-x86_64\""), "{err}");
     g.cleanup();
 }
+
+#[test]
+fn an_image_left_staged_by_a_job_superseded_at_a_restart_is_renamed_broken() {
+    let g = GatedSite::new("gate-orphan", "");
+    std::fs::write(g.site.out.join("test-sleep"), "300").unwrap();
+    let mut d = g.start();
+    g.publish();
+    wait_for("the first test to start", T, || g.lines("tests").len() == 1);
+    let first = g.lines("tests")[0][2].clone();
+    // A newer profile of the image waits behind the job at its test; the
+    // daemon dies; at the restart the newer one supersedes the older.
+    g.site
+        .publish(&profile(&g.personality, "7x", "ral-tier2", prod()), None);
+    g.site.wait_jobs("the newer request", T, |j| {
+        j.len() == 2 && j[1].state == JobState::Waiting
+    });
+    d.signal(libc::SIGKILL);
+    d.wait_exit(T);
+    std::fs::remove_file(g.site.out.join("test-sleep")).unwrap();
+    let mut d = g.start();
+    let jobs = g.site.wait_jobs("the newer job", T, |j| {
+        j.len() == 2 && j[1].state == JobState::Succeeded
+    });
+    assert_eq!(jobs[0].state, JobState::Superseded, "{jobs:#?}");
+    assert!(
+        jobs[0].builds[0]
+            .test
+            .as_deref()
+            .is_some_and(|t| t.starts_with("not tested: superseded by job")),
+        "{jobs:#?}"
+    );
+    assert_eq!(g.lines("builds").len(), 2);
+    let second = jobs[1].builds[0].images[0].id.clone();
+    assert_ne!(second, first);
+    assert_eq!(g.on(g.cloud.get(&second)).name(), g.name);
+    let orphan = g.on(g.cloud.get(&first));
+    assert!(orphan.name().starts_with(&format!("broken-{} ", g.name)), "{orphan:?}");
+    assert_eq!(orphan.visibility, "private");
+    d.stop();
+    g.cleanup();
+}
