@@ -21,7 +21,7 @@ pub enum RollbackError {
     #[error("{name:?}: {source}")]
     Failed {
         name: String,
-        source: glance_rotate::RotateError,
+        source: Box<glance_rotate::RotateError>,
         report: String,
     },
 }
@@ -120,7 +120,11 @@ pub fn rollback(
             }
             Err(source) => {
                 let _ = writeln!(report, "FAIL {name:?}: {source}");
-                return Err(RollbackError::Failed { name, source, report });
+                return Err(RollbackError::Failed {
+                    name,
+                    source: Box::new(source),
+                    report,
+                });
             }
         }
     }
