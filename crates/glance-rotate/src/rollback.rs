@@ -272,23 +272,8 @@ async fn plan(glance: &Glance, name: &str, opts: &RotateOptions, again: bool) ->
     let takes_members = matches!(restore.visibility.as_str(), "shared" | "private");
     let (mut add, mut accept, mut remove, mut share_restore) = (Vec::new(), Vec::new(), Vec::new(), false);
     if !members.is_empty() && takes_members {
-        let present: BTreeMap<String, String> = if restore.visibility == "shared" {
-            glance
-                .members(&restore.id)
-                .await?
-                .into_iter()
-                .map(|m| (m.member_id, m.status))
-                .collect()
-        } else {
-            BTreeMap::new()
-        };
         let wanted: BTreeSet<String> = members.into_iter().collect();
-        add = wanted.iter().filter(|m| !present.contains_key(*m)).cloned().collect();
-        accept = wanted
-            .iter()
-            .filter(|m| present.get(*m).map(String::as_str) != Some("accepted"))
-            .cloned()
-            .collect();
+        (add, accept) = crate::rotate::members_to_give(glance, &restore, &wanted).await?;
         remove = wanted.into_iter().collect();
         share_restore = restore.visibility == "private";
     } else if !members.is_empty() {

@@ -181,22 +181,7 @@ async fn plan_for(glance: &Glance, new: Image, opts: &RotateOptions) -> Result<P
         .collect();
     let old_members: Vec<Vec<Member>> = stream::iter(lists).buffered(CONCURRENCY).try_collect().await?;
     let wanted: BTreeSet<String> = old_members.iter().flatten().map(|m| m.member_id.clone()).collect();
-    let present: BTreeMap<String, String> = if !wanted.is_empty() && new.visibility == "shared" {
-        glance
-            .members(&new.id)
-            .await?
-            .into_iter()
-            .map(|m| (m.member_id, m.status))
-            .collect()
-    } else {
-        BTreeMap::new()
-    };
-    let add: Vec<String> = wanted.iter().filter(|m| !present.contains_key(*m)).cloned().collect();
-    let accept: Vec<String> = wanted
-        .iter()
-        .filter(|m| present.get(*m).map(String::as_str) != Some("accepted"))
-        .cloned()
-        .collect();
+    let (add, accept) = members_to_give(glance, &new, &wanted).await?;
     let share_new = !wanted.is_empty() && new.visibility == "private";
     if !new_takes_members {
         for img in candidates.iter().filter(|i| i.visibility == "shared") {
@@ -495,6 +480,34 @@ impl Plan {
         }
         Ok(self.report())
     }
+}
+
+/// What `to` still needs to hold every one of `wanted` as an accepted
+/// member: (members to add, members to set `accepted`, the added ones
+/// included). Its members are read once (a private image has none), so a
+/// rerun adds nobody twice.
+pub(crate) async fn members_to_give(
+    glance: &Glance,
+    to: &Image,
+    wanted: &BTreeSet<String>,
+) -> Result<(Vec<String>, Vec<String>), RotateError> {
+    let present: BTreeMap<String, String> = if !wanted.is_empty() && to.visibility == "shared" {
+        glance
+            .members(&to.id)
+            .await?
+            .into_iter()
+            .map(|m| (m.member_id, m.status))
+            .collect()
+    } else {
+        BTreeMap::new()
+    };
+    let add = wanted.iter().filter(|m| !present.contains_key(*m)).cloned().collect();
+    let accept = wanted
+        .iter()
+        .filter(|m| present.get(*m).map(String::as_str) != Some("accepted"))
+        .cloned()
+        .collect();
+    Ok((add, accept))
 }
 
 /// Members of `img` that move to the new image (only shared images have members).

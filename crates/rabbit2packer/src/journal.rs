@@ -253,6 +253,27 @@ pub enum ImageState {
     RotationFailed,
 }
 
+/// The outcome of a job whose image was built but not rotated.
+pub const ROTATION_FAILED: &str = "built, rotation failed";
+
+impl ImageState {
+    /// What an image is doing: building when a job runs, else waiting when
+    /// one waits, else what its last finished job says.
+    pub(crate) fn of(running: bool, waiting: bool, last_finished: Option<&JobRecord>) -> ImageState {
+        if running {
+            ImageState::Building
+        } else if waiting {
+            ImageState::Waiting
+        } else {
+            match last_finished {
+                Some(j) if j.state == JobState::Failed => ImageState::Failed,
+                Some(j) if j.outcome == ROTATION_FAILED => ImageState::RotationFailed,
+                _ => ImageState::Idle,
+            }
+        }
+    }
+}
+
 /// One image key, as `/api/images` shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct ImageSummary {
@@ -1228,17 +1249,7 @@ impl Journal {
                     Some(id) => one(id)?,
                     None => None,
                 };
-                let state = if running.is_some() {
-                    ImageState::Building
-                } else if waiting.is_some() {
-                    ImageState::Waiting
-                } else {
-                    match &last {
-                        Some(j) if j.state == JobState::Failed => ImageState::Failed,
-                        Some(j) if j.outcome == "built, rotation failed" => ImageState::RotationFailed,
-                        _ => ImageState::Idle,
-                    }
-                };
+                let state = ImageState::of(running.is_some(), waiting.is_some(), last.as_ref());
                 out.push(ImageSummary {
                     image_key: key,
                     state,
@@ -1548,7 +1559,7 @@ pub(crate) fn outcome(job: &JobRecord) -> String {
             .iter()
             .any(|b| b.rotation.as_deref().is_some_and(|r| r.starts_with("failed")))
     {
-        return "built, rotation failed".to_string();
+        return ROTATION_FAILED.to_string();
     }
     job.state.as_str().to_string()
 }

@@ -1269,17 +1269,7 @@ impl SiteJournal {
                     let last_finished = success.iter().chain(failure.iter()).copied().max();
                     let current = running.or(waiting).or(last_finished).and_then(find);
                     let last = last_finished.and_then(find);
-                    let state = if running.is_some() {
-                        ImageState::Building
-                    } else if waiting.is_some() {
-                        ImageState::Waiting
-                    } else {
-                        match &last {
-                            Some(j) if j.state == JobState::Failed => ImageState::Failed,
-                            Some(j) if j.outcome == "built, rotation failed" => ImageState::RotationFailed,
-                            _ => ImageState::Idle,
-                        }
-                    };
+                    let state = ImageState::of(running.is_some(), waiting.is_some(), last.as_ref());
                     ImageSummary {
                         image_key,
                         state,
