@@ -893,16 +893,28 @@ impl Journal {
     /// The source image of each image key's newest succeeded build (for
     /// outdated images): image key -> (job, source image).
     pub fn built_from(&self) -> Result<Vec<(String, i64, String)>> {
+        // A few index seeks per image (as `images`), whatever the journal's
+        // size: `/api/images` asks this on every change.
         self.with(|c| {
-            let mut st = c.prepare(
-                "SELECT j.image_key, j.id, b.source_image FROM jobs j JOIN builds b ON b.job_id = j.id
-                 WHERE j.state = 'succeeded' AND b.source_image IS NOT NULL
-                 AND j.id = (SELECT max(id) FROM jobs WHERE image_key = j.image_key AND state = 'succeeded')
-                 ORDER BY j.image_key, b.id",
-            )?;
-            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-            let mut out: Vec<(String, i64, String)> = rows.collect::<rusqlite::Result<_>>()?;
-            out.dedup_by(|a, b| a.0 == b.0);
+            let tx = c.transaction()?;
+            let mut out = Vec::new();
+            {
+                let mut newest = tx.prepare_cached(
+                    "SELECT id FROM jobs WHERE image_key = ?1 AND state = 'succeeded' ORDER BY id DESC LIMIT 1",
+                )?;
+                let mut source = tx.prepare_cached(
+                    "SELECT source_image FROM builds WHERE job_id = ?1 AND source_image IS NOT NULL ORDER BY id LIMIT 1",
+                )?;
+                for key in image_keys_in_order(&tx)? {
+                    let Some(job) = newest.query_row([&key], |r| r.get::<_, i64>(0)).optional()? else {
+                        continue;
+                    };
+                    if let Some(src) = source.query_row([job], |r| r.get::<_, String>(0)).optional()? {
+                        out.push((key, job, src));
+                    }
+                }
+            }
+            tx.commit()?;
             Ok(out)
         })
     }
@@ -1198,16 +1210,7 @@ impl Journal {
         // One read transaction: a consistent view, and no lock taken per query.
         self.with(|c| {
             let tx = c.transaction()?;
-            let mut keys = Vec::new();
-            {
-                let mut st =
-                    tx.prepare_cached("SELECT image_key FROM jobs WHERE image_key > ?1 ORDER BY image_key LIMIT 1")?;
-                let mut last = String::new();
-                while let Some(k) = st.query_row([&last], |r| r.get::<_, String>(0)).optional()? {
-                    last.clone_from(&k);
-                    keys.push(k);
-                }
-            }
+            let keys = image_keys_in_order(&tx)?;
             let mut newest_st = tx.prepare_cached(
                 "SELECT id, finished_at FROM jobs WHERE image_key = ?1 AND state = ?2 ORDER BY id DESC LIMIT 1",
             )?;
@@ -1335,6 +1338,19 @@ fn without_present_columns(conn: &Connection, sql: &str) -> rusqlite::Result<Str
         out.push_str(stmt);
     }
     Ok(out)
+}
+
+/// Every image key of the journal, in order: one index seek each
+/// (`jobs_image`), not a scan of the jobs.
+fn image_keys_in_order(c: &Connection) -> rusqlite::Result<Vec<String>> {
+    let mut keys = Vec::new();
+    let mut st = c.prepare_cached("SELECT image_key FROM jobs WHERE image_key > ?1 ORDER BY image_key LIMIT 1")?;
+    let mut last = String::new();
+    while let Some(k) = st.query_row([&last], |r| r.get::<_, String>(0)).optional()? {
+        last.clone_from(&k);
+        keys.push(k);
+    }
+    Ok(keys)
 }
 
 /// Upgrades the journal to [`SCHEMA_VERSION`]; refuses a newer one (a
