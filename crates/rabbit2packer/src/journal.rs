@@ -704,6 +704,37 @@ impl Journal {
         })
     }
 
+    /// Takes in a job claimed from the site journal under its site id (a
+    /// daemon on STATE_DB runs jobs through its own journal in
+    /// STATE_DIR/site, see [`crate::site`]): it waits here, ready for
+    /// `set_running`. A job this daemon ran before (taken over, released)
+    /// waits again, its earlier builds kept.
+    pub(crate) fn mirror(
+        &self,
+        id: i64,
+        image_key: &str,
+        message_id: Option<&str>,
+        profile: Option<&str>,
+        body: &[u8],
+    ) -> Result<()> {
+        let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(body));
+        self.write(|conn| {
+            let tx = conn.transaction()?;
+            tx.execute(
+                "INSERT INTO jobs (id, message_id, body_sha256, profile, image_key, body, state, received_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, X'', 'waiting', ?6)
+                 ON CONFLICT (id) DO UPDATE SET state = 'waiting', finished_at = NULL, error = NULL,
+                     superseded_by = NULL",
+                params![id, message_id, sha, profile, image_key, now()],
+            )?;
+            tx.execute(
+                "INSERT OR REPLACE INTO bodies (job_id, body) VALUES (?1, ?2)",
+                params![id, body],
+            )?;
+            tx.commit()
+        })
+    }
+
     /// A worker took the job.
     pub(crate) fn set_running(&self, id: i64, worker: &str) -> Result<()> {
         self.write(|c| {

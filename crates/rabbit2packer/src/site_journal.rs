@@ -1009,6 +1009,21 @@ impl SiteJournal {
         .await
     }
 
+    /// The newest job of `image_key` whose body is kept: (id, profile,
+    /// body), for `rabbit2packer rebuild`.
+    pub async fn last_body(&self, image_key: &str) -> Result<Option<(i64, Option<String>, Vec<u8>)>> {
+        self.with(async |c| {
+            Ok(c.query_opt(
+                "SELECT j.id, j.profile, b.body FROM jobs j JOIN bodies b ON b.job_id = j.id
+                 WHERE j.image_key = $1 AND length(b.body) > 0 ORDER BY j.id DESC LIMIT 1",
+                &[&image_key],
+            )
+            .await?
+            .map(|r| (r.get(0), r.get(1), r.get(2))))
+        })
+        .await
+    }
+
     /// Cancels a waiting job (`rabbit2packer cancel`): false if it is not waiting.
     pub async fn cancel_waiting(&self, id: i64, why: &str) -> Result<bool> {
         self.with(async |c| {
@@ -1085,6 +1100,76 @@ impl SiteJournal {
             Ok(())
         })
         .await
+    }
+
+    /// Records, at the end of `host`'s attempt `attempt` at job `id`, the
+    /// template builds it ran (as its own journal recorded them, times
+    /// included) with their logs, gzip-compressed (6). Refused
+    /// ([`SiteJournalError::NotYours`]) when the attempt was taken over (4).
+    pub async fn record_builds(
+        &self,
+        host: &str,
+        id: i64,
+        attempt: i32,
+        builds: &[(BuildRecord, Option<Vec<u8>>)],
+    ) -> Result<()> {
+        let rows: Vec<_> = builds
+            .iter()
+            .map(|(b, log)| {
+                let images =
+                    (!b.images.is_empty()).then(|| serde_json::to_string(&b.images).expect("images serialise"));
+                let exit_code = b.exit_code.map(|c| c as i32);
+                let test_exit_code = b.test_exit_code.map(|c| c as i32);
+                let size = log.as_ref().map(|l| l.len() as i64);
+                (b, images, exit_code, test_exit_code, log.as_deref().map(gzip), size)
+            })
+            .collect();
+        let r = self
+            .with(async |c| {
+                let tx = c.transaction().await?;
+                let owned = tx
+                    .query_opt(
+                        "SELECT 1 FROM jobs WHERE id = $1 AND host = $2 AND attempts = $3 AND state = 'running' FOR UPDATE",
+                        &[&id, &host, &attempt],
+                    )
+                    .await?;
+                if owned.is_none() {
+                    return Err(not_yours(&tx, id).await);
+                }
+                for (b, images, exit_code, test_exit_code, gz, size) in &rows {
+                    tx.execute(
+                        "INSERT INTO builds (job_id, host, attempt, template, started_at, finished_at, exit_code,
+                             log_path, artifact_id, rotation, error, images, source_image, test, test_exit_code,
+                             log_gz, log_size)
+                         VALUES ($1, $2, $3, $4, COALESCE($5::text::timestamptz, now()), $6::text::timestamptz, $7,
+                             $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+                        &[
+                            &id,
+                            &host,
+                            &attempt,
+                            &b.template,
+                            &b.started_at,
+                            &b.finished_at,
+                            exit_code,
+                            &b.log_path,
+                            &b.artifact_id,
+                            &b.rotation,
+                            &b.error,
+                            images,
+                            &b.source_image,
+                            &b.test,
+                            test_exit_code,
+                            gz,
+                            size,
+                        ],
+                    )
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            })
+            .await;
+        Self::owner(r, host, attempt)
     }
 
     /// The rotation result of a build.
