@@ -422,9 +422,15 @@ async fn recover(journal: &Journal, cfg: &Rabbit2PackerConfig) -> Result<Vec<Job
         }
     }
     for id in &recovery.rebuilt {
-        tracing::warn!("Job {id} was running when rabbit2packer stopped: it will be built again");
+        match cfg.site {
+            None => tracing::warn!("Job {id} was running when rabbit2packer stopped: it will be built again"),
+            Some(_) => tracing::warn!(
+                "Job {id} was running when rabbit2packer stopped: the site journal runs it again, \
+                 here or on another daemon, unless another daemon has taken it over"
+            ),
+        }
     }
-    if !recovery.jobs.is_empty() {
+    if !recovery.jobs.is_empty() && cfg.site.is_none() {
         tracing::info!("{} job(s) from the journal will run", recovery.jobs.len());
     }
     Ok(recovery.jobs)
