@@ -348,6 +348,14 @@ pub async fn run(config_file: &Path) -> Result<(), DaemonError> {
                 source,
             })?;
             site.release(&format!("{} started again", site.host)).await;
+            // Where this daemon's page is: a running job's live log is there.
+            let url = listener
+                .as_ref()
+                .and_then(|l| l.local_addr().ok())
+                .map(|a| crate::status::public_url(&settings.r2p.status, a));
+            if let Err(e) = site.journal.register(&site.host, url.as_deref()).await {
+                tracing::warn!("{e}: other daemons' pages do not link to this one");
+            }
             Jobs::Site(Arc::new(site))
         }
     };
@@ -592,7 +600,14 @@ impl Running {
 
         let stop_server = CancellationToken::new();
         let server = match listener {
-            Some(l) => Some(start_server(settings, &ctx.journal, &metrics, l, stop_server.clone())?),
+            Some(l) => Some(start_server(
+                settings,
+                &ctx.journal,
+                &jobs,
+                &metrics,
+                l,
+                stop_server.clone(),
+            )?),
             None => None,
         };
 
@@ -775,14 +790,20 @@ impl Running {
 fn start_server(
     settings: &Settings,
     journal: &Journal,
+    jobs: &Jobs,
     metrics: &Arc<crate::metrics::Metrics>,
     listener: std::net::TcpListener,
     stop: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, DaemonError> {
     let reader = Arc::new(Journal::open_read_only(&journal_dir(&settings.r2p))?);
+    let (site, changes) = match jobs {
+        Jobs::Site(site) => (Some(site.clone()), site.subscribe()),
+        Jobs::Local(_) => (None, journal.subscribe()),
+    };
     let router = crate::status::router(
         reader,
-        journal.subscribe(),
+        site,
+        changes,
         metrics.clone(),
         &settings.r2p.log_dir,
         &settings.r2p.images_config,

@@ -206,6 +206,10 @@ pub struct JobRecord {
     /// SQLite journal of one host leaves it out).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// The status page of that host's daemon (its STATUS_URL), where a
+    /// running job's live log is (the site journal only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_url: Option<String>,
 }
 
 /// Which jobs `Journal::jobs` returns (newest first).
@@ -1437,6 +1441,7 @@ fn query_jobs(c: &Connection, clause: &str, args: &[&dyn rusqlite::ToSql]) -> ru
                 error: r.get(11)?,
                 builds: Vec::new(),
                 host: None,
+                host_url: None,
             })
         })?
         .collect::<rusqlite::Result<_>>()?;

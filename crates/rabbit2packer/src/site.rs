@@ -69,6 +69,9 @@ pub(crate) struct Site {
     reachable_since: Mutex<Option<Instant>>,
     /// Woken when a job starts or ends here (systemd's STATUS=).
     pub(crate) changed: Notify,
+    /// Bumped at each NOTIFY of the site journal: the status page's
+    /// `/api/changes` waits on it (any daemon's change).
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Site {
@@ -102,7 +105,18 @@ impl Site {
             running: Mutex::new(HashMap::new()),
             reachable_since: Mutex::new(Some(Instant::now())),
             changed: Notify::new(),
+            changes: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// Says a site-wide change (see `changes`).
+    fn bump(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver of the site's changes (the status server's long poll).
+    pub(crate) fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Jobs running here.
@@ -391,10 +405,14 @@ impl Site {
                 Ok(mut listener) => {
                     pause = FIRST_PAUSE;
                     self.wake.notify_waiters();
+                    self.bump();
                     loop {
                         tokio::select! {
                             n = listener.next() => match n {
-                                Some(_) => self.wake.notify_waiters(),
+                                Some(_) => {
+                                    self.wake.notify_waiters();
+                                    self.bump();
+                                }
                                 None => break,
                             },
                             _ = stop.cancelled() => return,

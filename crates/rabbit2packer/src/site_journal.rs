@@ -169,6 +169,18 @@ CREATE TABLE imports (
 );
 "#,
     ),
+    (
+        3,
+        r#"
+-- (6) each daemon and the address of its status page (STATUS_URL), where a
+-- running job's live log is read
+CREATE TABLE daemons (
+    host TEXT PRIMARY KEY,
+    status_url TEXT,
+    started_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+"#,
+    ),
 ];
 
 /// The newest schema version this rabbit2packer knows.
@@ -1217,6 +1229,53 @@ impl SiteJournal {
         }
     }
 
+    /// Says that daemon `host` runs, with its status page's address
+    /// (STATUS_URL; None without a status server) (6).
+    pub async fn register(&self, host: &str, status_url: Option<&str>) -> Result<()> {
+        self.with(async |c| {
+            c.execute(
+                "INSERT INTO daemons (host, status_url) VALUES ($1, $2)
+                 ON CONFLICT (host) DO UPDATE SET status_url = $2, started_at = now()",
+                &[&host, &status_url],
+            )
+            .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Jobs as `filter` says, newest first (the status API).
+    pub async fn jobs(&self, filter: &crate::journal::JobFilter) -> Result<Vec<JobRecord>> {
+        use crate::journal::StateFilter;
+        let before = filter.before.unwrap_or(i64::MAX);
+        let limit = filter.limit as i64;
+        let state = match filter.state {
+            Some(StateFilter::Is(st)) => Some(st.as_str()),
+            _ => None,
+        };
+        let finished = matches!(filter.state, Some(StateFilter::Finished));
+        self.jobs_where(
+            "id < $1 AND ($2::text IS NULL OR image_key = $2) AND ($3::text IS NULL OR state = $3)
+             AND (NOT $4 OR state NOT IN ('running', 'waiting')) ORDER BY id DESC LIMIT $5",
+            &[&before, &filter.image, &state, &finished, &limit],
+        )
+        .await
+    }
+
+    /// The recorded log of job `id`'s build number `index` (0 is the first;
+    /// None: the last), decompressed; None if it is not recorded (yet).
+    pub async fn build_log_at(&self, id: i64, index: Option<usize>) -> Result<Option<Vec<u8>>> {
+        let ids = self.build_ids(id).await?;
+        let build = match index {
+            Some(i) => ids.get(i),
+            None => ids.last(),
+        };
+        match build {
+            Some((build_id, _)) => self.build_log(*build_id).await,
+            None => Ok(None),
+        }
+    }
+
     /// The builds of job `id`: (build id, host), in order.
     pub async fn build_ids(&self, id: i64) -> Result<Vec<(i64, Option<String>)>> {
         self.with(async |c| {
@@ -1544,7 +1603,8 @@ async fn query_jobs<C: GenericClient>(
 ) -> std::result::Result<Vec<JobRecord>, tokio_postgres::Error> {
     let sql = format!(
         "SELECT id, image_key, profile, message_id, state, packuilon_ts(received_at), packuilon_ts(started_at),
-                packuilon_ts(finished_at), superseded_by, attempts, worker, error, host
+                packuilon_ts(finished_at), superseded_by, attempts, worker, error, host,
+                (SELECT status_url FROM daemons d WHERE d.host = jobs.host)
          FROM jobs WHERE {clause}"
     );
     let mut jobs: Vec<JobRecord> = c
@@ -1567,6 +1627,7 @@ async fn query_jobs<C: GenericClient>(
             error: r.get(11),
             builds: Vec::new(),
             host: r.get(12),
+            host_url: r.get(13),
         })
         .collect();
     if jobs.is_empty() {
