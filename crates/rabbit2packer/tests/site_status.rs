@@ -1,7 +1,8 @@
 //! Issue #13 (6): on the site journal, any daemon's status API and `status`
 //! show the whole site: a job another daemon ran, its build log (kept in
 //! the site journal, compressed), a running job's host and the address of
-//! that host's page, and images failing on another daemon.
+//! that host's page, and images failing on another daemon. And what the
+//! database cannot store as text is still journaled.
 
 mod support;
 
@@ -174,4 +175,36 @@ fn a_running_job_names_its_daemon_and_links_to_its_page() {
     assert!(out.contains("on d2/Thread-1"), "{out}");
     drop(d1);
     drop(d2);
+}
+
+#[test]
+fn a_message_id_and_profile_header_with_nul_are_journaled_and_built() {
+    let site = site_on_postgres("");
+    let d = site.start();
+    d.wait_log("Consuming from queue", T);
+    let body = serde_json::to_vec(&profile("nul", "7x", "a", prod())).unwrap();
+    publish_all_as(
+        &site.queue.broker,
+        &site.queue.name,
+        &[(body.clone(), Some("id\u{0}one".to_string()))],
+        "host\u{0}.example.org.json",
+    );
+    let deadline = std::time::Instant::now() + T;
+    let history = loop {
+        let (code, out, err) = site.cli(&["history", "--json"]);
+        assert_eq!(code, 0, "{err}");
+        let h: Vec<Value> = serde_json::from_str(&out).unwrap();
+        if !h.is_empty() {
+            break h;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", d.output());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(history[0]["state"], "succeeded", "{history:#?}");
+    assert_eq!(history[0]["message_id"], "id\u{fffd}one", "{history:#?}");
+    assert_eq!(history[0]["profile"], "host\u{fffd}.example.org.json", "{history:#?}");
+    // A redelivery of it is the same job.
+    publish_raw(&site.queue.broker, &site.queue.name, body, Some("id\u{0}one"));
+    d.wait_log("is already job", T);
+    assert_eq!(site.queue_len(), 0);
 }
