@@ -584,6 +584,10 @@ impl Running {
             rotation_backoff: rotation_backoff(),
             auth_env: Default::default(),
             metrics: metrics.clone(),
+            site: match &jobs {
+                Jobs::Site(site) => Some(site.clone()),
+                Jobs::Local(_) => None,
+            },
         });
         let mut workers = Workers {
             set: tokio::task::JoinSet::new(),

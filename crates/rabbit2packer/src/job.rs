@@ -47,6 +47,9 @@ pub(crate) struct Context {
     pub(crate) alerts: crate::alerts::Alerts,
     /// Builds and rotations are counted here (`/metrics`).
     pub(crate) metrics: Arc<crate::metrics::Metrics>,
+    /// The site journal (STATE_DB): a build's start is told there too, so
+    /// that every daemon's `status` says what a running job builds.
+    pub(crate) site: Option<Arc<crate::site::Site>>,
 }
 
 /// How a job ended.
@@ -631,6 +634,9 @@ impl TemplateBuild<'_> {
             .start_build(self.job.id, &self.name(), &log_path, build_file, self.source_image)
             .map_err(|e| tracing::error!("{thread}: {e}"))
             .ok();
+        if let Some(site) = &ctx.site {
+            site.build_started(self.job.id, &self.name(), &log_path, build_file, self.source_image);
+        }
         tracing::info!("packer build starting, see: {} for details", log_path.display());
         let started = chrono::Utc::now();
 
@@ -976,6 +982,7 @@ mod tests {
             rotation_backoff: Vec::new(),
             auth_env: AuthEnv::default(),
             metrics: Default::default(),
+            site: None,
             config: cfg,
         };
         let catalog = ctx.catalog.refresh();

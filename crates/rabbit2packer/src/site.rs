@@ -53,6 +53,10 @@ struct Mine {
     builds_before: usize,
     /// The renewal did not find it: another daemon took it over.
     taken_over: bool,
+    /// Its builds as told to the site journal when they started (their ids
+    /// there, in order), and the telling still under way.
+    started: Arc<Mutex<Vec<i64>>>,
+    telling: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// This daemon's part of the site.
@@ -260,6 +264,8 @@ impl Site {
                         claimed: Instant::now(),
                         builds_before: rec.builds.len(),
                         taken_over: false,
+                        started: Arc::default(),
+                        telling: None,
                     },
                 );
                 self.changed.notify_one();
@@ -288,6 +294,54 @@ impl Site {
         }
     }
 
+    /// A template build of job `id` starts here: told to the site journal
+    /// (by a task of its own: a database away never holds up a build), so
+    /// that every daemon shows what the job builds.
+    pub(crate) fn build_started(
+        self: &Arc<Self>,
+        id: i64,
+        template: &str,
+        log_path: &std::path::Path,
+        build_file: &std::path::Path,
+        source_image: &str,
+    ) {
+        let mut running = self.running();
+        let Some(mine) = running.get_mut(&id) else { return };
+        let (site, attempt, started) = (self.clone(), mine.attempt, mine.started.clone());
+        let (template, log_path, build_file, source_image) = (
+            template.to_string(),
+            log_path.to_path_buf(),
+            build_file.to_path_buf(),
+            source_image.to_string(),
+        );
+        // One after another: the builds of a job are told in their order.
+        let before = mine.telling.take();
+        mine.telling = Some(tokio::spawn(async move {
+            if let Some(before) = before {
+                let _ = before.await;
+            }
+            let told = site
+                .journal
+                .start_build(
+                    &site.host,
+                    id,
+                    attempt,
+                    &template,
+                    &log_path,
+                    &build_file,
+                    &source_image,
+                )
+                .await;
+            match told {
+                Ok(build) => started.lock().unwrap_or_else(|p| p.into_inner()).push(build),
+                // Recorded whole at the job's end all the same.
+                Err(e) => {
+                    tracing::debug!("job {id}: the start of its build of {template} is not in the site journal: {e}")
+                }
+            }
+        }));
+    }
+
     /// The job ended here: its builds (with their logs) and its outcome go
     /// to the site journal, unless it was taken over or the daemon stops
     /// (then `release` gives it back). Transient failures are retried
@@ -300,10 +354,14 @@ impl Site {
         work: &Journal,
         alerts: &crate::alerts::Alerts,
     ) {
-        let Some(mine) = self.running().remove(&job.id) else {
+        let Some(mut mine) = self.running().remove(&job.id) else {
             return;
         };
         self.changed.notify_one();
+        if let Some(telling) = mine.telling.take() {
+            let _ = telling.await;
+        }
+        let started = std::mem::take(&mut *mine.started.lock().unwrap_or_else(|p| p.into_inner()));
         if mine.taken_over {
             tracing::warn!(
                 "job {} for {} was taken over by another daemon (the lease of {} ran out); its end here is not recorded",
@@ -351,7 +409,7 @@ impl Site {
         loop {
             let r = async {
                 self.journal
-                    .record_builds(&self.host, job.id, mine.attempt, &builds)
+                    .record_builds(&self.host, job.id, mine.attempt, &builds, &started)
                     .await?;
                 self.journal
                     .finish_with_health(&self.host, job.id, mine.attempt, finished, error, health)

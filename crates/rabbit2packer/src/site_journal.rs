@@ -1280,14 +1280,18 @@ impl SiteJournal {
 
     /// Records, at the end of `host`'s attempt `attempt` at job `id`, the
     /// template builds it ran (as its own journal recorded them, times
-    /// included) with their logs, gzip-compressed (6). Refused
-    /// ([`SiteJournalError::NotYours`]) when the attempt was taken over (4).
+    /// included) with their logs, gzip-compressed (6). The first builds
+    /// may be in the journal already, from their start (`started`: their
+    /// ids, see [`SiteJournal::start_build`]): they are completed, the
+    /// others added. Refused ([`SiteJournalError::NotYours`]) when the
+    /// attempt was taken over (4).
     pub async fn record_builds(
         &self,
         host: &str,
         id: i64,
         attempt: i32,
         builds: &[(BuildRecord, Option<Vec<u8>>)],
+        started: &[i64],
     ) -> Result<()> {
         let rows: Vec<_> = builds
             .iter()
@@ -1312,12 +1316,21 @@ impl SiteJournal {
                 if owned.is_none() {
                     return Err(not_yours(&tx, id).await);
                 }
-                for (b, images, exit_code, test_exit_code, gz, size) in &rows {
+                for (i, (b, images, exit_code, test_exit_code, gz, size)) in rows.iter().enumerate() {
+                    // A build told at its start is completed: its row goes,
+                    // and the whole record takes its place under its id.
+                    let told = started.get(i).copied();
+                    if let Some(build) = told {
+                        tx.execute("DELETE FROM builds WHERE id = $1 AND job_id = $2", &[&build, &id])
+                            .await?;
+                    }
                     tx.execute(
-                        "INSERT INTO builds (job_id, host, attempt, template, started_at, finished_at, exit_code,
+                        "INSERT INTO builds (id, job_id, host, attempt, template, started_at, finished_at, exit_code,
                              log_path, artifact_id, rotation, error, images, source_image, test, test_exit_code,
                              log_gz, log_size)
-                         VALUES ($1, $2, $3, $4, COALESCE($5::text::timestamptz, now()), $6::text::timestamptz, $7,
+                         OVERRIDING SYSTEM VALUE
+                         VALUES (COALESCE($18, nextval(pg_get_serial_sequence('builds', 'id'))), $1, $2, $3, $4,
+                             COALESCE($5::text::timestamptz, now()), $6::text::timestamptz, $7,
                              $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
                         &[
                             &id,
@@ -1337,6 +1350,7 @@ impl SiteJournal {
                             test_exit_code,
                             gz,
                             size,
+                            &told,
                         ],
                     )
                     .await?;
