@@ -500,6 +500,7 @@ mod tests {
                 ..BuildRecord::default()
             }],
             host: None,
+            host_url: None,
         }
     }
 

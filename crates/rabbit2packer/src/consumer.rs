@@ -29,7 +29,7 @@ use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::journal::NewJob;
-use crate::scheduler::{Accepted, Scheduler};
+use crate::scheduler::{Accepted, Jobs, NotJournaled};
 
 /// Unacked deliveries the broker may push ahead of the journal.
 pub(crate) const PREFETCH: u16 = 64;
@@ -58,6 +58,9 @@ pub const REASON_MAX_CHARS: usize = 1000;
 enum Lost {
     Unreachable(lapin::Error),
     Broken(lapin::Error),
+    /// The site journal (STATE_DB) is unreachable: consuming pauses, the
+    /// unacked deliveries go back to the queue.
+    Database,
     Fatal(Fatal),
 }
 
@@ -91,9 +94,21 @@ pub(crate) enum NotAcked {
     /// The journal could not commit it; fatal when the journal file is gone.
     #[error("{0}")]
     Journal(#[from] crate::journal::JournalError),
+    /// The site journal (STATE_DB) could not commit it.
+    #[error("{0}")]
+    Site(#[from] crate::site_journal::SiteJournalError),
     /// A malformed message could not be saved whole to `STATE_DIR/rejected/`.
     #[error("{0}")]
     NotSaved(String),
+}
+
+impl From<NotJournaled> for NotAcked {
+    fn from(e: NotJournaled) -> NotAcked {
+        match e {
+            NotJournaled::Local(e) => NotAcked::Journal(e),
+            NotJournaled::Site(e) => NotAcked::Site(e),
+        }
+    }
 }
 
 impl From<lapin::Error> for Lost {
@@ -108,7 +123,7 @@ impl From<lapin::Error> for Lost {
 pub(crate) async fn run(
     global: &GlobalConfig,
     state_dir: &Path,
-    scheduler: Arc<Scheduler>,
+    jobs: Jobs,
     stop: CancellationToken,
     metrics: Arc<crate::metrics::Metrics>,
 ) -> Result<(), Fatal> {
@@ -120,14 +135,14 @@ pub(crate) async fn run(
         if stop.is_cancelled() {
             return Ok(());
         }
-        let consumed = consume(global, state_dir, &scheduler, &stop, &mut attempt, &mut first, &metrics).await;
+        let consumed = consume(global, state_dir, &jobs, &stop, &mut attempt, &mut first, &metrics).await;
         metrics.set_broker_connected(false);
         match consumed {
             Ok(()) => return Ok(()),
             Err(Lost::Fatal(e)) => return Err(e),
             Err(lost) => {
                 let pause = reconnect_pause(global.rabbit.retry_delay, attempt);
-                match lost {
+                match &lost {
                     Lost::Unreachable(e) => tracing::warn!(
                         "RabbitMQ at {endpoint} unreachable: {e}; no new requests until it is back \
                          (journaled jobs still build); reconnecting to channel in {pause:?}"
@@ -144,12 +159,22 @@ pub(crate) async fn run(
                     Lost::Broken(e) => {
                         tracing::warn!("RabbitMQ at {endpoint}: {e}; reconnecting to channel in {pause:?}")
                     }
+                    // Said by the site journal (see `Site::reached`).
+                    Lost::Database => {}
                     Lost::Fatal(_) => unreachable!("returned above"),
                 }
+                let database_lost = matches!(lost, Lost::Database);
                 attempt = attempt.saturating_add(1);
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
                     _ = stop.cancelled() => return Ok(()),
+                }
+                // No deliveries until the site journal can take them.
+                if let (true, Jobs::Site(site)) = (database_lost, &jobs) {
+                    tokio::select! {
+                        _ = site.wait_reachable() => {}
+                        _ = stop.cancelled() => return Ok(()),
+                    }
                 }
             }
         }
@@ -159,7 +184,7 @@ pub(crate) async fn run(
 async fn consume(
     global: &GlobalConfig,
     state_dir: &Path,
-    scheduler: &Scheduler,
+    jobs: &Jobs,
     stop: &CancellationToken,
     attempt: &mut u32,
     first: &mut usize,
@@ -214,7 +239,7 @@ async fn consume(
         };
         // The body moves into the job: a large message is not copied.
         let body = std::mem::take(&mut delivery.data);
-        match handle(state_dir, scheduler, body, &delivery.properties, delivery.redelivered) {
+        match handle(state_dir, jobs, body, &delivery.properties, delivery.redelivered).await {
             Ok(Handled::Rejected { reason, body }) => {
                 metrics.message_rejected();
                 rejects.publish(&body, &delivery.properties, &reason).await;
@@ -236,6 +261,23 @@ async fn consume(
                 let _ = channel.close(200, "rabbit2packer: job journal lost".into()).await;
                 let _ = conn.close(200, "rabbit2packer: job journal lost".into()).await;
                 return Err(Lost::Fatal(Fatal::Journal(JournalLost(e))));
+            }
+            Err(NotAcked::Site(e)) if e.is_transient() => {
+                // Consuming pauses: this delivery and every unacked one go
+                // back to the queue (redelivered, a duplicate is recognised),
+                // and `run` connects again after a pause.
+                let _ = delivery
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..Default::default()
+                    })
+                    .await;
+                let _ = channel
+                    .close(200, "rabbit2packer: site journal unreachable".into())
+                    .await;
+                let _ = conn.close(200, "rabbit2packer: site journal unreachable".into()).await;
+                tracing::debug!("{e}: message returned to the queue");
+                return Err(Lost::Database);
             }
             Err(e) => {
                 // Not journaled, or not saved: the message stays the broker's.
@@ -366,9 +408,9 @@ pub(crate) enum Handled {
 }
 
 /// Journals (or rejects) one delivery. Ok means: ack it.
-pub(crate) fn handle(
+pub(crate) async fn handle(
     state_dir: &Path,
-    scheduler: &Scheduler,
+    jobs: &Jobs,
     body: Vec<u8>,
     props: &lapin::BasicProperties,
     redelivered: bool,
@@ -409,7 +451,7 @@ pub(crate) fn handle(
         body,
     };
     let key = job.image_key.clone();
-    match scheduler.accept(job, redelivered)? {
+    match jobs.accept(job, redelivered).await? {
         Accepted::New { id, superseded } => match superseded {
             Some(old) => tracing::info!("Job {id} for {key} queued (message {shown_id}); supersedes waiting job {old}"),
             None => tracing::info!("Job {id} for {key} queued (message {shown_id})"),

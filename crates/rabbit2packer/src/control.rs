@@ -26,8 +26,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::journal::{JobState, Journal, NewJob};
-use crate::scheduler::{Accepted, Scheduler};
+use crate::journal::{JobRecord, JobState, Journal, LastBody, NewJob};
+use crate::scheduler::{Accepted, Jobs};
 
 /// The socket's name in STATE_DIR.
 pub const SOCKET_NAME: &str = "control.sock";
@@ -99,7 +99,8 @@ impl Cancels {
         self.lock().remove(&job).and_then(|(_, by)| by)
     }
 
-    fn cancel(&self, job: i64, by: &str) -> bool {
+    /// Stops job `job`'s build (`by` says why); false if it does not run here.
+    pub(crate) fn cancel(&self, job: i64, by: &str) -> bool {
         match self.lock().get_mut(&job) {
             Some((token, who)) => {
                 who.get_or_insert_with(|| by.to_string());
@@ -119,10 +120,42 @@ impl Cancels {
 #[derive(Debug, Clone)]
 pub(crate) struct Control {
     pub(crate) journal: Arc<Journal>,
-    pub(crate) scheduler: Arc<Scheduler>,
+    pub(crate) jobs: Jobs,
     pub(crate) cancels: Arc<Cancels>,
     /// IMAGES_CONFIG (`rebuild --outdated`).
     pub(crate) images_file: std::path::PathBuf,
+}
+
+/// The journal a command reads and changes: this host's, or on STATE_DB the site's.
+impl Control {
+    async fn last_body(&self, image_key: &str) -> Result<Option<LastBody>, String> {
+        match &self.jobs {
+            Jobs::Site(site) => site.journal.last_body(image_key).await,
+            Jobs::Local(_) => return self.journal.last_body(image_key).map_err(|e| e.to_string()),
+        }
+        .map_err(|e| e.to_string())
+    }
+
+    async fn job(&self, id: i64) -> Result<Option<JobRecord>, String> {
+        match &self.jobs {
+            Jobs::Site(site) => site.journal.job(id).await.map_err(|e| e.to_string()),
+            Jobs::Local(_) => self.journal.job(id).map_err(|e| e.to_string()),
+        }
+    }
+
+    async fn body(&self, id: i64) -> Result<Option<Vec<u8>>, String> {
+        match &self.jobs {
+            Jobs::Site(site) => site.journal.body(id).await.map_err(|e| e.to_string()),
+            Jobs::Local(_) => self.journal.body(id).map_err(|e| e.to_string()),
+        }
+    }
+
+    async fn cancel_waiting(&self, id: i64, why: &str) -> Result<bool, String> {
+        match &self.jobs {
+            Jobs::Site(site) => site.journal.cancel_waiting(id, why).await.map_err(|e| e.to_string()),
+            Jobs::Local(s) => s.cancel_waiting(id, why).map_err(|e| e.to_string()),
+        }
+    }
 }
 
 /// Binds STATE_DIR/control.sock (0600; a socket left by a dead daemon is
@@ -185,7 +218,7 @@ async fn connection(stream: UnixStream, control: &Control) -> std::io::Result<()
         match serde_json::from_str::<Request>(&line) {
             Ok(req) => {
                 let by = format!("{} (uid {uid})", user_name(uid));
-                handle(control, &req, &by)
+                handle(control, &req, &by).await
             }
             Err(e) => Reply::refused(format!("bad request: {e}")),
         }
@@ -197,18 +230,18 @@ async fn connection(stream: UnixStream, control: &Control) -> std::io::Result<()
 }
 
 /// Carries out one request from user `by`.
-pub(crate) fn handle(control: &Control, req: &Request, by: &str) -> Reply {
+pub(crate) async fn handle(control: &Control, req: &Request, by: &str) -> Reply {
     let result = match req {
-        Request::Rebuild { image_key } => rebuild(control, image_key, by),
-        Request::RebuildOutdated => rebuild_outdated(control, by),
-        Request::Retry { job } => retry(control, *job, by),
-        Request::Cancel { job } => cancel(control, *job, by),
+        Request::Rebuild { image_key } => rebuild(control, image_key, by).await,
+        Request::RebuildOutdated => rebuild_outdated(control, by).await,
+        Request::Retry { job } => retry(control, *job, by).await,
+        Request::Cancel { job } => cancel(control, *job, by).await,
     };
     result.unwrap_or_else(Reply::refused)
 }
 
-fn rebuild(control: &Control, image_key: &str, by: &str) -> Result<Reply, String> {
-    let found = control.journal.last_body(image_key).map_err(|e| e.to_string())?;
+async fn rebuild(control: &Control, image_key: &str, by: &str) -> Result<Reply, String> {
+    let found = control.last_body(image_key).await?;
     let Some((from, profile, body)) = found else {
         let known = control.journal.image_keys(10).unwrap_or_default();
         return Err(format!(
@@ -220,7 +253,7 @@ fn rebuild(control: &Control, image_key: &str, by: &str) -> Result<Reply, String
             }
         ));
     };
-    let id = queue(control, image_key, profile, body, &format!("rebuild-{image_key}"))?;
+    let id = queue(control, image_key, profile, body, &format!("rebuild-{image_key}")).await?;
     tracing::info!("{by}: rebuild of {image_key} queued as job {id} (the profile of job {from})");
     Ok(Reply::ok(
         format!("job {id} queued: a rebuild of {image_key} with the profile of job {from}"),
@@ -229,7 +262,7 @@ fn rebuild(control: &Control, image_key: &str, by: &str) -> Result<Reply, String
 }
 
 /// Queues a rebuild of every outdated image with its newest profile.
-pub(crate) fn rebuild_outdated(control: &Control, by: &str) -> Result<Reply, String> {
+pub(crate) async fn rebuild_outdated(control: &Control, by: &str) -> Result<Reply, String> {
     let sources = crate::outdated::read_source_images(&control.images_file)?;
     let outdated = crate::outdated::find(&control.journal, &sources).map_err(|e| e.to_string())?;
     if outdated.is_empty() {
@@ -245,7 +278,7 @@ pub(crate) fn rebuild_outdated(control: &Control, by: &str) -> Result<Reply, Str
     let mut queued = Vec::new();
     let mut last = 0;
     for o in &outdated {
-        let Some((from, profile, body)) = control.journal.last_body(&o.image_key).map_err(|e| e.to_string())? else {
+        let Some((from, profile, body)) = control.last_body(&o.image_key).await? else {
             continue;
         };
         let id = queue(
@@ -254,7 +287,8 @@ pub(crate) fn rebuild_outdated(control: &Control, by: &str) -> Result<Reply, Str
             profile,
             body,
             &format!("rebuild-outdated-{}", o.image_key),
-        )?;
+        )
+        .await?;
         tracing::info!(
             "{by}: {} is outdated (built from {}, IMAGES_CONFIG now names {}): rebuild queued as job {id} (the profile of job {from})",
             o.image_key,
@@ -274,11 +308,10 @@ pub(crate) fn rebuild_outdated(control: &Control, by: &str) -> Result<Reply, Str
     ))
 }
 
-fn retry(control: &Control, job: i64, by: &str) -> Result<Reply, String> {
+async fn retry(control: &Control, job: i64, by: &str) -> Result<Reply, String> {
     let rec = control
-        .journal
         .job(job)
-        .map_err(|e| e.to_string())?
+        .await?
         .ok_or_else(|| format!("no job {job} in the journal"))?;
     if !matches!(rec.state, JobState::Failed | JobState::Cancelled) {
         return Err(format!(
@@ -288,7 +321,7 @@ fn retry(control: &Control, job: i64, by: &str) -> Result<Reply, String> {
             rec.image_key
         ));
     }
-    let body = control.journal.body(job).map_err(|e| e.to_string())?.ok_or_else(|| {
+    let body = control.body(job).await?.ok_or_else(|| {
         format!(
             "the profile of job {job} is no longer kept (a newer job of {} replaced it): \
              use `rabbit2packer rebuild {}`",
@@ -301,7 +334,8 @@ fn retry(control: &Control, job: i64, by: &str) -> Result<Reply, String> {
         rec.profile.clone(),
         body,
         &format!("retry-{job}"),
-    )?;
+    )
+    .await?;
     tracing::info!("{by}: job {job} of {} retried as job {id}", rec.image_key);
     Ok(Reply::ok(
         format!("job {id} queued: a retry of job {job} ({})", rec.image_key),
@@ -309,7 +343,13 @@ fn retry(control: &Control, job: i64, by: &str) -> Result<Reply, String> {
     ))
 }
 
-fn queue(control: &Control, image_key: &str, profile: Option<String>, body: Vec<u8>, why: &str) -> Result<i64, String> {
+async fn queue(
+    control: &Control,
+    image_key: &str,
+    profile: Option<String>,
+    body: Vec<u8>,
+    why: &str,
+) -> Result<i64, String> {
     let job = NewJob {
         // Unique, and saying where the job came from.
         message_id: Some(format!("{why}-{}", uuid::Uuid::new_v4())),
@@ -318,7 +358,7 @@ fn queue(control: &Control, image_key: &str, profile: Option<String>, body: Vec<
         image_key: image_key.to_string(),
         body,
     };
-    match control.scheduler.accept(job, false).map_err(|e| e.to_string())? {
+    match control.jobs.accept(job, false).await.map_err(|e| e.to_string())? {
         Accepted::New { id, superseded } => {
             if let Some(old) = superseded {
                 tracing::info!("job {old} of {image_key} superseded by job {id}");
@@ -329,15 +369,14 @@ fn queue(control: &Control, image_key: &str, profile: Option<String>, body: Vec<
     }
 }
 
-fn cancel(control: &Control, job: i64, by: &str) -> Result<Reply, String> {
+async fn cancel(control: &Control, job: i64, by: &str) -> Result<Reply, String> {
     let rec = control
-        .journal
         .job(job)
-        .map_err(|e| e.to_string())?
+        .await?
         .ok_or_else(|| format!("no job {job} in the journal"))?;
     let why = format!("cancelled by {by}");
     match rec.state {
-        JobState::Waiting if control.scheduler.cancel_waiting(job, &why).map_err(|e| e.to_string())? => {
+        JobState::Waiting if control.cancel_waiting(job, &why).await? => {
             tracing::info!("Job {job} for {} cancelled by {by} (it was waiting)", rec.image_key);
             Ok(Reply::ok(
                 format!("job {job} ({}) cancelled; it was waiting", rec.image_key),
@@ -355,6 +394,11 @@ fn cancel(control: &Control, job: i64, by: &str) -> Result<Reply, String> {
                 job,
             ))
         }
+        JobState::Running if rec.host.is_some() => Err(format!(
+            "job {job} ({}) runs on {}: cancel it there (`rabbit2packer cancel {job}` on that daemon)",
+            rec.image_key,
+            rec.host.as_deref().unwrap_or_default()
+        )),
         state => Err(format!(
             "job {job} ({}) is {}: only a waiting or running job can be cancelled",
             rec.image_key,

@@ -30,7 +30,8 @@ use crate::control::{Cancels, Control};
 use crate::job::{self, Context};
 use crate::journal::{JobRef, JobState, Journal, JournalError};
 use crate::runner::{self, Spawner};
-use crate::scheduler::Scheduler;
+use crate::scheduler::{Jobs, Scheduler};
+use crate::site::Site;
 
 /// Why the daemon could not start or run. Its text is the line logged
 /// before the daemon exits; [`DaemonError::exit_code`] is its exit status.
@@ -86,6 +87,13 @@ pub enum DaemonError {
     /// The consumer's task panicked (exit 1).
     #[error("the consumer failed: {0}")]
     ConsumerFailed(tokio::task::JoinError),
+    /// STATE_DB: the site journal refused this daemon (exit 2 for a
+    /// configuration or schema error, else 1).
+    #[error("{}: [rabbit2packer] STATE_DB: {source}", file.display())]
+    SiteJournal {
+        file: PathBuf,
+        source: crate::site_journal::SiteJournalError,
+    },
 }
 
 /// What is wrong with a key's value (see [`DaemonError::Setting`]).
@@ -126,6 +134,7 @@ impl DaemonError {
             | DaemonError::Catalog(_)
             | DaemonError::Alerts { .. }
             | DaemonError::QueueType { .. } => packuilon_common::EXIT_CONFIG,
+            DaemonError::SiteJournal { source, .. } if source.is_config() => packuilon_common::EXIT_CONFIG,
             _ => packuilon_common::EXIT_FAILED,
         }
     }
@@ -195,6 +204,14 @@ pub(crate) fn validate(s: &Settings) -> Result<Catalog, DaemonError> {
     find_program(&s.r2p.packer_path)
         .ok_or_else(|| err("PACKER_PATH", SettingProblem::NotExecutable(s.r2p.packer_path.clone())))?;
     packuilon_common::rcfile::source(&s.r2p.packer_auth_file).map_err(|e| err("PACKER_AUTH_FILE", e.into()))?;
+    if let Some(site) = &s.r2p.site {
+        crate::site_journal::SiteJournal::check_url(&site.url, site.password_file.as_deref()).map_err(|source| {
+            DaemonError::SiteJournal {
+                file: s.config_file.clone(),
+                source,
+            }
+        })?;
+    }
     Ok(Catalog::load(&s.r2p.packer_template_map, &s.r2p.images_config)?)
 }
 
@@ -273,6 +290,11 @@ pub(crate) fn retry_delays(var: &str, default: &[u64]) -> Vec<Duration> {
         .unwrap_or_else(|| default.iter().map(|s| Duration::from_secs(*s)).collect())
 }
 
+/// systemd's STATUS= line.
+pub(crate) fn notify_status(line: &str) {
+    notify(&[sd_notify::NotifyState::Status(line)]);
+}
+
 fn notify(state: &[sd_notify::NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(false, state) {
         tracing::warn!("sd_notify: {e}");
@@ -307,7 +329,36 @@ pub async fn run(config_file: &Path) -> Result<(), DaemonError> {
         None => None,
     };
     let journal = Arc::new(open_journal(&settings)?);
-    let jobs = recover(&journal, &settings.r2p).await?;
+    let recovered = recover(&journal, &settings.r2p).await?;
+    let jobs = match &settings.r2p.site {
+        None => {
+            let scheduler = Arc::new(Scheduler::new(journal.clone()));
+            scheduler.restore(recovered);
+            Jobs::Local(scheduler)
+        }
+        Some(site) => {
+            // The site journal runs them again (`release` below), here or elsewhere.
+            for job in recovered {
+                if let Err(e) = journal.cancel_waiting(job.id, "given back to the site journal") {
+                    tracing::warn!("{e}");
+                }
+            }
+            let site = Site::connect(site).await.map_err(|source| DaemonError::SiteJournal {
+                file: settings.config_file.clone(),
+                source,
+            })?;
+            site.release(&format!("{} started again", site.host)).await;
+            // Where this daemon's page is: a running job's live log is there.
+            let url = listener
+                .as_ref()
+                .and_then(|l| l.local_addr().ok())
+                .map(|a| crate::status::public_url(&settings.r2p.status, a));
+            if let Err(e) = site.journal.register(&site.host, url.as_deref()).await {
+                tracing::warn!("{e}: other daemons' pages do not link to this one");
+            }
+            Jobs::Site(Arc::new(site))
+        }
+    };
     let metrics = Arc::new(crate::metrics::Metrics::new());
     load_last_successes(&journal, &metrics);
     let mut running = Running::start(&settings, journal, catalog, jobs, metrics, listener)?;
@@ -315,12 +366,26 @@ pub async fn run(config_file: &Path) -> Result<(), DaemonError> {
     running.shut_down(why).await
 }
 
+/// The journal in STATE_DIR; on the site journal (STATE_DB), this
+/// daemon's own in STATE_DIR/site (see [`crate::site`]).
 fn open_journal(settings: &Settings) -> Result<Journal, DaemonError> {
-    Journal::open(&settings.r2p.state_dir).map_err(|e| match e {
+    let dir = journal_dir(&settings.r2p);
+    if let Err(source) = std::fs::create_dir_all(&dir) {
+        return Err(settings.setting_error("STATE_DIR", SettingProblem::CreateDir { dir, source }));
+    }
+    Journal::open(&dir).map_err(|e| match e {
         // Like an unwritable STATE_DIR: a restart will not fix it.
         JournalError::NotWritable { .. } => settings.setting_error("STATE_DIR", SettingProblem::Journal(e)),
         e => DaemonError::Journal(e),
     })
+}
+
+/// Where this daemon's SQLite journal is.
+pub(crate) fn journal_dir(cfg: &Rabbit2PackerConfig) -> PathBuf {
+    match cfg.site {
+        None => cfg.state_dir.clone(),
+        Some(_) => cfg.state_dir.join(crate::site::WORK_DIR),
+    }
 }
 
 /// `packuilon_last_success_timestamp_seconds` survives a restart: each
@@ -365,9 +430,15 @@ async fn recover(journal: &Journal, cfg: &Rabbit2PackerConfig) -> Result<Vec<Job
         }
     }
     for id in &recovery.rebuilt {
-        tracing::warn!("Job {id} was running when rabbit2packer stopped: it will be built again");
+        match cfg.site {
+            None => tracing::warn!("Job {id} was running when rabbit2packer stopped: it will be built again"),
+            Some(_) => tracing::warn!(
+                "Job {id} was running when rabbit2packer stopped: the site journal runs it again, \
+                 here or on another daemon, unless another daemon has taken it over"
+            ),
+        }
     }
-    if !recovery.jobs.is_empty() {
+    if !recovery.jobs.is_empty() && cfg.site.is_none() {
         tracing::info!("{} job(s) from the journal will run", recovery.jobs.len());
     }
     Ok(recovery.jobs)
@@ -389,7 +460,9 @@ struct Running {
     consumer: Option<tokio::task::JoinHandle<Result<(), Fatal>>>,
     stop_consuming: CancellationToken,
     signals: Signals,
-    scheduler: Arc<Scheduler>,
+    jobs: Jobs,
+    /// The site journal's lease keeper and listener (STATE_DB), stopped last.
+    stop_site: CancellationToken,
     /// What systemd was last told (running, waiting).
     told: (usize, usize),
     /// Half of systemd's WatchdogSec, when it watches us.
@@ -414,7 +487,7 @@ struct OutdatedWatch {
 }
 
 impl OutdatedWatch {
-    fn check(&mut self) {
+    async fn check(&mut self) {
         let catalog = self.catalog.refresh();
         let now = catalog.source_images().clone();
         if self.seen.as_ref() == Some(&now) {
@@ -427,7 +500,7 @@ impl OutdatedWatch {
         } else {
             "REBUILD_OUTDATED (IMAGES_CONFIG changed)"
         };
-        match crate::control::rebuild_outdated(&self.control, by) {
+        match crate::control::rebuild_outdated(&self.control, by).await {
             Ok(reply) if reply.job.is_some() => tracing::info!("{by}: {}", reply.message),
             Ok(_) => {}
             Err(e) => tracing::error!("{by}: {e}"),
@@ -446,7 +519,7 @@ struct Workers {
     set: tokio::task::JoinSet<()>,
     names: HashMap<tokio::task::Id, String>,
     ctx: Arc<Context>,
-    scheduler: Arc<Scheduler>,
+    jobs: Jobs,
     /// Fires when the daemon stops: workers take no new job.
     stop: CancellationToken,
 }
@@ -457,7 +530,7 @@ impl Workers {
         let handle = self.set.spawn(worker(
             thread.clone(),
             self.ctx.clone(),
-            self.scheduler.clone(),
+            self.jobs.clone(),
             self.stop.clone(),
         ));
         self.names.insert(handle.id(), thread);
@@ -471,13 +544,11 @@ impl Running {
         settings: &Settings,
         journal: Arc<Journal>,
         catalog: Catalog,
-        jobs: Vec<JobRef>,
+        jobs: Jobs,
         metrics: Arc<crate::metrics::Metrics>,
         listener: Option<std::net::TcpListener>,
     ) -> Result<Running, DaemonError> {
         let cfg = settings.r2p.clone();
-        let scheduler = Arc::new(Scheduler::new(journal.clone()));
-        scheduler.restore(jobs);
         let alerts = Alerts::start(&settings.alerts, journal.clone()).map_err(|source| DaemonError::Alerts {
             file: settings.config_file.clone(),
             source,
@@ -488,7 +559,7 @@ impl Running {
             crate::control::bind(&cfg.state_dir).map_err(|source| DaemonError::Control { socket, source })?;
         let control = Control {
             journal: journal.clone(),
-            scheduler: scheduler.clone(),
+            jobs: jobs.clone(),
             cancels: cancels.clone(),
             images_file: cfg.images_config.clone(),
         };
@@ -509,9 +580,14 @@ impl Running {
             set: tokio::task::JoinSet::new(),
             names: HashMap::new(),
             ctx: ctx.clone(),
-            scheduler: scheduler.clone(),
+            jobs: jobs.clone(),
             stop: CancellationToken::new(),
         };
+        let stop_site = CancellationToken::new();
+        if let Jobs::Site(site) = &jobs {
+            tokio::spawn(site.clone().keep_leases(ctx.cancels.clone(), stop_site.clone()));
+            tokio::spawn(site.clone().listen(stop_site.clone()));
+        }
         for n in 1..=cfg.thread_count {
             workers.start(format!("Thread-{n}"));
         }
@@ -524,7 +600,14 @@ impl Running {
 
         let stop_server = CancellationToken::new();
         let server = match listener {
-            Some(l) => Some(start_server(settings, &ctx.journal, &metrics, l, stop_server.clone())?),
+            Some(l) => Some(start_server(
+                settings,
+                &ctx.journal,
+                &jobs,
+                &metrics,
+                l,
+                stop_server.clone(),
+            )?),
             None => None,
         };
 
@@ -548,9 +631,9 @@ impl Running {
             let global = settings.global.clone();
             let state_dir = cfg.state_dir.clone();
             let stop = stop_consuming.clone();
-            let scheduler = scheduler.clone();
+            let jobs = jobs.clone();
             let metrics = metrics.clone();
-            tokio::spawn(async move { crate::consumer::run(&global, &state_dir, scheduler, stop, metrics).await })
+            tokio::spawn(async move { crate::consumer::run(&global, &state_dir, jobs, stop, metrics).await })
         };
         let watchdog = watchdog_interval();
         if let Some(every) = watchdog {
@@ -564,7 +647,8 @@ impl Running {
             consumer: Some(consumer),
             stop_consuming,
             signals,
-            scheduler,
+            jobs,
+            stop_site,
             told: (0, 0),
             watchdog,
             server,
@@ -587,11 +671,11 @@ impl Running {
             tokio::select! {
                 _ = outdated_check.tick(), if self.outdated.is_some() => {
                     if let Some(w) = self.outdated.as_mut() {
-                        w.check();
+                        w.check().await;
                     }
                 }
-                _ = self.scheduler.changed.notified() => {
-                    let now = self.scheduler.counts();
+                _ = self.jobs.changed().notified() => {
+                    let now = self.jobs.counts();
                     if now != self.told {
                         self.told = now;
                         let line = format!("{} building, {} waiting", now.0, now.1);
@@ -689,6 +773,11 @@ impl Running {
             Ok(n) => tracing::warn!("{n} job(s) marked interrupted"),
             Err(e) => tracing::error!("{e}"),
         }
+        // Leases were renewed until the builds ended: now another daemon may run them.
+        if let Jobs::Site(site) = &self.jobs {
+            site.release(&format!("{} stopped", site.host)).await;
+        }
+        self.stop_site.cancel();
         if let Stop::Fatal(e) = stop {
             return Err(e);
         }
@@ -701,14 +790,20 @@ impl Running {
 fn start_server(
     settings: &Settings,
     journal: &Journal,
+    jobs: &Jobs,
     metrics: &Arc<crate::metrics::Metrics>,
     listener: std::net::TcpListener,
     stop: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, DaemonError> {
-    let reader = Arc::new(Journal::open_read_only(&settings.r2p.state_dir)?);
+    let reader = Arc::new(Journal::open_read_only(&journal_dir(&settings.r2p))?);
+    let (site, changes) = match jobs {
+        Jobs::Site(site) => (Some(site.clone()), site.subscribe()),
+        Jobs::Local(_) => (None, journal.subscribe()),
+    };
     let router = crate::status::router(
         reader,
-        journal.subscribe(),
+        site,
+        changes,
         metrics.clone(),
         &settings.r2p.log_dir,
         &settings.r2p.images_config,
@@ -728,13 +823,13 @@ fn start_server(
 
 /// One worker (`Thread-N`): takes ready jobs until the daemon stops. A job
 /// runs in a task of its own, so a panic fails that job alone.
-async fn worker(thread: String, ctx: Arc<Context>, scheduler: Arc<Scheduler>, stop: CancellationToken) {
+async fn worker(thread: String, ctx: Arc<Context>, jobs: Jobs, stop: CancellationToken) {
     loop {
         let job = tokio::select! {
             // A stopping daemon takes no new job, even one that is ready.
             biased;
             _ = stop.cancelled() => return,
-            j = scheduler.next() => j,
+            j = jobs.next(&thread, &ctx.journal) => j,
         };
         tracing::info!("{thread} processing {}", job.image_key);
         // Registered before the journal says running: a `cancel` that sees
@@ -814,6 +909,6 @@ async fn worker(thread: String, ctx: Arc<Context>, scheduler: Arc<Scheduler>, st
                 error.as_deref().unwrap_or("")
             ),
         }
-        scheduler.done(&job.image_key);
+        jobs.done(&job, state, error.as_deref(), &ctx.journal).await;
     }
 }

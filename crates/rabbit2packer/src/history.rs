@@ -9,7 +9,9 @@
 
 use std::fmt::Write as _;
 
-use crate::journal::{JobRecord, JobState, Journal, JournalError};
+use crate::journal::{ImageHealth, JobRecord, JobState, Journal, JournalError};
+use crate::outdated::Outdated;
+use crate::site_journal::{SiteJournal, SiteJournalError};
 
 /// Running, waiting and interrupted jobs as text (or JSON). Interrupted
 /// jobs are pending work: after a stop they are all the journal holds.
@@ -23,6 +25,35 @@ pub fn status(
     if json {
         return Ok(serde_json::to_string_pretty(&jobs).expect("records serialise") + "\n");
     }
+    let failing = journal.image_health()?;
+    let outdated = match source_images {
+        Some(sources) => crate::outdated::find(journal, sources)?,
+        None => Vec::new(),
+    };
+    Ok(status_text(&jobs, &failing, &outdated))
+}
+
+/// [`status`] of the whole site, from the site journal (STATE_DB): every
+/// daemon's jobs, each running one with the daemon (HOST_NAME) that runs it.
+pub async fn site_status(site: &SiteJournal, json: bool) -> Result<String, SiteJournalError> {
+    let jobs = site.active().await?;
+    if json {
+        return Ok(serde_json::to_string_pretty(&jobs).expect("records serialise") + "\n");
+    }
+    Ok(status_text(&jobs, &[], &[]))
+}
+
+/// [`history`] of the whole site, from the site journal (STATE_DB).
+pub async fn site_history(
+    site: &SiteJournal,
+    image: Option<&str>,
+    limit: usize,
+    json: bool,
+) -> Result<String, SiteJournalError> {
+    Ok(history_text(&site.history(image, limit).await?, json))
+}
+
+fn status_text(jobs: &[JobRecord], failing: &[ImageHealth], outdated: &[Outdated]) -> String {
     let mut out = String::new();
     let running: Vec<_> = jobs.iter().filter(|j| j.state == JobState::Running).collect();
     let waiting: Vec<_> = jobs.iter().filter(|j| j.state == JobState::Waiting).collect();
@@ -37,10 +68,11 @@ pub fn status(
             .find(|b| b.test.as_deref() == Some(crate::journal::TESTING));
         let _ = writeln!(
             out,
-            "  #{} {} since {} on {}{}{}",
+            "  #{} {} since {} on {}{}{}{}",
             j.id,
             esc(&j.image_key),
             esc(j.started_at.as_deref().unwrap_or("-")),
+            j.host.as_deref().map(|h| format!("{}/", esc(h))).unwrap_or_default(),
             esc(j.worker.as_deref().unwrap_or("-")),
             match (b, testing) {
                 (Some(b), _) => format!(", building {}", esc(&b.template)),
@@ -105,7 +137,6 @@ pub fn status(
     }
     // Images alerted about as failing: the alert went out once; the count
     // says how many failures followed it without another alert.
-    let failing = journal.image_health()?;
     if !failing.is_empty() {
         let _ = writeln!(out, "failing: {}", failing.len());
         for h in failing {
@@ -123,43 +154,43 @@ pub fn status(
             );
         }
     }
-    if let Some(sources) = source_images {
-        let outdated = crate::outdated::find(journal, sources)?;
-        if !outdated.is_empty() {
+    if !outdated.is_empty() {
+        let _ = writeln!(
+            out,
+            "outdated: {} (IMAGES_CONFIG names a new source image; `rabbit2packer rebuild --outdated` builds them)",
+            outdated.len()
+        );
+        for o in outdated {
             let _ = writeln!(
                 out,
-                "outdated: {} (IMAGES_CONFIG names a new source image; `rabbit2packer rebuild --outdated` builds them)",
-                outdated.len()
+                "  {} built from {} by job #{}, now {}",
+                esc(&o.image_key),
+                esc(&o.built_from),
+                o.job,
+                esc(&o.current)
             );
-            for o in outdated {
-                let _ = writeln!(
-                    out,
-                    "  {} built from {} by job #{}, now {}",
-                    esc(&o.image_key),
-                    esc(&o.built_from),
-                    o.job,
-                    esc(&o.current)
-                );
-            }
         }
     }
-    Ok(out)
+    out
 }
 
 /// The last `limit` finished jobs (of `image`), newest first, as text or JSON.
 pub fn history(journal: &Journal, image: Option<&str>, limit: usize, json: bool) -> Result<String, JournalError> {
-    let jobs = journal.history(image, limit)?;
+    Ok(history_text(&journal.history(image, limit)?, json))
+}
+
+fn history_text(jobs: &[JobRecord], json: bool) -> String {
     if json {
-        return Ok(serde_json::to_string_pretty(&jobs).expect("records serialise") + "\n");
+        return serde_json::to_string_pretty(&jobs).expect("records serialise") + "\n";
     }
     let mut out = String::new();
     if jobs.is_empty() {
         out.push_str("no finished builds\n");
     }
-    for j in &jobs {
+    for j in jobs {
         write_job(&mut out, j);
     }
-    Ok(out)
+    out
 }
 
 fn write_job(out: &mut String, j: &JobRecord) {
@@ -176,6 +207,9 @@ fn write_job(out: &mut String, j: &JobRecord) {
     }
     if let Some(m) = &j.message_id {
         let _ = write!(out, " message {}", esc(m));
+    }
+    if let Some(h) = &j.host {
+        let _ = write!(out, " on {}", esc(h));
     }
     if let Some(s) = j.superseded_by {
         let _ = write!(out, " superseded by #{s}");

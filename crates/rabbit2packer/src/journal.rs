@@ -206,6 +206,10 @@ pub struct JobRecord {
     /// SQLite journal of one host leaves it out).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub host: Option<String>,
+    /// The status page of that host's daemon (its STATUS_URL), where a
+    /// running job's live log is (the site journal only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_url: Option<String>,
 }
 
 /// Which jobs `Journal::jobs` returns (newest first).
@@ -701,6 +705,37 @@ impl Journal {
             // Committed, but to the file at STATE_DIR? Only then may it be acked.
             self.check_on_disk()?;
             Ok(inserted)
+        })
+    }
+
+    /// Takes in a job claimed from the site journal under its site id (a
+    /// daemon on STATE_DB runs jobs through its own journal in
+    /// STATE_DIR/site, see [`crate::site`]): it waits here, ready for
+    /// `set_running`. A job this daemon ran before (taken over, released)
+    /// waits again, its earlier builds kept.
+    pub(crate) fn mirror(
+        &self,
+        id: i64,
+        image_key: &str,
+        message_id: Option<&str>,
+        profile: Option<&str>,
+        body: &[u8],
+    ) -> Result<()> {
+        let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(body));
+        self.write(|conn| {
+            let tx = conn.transaction()?;
+            tx.execute(
+                "INSERT INTO jobs (id, message_id, body_sha256, profile, image_key, body, state, received_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, X'', 'waiting', ?6)
+                 ON CONFLICT (id) DO UPDATE SET state = 'waiting', finished_at = NULL, error = NULL,
+                     superseded_by = NULL",
+                params![id, message_id, sha, profile, image_key, now()],
+            )?;
+            tx.execute(
+                "INSERT OR REPLACE INTO bodies (job_id, body) VALUES (?1, ?2)",
+                params![id, body],
+            )?;
+            tx.commit()
         })
     }
 
@@ -1406,6 +1441,7 @@ fn query_jobs(c: &Connection, clause: &str, args: &[&dyn rusqlite::ToSql]) -> ru
                 error: r.get(11)?,
                 builds: Vec::new(),
                 host: None,
+                host_url: None,
             })
         })?
         .collect::<rusqlite::Result<_>>()?;

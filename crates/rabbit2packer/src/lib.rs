@@ -49,6 +49,7 @@ pub(crate) mod render;
 pub mod rollback;
 pub mod runner;
 pub(crate) mod scheduler;
+pub(crate) mod site;
 pub mod site_journal;
 pub mod status;
 

@@ -31,6 +31,19 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Some(Command::Status { json, state_dir }) if state_dir.is_none() && site_config(&config).is_some() => {
+            site_report(&config, async |site| {
+                rabbit2packer::history::site_status(site, json).await
+            })
+        }
+        Some(Command::History {
+            image,
+            json,
+            limit,
+            state_dir: None,
+        }) if site_config(&config).is_some() => site_report(&config, async |site| {
+            rabbit2packer::history::site_history(site, image.as_deref(), limit, json).await
+        }),
         Some(Command::Status { json, state_dir }) => {
             // Outdated images need IMAGES_CONFIG: without a readable config they are not listed.
             let sources = rabbit2packer::daemon::load_settings(&config)
@@ -192,6 +205,45 @@ fn control(config: &std::path::Path, state_dir: Option<PathBuf>, req: Request) -
         Err(e) => {
             eprintln!("rabbit2packer: {e}");
             ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}
+
+/// `[rabbit2packer] STATE_DB` and its keys, when config.ini names a site journal.
+fn site_config(config: &std::path::Path) -> Option<packuilon_common::config::SiteConfig> {
+    rabbit2packer::daemon::load_settings(config).ok()?.r2p.site
+}
+
+/// Prints what `f` reads from the site journal (STATE_DB): the whole site.
+fn site_report(
+    config: &std::path::Path,
+    f: impl AsyncFnOnce(
+        &rabbit2packer::site_journal::SiteJournal,
+    ) -> Result<String, rabbit2packer::site_journal::SiteJournalError>,
+) -> ExitCode {
+    let Some(site) = site_config(config) else {
+        return ExitCode::from(2);
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("rabbit2packer: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let out = rt.block_on(async {
+        let journal =
+            rabbit2packer::site_journal::SiteJournal::connect(&site.url, site.password_file.as_deref()).await?;
+        f(&journal).await
+    });
+    match out {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("rabbit2packer: {e}");
+            ExitCode::from(if e.is_config() { 2 } else { 1 })
         }
     }
 }

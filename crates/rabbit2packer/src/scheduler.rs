@@ -13,7 +13,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
-use crate::journal::{Inserted, JobRef, Journal, JournalError, NewJob};
+use crate::journal::{Inserted, JobRef, JobState, Journal, JournalError, NewJob};
+use crate::site::Site;
 
 #[derive(Debug, Default)]
 struct Slot {
@@ -184,6 +185,68 @@ impl Scheduler {
         if remove {
             // Thousands of images come and go: keep only the busy ones.
             state.slots.remove(image_key);
+        }
+    }
+}
+
+/// Where deliveries are journaled and workers take their jobs: this
+/// host's [`Scheduler`] on its SQLite journal, or the site journal shared
+/// by several daemons ([`Site`], `[rabbit2packer] STATE_DB`).
+#[derive(Debug, Clone)]
+pub(crate) enum Jobs {
+    Local(Arc<Scheduler>),
+    Site(Arc<Site>),
+}
+
+/// Why a delivery (or a control request) was not journaled.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum NotJournaled {
+    #[error("{0}")]
+    Local(#[from] JournalError),
+    #[error("{0}")]
+    Site(#[from] crate::site_journal::SiteJournalError),
+}
+
+impl Jobs {
+    /// Journals a request (see [`Scheduler::accept`], [`Site::accept`]);
+    /// once this returns Ok the job is committed and the delivery may be acked.
+    pub(crate) async fn accept(&self, job: NewJob, redelivered: bool) -> Result<Accepted, NotJournaled> {
+        match self {
+            Jobs::Local(s) => Ok(s.accept(job, redelivered)?),
+            Jobs::Site(s) => Ok(s.accept(job, redelivered).await?),
+        }
+    }
+
+    /// The next job for `worker`, running (in memory) from now on.
+    pub(crate) async fn next(&self, worker: &str, work: &Journal) -> JobRef {
+        match self {
+            Jobs::Local(s) => s.next().await,
+            Jobs::Site(s) => s.next(worker, work).await,
+        }
+    }
+
+    /// Job `job` ended as `state` (already in `work`, this daemon's journal).
+    pub(crate) async fn done(&self, job: &JobRef, state: JobState, error: Option<&str>, work: &Journal) {
+        match self {
+            Jobs::Local(s) => s.done(&job.image_key),
+            Jobs::Site(s) => s.done(job, state, error, work).await,
+        }
+    }
+
+    /// Woken when a job is accepted, started, done or cancelled.
+    pub(crate) fn changed(&self) -> &tokio::sync::Notify {
+        match self {
+            Jobs::Local(s) => &s.changed,
+            Jobs::Site(s) => &s.changed,
+        }
+    }
+
+    /// Jobs running and waiting here, for systemd's STATUS= line (on the
+    /// site journal: running here; waiting is the site's).
+    pub(crate) fn counts(&self) -> (usize, usize) {
+        match self {
+            Jobs::Local(s) => s.counts(),
+            Jobs::Site(s) => (s.running_count(), 0),
         }
     }
 }

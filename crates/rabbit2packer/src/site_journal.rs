@@ -169,6 +169,18 @@ CREATE TABLE imports (
 );
 "#,
     ),
+    (
+        3,
+        r#"
+-- (6) each daemon and the address of its status page (STATUS_URL), where a
+-- running job's live log is read
+CREATE TABLE daemons (
+    host TEXT PRIMARY KEY,
+    status_url TEXT,
+    started_at TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+"#,
+    ),
 ];
 
 /// The newest schema version this rabbit2packer knows.
@@ -1009,6 +1021,21 @@ impl SiteJournal {
         .await
     }
 
+    /// The newest job of `image_key` whose body is kept: (id, profile,
+    /// body), for `rabbit2packer rebuild`.
+    pub async fn last_body(&self, image_key: &str) -> Result<Option<(i64, Option<String>, Vec<u8>)>> {
+        self.with(async |c| {
+            Ok(c.query_opt(
+                "SELECT j.id, j.profile, b.body FROM jobs j JOIN bodies b ON b.job_id = j.id
+                 WHERE j.image_key = $1 AND length(b.body) > 0 ORDER BY j.id DESC LIMIT 1",
+                &[&image_key],
+            )
+            .await?
+            .map(|r| (r.get(0), r.get(1), r.get(2))))
+        })
+        .await
+    }
+
     /// Cancels a waiting job (`rabbit2packer cancel`): false if it is not waiting.
     pub async fn cancel_waiting(&self, id: i64, why: &str) -> Result<bool> {
         self.with(async |c| {
@@ -1087,6 +1114,76 @@ impl SiteJournal {
         .await
     }
 
+    /// Records, at the end of `host`'s attempt `attempt` at job `id`, the
+    /// template builds it ran (as its own journal recorded them, times
+    /// included) with their logs, gzip-compressed (6). Refused
+    /// ([`SiteJournalError::NotYours`]) when the attempt was taken over (4).
+    pub async fn record_builds(
+        &self,
+        host: &str,
+        id: i64,
+        attempt: i32,
+        builds: &[(BuildRecord, Option<Vec<u8>>)],
+    ) -> Result<()> {
+        let rows: Vec<_> = builds
+            .iter()
+            .map(|(b, log)| {
+                let images =
+                    (!b.images.is_empty()).then(|| serde_json::to_string(&b.images).expect("images serialise"));
+                let exit_code = b.exit_code.map(|c| c as i32);
+                let test_exit_code = b.test_exit_code.map(|c| c as i32);
+                let size = log.as_ref().map(|l| l.len() as i64);
+                (b, images, exit_code, test_exit_code, log.as_deref().map(gzip), size)
+            })
+            .collect();
+        let r = self
+            .with(async |c| {
+                let tx = c.transaction().await?;
+                let owned = tx
+                    .query_opt(
+                        "SELECT 1 FROM jobs WHERE id = $1 AND host = $2 AND attempts = $3 AND state = 'running' FOR UPDATE",
+                        &[&id, &host, &attempt],
+                    )
+                    .await?;
+                if owned.is_none() {
+                    return Err(not_yours(&tx, id).await);
+                }
+                for (b, images, exit_code, test_exit_code, gz, size) in &rows {
+                    tx.execute(
+                        "INSERT INTO builds (job_id, host, attempt, template, started_at, finished_at, exit_code,
+                             log_path, artifact_id, rotation, error, images, source_image, test, test_exit_code,
+                             log_gz, log_size)
+                         VALUES ($1, $2, $3, $4, COALESCE($5::text::timestamptz, now()), $6::text::timestamptz, $7,
+                             $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
+                        &[
+                            &id,
+                            &host,
+                            &attempt,
+                            &b.template,
+                            &b.started_at,
+                            &b.finished_at,
+                            exit_code,
+                            &b.log_path,
+                            &b.artifact_id,
+                            &b.rotation,
+                            &b.error,
+                            images,
+                            &b.source_image,
+                            &b.test,
+                            test_exit_code,
+                            gz,
+                            size,
+                        ],
+                    )
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            })
+            .await;
+        Self::owner(r, host, attempt)
+    }
+
     /// The rotation result of a build.
     pub async fn set_rotation(&self, build_id: i64, rotation: &str) -> Result<()> {
         self.with(async |c| {
@@ -1129,6 +1226,53 @@ impl SiteJournal {
                 })?;
                 Ok(Some(out))
             }
+        }
+    }
+
+    /// Says that daemon `host` runs, with its status page's address
+    /// (STATUS_URL; None without a status server) (6).
+    pub async fn register(&self, host: &str, status_url: Option<&str>) -> Result<()> {
+        self.with(async |c| {
+            c.execute(
+                "INSERT INTO daemons (host, status_url) VALUES ($1, $2)
+                 ON CONFLICT (host) DO UPDATE SET status_url = $2, started_at = now()",
+                &[&host, &status_url],
+            )
+            .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Jobs as `filter` says, newest first (the status API).
+    pub async fn jobs(&self, filter: &crate::journal::JobFilter) -> Result<Vec<JobRecord>> {
+        use crate::journal::StateFilter;
+        let before = filter.before.unwrap_or(i64::MAX);
+        let limit = filter.limit as i64;
+        let state = match filter.state {
+            Some(StateFilter::Is(st)) => Some(st.as_str()),
+            _ => None,
+        };
+        let finished = matches!(filter.state, Some(StateFilter::Finished));
+        self.jobs_where(
+            "id < $1 AND ($2::text IS NULL OR image_key = $2) AND ($3::text IS NULL OR state = $3)
+             AND (NOT $4 OR state NOT IN ('running', 'waiting')) ORDER BY id DESC LIMIT $5",
+            &[&before, &filter.image, &state, &finished, &limit],
+        )
+        .await
+    }
+
+    /// The recorded log of job `id`'s build number `index` (0 is the first;
+    /// None: the last), decompressed; None if it is not recorded (yet).
+    pub async fn build_log_at(&self, id: i64, index: Option<usize>) -> Result<Option<Vec<u8>>> {
+        let ids = self.build_ids(id).await?;
+        let build = match index {
+            Some(i) => ids.get(i),
+            None => ids.last(),
+        };
+        match build {
+            Some((build_id, _)) => self.build_log(*build_id).await,
+            None => Ok(None),
         }
     }
 
@@ -1459,7 +1603,8 @@ async fn query_jobs<C: GenericClient>(
 ) -> std::result::Result<Vec<JobRecord>, tokio_postgres::Error> {
     let sql = format!(
         "SELECT id, image_key, profile, message_id, state, packuilon_ts(received_at), packuilon_ts(started_at),
-                packuilon_ts(finished_at), superseded_by, attempts, worker, error, host
+                packuilon_ts(finished_at), superseded_by, attempts, worker, error, host,
+                (SELECT status_url FROM daemons d WHERE d.host = jobs.host)
          FROM jobs WHERE {clause}"
     );
     let mut jobs: Vec<JobRecord> = c
@@ -1482,6 +1627,7 @@ async fn query_jobs<C: GenericClient>(
             error: r.get(11),
             builds: Vec::new(),
             host: r.get(12),
+            host_url: r.get(13),
         })
         .collect();
     if jobs.is_empty() {

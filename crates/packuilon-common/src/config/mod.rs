@@ -347,7 +347,29 @@ pub struct Rabbit2PackerConfig {
     /// REBUILD_OUTDATED: when IMAGES_CONFIG changes, rebuild the images
     /// built from a source image that is no longer the current one.
     pub rebuild_outdated: bool,
+    /// STATE_DB, STATE_DB_PASSWORD_FILE, JOB_LEASE, HOST_NAME: the shared
+    /// site journal of several daemons; `None`: this host's SQLite journal.
+    pub site: Option<SiteConfig>,
 }
+
+/// The site journal (`[rabbit2packer] STATE_DB` and its keys): the job
+/// journal in PostgreSQL, shared by every daemon that names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SiteConfig {
+    /// STATE_DB: `postgresql://user@host:port/db?sslmode=...`.
+    pub url: String,
+    /// STATE_DB_PASSWORD_FILE: the password, when the URL has none.
+    pub password_file: Option<PathBuf>,
+    /// JOB_LEASE, default 60 s: a running job is this daemon's while it
+    /// renews the lease (every third of it); then another daemon takes it over.
+    pub job_lease: Duration,
+    /// HOST_NAME, default the machine's host name: this daemon's name in
+    /// the site journal (unique per daemon).
+    pub host_name: Option<String>,
+}
+
+/// Default of JOB_LEASE.
+pub const DEFAULT_JOB_LEASE: Duration = Duration::from_secs(60);
 
 /// The test gate (`[rabbit2packer] TEST_*`, STAGED_NAME): after a build and
 /// before the rotation, the new image waits under STAGED_NAME while
@@ -642,6 +664,7 @@ impl IniFile {
         let rebuild_outdated = s
             .parse_optional("REBUILD_OUTDATED", "true or false", parse_bool)?
             .unwrap_or(false);
+        let site = site_from(&s)?;
         warnings.extend(s.unknown_keys(
             &[
                 "THREAD_COUNT",
@@ -666,6 +689,10 @@ impl IniFile {
                 "TEST_TIMEOUT",
                 "STAGED_NAME",
                 "REBUILD_OUTDATED",
+                "STATE_DB",
+                "STATE_DB_PASSWORD_FILE",
+                "JOB_LEASE",
+                "HOST_NAME",
             ],
             |_| false,
         ));
@@ -685,6 +712,7 @@ impl IniFile {
             status,
             gate,
             rebuild_outdated,
+            site,
         })
     }
 
@@ -809,6 +837,35 @@ fn rotation_from(s: &Section<'_>) -> Result<RotationConfig> {
         keep_archives,
         broken_name,
     })
+}
+
+fn site_from(s: &Section<'_>) -> Result<Option<SiteConfig>> {
+    let password_file = s.optional_path("STATE_DB_PASSWORD_FILE");
+    let job_lease = s.positive_duration_optional("JOB_LEASE")?;
+    let host_name = s.optional("HOST_NAME");
+    if let Some(h) = &host_name {
+        if h.len() > 255 || h.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(s.err("HOST_NAME", "must be one word of at most 255 characters"));
+        }
+    }
+    let Some(url) = s.optional("STATE_DB") else {
+        return Ok(None);
+    };
+    if !(url.starts_with("postgresql://") || url.starts_with("postgres://")) {
+        return Err(s.err(
+            "STATE_DB",
+            "must be a postgresql:// URL (unset: the SQLite journal in STATE_DIR)",
+        ));
+    }
+    if let Some(p) = &password_file {
+        s.must_exist("STATE_DB_PASSWORD_FILE", p)?;
+    }
+    Ok(Some(SiteConfig {
+        url,
+        password_file,
+        job_lease: job_lease.unwrap_or(DEFAULT_JOB_LEASE),
+        host_name,
+    }))
 }
 
 fn gate_from(s: &Section<'_>) -> Result<GateConfig> {
@@ -1159,6 +1216,43 @@ CACHE_DIR = /etc/packer-utils/profiles/
         let f = load(&format!("{GOOD}DOWNLOAD_CONCURRENCY = 0\n"));
         let e = f.cdb2rabbit(&mut Vec::new()).unwrap_err();
         assert!(e.to_string().contains("[cdb2rabbit] DOWNLOAD_CONCURRENCY"), "{e}");
+    }
+
+    #[test]
+    fn site_journal_keys_have_defaults_and_bad_values_are_named() {
+        let section = |lines: &str| load(&format!("{GOOD}\n[rabbit2packer]\n{lines}\n"));
+        assert_eq!(
+            site_from(&section("JOB_LEASE = 5s").section("rabbit2packer")).unwrap(),
+            None
+        );
+        let f = section("STATE_DB = postgresql://packuilon@db.example.org/packuilon?sslmode=require");
+        let site = site_from(&f.section("rabbit2packer")).unwrap().unwrap();
+        assert_eq!(
+            site.url,
+            "postgresql://packuilon@db.example.org/packuilon?sslmode=require"
+        );
+        assert_eq!(site.job_lease, DEFAULT_JOB_LEASE);
+        assert_eq!((site.password_file, site.host_name), (None, None));
+        let f = section("STATE_DB = postgres://db/p\nJOB_LEASE = 2m\nHOST_NAME = factory-2");
+        let site = site_from(&f.section("rabbit2packer")).unwrap().unwrap();
+        assert_eq!(site.job_lease, Duration::from_secs(120));
+        assert_eq!(site.host_name.as_deref(), Some("factory-2"));
+        for (lines, key) in [
+            ("STATE_DB = /var/lib/packuilon/journal.db", "STATE_DB"),
+            ("STATE_DB = postgres://db/p\nJOB_LEASE = 0", "JOB_LEASE"),
+            ("STATE_DB = postgres://db/p\nJOB_LEASE = soon", "JOB_LEASE"),
+            ("STATE_DB = postgres://db/p\nHOST_NAME = two words", "HOST_NAME"),
+            (
+                "STATE_DB = postgres://db/p\nSTATE_DB_PASSWORD_FILE = /nonexistent/pw",
+                "STATE_DB_PASSWORD_FILE",
+            ),
+        ] {
+            let e = site_from(&section(lines).section("rabbit2packer")).unwrap_err();
+            assert!(
+                e.to_string().contains(&format!("[rabbit2packer] {key}: ")),
+                "{lines}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -27,8 +27,9 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::journal::{JobFilter, Journal, StateFilter};
+use crate::journal::{JobFilter, JobRecord, JobState, Journal, StateFilter};
 use crate::metrics::Metrics;
+use crate::site::Site;
 
 /// The most jobs one `/api/jobs` answer holds.
 pub const MAX_LIMIT: usize = 500;
@@ -44,8 +45,11 @@ const JOB_PAGE: &str = include_str!("job.html");
 
 /// What every handler shares.
 struct Shared {
-    /// The server's own read-only connection to the journal.
+    /// The server's own read-only connection to the journal (on the site
+    /// journal, this daemon's own: the live builds of the jobs it runs).
     journal: Arc<Journal>,
+    /// The site journal (STATE_DB): the pages and the API show the whole site.
+    site: Option<Arc<Site>>,
     /// Bumped by the daemon's writes to the journal.
     changes: tokio::sync::watch::Receiver<u64>,
     metrics: Arc<Metrics>,
@@ -61,9 +65,11 @@ pub fn public_url(status: &packuilon_common::config::StatusConfig, bound: std::n
     status.public_url(bound.port())
 }
 
-/// The server's routes over a journal opened read-only.
-pub fn router(
+/// The server's routes over a journal opened read-only (and the site
+/// journal, when the daemon is on one).
+pub(crate) fn router(
     journal: Arc<Journal>,
+    site: Option<Arc<Site>>,
     changes: tokio::sync::watch::Receiver<u64>,
     metrics: Arc<Metrics>,
     log_dir: &Path,
@@ -71,6 +77,7 @@ pub fn router(
 ) -> Router {
     let shared = Arc::new(Shared {
         journal,
+        site,
         changes,
         metrics,
         log_dir: std::fs::canonicalize(log_dir).unwrap_or_else(|_| log_dir.to_path_buf()),
@@ -158,6 +165,33 @@ async fn read<T: Send + 'static>(
     }
 }
 
+/// Runs a read of the site journal.
+async fn site_read<T>(
+    f: impl std::future::Future<Output = Result<T, crate::site_journal::SiteJournalError>>,
+) -> Result<T, Response> {
+    f.await
+        .map_err(|e| problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
+}
+
+/// Job `id`: from the site journal when there is one (with the live builds
+/// of a job this daemon runs), else from this host's.
+async fn find_job(shared: &Arc<Shared>, id: i64) -> Result<Option<JobRecord>, Response> {
+    let Some(site) = &shared.site else {
+        return read(shared, move |j| j.job(id)).await;
+    };
+    let mut job = site_read(site.journal.job(id)).await?;
+    if let Some(j) = job
+        .as_mut()
+        .filter(|j| j.state == JobState::Running && j.host.as_deref() == Some(&site.host))
+    {
+        // The site journal has its builds once it ends; until then they are here.
+        if let Some(local) = read(shared, move |l| l.job(id)).await? {
+            j.builds = local.builds;
+        }
+    }
+    Ok(job)
+}
+
 fn now() -> String {
     crate::journal::now()
 }
@@ -167,7 +201,7 @@ async fn job_page(State(shared): State<Arc<Shared>>, UrlPath(raw): UrlPath<Strin
         Ok(id) => id,
         Err(p) => return p.into_response(),
     };
-    match read(&shared, move |j| j.job(id)).await {
+    match find_job(&shared, id).await {
         Ok(Some(_)) => html(JOB_PAGE),
         Ok(None) => problem(StatusCode::NOT_FOUND, "no such job"),
         Err(r) => r,
@@ -191,7 +225,11 @@ async fn images(State(shared): State<Arc<Shared>>) -> Response {
         }
         Ok(images)
     };
-    match read(&shared, summaries).await {
+    let found = match &shared.site {
+        Some(site) => site_read(site.journal.images()).await,
+        None => read(&shared, summaries).await,
+    };
+    match found {
         Ok(images) => Json(serde_json::json!({ "now": now(), "images": images })).into_response(),
         Err(r) => r,
     }
@@ -257,7 +295,11 @@ async fn jobs(
         Ok(f) => f,
         Err(why) => return problem(StatusCode::BAD_REQUEST, why),
     };
-    match read(&shared, move |j| j.jobs(&filter)).await {
+    let found = match &shared.site {
+        Some(site) => site_read(site.journal.jobs(&filter)).await,
+        None => read(&shared, move |j| j.jobs(&filter)).await,
+    };
+    match found {
         Ok(jobs) => Json(serde_json::json!({ "now": now(), "jobs": jobs })).into_response(),
         Err(r) => r,
     }
@@ -268,7 +310,7 @@ async fn job(State(shared): State<Arc<Shared>>, UrlPath(raw): UrlPath<String>) -
         Ok(id) => id,
         Err(p) => return p.into_response(),
     };
-    match read(&shared, move |j| j.job(id)).await {
+    match find_job(&shared, id).await {
         Ok(Some(job)) => Json(serde_json::json!({ "now": now(), "job": job })).into_response(),
         Ok(None) => problem(StatusCode::NOT_FOUND, "no such job"),
         Err(r) => r,
@@ -309,11 +351,33 @@ async fn job_log(
         (Ok(b), Ok(o)) => (b, o.unwrap_or(0)),
         (Err(p), _) | (_, Err(p)) => return p.into_response(),
     };
-    let job = match read(&shared, move |j| j.job(id)).await {
+    let job = match find_job(&shared, id).await {
         Ok(Some(job)) => job,
         Ok(None) => return problem(StatusCode::NOT_FOUND, "no such job"),
         Err(r) => return r,
     };
+    if let Some(site) = &shared.site {
+        // A finished build's log is kept in the site journal, whoever ran it.
+        match site_read(site.journal.build_log_at(id, build.map(|b| b as usize))).await {
+            Ok(Some(text)) => return log_chunk(&text, offset),
+            Ok(None) => {}
+            Err(r) => return r,
+        }
+        if job.host.as_deref() != Some(&site.host) {
+            let on = job.host.as_deref().unwrap_or("another daemon");
+            let url = job
+                .host_url
+                .as_deref()
+                .map(|u| format!(": {}/jobs/{id}", u.trim_end_matches('/')));
+            return problem(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no build log for this job here: it runs on {on}{}",
+                    url.unwrap_or_default()
+                ),
+            );
+        }
+    }
     let record = match build {
         Some(n) => job.builds.get(n as usize),
         None => job.builds.last(),
@@ -324,25 +388,44 @@ async fn job_log(
     let log_dir = shared.log_dir.clone();
     let chunk = tokio::task::spawn_blocking(move || read_log(&log_dir, Path::new(&log), offset)).await;
     match chunk {
-        Ok(Ok((text, next, size))) => (
-            [
-                (
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("text/plain; charset=utf-8"),
-                ),
-                (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
-                (
-                    header::HeaderName::from_static("x-log-next-offset"),
-                    HeaderValue::from(next),
-                ),
-                (header::HeaderName::from_static("x-log-size"), HeaderValue::from(size)),
-            ],
-            text,
-        )
-            .into_response(),
+        Ok(Ok((text, next, size))) => log_response(text, next, size),
         Ok(Err(status)) => problem(status, "build log not found in LOG_DIR"),
         Err(e) => problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+/// A log kept in the site journal, from `offset` (as `read_log` cuts a file).
+fn log_chunk(text: &[u8], offset: u64) -> Response {
+    let size = text.len() as u64;
+    let start = offset.min(size) as usize;
+    let end = (start + MAX_LOG_CHUNK as usize).min(text.len());
+    let mut len = end - start;
+    if end < text.len() {
+        if let Some(nl) = text[start..end].iter().rposition(|b| *b == b'\n') {
+            len = nl + 1;
+        }
+    }
+    log_response(text[start..start + len].to_vec(), (start + len) as u64, size)
+}
+
+/// A piece of a build log, with the offset to ask for next and the log's size.
+fn log_response(text: Vec<u8>, next: u64, size: u64) -> Response {
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+            (
+                header::HeaderName::from_static("x-log-next-offset"),
+                HeaderValue::from(next),
+            ),
+            (header::HeaderName::from_static("x-log-size"), HeaderValue::from(size)),
+        ],
+        text,
+    )
+        .into_response()
 }
 
 /// Up to [`MAX_LOG_CHUNK`] bytes of a build log from `offset`, if the file
@@ -411,8 +494,16 @@ async fn changes_handler(
     Json(serde_json::json!({ "generation": generation })).into_response()
 }
 
+/// Running and waiting jobs: the site's on the site journal.
+async fn counts(shared: &Arc<Shared>) -> Result<(i64, i64), Response> {
+    match &shared.site {
+        Some(site) => site_read(site.journal.counts()).await,
+        None => read(shared, |j| j.counts()).await,
+    }
+}
+
 async fn metrics_handler(State(shared): State<Arc<Shared>>) -> Response {
-    let (running, waiting) = match read(&shared, |j| j.counts()).await {
+    let (running, waiting) = match counts(&shared).await {
         Ok(c) => c,
         Err(r) => return r,
     };
@@ -428,8 +519,7 @@ async fn metrics_handler(State(shared): State<Arc<Shared>>) -> Response {
 
 async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     let unavailable = |why: String| (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")).into_response();
-    if let Err(r) = read(&shared, |j| j.counts()).await {
-        let _ = r;
+    if counts(&shared).await.is_err() {
         return unavailable("the job journal cannot be read".into());
     }
     if !shared.metrics.broker_connected() {

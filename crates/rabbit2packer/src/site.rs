@@ -1,0 +1,463 @@
+//! The daemon on the site journal (`[rabbit2packer] STATE_DB`, issue #13):
+//! several daemons share one job journal in PostgreSQL
+//! ([`crate::site_journal`]), and the database decides who builds what.
+//!
+//! - The consumer journals each delivery in the site journal (site-wide
+//!   dedupe and coalescing) before acking it; with the database away it
+//!   pauses (messages stay in RabbitMQ).
+//! - A worker claims the oldest waiting job of an image nobody builds, under
+//!   this daemon's lease, and runs it as a single host does: through this
+//!   daemon's own journal in `STATE_DIR/site` (under the site's job id),
+//!   which holds what only this host knows (packer's process groups, the
+//!   build logs' paths, the gate's state). At the end the job's builds, with
+//!   their logs gzip-compressed, and its outcome go to the site journal,
+//!   only if the job is still this daemon's attempt.
+//! - Every third of JOB_LEASE the leases of this daemon's running jobs are
+//!   renewed; a job missing from the renewal was taken over by another
+//!   daemon and its build here is stopped. Then jobs of other daemons whose
+//!   lease ran out are taken over (they wait again, or are superseded by
+//!   their image's waiting job), but only once this daemon has reached the
+//!   database for a whole lease: after an outage the owners renew first.
+//! - Free workers sleep until the database NOTIFYs a change (a new job, a
+//!   finished one, a takeover): no polling.
+//! - At start, what this daemon ran in its previous life and nobody took
+//!   over is given back (it waits again); at stop, its running jobs too.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use packuilon_common::config::SiteConfig;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::control::Cancels;
+use crate::journal::{JobRef, JobState, Journal};
+use crate::site_journal::{Claim, Finished, Request, SiteJournal, SiteJournalError};
+
+/// Pauses between attempts to reach the database: doubling up to this.
+const MAX_PAUSE: Duration = Duration::from_secs(30);
+const FIRST_PAUSE: Duration = Duration::from_millis(500);
+
+/// The journal in STATE_DIR/site: where a daemon on the site journal runs
+/// its claimed jobs (see the module's text).
+pub(crate) const WORK_DIR: &str = "site";
+
+/// A job this daemon runs.
+#[derive(Debug)]
+struct Mine {
+    attempt: i32,
+    /// When it was claimed: a renewal asked before knows nothing of it.
+    claimed: Instant,
+    /// Builds of the job in this daemon's journal before this attempt.
+    builds_before: usize,
+    /// The renewal did not find it: another daemon took it over.
+    taken_over: bool,
+}
+
+/// This daemon's part of the site.
+#[derive(Debug)]
+pub(crate) struct Site {
+    pub(crate) journal: Arc<SiteJournal>,
+    /// HOST_NAME: this daemon's name in the site journal.
+    pub(crate) host: String,
+    pub(crate) lease: Duration,
+    /// Woken when the database says something changed (or it is back).
+    wake: Notify,
+    running: Mutex<HashMap<i64, Mine>>,
+    /// Since when the database answers (None: it does not).
+    reachable_since: Mutex<Option<Instant>>,
+    /// Woken when a job starts or ends here (systemd's STATUS=).
+    pub(crate) changed: Notify,
+    /// Bumped at each NOTIFY of the site journal: the status page's
+    /// `/api/changes` waits on it (any daemon's change).
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Site {
+    /// Connects (and migrates), trying again with a pause while the
+    /// database is unreachable; a configuration error is returned at once.
+    pub(crate) async fn connect(cfg: &SiteConfig) -> Result<Site, SiteJournalError> {
+        let host = cfg.host_name.clone().unwrap_or_else(crate::site_journal::host_name);
+        let mut pause = FIRST_PAUSE;
+        let journal = loop {
+            match SiteJournal::connect(&cfg.url, cfg.password_file.as_deref()).await {
+                Ok(j) => break j,
+                Err(e) if e.is_transient() => {
+                    tracing::warn!("{e}; trying again in {pause:?}");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(MAX_PAUSE);
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        tracing::info!(
+            "Site journal {} (schema version {}): this daemon is {host}, job lease {:?}",
+            journal.target(),
+            crate::site_journal::SCHEMA_VERSION,
+            cfg.job_lease
+        );
+        Ok(Site {
+            journal: Arc::new(journal),
+            host,
+            lease: cfg.job_lease,
+            wake: Notify::new(),
+            running: Mutex::new(HashMap::new()),
+            reachable_since: Mutex::new(Some(Instant::now())),
+            changed: Notify::new(),
+            changes: tokio::sync::watch::Sender::new(0),
+        })
+    }
+
+    /// Says a site-wide change (see `changes`).
+    fn bump(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver of the site's changes (the status server's long poll).
+    pub(crate) fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Jobs running here.
+    pub(crate) fn running_count(&self) -> usize {
+        self.running().len()
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Mine>> {
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Says (once per change) whether the database answers: in the log and
+    /// in systemd's STATUS= line.
+    fn reached(&self, result: Result<(), &SiteJournalError>) {
+        let mut since = self.reachable_since.lock().unwrap_or_else(|p| p.into_inner());
+        match (result, since.is_some()) {
+            (Ok(()), false) => {
+                *since = Some(Instant::now());
+                tracing::info!(
+                    "site journal {} reachable again: consuming and claiming jobs",
+                    self.journal.target()
+                );
+                crate::daemon::notify_status("site journal reachable again");
+            }
+            (Err(e), true) if e.is_transient() => {
+                *since = None;
+                tracing::warn!(
+                    "{e}; consuming paused (messages stay in RabbitMQ), running builds go on; reconnecting with backoff"
+                );
+                crate::daemon::notify_status("site journal unreachable: consuming paused, running builds go on");
+            }
+            _ => {}
+        }
+    }
+
+    /// Returns once the database answers, asking with growing pauses.
+    pub(crate) async fn wait_reachable(&self) {
+        let mut pause = FIRST_PAUSE;
+        loop {
+            let r = self.journal.job(0).await.map(drop);
+            self.reached(r.as_ref().map(|_| ()));
+            if r.is_ok() {
+                return;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(MAX_PAUSE);
+        }
+    }
+
+    /// Has the database answered for at least a whole lease?
+    fn settled(&self) -> bool {
+        let since = self.reachable_since.lock().unwrap_or_else(|p| p.into_inner());
+        since.is_some_and(|t| t.elapsed() >= self.lease)
+    }
+
+    /// Journals a delivery in the site journal; Ok means: ack it.
+    pub(crate) async fn accept(
+        &self,
+        job: crate::journal::NewJob,
+        redelivered: bool,
+    ) -> Result<crate::scheduler::Accepted, SiteJournalError> {
+        let req = Request {
+            message_id: job.message_id,
+            body_sha256: job.body_sha256,
+            profile: job.profile,
+            image_key: job.image_key,
+            body: job.body,
+        };
+        let r = self.journal.insert(&req, redelivered).await;
+        self.reached(r.as_ref().map(drop));
+        Ok(match r? {
+            crate::site_journal::Inserted::New { id, superseded } => crate::scheduler::Accepted::New { id, superseded },
+            crate::site_journal::Inserted::Duplicate(id) => crate::scheduler::Accepted::Duplicate(id),
+        })
+    }
+
+    /// Waits for a job to run, claims it for `worker` and takes it into
+    /// this daemon's journal (under the site's id).
+    pub(crate) async fn next(&self, worker: &str, work: &Journal) -> JobRef {
+        let mut pause = FIRST_PAUSE;
+        loop {
+            // Armed before the claim: a NOTIFY during it is not missed.
+            let woken = self.wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            let claimed = self.journal.claim(&self.host, worker, self.lease).await;
+            self.reached(claimed.as_ref().map(drop));
+            match claimed {
+                Ok(Some(c)) => match self.take(c, work).await {
+                    Some(job) => return job,
+                    None => continue,
+                },
+                Ok(None) => {
+                    pause = FIRST_PAUSE;
+                    woken.await;
+                }
+                Err(e) => {
+                    if !e.is_transient() {
+                        tracing::error!("{worker}: {e}");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = woken => {}
+                    }
+                    pause = (pause * 2).min(MAX_PAUSE);
+                }
+            }
+        }
+    }
+
+    /// A claimed job into this daemon's journal; None (and the job failed
+    /// in the site journal, saying why) if that journal cannot take it.
+    async fn take(&self, c: Claim, work: &Journal) -> Option<JobRef> {
+        let taken = work
+            .mirror(
+                c.id,
+                &c.image_key,
+                c.message_id.as_deref(),
+                c.profile.as_deref(),
+                &c.body,
+            )
+            .and_then(|()| work.job(c.id));
+        match taken {
+            Ok(Some(rec)) => {
+                self.running().insert(
+                    c.id,
+                    Mine {
+                        attempt: c.attempt,
+                        claimed: Instant::now(),
+                        builds_before: rec.builds.len(),
+                        taken_over: false,
+                    },
+                );
+                self.changed.notify_one();
+                Some(JobRef {
+                    id: c.id,
+                    image_key: c.image_key,
+                    body: Arc::new(c.body),
+                })
+            }
+            other => {
+                let why = match other {
+                    Err(e) => e.to_string(),
+                    _ => "it is not there after the write".into(),
+                };
+                let error = format!("{} cannot record it in {}: {why}", self.host, work_dir_name());
+                tracing::error!("job {} for {}: {error}", c.id, c.image_key);
+                if let Err(e) = self
+                    .journal
+                    .finish(&self.host, c.id, c.attempt, Finished::Failed, Some(&error))
+                    .await
+                {
+                    tracing::error!("job {} for {}: {e}", c.id, c.image_key);
+                }
+                None
+            }
+        }
+    }
+
+    /// The job ended here: its builds (with their logs) and its outcome go
+    /// to the site journal, unless it was taken over or the daemon stops
+    /// (then `release` gives it back). Transient failures are retried
+    /// until the job is recorded or no longer this daemon's.
+    pub(crate) async fn done(&self, job: &JobRef, state: JobState, error: Option<&str>, work: &Journal) {
+        let Some(mine) = self.running().remove(&job.id) else {
+            return;
+        };
+        self.changed.notify_one();
+        if mine.taken_over {
+            tracing::warn!(
+                "job {} for {} was taken over by another daemon (the lease of {} ran out); its end here is not recorded",
+                job.id,
+                job.image_key,
+                self.host
+            );
+            return;
+        }
+        let finished = match state {
+            JobState::Succeeded => Finished::Succeeded,
+            JobState::Cancelled => Finished::Cancelled,
+            JobState::Failed => Finished::Failed,
+            // A stop: `release` gives it back for another daemon (or the next start).
+            _ => return,
+        };
+        let builds = match work.job(job.id) {
+            Ok(Some(rec)) => rec
+                .builds
+                .into_iter()
+                .skip(mine.builds_before)
+                .map(|b| {
+                    let log = b.log_path.as_deref().and_then(|p| std::fs::read(p).ok());
+                    (b, log)
+                })
+                .collect::<Vec<_>>(),
+            Ok(None) => Vec::new(),
+            Err(e) => {
+                tracing::error!(
+                    "job {}: its builds cannot be read from {}: {e}",
+                    job.id,
+                    work_dir_name()
+                );
+                Vec::new()
+            }
+        };
+        let mut pause = FIRST_PAUSE;
+        loop {
+            let r = async {
+                self.journal
+                    .record_builds(&self.host, job.id, mine.attempt, &builds)
+                    .await?;
+                self.journal
+                    .finish(&self.host, job.id, mine.attempt, finished, error)
+                    .await
+            }
+            .await;
+            self.reached(r.as_ref().map(drop));
+            match r {
+                Ok(()) => return,
+                Err(e @ SiteJournalError::NotYours { .. }) => {
+                    tracing::warn!("{e}: its end here is not recorded");
+                    return;
+                }
+                Err(e) if e.is_transient() => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(MAX_PAUSE);
+                }
+                Err(e) => {
+                    tracing::error!("job {} for {}: {e}", job.id, job.image_key);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Every third of the lease: renew this daemon's leases (stopping the
+    /// builds of jobs taken over), then take over jobs whose lease ran out.
+    pub(crate) async fn keep_leases(self: Arc<Self>, cancels: Arc<Cancels>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(self.lease / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.cancelled() => return,
+            }
+            let asked = Instant::now();
+            let renewed = self.journal.renew(&self.host, self.lease).await;
+            self.reached(renewed.as_ref().map(drop));
+            let Ok(held) = renewed else { continue };
+            let lost: Vec<i64> = {
+                let mut running = self.running();
+                running
+                    .iter_mut()
+                    .filter(|(id, m)| m.claimed < asked && !m.taken_over && !held.contains(&(**id, m.attempt)))
+                    .map(|(id, m)| {
+                        m.taken_over = true;
+                        *id
+                    })
+                    .collect()
+            };
+            for id in lost {
+                tracing::warn!("job {id} is no longer {}'s (its lease ran out and another daemon took it over): stopping its build here", self.host);
+                cancels.cancel(id, "taken over by another daemon");
+            }
+            if !self.settled() {
+                continue;
+            }
+            match self.journal.take_over_expired(&self.host).await {
+                Ok(requeued) if !requeued.is_empty() => self.wake.notify_waiters(),
+                Ok(_) => {}
+                Err(e) => self.reached(Err(&e)),
+            }
+        }
+    }
+
+    /// Wakes free workers whenever the database NOTIFYs; reconnects (with
+    /// a pause) when the listening connection is lost, and wakes them then
+    /// too, for what was missed meanwhile.
+    pub(crate) async fn listen(self: Arc<Self>, stop: CancellationToken) {
+        let mut pause = FIRST_PAUSE;
+        loop {
+            let listening = tokio::select! {
+                l = self.journal.listen() => l,
+                _ = stop.cancelled() => return,
+            };
+            match listening {
+                Ok(mut listener) => {
+                    pause = FIRST_PAUSE;
+                    self.wake.notify_waiters();
+                    self.bump();
+                    loop {
+                        tokio::select! {
+                            n = listener.next() => match n {
+                                Some(_) => {
+                                    self.wake.notify_waiters();
+                                    self.bump();
+                                }
+                                None => break,
+                            },
+                            _ = stop.cancelled() => return,
+                        }
+                    }
+                    tracing::warn!(
+                        "site journal {}: the LISTEN connection was lost; listening again",
+                        self.journal.target()
+                    );
+                }
+                Err(e) => self.reached(Err(&e)),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = stop.cancelled() => return,
+            }
+            pause = (pause * 2).min(MAX_PAUSE);
+        }
+    }
+
+    /// Gives back the jobs the site journal says this daemon runs (at start:
+    /// those of its previous life; at stop: those it was running).
+    pub(crate) async fn release(&self, why: &str) {
+        match self.journal.release(&self.host, why).await {
+            Ok(jobs) => {
+                for r in jobs {
+                    match r.superseded_by {
+                        Some(newer) => tracing::warn!(
+                            "job {} for {} given back ({why}); superseded by waiting job {newer}",
+                            r.id,
+                            r.image_key
+                        ),
+                        None => tracing::warn!("job {} for {} given back ({why}): it runs again", r.id, r.image_key),
+                    }
+                }
+            }
+            Err(e) => tracing::error!(
+                "{e}; the jobs {} ran wait for their lease to run out ({:?})",
+                self.host,
+                self.lease
+            ),
+        }
+    }
+}
+
+fn work_dir_name() -> String {
+    format!("STATE_DIR/{WORK_DIR}")
+}
