@@ -454,7 +454,20 @@ fn postgresql_stopped_and_started_mid_run_loses_nothing_and_doubles_nothing() {
         10,
         "the requests that came while the database was away stay in RabbitMQ (none acked unjournaled)"
     );
+    // Each daemon says so, in its log and its readiness.
+    let addrs: Vec<_> = (0..3).map(|i| s.daemon(i).status_addr()).collect();
+    for (i, &addr) in addrs.iter().enumerate() {
+        s.daemon(i).wait_log("consuming paused", T);
+        let (code, text) = raw_status(addr, "/readyz");
+        assert_eq!(code, 503, "{} /readyz with the database away: {text}", host(i));
+    }
     pg.start_again().unwrap();
+    for (i, &addr) in addrs.iter().enumerate() {
+        s.daemon(i).wait_log("reachable again", T);
+        wait_for(&format!("{} ready again", host(i)), T, || {
+            raw_status(addr, "/readyz").0 == 200
+        });
+    }
 
     s.wait("round 1 journaled", |jobs, _| jobs.len() == 20);
     s.publish(&round(2));

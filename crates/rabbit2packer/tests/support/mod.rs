@@ -800,6 +800,19 @@ pub fn wait_for(what: &str, timeout: Duration, f: impl Fn() -> bool) {
     }
 }
 
+/// The status code of a request sent as typed (no client normalises the path).
+pub fn raw_status(addr: std::net::SocketAddr, target: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let code = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, text)
+}
+
 /// The bound of every wait: generous, since it only matters when a test fails
 /// (a busy CI machine may be slow), and a passing test never waits for it.
 pub const T: Duration = Duration::from_secs(120);
