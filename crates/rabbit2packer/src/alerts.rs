@@ -89,8 +89,14 @@ fn retry_delays() -> Vec<Duration> {
 }
 
 impl Alerts {
-    /// Checks the settings and starts the sending task (when alerts go anywhere).
-    pub(crate) fn start(cfg: &AlertsConfig, journal: Arc<Journal>) -> Result<Alerts, AlertSettingError> {
+    /// Checks the settings and starts the sending task (when alerts go
+    /// anywhere). On the site journal (`site`), health and the outbox are
+    /// there ([`crate::site`] records them); this daemon sends its own.
+    pub(crate) fn start(
+        cfg: &AlertsConfig,
+        journal: Arc<Journal>,
+        site: Option<Arc<crate::site::Site>>,
+    ) -> Result<Alerts, AlertSettingError> {
         let channels = Channels::new(cfg)?;
         if channels.mail.is_none() && channels.webhook.is_none() {
             return Ok(Alerts { journal, sender: None });
@@ -98,7 +104,11 @@ impl Alerts {
         let wake = Arc::new(Notify::new());
         // What the outbox holds from before a restart goes first.
         wake.notify_one();
-        tokio::spawn(send_all(channels, journal.clone(), wake.clone()));
+        let outbox = Outbox {
+            journal: journal.clone(),
+            site,
+        };
+        tokio::spawn(send_all(channels, outbox, wake.clone()));
         Ok(Alerts {
             journal,
             sender: Some(wake),
@@ -109,6 +119,18 @@ impl Alerts {
     #[cfg(test)]
     pub(crate) fn disabled(journal: Arc<Journal>) -> Alerts {
         Alerts { journal, sender: None }
+    }
+
+    /// Alerts go somewhere (a health change goes to the outbox).
+    pub(crate) fn sends(&self) -> bool {
+        self.sender.is_some()
+    }
+
+    /// Something was put in the outbox (on the site journal): send it.
+    pub(crate) fn wake(&self) {
+        if let Some(wake) = &self.sender {
+            wake.notify_one();
+        }
     }
 
     /// After job `job_id` of `image_key` finished: records the image's
@@ -286,10 +308,10 @@ impl Channels {
 
 /// The sending task: drains the outbox, oldest first, one alert at a time
 /// (mail and webhook side by side), whenever it is woken.
-async fn send_all(channels: Channels, journal: Arc<Journal>, wake: Arc<Notify>) {
+async fn send_all(channels: Channels, outbox: Outbox, wake: Arc<Notify>) {
     loop {
         wake.notified().await;
-        let pending = match journal.pending_alerts() {
+        let pending = match outbox.pending().await {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!("alerts: {e}");
@@ -297,10 +319,34 @@ async fn send_all(channels: Channels, journal: Arc<Journal>, wake: Arc<Notify>) 
             }
         };
         for alert in pending {
-            send_one(&channels, &journal, &alert).await;
-            if let Err(e) = journal.alert_done(alert.id) {
+            send_one(&channels, &outbox.journal, &alert).await;
+            if let Err(e) = outbox.done(alert.id).await {
                 tracing::error!("alerts: {e}");
             }
+        }
+    }
+}
+
+/// Where the alerts to send wait: this host's journal, or on the site
+/// journal its outbox rows for this daemon. The job an alert tells about
+/// is read from this host's journal either way (it ran here; its log is here).
+struct Outbox {
+    journal: Arc<Journal>,
+    site: Option<Arc<crate::site::Site>>,
+}
+
+impl Outbox {
+    async fn pending(&self) -> Result<Vec<PendingAlert>, String> {
+        match &self.site {
+            Some(site) => site.journal.pending_alerts(&site.host).await.map_err(|e| e.to_string()),
+            None => self.journal.pending_alerts().map_err(|e| e.to_string()),
+        }
+    }
+
+    async fn done(&self, id: i64) -> Result<(), String> {
+        match &self.site {
+            Some(site) => site.journal.alert_done(id).await.map_err(|e| e.to_string()),
+            None => self.journal.alert_done(id).map_err(|e| e.to_string()),
         }
     }
 }

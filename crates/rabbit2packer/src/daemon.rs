@@ -549,7 +549,11 @@ impl Running {
         listener: Option<std::net::TcpListener>,
     ) -> Result<Running, DaemonError> {
         let cfg = settings.r2p.clone();
-        let alerts = Alerts::start(&settings.alerts, journal.clone()).map_err(|source| DaemonError::Alerts {
+        let site = match &jobs {
+            Jobs::Site(site) => Some(site.clone()),
+            Jobs::Local(_) => None,
+        };
+        let alerts = Alerts::start(&settings.alerts, journal.clone(), site).map_err(|source| DaemonError::Alerts {
             file: settings.config_file.clone(),
             source,
         })?;
@@ -883,8 +887,6 @@ async fn worker(thread: String, ctx: Arc<Context>, jobs: Jobs, stop: Cancellatio
         if let Err(e) = ctx.journal.finish(job.id, state, error.as_deref()) {
             tracing::error!("{thread}: {e}");
         }
-        // Records the image's health; an alert is sent by another task.
-        ctx.alerts.observe(&job.image_key, job.id);
         if state == JobState::Succeeded {
             let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
             ctx.metrics.image_succeeded(&job.image_key, now);
@@ -909,6 +911,8 @@ async fn worker(thread: String, ctx: Arc<Context>, jobs: Jobs, stop: Cancellatio
                 error.as_deref().unwrap_or("")
             ),
         }
-        jobs.done(&job, state, error.as_deref(), &ctx.journal).await;
+        // Records the image's health (an alert is sent by another task); the
+        // image's next job may run.
+        jobs.done(&job, state, error.as_deref(), &ctx).await;
     }
 }

@@ -40,7 +40,7 @@ pub async fn site_status(site: &SiteJournal, json: bool) -> Result<String, SiteJ
     if json {
         return Ok(serde_json::to_string_pretty(&jobs).expect("records serialise") + "\n");
     }
-    Ok(status_text(&jobs, &[], &[]))
+    Ok(status_text(&jobs, &site.image_health().await?, &[]))
 }
 
 /// [`history`] of the whole site, from the site journal (STATE_DB).

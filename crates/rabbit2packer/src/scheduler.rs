@@ -225,11 +225,16 @@ impl Jobs {
         }
     }
 
-    /// Job `job` ended as `state` (already in `work`, this daemon's journal).
-    pub(crate) async fn done(&self, job: &JobRef, state: JobState, error: Option<&str>, work: &Journal) {
+    /// Job `job` ended as `state` (already in this daemon's journal): the
+    /// image's health is recorded (and an alert queued when it changed), and
+    /// the image's next job may run.
+    pub(crate) async fn done(&self, job: &JobRef, state: JobState, error: Option<&str>, ctx: &crate::job::Context) {
         match self {
-            Jobs::Local(s) => s.done(&job.image_key),
-            Jobs::Site(s) => s.done(job, state, error, work).await,
+            Jobs::Local(s) => {
+                ctx.alerts.observe(&job.image_key, job.id);
+                s.done(&job.image_key)
+            }
+            Jobs::Site(s) => s.done(job, state, error, &ctx.journal, &ctx.alerts).await,
         }
     }
 

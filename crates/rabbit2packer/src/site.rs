@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::control::Cancels;
 use crate::journal::{JobRef, JobState, Journal};
-use crate::site_journal::{Claim, Finished, Request, SiteJournal, SiteJournalError};
+use crate::site_journal::{Claim, Finished, Health, Request, SiteJournal, SiteJournalError};
 
 /// Pauses between attempts to reach the database: doubling up to this.
 const MAX_PAUSE: Duration = Duration::from_secs(30);
@@ -280,7 +280,14 @@ impl Site {
     /// to the site journal, unless it was taken over or the daemon stops
     /// (then `release` gives it back). Transient failures are retried
     /// until the job is recorded or no longer this daemon's.
-    pub(crate) async fn done(&self, job: &JobRef, state: JobState, error: Option<&str>, work: &Journal) {
+    pub(crate) async fn done(
+        &self,
+        job: &JobRef,
+        state: JobState,
+        error: Option<&str>,
+        work: &Journal,
+        alerts: &crate::alerts::Alerts,
+    ) {
         let Some(mine) = self.running().remove(&job.id) else {
             return;
         };
@@ -301,26 +308,33 @@ impl Site {
             // A stop: `release` gives it back for another daemon (or the next start).
             _ => return,
         };
-        let builds = match work.job(job.id) {
-            Ok(Some(rec)) => rec
-                .builds
-                .into_iter()
-                .skip(mine.builds_before)
-                .map(|b| {
-                    let log = b.log_path.as_deref().and_then(|p| std::fs::read(p).ok());
-                    (b, log)
-                })
-                .collect::<Vec<_>>(),
-            Ok(None) => Vec::new(),
+        let rec = match work.job(job.id) {
+            Ok(rec) => rec,
             Err(e) => {
                 tracing::error!(
                     "job {}: its builds cannot be read from {}: {e}",
                     job.id,
                     work_dir_name()
                 );
-                Vec::new()
+                None
             }
         };
+        // The image's health after this job, as a single host's alerts see it.
+        let failing = rec.as_ref().and_then(crate::alerts::health_of);
+        let builds = rec
+            .map(|rec| rec.builds)
+            .unwrap_or_default()
+            .into_iter()
+            .skip(mine.builds_before)
+            .map(|b| {
+                let log = b.log_path.as_deref().and_then(|p| std::fs::read(p).ok());
+                (b, log)
+            })
+            .collect::<Vec<_>>();
+        let health = failing.map(|failing| Health {
+            failing,
+            outbox: alerts.sends(),
+        });
         let mut pause = FIRST_PAUSE;
         loop {
             let r = async {
@@ -328,13 +342,18 @@ impl Site {
                     .record_builds(&self.host, job.id, mine.attempt, &builds)
                     .await?;
                 self.journal
-                    .finish(&self.host, job.id, mine.attempt, finished, error)
+                    .finish_with_health(&self.host, job.id, mine.attempt, finished, error, health)
                     .await
             }
             .await;
             self.reached(r.as_ref().map(drop));
             match r {
-                Ok(()) => return,
+                Ok(change) => {
+                    if change.is_some() {
+                        alerts.wake();
+                    }
+                    return;
+                }
                 Err(e @ SiteJournalError::NotYours { .. }) => {
                     tracing::warn!("{e}: its end here is not recorded");
                     return;
