@@ -401,6 +401,10 @@ fn a_killed_daemons_build_is_taken_over_once_after_the_lease_and_not_built_again
     s.start(victim);
     s.daemon(victim).wait_log("Consuming from queue", T);
     let restarted_at = Instant::now();
+    assert!(
+        s.sites[0].build_runs()[1].end.is_none(),
+        "the test's premise: the killed daemon is back while the other builds its job"
+    );
     let (jobs, _) = s.wait("the job built", |jobs, runs| {
         jobs.len() == 1
             && jobs[0].state == JobState::Succeeded
