@@ -15,14 +15,15 @@
 //! recovers (mail, webhook), and [`control`] takes the operators'
 //! `rebuild`, `cancel` and `retry` over a Unix socket.
 //!
-//! In progress (issue #13, not wired into the daemon yet): [`site_journal`],
-//! the journal in PostgreSQL shared by the daemons of a site, and
-//! [`migrate_journal`], which copies a host's SQLite journal into it.
+//! Several daemons (`STATE_DB`): the journal lives in PostgreSQL,
+//! [`site_journal`], shared by the daemons of a site; `site` schedules the
+//! daemon's work on it (claims under leases, LISTEN/NOTIFY), and
+//! [`migrate_journal`] copies a host's SQLite journal into it.
 //!
 //! The API (for the binary, xtask's man pages, the tests and benchmarks):
 //! [`cli`], [`daemon::run`] and [`daemon::load_settings`], the
 //! [`journal::Journal`]'s records and [`history`]'s reports of them, the
-//! [`status`] server's router (its tests start the daemon itself), and
+//! [`status`] server's address and serving (its tests start the daemon itself), and
 //! what the tests check on disk ([`build_log::logs_of`],
 //! [`runner::group_members`]). The rest is `pub(crate)`.
 //!

@@ -178,10 +178,22 @@ impl Site {
         job: crate::journal::NewJob,
         redelivered: bool,
     ) -> Result<crate::scheduler::Accepted, SiteJournalError> {
+        // PostgreSQL's text cannot hold NUL, which a message id or a header
+        // can: one replaced so, always the same way (a redelivery is still
+        // known by its id), rather than a message refused for ever.
+        let text = |t: Option<String>| {
+            t.map(|t| {
+                if t.contains('\0') {
+                    t.replace('\0', "\u{fffd}")
+                } else {
+                    t
+                }
+            })
+        };
         let req = Request {
-            message_id: job.message_id,
+            message_id: text(job.message_id),
             body_sha256: job.body_sha256,
-            profile: job.profile,
+            profile: text(job.profile),
             image_key: job.image_key,
             body: job.body,
         };

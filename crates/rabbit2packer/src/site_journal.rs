@@ -2,7 +2,8 @@
 //! rabbit2packer daemon of a site that names the same database (issue #13).
 //! SQLite ([`crate::journal`]) stays the embedded journal of a single host.
 //!
-//! Not wired into the daemon yet: this module gives the operations a
+//! The daemon uses it through [`crate::site`] when `[rabbit2packer]
+//! STATE_DB` names a database. This module gives the operations a
 //! site-wide scheduler needs, each one short transaction, and says in its
 //! comments which of the issue's guarantees it keeps:
 //!

@@ -1,0 +1,210 @@
+//! Issue #13 (6): on the site journal, any daemon's status API and `status`
+//! show the whole site: a job another daemon ran, its build log (kept in
+//! the site journal, compressed), a running job's host and the address of
+//! that host's page, and images failing on another daemon. And what the
+//! database cannot store as text is still journaled.
+
+mod support;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use packuilon_testsupport::postgres::PrivatePostgres;
+use serde_json::{json, Value};
+use support::browser::Http;
+use support::*;
+
+/// A second daemon on `site`'s queue and site journal, with its own
+/// STATE_DIR, LOG_DIR and HOST_NAME.
+fn second_daemon(site: &Site, host: &str) -> (PathBuf, PathBuf) {
+    let config = site.dir.path().join(format!("{host}.ini"));
+    let log_dir = site.dir.path().join(format!("log-{host}"));
+    let text = std::fs::read_to_string(&site.config)
+        .unwrap()
+        .replace("HOST_NAME = d1", &format!("HOST_NAME = {host}"))
+        .replace(
+            &format!("STATE_DIR = {}", site.state_dir.display()),
+            &format!(
+                "STATE_DIR = {}",
+                site.dir.path().join(format!("state-{host}")).display()
+            ),
+        )
+        .replace(
+            &format!("LOG_DIR = {}", site.log_dir.display()),
+            &format!("LOG_DIR = {}", log_dir.display()),
+        );
+    std::fs::write(&config, text).unwrap();
+    (config, log_dir)
+}
+
+fn site_on_postgres(extra: &str) -> Site {
+    let pg = PrivatePostgres::shared().expect("a private PostgreSQL (Debian's postgresql package)");
+    let url = pg.database("site_status").unwrap();
+    Site::new(
+        1,
+        &format!("STATE_DB = {url}\nJOB_LEASE = 30s\nHOST_NAME = d1\n{extra}"),
+    )
+}
+
+fn wait_json(http: &Http, path: &str, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let v = http.json(path);
+        if ok(&v) {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {v:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_daemon_shows_the_jobs_logs_and_failures_of_another() {
+    let site = site_on_postgres("");
+    let (d2_config, d2_logs) = second_daemon(&site, "d2");
+    // Only d2 runs at first: it builds the image, then fails a second build.
+    let d2 = Daemon::start(&d2_config, &[]);
+    d2.wait_log("Consuming from queue", T);
+    site.publish(&profile("web", "7x", "a", prod()), Some("first"));
+    // d1's config names the same site journal: its `history` is d2's too.
+    let jobs = || {
+        let (code, out, err) = site.cli(&["history", "--json"]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<Vec<Value>>(&out).unwrap()
+    };
+    let deadline = std::time::Instant::now() + T;
+    while jobs().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "{}", d2.output());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::fs::write(site.out.join("fail"), "").unwrap();
+    site.publish(&profile("web", "7x", "b", prod()), Some("second"));
+    while jobs().len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "{}", d2.output());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let history = jobs();
+    assert_eq!(history[0]["state"], "failed", "{history:#?}");
+    assert_eq!(history[1]["state"], "succeeded", "{history:#?}");
+    assert!(history.iter().all(|j| j["host"] == "d2"), "{history:#?}");
+
+    // d1 never ran anything: its API shows d2's jobs and logs all the same.
+    let d1 = site.start();
+    let http = Http::new(d1.status_addr());
+    let listed = http.json("/api/jobs");
+    let listed = listed["jobs"].as_array().unwrap();
+    assert_eq!(listed.len(), 2, "{listed:#?}");
+    assert!(listed.iter().all(|j| j["host"] == "d2"), "{listed:#?}");
+    let first = listed[1]["id"].as_i64().unwrap();
+    // The log is d2's file, read from the site journal: d1's LOG_DIR has none.
+    let local: Vec<_> = std::fs::read_dir(&d2_logs).unwrap().collect();
+    assert!(!local.is_empty());
+    assert!(std::fs::read_dir(&site.log_dir).map(|d| d.count()).unwrap_or(0) == 0);
+    let (status, log) = http.get(&format!("/api/jobs/{first}/log"));
+    assert_eq!(status, 200, "{log}");
+    assert!(log.contains("building, with a comma"), "{log}");
+    assert!(log.contains("rabbit2packer: Build finished"), "{log}");
+    // d2's failure is the site's: the image is failing on d1's page and status.
+    let images = http.json("/api/images");
+    let web = images["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["image_key"] == "web-sl7x-x86_64")
+        .unwrap_or_else(|| panic!("{images:#}"));
+    assert_eq!(web["failing"]["state"], "build failing", "{web:#}");
+    let (code, out, err) = site.cli(&["status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("failing: 1\n  web-sl7x-x86_64 build failing since job #"),
+        "{out}"
+    );
+    drop(d1);
+    drop(d2);
+}
+
+#[test]
+fn a_running_job_names_its_daemon_and_links_to_its_page() {
+    let site = site_on_postgres("");
+    site.template("a.json", Step { sleep: 30.0, exit: 0 });
+    let (d2_config, _) = second_daemon(&site, "d2");
+    let d2 = Daemon::start(&d2_config, &[]);
+    let d2_addr = d2.status_addr();
+    d2.wait_log("Consuming from queue", T);
+    let d1 = site.start();
+    let d1_http = Http::new(d1.status_addr());
+    // Two long builds: one on each daemon (one worker each).
+    site.publish(
+        &profile("long", "7x", "a", json!({"name": "prod", "type": "domain"})),
+        Some("m1"),
+    );
+    site.publish(&profile("other", "7x", "a", prod()), Some("m2"));
+    let running = wait_json(&d1_http, "/api/jobs?state=running", "two running jobs", |v| {
+        v["jobs"].as_array().is_some_and(|j| j.len() == 2)
+    });
+    let on_d2 = running["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["host"] == "d2")
+        .cloned()
+        .unwrap_or_else(|| panic!("{running:#}"));
+    let id = on_d2["id"].as_i64().unwrap();
+    let url = on_d2["host_url"].as_str().unwrap_or_else(|| panic!("{on_d2:#}"));
+    assert!(url.ends_with(&format!(":{}/", d2_addr.port())), "{url}");
+    // Its live log is on d2's page, and d1 says so.
+    let (status, body) = d1_http.get(&format!("/api/jobs/{id}/log"));
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("it runs on d2"), "{body}");
+    assert!(body.contains(&format!(":{}/jobs/{id}", d2_addr.port())), "{body}");
+    let d2_http = Http::new(d2_addr);
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let (status, body) = d2_http.get(&format!("/api/jobs/{id}/log"));
+        assert_eq!(status, 200, "{body}");
+        if body.contains("building, with a comma") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{body}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // `status` on d1 names the host of each running job.
+    let (code, out, err) = site.cli(&["status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("on d1/Thread-1"), "{out}");
+    assert!(out.contains("on d2/Thread-1"), "{out}");
+    drop(d1);
+    drop(d2);
+}
+
+#[test]
+fn a_message_id_and_profile_header_with_nul_are_journaled_and_built() {
+    let site = site_on_postgres("");
+    let d = site.start();
+    d.wait_log("Consuming from queue", T);
+    let body = serde_json::to_vec(&profile("nul", "7x", "a", prod())).unwrap();
+    publish_all_as(
+        &site.queue.broker,
+        &site.queue.name,
+        &[(body.clone(), Some("id\u{0}one".to_string()))],
+        "host\u{0}.example.org.json",
+    );
+    let deadline = std::time::Instant::now() + T;
+    let history = loop {
+        let (code, out, err) = site.cli(&["history", "--json"]);
+        assert_eq!(code, 0, "{err}");
+        let h: Vec<Value> = serde_json::from_str(&out).unwrap();
+        if !h.is_empty() {
+            break h;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", d.output());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(history[0]["state"], "succeeded", "{history:#?}");
+    assert_eq!(history[0]["message_id"], "id\u{fffd}one", "{history:#?}");
+    assert_eq!(history[0]["profile"], "host\u{fffd}.example.org.json", "{history:#?}");
+    // A redelivery of it is the same job.
+    publish_raw(&site.queue.broker, &site.queue.name, body, Some("id\u{0}one"));
+    d.wait_log("is already job", T);
+    assert_eq!(site.queue_len(), 0);
+}
