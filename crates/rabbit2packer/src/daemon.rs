@@ -360,7 +360,7 @@ pub async fn run(config_file: &Path) -> Result<(), DaemonError> {
         }
     };
     let metrics = Arc::new(crate::metrics::Metrics::new());
-    load_last_successes(&journal, &metrics);
+    load_last_successes(&journal, &jobs, &metrics).await;
     let mut running = Running::start(&settings, journal, catalog, jobs, metrics, listener)?;
     let why = running.until_stopped().await;
     running.shut_down(why).await
@@ -390,8 +390,13 @@ pub(crate) fn journal_dir(cfg: &Rabbit2PackerConfig) -> PathBuf {
 
 /// `packuilon_last_success_timestamp_seconds` survives a restart: each
 /// image's newest success, from the journal.
-fn load_last_successes(journal: &Journal, metrics: &crate::metrics::Metrics) {
-    match journal.images() {
+/// On the site journal, the site's (whichever daemon built them).
+async fn load_last_successes(journal: &Journal, jobs: &Jobs, metrics: &crate::metrics::Metrics) {
+    let images = match jobs {
+        Jobs::Site(site) => site.journal.images().await.map_err(|e| e.to_string()),
+        Jobs::Local(_) => journal.images().map_err(|e| e.to_string()),
+    };
+    match images {
         Ok(images) => {
             for im in images {
                 if let Some(t) = im.last_success_at.as_deref().and_then(crate::metrics::unix_time) {
