@@ -189,6 +189,24 @@ impl Scale {
     }
 }
 
+/// After a failed assertion: the daemons are asked to stop (so they stop
+/// their packer runs) before they are killed.
+impl Drop for Scale {
+    fn drop(&mut self) {
+        let mut running: Vec<&mut Daemon> = self.daemons.iter_mut().flatten().collect();
+        running.retain_mut(|d| matches!(d.child.try_wait(), Ok(None)));
+        for d in &running {
+            d.signal(libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for d in running {
+            while matches!(d.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(25));
+            }
+        }
+    }
+}
+
 /// Messages each daemon journaled (its `... queued (message ID)` lines).
 fn journaled_by(d: &Daemon) -> usize {
     d.count(" queued (message ")
@@ -543,6 +561,7 @@ fn status_on_one_daemon_shows_the_builds_running_on_the_others() {
         let (code, out, err) = s.sites[i].cli(&["status", "--json"]);
         assert_eq!(code, 0, "{err}");
         let v: Value = serde_json::from_str(&out).unwrap();
+        let json = out;
         let shown: BTreeSet<(String, String, String)> = v
             .as_array()
             .unwrap()
@@ -555,7 +574,7 @@ fn status_on_one_daemon_shows_the_builds_running_on_the_others() {
                 )
             })
             .collect();
-        assert_eq!(shown, expected, "status --json on {}:\n{out}", host(i));
+        assert_eq!(shown, expected, "status --json on {}:\n{json}", host(i));
 
         let (code, out, err) = s.sites[i].cli(&["status"]);
         assert_eq!(code, 0, "{err}");
@@ -574,7 +593,7 @@ fn status_on_one_daemon_shows_the_builds_running_on_the_others() {
             // What it builds, as the status of one host says.
             assert!(
                 line.ends_with(&format!(" on {}/Thread-1, building {TEMPLATE}", r.host)),
-                "status on {}: {line:?} (building {TEMPLATE} on {})",
+                "status on {}: {line:?} (building {TEMPLATE} on {}); status:\n{out}\nstatus --json:\n{json}",
                 host(i),
                 r.host
             );
