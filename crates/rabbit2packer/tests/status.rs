@@ -8,8 +8,6 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -42,18 +40,6 @@ fn failing_template(site: &Site, name: &str) {
         ]}]
     });
     std::fs::write(site.templates.join(name), serde_json::to_string_pretty(&t).unwrap()).unwrap();
-}
-
-/// The status code of a request sent as typed (no client normalises the path).
-fn raw_status(addr: SocketAddr, target: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let code = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (code, text)
 }
 
 fn image<'a>(images: &'a Value, key: &str) -> &'a Value {

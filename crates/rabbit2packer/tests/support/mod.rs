@@ -19,6 +19,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 use packuilon_testsupport::broker::{BrokerAddr, TestQueue};
 use rabbit2packer::journal::{JobRecord, JobState, Journal};
+use rabbit2packer::site_journal::SiteJournal;
 use serde_json::{json, Value};
 
 pub const PACKER: &str = "/usr/bin/packer";
@@ -40,10 +41,14 @@ pub fn prod() -> Value {
     json!({"name": "prod", "type": "domain"})
 }
 
-/// One test's site: its own dirs, queue and config.
+/// One test's site: its own dirs, queue and config. Several daemons of one
+/// site ([`Site::joining`]) each have a `Site` of their own (STATE_DIR,
+/// LOG_DIR, BUILD_FILE_DIR, config.ini) sharing the queue, the template
+/// map, the source images, the templates and `out`.
 pub struct Site {
     pub dir: tempfile::TempDir,
-    pub queue: TestQueue,
+    /// Deleted from the broker when the last site holding it is dropped.
+    pub queue: Arc<TestQueue>,
     pub config: PathBuf,
     pub state_dir: PathBuf,
     pub log_dir: PathBuf,
@@ -54,6 +59,11 @@ pub struct Site {
     pub images: PathBuf,
     /// Log lines of the daemon started last (shown when a wait times out).
     last_daemon: Mutex<Option<Arc<Mutex<Vec<String>>>>>,
+    /// `STATE_DB` and `STATE_DB_PASSWORD_FILE`, when the config names the
+    /// shared site journal: [`Site::journal`] reads that.
+    pub state_db: Option<(String, Option<PathBuf>)>,
+    /// The test's own connection to the site journal, made at first use.
+    site_journal: Mutex<Option<(tokio::runtime::Runtime, SiteJournal)>>,
 }
 
 /// How a template's shell-local step behaves.
@@ -69,36 +79,71 @@ impl Site {
     }
 
     pub fn on(broker: &BrokerAddr, thread_count: usize, extra: &str) -> Site {
+        Site::build(
+            broker,
+            Arc::new(TestQueue::on(broker, "r2p")),
+            None,
+            thread_count,
+            extra,
+        )
+    }
+
+    /// Another daemon of `first`'s site: a temp dir, STATE_DIR, LOG_DIR,
+    /// BUILD_FILE_DIR and config.ini of its own, on `first`'s broker and
+    /// queue, with its template map, source images, RC file, templates and
+    /// `out` (so the runs of every daemon land in one file). `extra` holds
+    /// this daemon's own keys (e.g. `HOST_NAME`).
+    pub fn joining(first: &Site, thread_count: usize, extra: &str) -> Site {
+        Site::build(
+            &first.queue.broker,
+            first.queue.clone(),
+            Some(first),
+            thread_count,
+            extra,
+        )
+    }
+
+    fn build(
+        broker: &BrokerAddr,
+        queue: Arc<TestQueue>,
+        first: Option<&Site>,
+        thread_count: usize,
+        extra: &str,
+    ) -> Site {
         let dir = tempfile::Builder::new().prefix("r2p-test-").tempdir().unwrap();
         let d = dir.path().to_path_buf();
-        let queue = TestQueue::on(broker, "r2p");
         let site = Site {
             config: d.join("config.ini"),
             state_dir: d.join("state"),
             log_dir: d.join("log"),
             build_dir: d.join("build"),
-            out: d.join("out"),
-            templates: d.join("templates"),
-            map: d.join("template-map.json"),
-            images: d.join("source-images.json"),
+            out: first.map_or_else(|| d.join("out"), |f| f.out.clone()),
+            templates: first.map_or_else(|| d.join("templates"), |f| f.templates.clone()),
+            map: first.map_or_else(|| d.join("template-map.json"), |f| f.map.clone()),
+            images: first.map_or_else(|| d.join("source-images.json"), |f| f.images.clone()),
             queue,
             dir,
             last_daemon: Mutex::new(None),
+            state_db: state_db_of(extra),
+            site_journal: Mutex::new(None),
         };
-        for p in [&site.out, &site.templates] {
-            std::fs::create_dir_all(p).unwrap();
+        let auth = first.map_or_else(|| d.join("auth.sh"), |f| f.dir.path().join("auth.sh"));
+        if first.is_none() {
+            for p in [&site.out, &site.templates] {
+                std::fs::create_dir_all(p).unwrap();
+            }
+            std::fs::write(
+                &auth,
+                "# RC files hold logic: sourced by bash, never parsed\n\
+                 if [ -z \"$NO_SUCH_VAR\" ]; then export OS_PROJECT_ID=project-1; fi\n\
+                 export OS_USER_DOMAIN_NAME=Default\n\
+                 export OS_AUTH_URL=http://127.0.0.1:1/v3\n",
+            )
+            .unwrap();
+            site.write_images(json!({"sl7x-x86_64": "src-7x-uuid", "sl8x-x86_64": "src-8x-uuid"}));
+            site.template("a.json", Step { sleep: 0.3, exit: 0 });
+            site.write_map(json!({"DEFAULT": ["templates/a.json"]}));
         }
-        std::fs::write(
-            d.join("auth.sh"),
-            "# RC files hold logic: sourced by bash, never parsed\n\
-             if [ -z \"$NO_SUCH_VAR\" ]; then export OS_PROJECT_ID=project-1; fi\n\
-             export OS_USER_DOMAIN_NAME=Default\n\
-             export OS_AUTH_URL=http://127.0.0.1:1/v3\n",
-        )
-        .unwrap();
-        site.write_images(json!({"sl7x-x86_64": "src-7x-uuid", "sl8x-x86_64": "src-8x-uuid"}));
-        site.template("a.json", Step { sleep: 0.3, exit: 0 });
-        site.write_map(json!({"DEFAULT": ["templates/a.json"]}));
         // Each daemon's status server on a port of its own (the log names it).
         let status = if extra.contains("STATUS_LISTEN") {
             ""
@@ -113,7 +158,7 @@ impl Site {
             global = broker.global_section(&site.queue.name),
             log = site.log_dir.display(),
             build = site.build_dir.display(),
-            auth = d.join("auth.sh").display(),
+            auth = auth.display(),
             map = site.map.display(),
             images = site.images.display(),
             state = site.state_dir.display(),
@@ -179,6 +224,94 @@ impl Site {
         path
     }
 
+    /// A null-builder template for several daemons of one site: its
+    /// shell-local step appends `start|KEY|ARCHETYPE|HOST|PGID|EPOCH` to
+    /// out/builds (one file for every daemon of the site), sleeps `sleep`
+    /// seconds, then appends `end|KEY|ARCHETYPE|HOST|PGID|EPOCH`. KEY is the
+    /// image key, ARCHETYPE the profile's (tests number their requests with
+    /// it), HOST the daemon's `R2P_TEST_HOST` environment variable, PGID
+    /// packer's process group. Read with [`Site::build_runs`].
+    pub fn timed_template(&self, tname: &str, sleep: f64) -> PathBuf {
+        let builds = self.out.join("builds");
+        let record = |what: &str| {
+            format!(
+                "echo \"{what}|$R_KEY|$R_PROFILE|$R2P_TEST_HOST|$(cut -d' ' -f5 /proc/$$/stat)|$(date +%s.%N)\" >> {}",
+                builds.display()
+            )
+        };
+        let t = json!({
+            // `$METADATA` makes the profile's values user variables.
+            "variables": {"name": "$NAME", "__METADATA__": ""},
+            "builders": [{"type": "null", "communicator": "none"}],
+            "provisioners": [{
+                "type": "shell-local",
+                "environment_vars": [
+                    "R_KEY={{user `AQ_PERSONALITY`}}-{{user `AQ_OS`}}{{user `AQ_OSVERSION`}}",
+                    "R_PROFILE={{user `AQ_ARCHETYPE`}}"
+                ],
+                "inline": [record("start"), format!("sleep {sleep}"), record("end")]
+            }]
+        });
+        let text = serde_json::to_string_pretty(&t)
+            .unwrap()
+            .replace("\"__METADATA__\": \"\"", "$METADATA");
+        let path = self.templates.join(tname);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// The builds [`Site::timed_template`] recorded, in the order they started.
+    pub fn build_runs(&self) -> Vec<BuildRun> {
+        let text = std::fs::read_to_string(self.out.join("builds")).unwrap_or_default();
+        let mut runs: Vec<BuildRun> = Vec::new();
+        for line in text.lines() {
+            let f: Vec<&str> = line.split('|').collect();
+            assert_eq!(f.len(), 6, "a line of out/builds: {line:?}");
+            let time: f64 = f[5].parse().unwrap();
+            match f[0] {
+                "start" => runs.push(BuildRun {
+                    key: f[1].into(),
+                    profile: f[2].into(),
+                    host: f[3].into(),
+                    pgid: f[4].parse().unwrap(),
+                    start: time,
+                    end: None,
+                }),
+                "end" => {
+                    let run = runs
+                        .iter_mut()
+                        .rev()
+                        .find(|r| {
+                            r.end.is_none()
+                                && (r.key.as_str(), r.host.as_str(), r.pgid.to_string().as_str()) == (f[1], f[3], f[4])
+                        })
+                        .unwrap_or_else(|| panic!("an end without its start: {line:?} in\n{text}"));
+                    run.end = Some(time);
+                }
+                other => panic!("unknown record {other:?} in out/builds"),
+            }
+        }
+        runs
+    }
+
+    /// Waits until `f` holds for [`Site::build_runs`]; returns them.
+    pub fn wait_build_runs(&self, what: &str, timeout: Duration, f: impl Fn(&[BuildRun]) -> bool) -> Vec<BuildRun> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let runs = self.build_runs();
+            if f(&runs) {
+                return runs;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what}; builds: {runs:#?}\ndaemon said:\n{}",
+                    self.daemon_said()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
     pub fn start(&self) -> Daemon {
         self.start_with_env(&[])
     }
@@ -203,6 +336,27 @@ impl Site {
         rt.block_on(self.queue.broker.message_count(&self.queue.name)).unwrap()
     }
 
+    /// Messages in the queue, ready or delivered and not acked yet (AMQP
+    /// counts only the ready ones): asks the shared node with rabbitmqctl.
+    pub fn queue_total(&self) -> u32 {
+        let out = Command::new("rabbitmqctl")
+            .args(["-q", "list_queues", "name", "messages", "--no-table-headers"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "rabbitmqctl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| {
+                let (name, n) = l.split_once('\t')?;
+                (name == self.queue.name).then(|| n.trim().parse().unwrap())
+            })
+            .unwrap_or_else(|| panic!("queue {} not on the shared node", self.queue.name))
+    }
+
     fn daemon_said(&self) -> String {
         match &*self.last_daemon.lock().unwrap() {
             Some(lines) => lines.lock().unwrap().join("\n"),
@@ -223,17 +377,42 @@ impl Site {
         publish_raw(&self.queue.broker, &self.queue.name, body.to_vec(), message_id);
     }
 
+    /// Every job of the journal: the site journal when the config names
+    /// STATE_DB, else the SQLite journal in STATE_DIR.
     pub fn journal(&self) -> Vec<JobRecord> {
-        Journal::open_read_only(&self.state_dir).unwrap().all().unwrap()
+        self.try_journal().unwrap()
+    }
+
+    /// As [`Site::journal`], an error (PostgreSQL away) as text.
+    pub fn try_journal(&self) -> Result<Vec<JobRecord>, String> {
+        let Some((url, password_file)) = &self.state_db else {
+            return Journal::open_read_only(&self.state_dir)
+                .and_then(|j| j.all())
+                .map_err(|e| e.to_string());
+        };
+        let mut guard = self.site_journal.lock().unwrap();
+        if guard.is_none() {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let j = rt
+                .block_on(SiteJournal::connect(url, password_file.as_deref()))
+                .map_err(|e| e.to_string())?;
+            *guard = Some((rt, j));
+        }
+        let (rt, j) = guard.as_ref().unwrap();
+        // The connection is made again when it was lost (PostgreSQL restarted).
+        rt.block_on(j.all()).map_err(|e| e.to_string())
     }
 
     /// Waits until `f` holds for the journal's jobs; returns them.
     pub fn wait_jobs(&self, what: &str, timeout: Duration, f: impl Fn(&[JobRecord]) -> bool) -> Vec<JobRecord> {
         let deadline = Instant::now() + timeout;
         loop {
-            let (jobs, problem) = match Journal::open_read_only(&self.state_dir).and_then(|j| j.all()) {
+            let (jobs, problem) = match self.try_journal() {
                 Ok(jobs) => (jobs, None),
-                Err(e) => (Vec::new(), Some(e.to_string())),
+                Err(e) => (Vec::new(), Some(e)),
             };
             if f(&jobs) {
                 return jobs;
@@ -313,6 +492,17 @@ impl Site {
             .map(|(_, p)| p)
             .collect()
     }
+}
+
+/// `STATE_DB` and `STATE_DB_PASSWORD_FILE` among a config's extra lines.
+fn state_db_of(extra: &str) -> Option<(String, Option<PathBuf>)> {
+    let key = |name: &str| {
+        extra.lines().find_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            (k.trim() == name).then(|| v.trim().to_string())
+        })
+    };
+    key("STATE_DB").map(|url| (url, key("STATE_DB_PASSWORD_FILE").map(PathBuf::from)))
 }
 
 fn write_json(path: &Path, v: &Value) {
@@ -422,6 +612,22 @@ impl Drop for Publisher {
     fn drop(&mut self) {
         let _ = self.rt.block_on(self.conn.close(200, "done".into()));
     }
+}
+
+/// One build recorded by [`Site::timed_template`]'s step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuildRun {
+    pub key: String,
+    /// The profile's archetype.
+    pub profile: String,
+    /// The daemon's `R2P_TEST_HOST`.
+    pub host: String,
+    /// Packer's process group.
+    pub pgid: i32,
+    /// Seconds since the epoch.
+    pub start: f64,
+    /// None while it runs (or when it was killed).
+    pub end: Option<f64>,
 }
 
 /// The daemon binary, its stderr collected line by line.
@@ -592,6 +798,19 @@ pub fn wait_for(what: &str, timeout: Duration, f: impl Fn() -> bool) {
         }
         std::thread::sleep(Duration::from_millis(25));
     }
+}
+
+/// The status code of a request sent as typed (no client normalises the path).
+pub fn raw_status(addr: std::net::SocketAddr, target: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let code = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (code, text)
 }
 
 /// The bound of every wait: generous, since it only matters when a test fails
