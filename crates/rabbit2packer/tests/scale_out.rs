@@ -590,9 +590,10 @@ fn status_on_one_daemon_shows_the_builds_running_on_the_others() {
                 host(i),
                 r.host
             );
-            // What it builds, as the status of one host says.
+            // What it builds and where its log is (on that host), as the
+            // status of one host says.
             assert!(
-                line.ends_with(&format!(" on {}/Thread-1, building {TEMPLATE}", r.host)),
+                line.contains(&format!(" on {}/Thread-1, building {TEMPLATE}, log /", r.host)),
                 "status on {}: {line:?} (building {TEMPLATE} on {}); status:\n{out}\nstatus --json:\n{json}",
                 host(i),
                 r.host
