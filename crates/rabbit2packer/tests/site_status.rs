@@ -6,7 +6,6 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use packuilon_testsupport::postgres::PrivatePostgres;
@@ -14,36 +13,16 @@ use serde_json::{json, Value};
 use support::browser::Http;
 use support::*;
 
-/// A second daemon on `site`'s queue and site journal, with its own
-/// STATE_DIR, LOG_DIR and HOST_NAME.
-fn second_daemon(site: &Site, host: &str) -> (PathBuf, PathBuf) {
-    let config = site.dir.path().join(format!("{host}.ini"));
-    let log_dir = site.dir.path().join(format!("log-{host}"));
-    let text = std::fs::read_to_string(&site.config)
-        .unwrap()
-        .replace("HOST_NAME = d1", &format!("HOST_NAME = {host}"))
-        .replace(
-            &format!("STATE_DIR = {}", site.state_dir.display()),
-            &format!(
-                "STATE_DIR = {}",
-                site.dir.path().join(format!("state-{host}")).display()
-            ),
-        )
-        .replace(
-            &format!("LOG_DIR = {}", site.log_dir.display()),
-            &format!("LOG_DIR = {}", log_dir.display()),
-        );
-    std::fs::write(&config, text).unwrap();
-    (config, log_dir)
+/// The site journal's keys of a daemon named `host`.
+fn keys(url: &str, host: &str) -> String {
+    format!("STATE_DB = {url}\nJOB_LEASE = 30s\nHOST_NAME = {host}\n")
 }
 
-fn site_on_postgres(extra: &str) -> Site {
+/// Daemon d1's site on a fresh site journal, and its URL.
+fn site_on_postgres() -> (Site, String) {
     let pg = PrivatePostgres::shared().expect("a private PostgreSQL (Debian's postgresql package)");
     let url = pg.database("site_status").unwrap();
-    Site::new(
-        1,
-        &format!("STATE_DB = {url}\nJOB_LEASE = 30s\nHOST_NAME = d1\n{extra}"),
-    )
+    (Site::new(1, &keys(&url, "d1")), url)
 }
 
 fn wait_json(http: &Http, path: &str, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
@@ -60,10 +39,10 @@ fn wait_json(http: &Http, path: &str, what: &str, ok: impl Fn(&Value) -> bool) -
 
 #[test]
 fn a_daemon_shows_the_jobs_logs_and_failures_of_another() {
-    let site = site_on_postgres("");
-    let (d2_config, d2_logs) = second_daemon(&site, "d2");
+    let (site, url) = site_on_postgres();
+    let d2_site = Site::joining(&site, 1, &keys(&url, "d2"));
     // Only d2 runs at first: it builds the image, then fails a second build.
-    let d2 = Daemon::start(&d2_config, &[]);
+    let d2 = d2_site.start();
     d2.wait_log("Consuming from queue", T);
     site.publish(&profile("web", "7x", "a", prod()), Some("first"));
     // d1's config names the same site journal: its `history` is d2's too.
@@ -97,7 +76,7 @@ fn a_daemon_shows_the_jobs_logs_and_failures_of_another() {
     assert!(listed.iter().all(|j| j["host"] == "d2"), "{listed:#?}");
     let first = listed[1]["id"].as_i64().unwrap();
     // The log is d2's file, read from the site journal: d1's LOG_DIR has none.
-    let local: Vec<_> = std::fs::read_dir(&d2_logs).unwrap().collect();
+    let local: Vec<_> = std::fs::read_dir(&d2_site.log_dir).unwrap().collect();
     assert!(!local.is_empty());
     assert!(std::fs::read_dir(&site.log_dir).map(|d| d.count()).unwrap_or(0) == 0);
     let (status, log) = http.get(&format!("/api/jobs/{first}/log"));
@@ -125,10 +104,10 @@ fn a_daemon_shows_the_jobs_logs_and_failures_of_another() {
 
 #[test]
 fn a_running_job_names_its_daemon_and_links_to_its_page() {
-    let site = site_on_postgres("");
+    let (site, url) = site_on_postgres();
     site.template("a.json", Step { sleep: 30.0, exit: 0 });
-    let (d2_config, _) = second_daemon(&site, "d2");
-    let d2 = Daemon::start(&d2_config, &[]);
+    let d2_site = Site::joining(&site, 1, &keys(&url, "d2"));
+    let d2 = d2_site.start();
     let d2_addr = d2.status_addr();
     d2.wait_log("Consuming from queue", T);
     let d1 = site.start();
@@ -179,7 +158,7 @@ fn a_running_job_names_its_daemon_and_links_to_its_page() {
 
 #[test]
 fn a_message_id_and_profile_header_with_nul_are_journaled_and_built() {
-    let site = site_on_postgres("");
+    let (site, _) = site_on_postgres();
     let d = site.start();
     d.wait_log("Consuming from queue", T);
     let body = serde_json::to_vec(&profile("nul", "7x", "a", prod())).unwrap();
