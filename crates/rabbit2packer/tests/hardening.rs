@@ -352,13 +352,13 @@ fn a_40_mb_message_costs_bounded_memory_and_its_journal_space_comes_back() {
 }
 
 /// Issue #13: RabbitMQ as a three-node cluster with a quorum queue. The
-/// node both cdb2rabbit and the daemon are connected to (the first of
-/// RABBIT_HOST, the quorum queue's leader) is stopped while cdb2rabbit
-/// publishes (its downloads are slowed so that the run spans the stop) and
-/// the daemon consumes: each goes on with the next node, and every change is
-/// built, none twice. One daemon: several need the shared journal.
+/// node cdb2rabbit and two daemons (on one site journal) are connected to
+/// (the first of RABBIT_HOST, the quorum queue's leader) is stopped while
+/// cdb2rabbit publishes (its downloads are slowed so that the run spans the
+/// stop) and the daemons consume: each goes on with the next node, and every
+/// change is built, none twice.
 #[test]
-fn a_cluster_node_stopped_while_cdb2rabbit_publishes_and_the_daemon_consumes_loses_and_repeats_nothing() {
+fn a_cluster_node_stopped_while_cdb2rabbit_publishes_and_the_daemons_consume_loses_and_repeats_nothing() {
     use packuilon_testsupport::broker::PrivateCluster;
     use packuilon_testsupport::http::ProfileServer;
     use packuilon_testsupport::site::{profile as aquilon_profile, write_index};
@@ -369,7 +369,15 @@ fn a_cluster_node_stopped_while_cdb2rabbit_publishes_and_the_daemon_consumes_los
     let cluster = PrivateCluster::start().unwrap();
     let cluster_up = began.elapsed();
     let [first, second, _] = [0, 1, 2].map(|i| cluster.nodes[i].addr.port);
-    let site = Site::on(&cluster.nodes[0].addr, 4, "");
+    let pg = packuilon_testsupport::postgres::PrivatePostgres::shared()
+        .expect("a private PostgreSQL (Debian's postgresql package)");
+    let url = pg.database("cluster").unwrap();
+    let site = Site::on(
+        &cluster.nodes[0].addr,
+        2,
+        &format!("STATE_DB = {url}\nHOST_NAME = d1\n"),
+    );
+    let site2 = Site::joining(&site, 2, &format!("STATE_DB = {url}\nHOST_NAME = d2\n"));
     site.template("a.json", Step { sleep: 0.0, exit: 0 });
     let global_lines = |retry_delay: &str| {
         format!(
@@ -379,9 +387,11 @@ fn a_cluster_node_stopped_while_cdb2rabbit_publishes_and_the_daemon_consumes_los
             cluster.rabbit_host()
         )
     };
-    let daemon_config = std::fs::read_to_string(&site.config).unwrap();
-    let r2p_section = &daemon_config[daemon_config.find("[rabbit2packer]").unwrap()..];
-    std::fs::write(&site.config, format!("{}\n{r2p_section}", global_lines("0.5"))).unwrap();
+    for s in [&site, &site2] {
+        let daemon_config = std::fs::read_to_string(&s.config).unwrap();
+        let r2p_section = &daemon_config[daemon_config.find("[rabbit2packer]").unwrap()..];
+        std::fs::write(&s.config, format!("{}\n{r2p_section}", global_lines("0.5"))).unwrap();
+    }
 
     // The Aquilon side: CHANGES CI profiles, one personality each.
     let www = site.dir.path().join("www");
@@ -431,8 +441,11 @@ fn a_cluster_node_stopped_while_cdb2rabbit_publishes_and_the_daemon_consumes_los
     );
 
     let mut d = site.start();
-    d.wait_log(&format!("Connected to RabbitMQ at amqp://127.0.0.1:{first}/"), T);
-    d.wait_log("Consuming from queue", T);
+    let mut d2 = site2.start();
+    for d in [&d, &d2] {
+        d.wait_log(&format!("Connected to RabbitMQ at amqp://127.0.0.1:{first}/"), T);
+        d.wait_log("Consuming from queue", T);
+    }
 
     // Every profile changes; the web server is slow, so the run takes seconds.
     serve("rev-2", 101);
@@ -454,8 +467,10 @@ fn a_cluster_node_stopped_while_cdb2rabbit_publishes_and_the_daemon_consumes_los
     );
 
     let jobs = site.wait_jobs("every change built", T, |j| succeeded(j) >= CHANGES);
-    d.wait_log(&format!("Connected to RabbitMQ at amqp://127.0.0.1:{second}/"), T);
-    assert!(d.count("reconnecting to channel") >= 1, "{}", d.output());
+    for d in [&d, &d2] {
+        d.wait_log(&format!("Connected to RabbitMQ at amqp://127.0.0.1:{second}/"), T);
+        assert!(d.count("reconnecting to channel") >= 1, "{}", d.output());
+    }
     let mut keys: Vec<&str> = jobs.iter().map(|j| j.image_key.as_str()).collect();
     keys.sort();
     let want: Vec<String> = names.iter().map(|p| format!("{p}-sl7x-x86_64")).collect();
@@ -479,6 +494,7 @@ fn a_cluster_node_stopped_while_cdb2rabbit_publishes_and_the_daemon_consumes_los
         assert!(types.contains(&(queue.clone(), "quorum".into())), "{queue}: {types:?}");
     }
     d.stop();
+    d2.stop();
     eprintln!(
         "cluster up in {cluster_up:?}; the whole test took {:?}",
         began.elapsed()
