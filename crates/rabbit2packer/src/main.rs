@@ -236,6 +236,11 @@ fn site_report(
             rabbit2packer::site_journal::SiteJournal::connect(&site.url, site.password_file.as_deref()).await?;
         f(&journal).await
     });
+    print_report(out, |e| if e.is_config() { 2 } else { 1 })
+}
+
+/// Prints a report, or its error on stderr with the exit status `code` gives.
+fn print_report<E: std::fmt::Display>(out: Result<String, E>, code: impl FnOnce(&E) -> u8) -> ExitCode {
     match out {
         Ok(text) => {
             print!("{text}");
@@ -243,7 +248,7 @@ fn site_report(
         }
         Err(e) => {
             eprintln!("rabbit2packer: {e}");
-            ExitCode::from(if e.is_config() { 2 } else { 1 })
+            ExitCode::from(code(&e))
         }
     }
 }
@@ -258,14 +263,5 @@ fn report(
         Err(code) => return code,
     };
     let out = rabbit2packer::journal::Journal::open_read_only(&state_dir).and_then(|j| f(&j));
-    match out {
-        Ok(text) => {
-            print!("{text}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("rabbit2packer: {e}");
-            ExitCode::from(1)
-        }
-    }
+    print_report(out, |_| 1)
 }

@@ -935,14 +935,7 @@ impl SiteJournal {
                         &[&key],
                     )
                     .await?
-                    .map(|r| ImageHealth {
-                        image_key: r.get(0),
-                        state: r.get(1),
-                        since_job: r.get(2),
-                        since_at: r.get(3),
-                        further: r.get::<_, i32>(4).into(),
-                        last_job: r.get(5),
-                    });
+                    .map(|r| health_from(&r));
                 let change = match (failing, previous) {
                     (None, None) => None,
                     (None, Some(was)) => {
@@ -1000,17 +993,7 @@ impl SiteJournal {
                     &[],
                 )
                 .await?;
-            Ok(rows
-                .iter()
-                .map(|r| ImageHealth {
-                    image_key: r.get(0),
-                    state: r.get(1),
-                    since_job: r.get(2),
-                    since_at: r.get(3),
-                    further: r.get::<_, i32>(4).into(),
-                    last_job: r.get(5),
-                })
-                .collect())
+            Ok(rows.iter().map(health_from).collect())
         })
         .await
     }
@@ -1713,6 +1696,19 @@ async fn not_yours(tx: &tokio_postgres::Transaction<'_>, id: i64) -> TxError {
         }
     };
     TxError::NotYours { job: id, now }
+}
+
+/// An `image_health` row (image_key, state, since_job, since_at as text,
+/// further, last_job).
+fn health_from(r: &tokio_postgres::Row) -> ImageHealth {
+    ImageHealth {
+        image_key: r.get(0),
+        state: r.get(1),
+        since_job: r.get(2),
+        since_at: r.get(3),
+        further: r.get::<_, i32>(4).into(),
+        last_job: r.get(5),
+    }
 }
 
 /// gzip of a build log (6).
