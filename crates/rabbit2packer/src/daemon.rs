@@ -347,15 +347,12 @@ pub async fn run(config_file: &Path) -> Result<(), DaemonError> {
                 file: settings.config_file.clone(),
                 source,
             })?;
-            site.release(&format!("{} started again", site.host)).await;
             // Where this daemon's page is: a running job's live log is there.
             let url = listener
                 .as_ref()
                 .and_then(|l| l.local_addr().ok())
                 .map(|a| crate::status::public_url(&settings.r2p.status, a));
-            if let Err(e) = site.journal.register(&site.host, url.as_deref()).await {
-                tracing::warn!("{e}: other daemons' pages do not link to this one");
-            }
+            site.join(url).await;
             Jobs::Site(Arc::new(site))
         }
     };

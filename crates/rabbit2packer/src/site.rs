@@ -21,7 +21,10 @@
 //! - Free workers sleep until the database NOTIFYs a change (a new job, a
 //!   finished one, a takeover): no polling.
 //! - At start, what this daemon ran in its previous life and nobody took
-//!   over is given back (it waits again); at stop, its running jobs too.
+//!   over is given back (it waits again), before its workers claim
+//!   anything; at stop, its running jobs too. A database that does not
+//!   answer at start is waited for the same way as one lost later: the
+//!   daemon starts, and consumes and claims once it answers.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -76,24 +79,28 @@ pub(crate) struct Site {
     /// Bumped at each NOTIFY of the site journal: the status page's
     /// `/api/changes` waits on it (any daemon's change).
     changes: tokio::sync::watch::Sender<u64>,
+    /// This daemon has joined the site ([`Site::join`]): workers claim only then.
+    joined: tokio::sync::watch::Sender<bool>,
+    /// Its status page's address, registered when it joins.
+    status_url: Mutex<Option<String>>,
 }
 
 impl Site {
-    /// Connects (and migrates), trying again with a pause while the
-    /// database is unreachable; a configuration error is returned at once.
+    /// Connects (and migrates); a configuration error is returned at once.
+    /// A database that does not answer is waited for in the background:
+    /// the daemon starts, consuming and claiming wait.
     pub(crate) async fn connect(cfg: &SiteConfig) -> Result<Site, SiteJournalError> {
         let host = cfg.host_name.clone().unwrap_or_else(crate::site_journal::host_name);
-        let mut pause = FIRST_PAUSE;
-        let journal = loop {
-            match SiteJournal::connect(&cfg.url, cfg.password_file.as_deref()).await {
-                Ok(j) => break j,
-                Err(e) if e.is_transient() => {
-                    tracing::warn!("{e}; trying again in {pause:?}");
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(MAX_PAUSE);
-                }
-                Err(e) => return Err(e),
+        let (journal, reachable) = match SiteJournal::connect(&cfg.url, cfg.password_file.as_deref()).await {
+            Ok(j) => (j, true),
+            Err(e) if e.is_transient() => {
+                tracing::warn!(
+                    "{e}; starting all the same: consuming and claiming wait for it (reconnecting with backoff)"
+                );
+                crate::daemon::notify_status("site journal unreachable: waiting for it");
+                (SiteJournal::lazy(&cfg.url, cfg.password_file.as_deref())?, false)
             }
+            Err(e) => return Err(e),
         };
         tracing::info!(
             "Site journal {} (schema version {}): this daemon is {host}, job lease {:?}",
@@ -107,9 +114,11 @@ impl Site {
             lease: cfg.job_lease,
             wake: Notify::new(),
             running: Mutex::new(HashMap::new()),
-            reachable_since: Mutex::new(Some(Instant::now())),
+            reachable_since: Mutex::new(reachable.then(Instant::now)),
             changed: Notify::new(),
             changes: tokio::sync::watch::Sender::new(0),
+            joined: tokio::sync::watch::Sender::new(false),
+            status_url: Mutex::new(None),
         })
     }
 
@@ -209,9 +218,32 @@ impl Site {
         })
     }
 
+    /// Joins the site: registers this daemon's status page (`status_url`,
+    /// the first time), and gives back the jobs the site journal says it
+    /// runs, from its previous life. Until this has been done, its workers
+    /// claim nothing (they would be given back with the others); the lease
+    /// keeper tries again while the database does not answer.
+    pub(crate) async fn join(&self, status_url: Option<String>) {
+        if status_url.is_some() {
+            *self.status_url.lock().unwrap_or_else(|p| p.into_inner()) = status_url;
+        }
+        if *self.joined.borrow() {
+            return;
+        }
+        let url = self.status_url.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Err(e) = self.journal.register(&self.host, url.as_deref()).await {
+            self.reached(Err(&e));
+            return;
+        }
+        if self.release(&format!("{} started again", self.host)).await {
+            self.joined.send_replace(true);
+        }
+    }
+
     /// Waits for a job to run, claims it for `worker` and takes it into
     /// this daemon's journal (under the site's id).
     pub(crate) async fn next(&self, worker: &str, work: &Journal) -> JobRef {
+        let _ = self.joined.subscribe().wait_for(|j| *j).await;
         let mut pause = FIRST_PAUSE;
         loop {
             // Armed before the claim: a NOTIFY during it is not missed.
@@ -450,8 +482,12 @@ impl Site {
                 _ = tick.tick() => {}
                 _ = stop.cancelled() => return,
             }
+            if !*self.joined.borrow() {
+                self.join(None).await;
+            }
             let asked = Instant::now();
-            let renewed = self.journal.renew(&self.host, self.lease).await;
+            let mine: Vec<i64> = self.running().keys().copied().collect();
+            let renewed = self.journal.renew(&self.host, self.lease, &mine).await;
             self.reached(renewed.as_ref().map(drop));
             let Ok(held) = renewed else { continue };
             let lost: Vec<i64> = {
@@ -493,6 +529,8 @@ impl Site {
             match listening {
                 Ok(mut listener) => {
                     pause = FIRST_PAUSE;
+                    // The database answers: join now if that is still to do.
+                    self.join(None).await;
                     self.wake.notify_waiters();
                     self.bump();
                     loop {
@@ -523,8 +561,9 @@ impl Site {
     }
 
     /// Gives back the jobs the site journal says this daemon runs (at start:
-    /// those of its previous life; at stop: those it was running).
-    pub(crate) async fn release(&self, why: &str) {
+    /// those of its previous life; at stop: those it was running). False if
+    /// the database did not answer.
+    pub(crate) async fn release(&self, why: &str) -> bool {
         match self.journal.release(&self.host, why).await {
             Ok(jobs) => {
                 for r in jobs {
@@ -537,12 +576,17 @@ impl Site {
                         None => tracing::warn!("job {} for {} given back ({why}): it runs again", r.id, r.image_key),
                     }
                 }
+                true
             }
-            Err(e) => tracing::error!(
-                "{e}; the jobs {} ran wait for their lease to run out ({:?})",
-                self.host,
-                self.lease
-            ),
+            Err(e) => {
+                tracing::error!(
+                    "{e}; the jobs {} ran wait for their lease to run out ({:?}), or for it to be back",
+                    self.host,
+                    self.lease
+                );
+                self.reached(Err(&e));
+                false
+            }
         }
     }
 }

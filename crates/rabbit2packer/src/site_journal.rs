@@ -590,7 +590,9 @@ pub fn host_name() -> String {
 pub struct SiteJournal {
     target: Target,
     client: tokio::sync::Mutex<Option<Client>>,
-    applied: Vec<i32>,
+    /// The schema versions applied by this journal's first connection
+    /// (None: it has not connected yet, and migrates when it does).
+    applied: std::sync::OnceLock<Vec<i32>>,
 }
 
 impl std::fmt::Debug for SiteJournal {
@@ -621,23 +623,39 @@ impl SiteJournal {
     /// daemons starting at once are safe: the migrations run under an
     /// advisory lock, each version applied by exactly one of them.
     pub async fn connect(url: &str, password_file: Option<&Path>) -> Result<SiteJournal> {
-        let target = Target::parse(url, password_file)?;
-        let mut client = target.connect().await?;
-        let applied = migrate(&mut client).await.map_err(|e| match e {
-            MigrateError::Db(source) => target.error(source),
-            MigrateError::Newer(problem) => SiteJournalError::Schema {
-                target: target.name.clone(),
-                problem,
-            },
-        })?;
-        for v in &applied {
-            tracing::info!("site journal {}: schema version {v} applied", target.name);
-        }
+        let journal = SiteJournal::lazy(url, password_file)?;
+        journal.with(async |_| Ok(())).await?;
+        Ok(journal)
+    }
+
+    /// The site journal at `url`, not connected yet: the first operation
+    /// connects (and brings the schema to [`SCHEMA_VERSION`]). A daemon
+    /// starts so when the database does not answer.
+    pub fn lazy(url: &str, password_file: Option<&Path>) -> Result<SiteJournal> {
         Ok(SiteJournal {
-            target,
-            client: tokio::sync::Mutex::new(Some(client)),
-            applied,
+            target: Target::parse(url, password_file)?,
+            client: tokio::sync::Mutex::new(None),
+            applied: std::sync::OnceLock::new(),
         })
+    }
+
+    /// A new connection; the first one of this journal migrates the schema.
+    async fn open(&self) -> Result<Client> {
+        let mut client = self.target.connect().await?;
+        if self.applied.get().is_none() {
+            let applied = migrate(&mut client).await.map_err(|e| match e {
+                MigrateError::Db(source) => self.target.error(source),
+                MigrateError::Newer(problem) => SiteJournalError::Schema {
+                    target: self.target.name.clone(),
+                    problem,
+                },
+            })?;
+            for v in &applied {
+                tracing::info!("site journal {}: schema version {v} applied", self.target.name);
+            }
+            let _ = self.applied.set(applied);
+        }
+        Ok(client)
     }
 
     /// Checks `url` (and reads `password_file`) without connecting: a
@@ -649,7 +667,7 @@ impl SiteJournal {
     /// The schema versions this connect applied (none if another daemon
     /// had already, or did meanwhile).
     pub fn applied_migrations(&self) -> &[i32] {
-        &self.applied
+        self.applied.get().map_or(&[], Vec::as_slice)
     }
 
     /// The database, without its password.
@@ -663,7 +681,7 @@ impl SiteJournal {
         let mut guard = self.client.lock().await;
         if guard.as_ref().is_none_or(|c| c.is_closed()) {
             *guard = None;
-            *guard = Some(self.target.connect().await?);
+            *guard = Some(self.open().await?);
         }
         let client = guard.as_mut().expect("connected above");
         match f(client).await {
@@ -857,17 +875,20 @@ impl SiteJournal {
         Ok(None)
     }
 
-    /// (4) Extends the lease of every job `host` runs; returns the jobs
-    /// (id, attempt) it still holds. A job the host thinks it runs and that
-    /// is not in the list was taken over: stop building it.
-    pub async fn renew(&self, host: &str, lease: Duration) -> Result<Vec<(i64, i32)>> {
+    /// (4) Extends the lease of those of `jobs` that `host` still runs;
+    /// returns them (id, attempt). A job the host runs and that is not in
+    /// the list was taken over: stop building it. Only the jobs the daemon
+    /// runs are renewed: a job the site journal says it runs and that it
+    /// does not (from a previous life not given back) runs out, and is
+    /// taken over.
+    pub async fn renew(&self, host: &str, lease: Duration, jobs: &[i64]) -> Result<Vec<(i64, i32)>> {
         let lease_ms = lease.as_millis() as f64;
         self.with(async |c| {
             let rows = c
                 .query(
                     "UPDATE jobs SET lease_until = now() + $2::float8 * interval '1 millisecond'
-                     WHERE state = 'running' AND host = $1 RETURNING id, attempts",
-                    &[&host, &lease_ms],
+                     WHERE state = 'running' AND host = $1 AND id = ANY($3) RETURNING id, attempts",
+                    &[&host, &lease_ms, &jobs],
                 )
                 .await?;
             let mut held: Vec<(i64, i32)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();

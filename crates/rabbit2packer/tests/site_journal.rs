@@ -289,7 +289,7 @@ async fn an_expired_lease_is_taken_over_once_and_the_old_owner_may_not_record() 
         .await
         .unwrap();
     // Renewed while alive: nobody may take it.
-    assert_eq!(a.renew("A", lease).await.unwrap(), vec![(id, 1)]);
+    assert_eq!(a.renew("A", lease, &[id]).await.unwrap(), vec![(id, 1)]);
     assert!(b.take_over_expired("B").await.unwrap().is_empty());
     // A stops renewing (it died, or lost the network); the lease runs out.
     tokio::time::sleep(lease + Duration::from_millis(300)).await;
@@ -314,7 +314,7 @@ async fn an_expired_lease_is_taken_over_once_and_the_old_owner_may_not_record() 
     assert_eq!((again.id, again.attempt), (id, 2));
     // A comes back: it holds nothing, may record nothing, and its restart
     // does not take B's job.
-    assert!(a.renew("A", lease).await.unwrap().is_empty());
+    assert!(a.renew("A", lease, &[id]).await.unwrap().is_empty());
     let e = a.finish("A", id, 1, Finished::Failed, Some("late")).await.unwrap_err();
     assert!(
         matches!(&e, SiteJournalError::NotYours { job, .. } if *job == id),

@@ -187,3 +187,60 @@ fn a_message_id_and_profile_header_with_nul_are_journaled_and_built() {
     d.wait_log("is already job", T);
     assert_eq!(site.queue_len(), 0);
 }
+
+/// A daemon started while the site journal does not answer starts all the
+/// same (consuming and claiming wait), and once it answers, joins: what it
+/// was building when it was killed is given back and built again, and the
+/// requests that came meanwhile are journaled and built.
+#[test]
+fn a_daemon_started_while_the_database_is_down_waits_for_it_and_gives_back_what_it_ran() {
+    let pg = PrivatePostgres::start().expect("a private PostgreSQL (Debian's postgresql package)");
+    let url = pg.database("site_down").unwrap();
+    let site = Site::new(1, &keys(&url, "d1"));
+    site.template("a.json", Step { sleep: 1.5, exit: 0 });
+    let mut d = site.start();
+    d.wait_log("Consuming from queue", T);
+    site.publish(&profile("killed", "7x", "a", prod()), Some("k1"));
+    let first = site.wait_runs("the build started", T, |r| !r.is_empty())[0].clone();
+    // The daemon dies with its build (as with its host).
+    d.signal(libc::SIGKILL);
+    let pgid: i32 = first[4].parse().unwrap();
+    unsafe { libc::killpg(pgid, libc::SIGKILL) };
+    d.wait_exit(T);
+    pg.stop(false).unwrap();
+    let d = site.start();
+    d.wait_log("starting all the same", T);
+    d.wait_log("Ready:", T);
+    site.publish(&profile("meanwhile", "7x", "a", prod()), Some("m1"));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(site.queue_len(), 1, "nothing is acked unjournaled:\n{}", d.output());
+    pg.start_again().unwrap();
+    d.wait_log(
+        "job 1 for killed-sl7x-x86_64 given back (d1 started again): it runs again",
+        T,
+    );
+    let deadline = std::time::Instant::now() + T;
+    let history = loop {
+        let (code, out, err) = site.cli(&["history", "--json"]);
+        let h: Vec<Value> = if code == 0 {
+            serde_json::from_str(&out).unwrap()
+        } else {
+            Vec::new()
+        };
+        if h.len() == 2 {
+            break h;
+        }
+        assert!(std::time::Instant::now() < deadline, "{err}{}", d.output());
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(history.iter().all(|j| j["state"] == "succeeded"), "{history:#?}");
+    let killed = history.iter().find(|j| j["image_key"] == "killed-sl7x-x86_64").unwrap();
+    assert_eq!(killed["attempts"], 2, "{killed:#}");
+    let starts: Vec<String> = site.starts().iter().map(|r| r[2].clone()).collect();
+    assert_eq!(
+        starts,
+        ["sl7x-x86_64 killed", "sl7x-x86_64 killed", "sl7x-x86_64 meanwhile"],
+        "{}",
+        d.output()
+    );
+}
