@@ -264,7 +264,12 @@ async fn rebuild(control: &Control, image_key: &str, by: &str) -> Result<Reply, 
 /// Queues a rebuild of every outdated image with its newest profile.
 pub(crate) async fn rebuild_outdated(control: &Control, by: &str) -> Result<Reply, String> {
     let sources = crate::outdated::read_source_images(&control.images_file)?;
-    let outdated = crate::outdated::find(&control.journal, &sources).map_err(|e| e.to_string())?;
+    let outdated = match &control.jobs {
+        Jobs::Site(site) => crate::outdated::find_on_site(&site.journal, &sources)
+            .await
+            .map_err(|e| e.to_string())?,
+        Jobs::Local(_) => crate::outdated::find(&control.journal, &sources).map_err(|e| e.to_string())?,
+    };
     if outdated.is_empty() {
         return Ok(Reply {
             ok: true,

@@ -35,12 +35,20 @@ pub fn status(
 
 /// [`status`] of the whole site, from the site journal (STATE_DB): every
 /// daemon's jobs, each running one with the daemon (HOST_NAME) that runs it.
-pub async fn site_status(site: &SiteJournal, json: bool) -> Result<String, SiteJournalError> {
+pub async fn site_status(
+    site: &SiteJournal,
+    source_images: Option<&std::collections::BTreeMap<String, String>>,
+    json: bool,
+) -> Result<String, SiteJournalError> {
     let jobs = site.active().await?;
     if json {
         return Ok(serde_json::to_string_pretty(&jobs).expect("records serialise") + "\n");
     }
-    Ok(status_text(&jobs, &site.image_health().await?, &[]))
+    let outdated = match source_images {
+        Some(sources) => crate::outdated::find_on_site(site, sources).await?,
+        None => Vec::new(),
+    };
+    Ok(status_text(&jobs, &site.image_health().await?, &outdated))
 }
 
 /// [`history`] of the whole site, from the site journal (STATE_DB).

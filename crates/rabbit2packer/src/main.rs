@@ -32,8 +32,9 @@ fn main() -> ExitCode {
             }
         }
         Some(Command::Status { json, state_dir }) if state_dir.is_none() && site_config(&config).is_some() => {
+            let sources = source_images(&config);
             site_report(&config, async |site| {
-                rabbit2packer::history::site_status(site, json).await
+                rabbit2packer::history::site_status(site, sources.as_ref(), json).await
             })
         }
         Some(Command::History {
@@ -45,10 +46,7 @@ fn main() -> ExitCode {
             rabbit2packer::history::site_history(site, image.as_deref(), limit, json).await
         }),
         Some(Command::Status { json, state_dir }) => {
-            // Outdated images need IMAGES_CONFIG: without a readable config they are not listed.
-            let sources = rabbit2packer::daemon::load_settings(&config)
-                .ok()
-                .and_then(|s| rabbit2packer::outdated::read_source_images(&s.r2p.images_config).ok());
+            let sources = source_images(&config);
             report(&config, state_dir, |j| {
                 rabbit2packer::history::status(j, sources.as_ref(), json)
             })
@@ -207,6 +205,13 @@ fn control(config: &std::path::Path, state_dir: Option<PathBuf>, req: Request) -
             ExitCode::from(e.exit_code() as u8)
         }
     }
+}
+
+/// IMAGES_CONFIG's source images (outdated images): without a readable
+/// config or file they are not listed.
+fn source_images(config: &std::path::Path) -> Option<std::collections::BTreeMap<String, String>> {
+    let settings = rabbit2packer::daemon::load_settings(config).ok()?;
+    rabbit2packer::outdated::read_source_images(&settings.r2p.images_config).ok()
 }
 
 /// `[rabbit2packer] STATE_DB` and its keys, when config.ini names a site journal.

@@ -43,8 +43,21 @@ fn source_key_of<'a>(image_key: &str, keys: impl Iterator<Item = &'a String>) ->
 /// The outdated images, by image key. An image whose `<os><version>-<arch>`
 /// has no entry now is not outdated (nothing to build it from).
 pub fn find(journal: &Journal, source_images: &BTreeMap<String, String>) -> Result<Vec<Outdated>, JournalError> {
-    Ok(journal
-        .built_from()?
+    Ok(among(journal.built_from()?, source_images))
+}
+
+/// [`find`] on the site journal (STATE_DB): whichever daemon built them.
+pub async fn find_on_site(
+    site: &crate::site_journal::SiteJournal,
+    source_images: &BTreeMap<String, String>,
+) -> Result<Vec<Outdated>, crate::site_journal::SiteJournalError> {
+    Ok(among(site.built_from().await?, source_images))
+}
+
+/// The outdated ones among the newest builds of each image (image key,
+/// job, source image).
+fn among(built_from: Vec<(String, i64, String)>, source_images: &BTreeMap<String, String>) -> Vec<Outdated> {
+    built_from
         .into_iter()
         .filter_map(|(image_key, job, built_from)| {
             let key = source_key_of(&image_key, source_images.keys())?;
@@ -56,7 +69,7 @@ pub fn find(journal: &Journal, source_images: &BTreeMap<String, String>) -> Resu
                 current: current.clone(),
             })
         })
-        .collect())
+        .collect()
 }
 
 #[cfg(test)]

@@ -1004,6 +1004,32 @@ impl SiteJournal {
         Self::owner(r, host, attempt)
     }
 
+    /// For each image with a succeeded job: (image key, its newest
+    /// succeeded job, the source image that job's first build used), by
+    /// key, as the SQLite journal's `built_from` (outdated images).
+    pub async fn built_from(&self) -> Result<Vec<(String, i64, String)>> {
+        self.with(async |c| {
+            let rows = c
+                .query(
+                    "SELECT k.image_key, n.id,
+                            (SELECT b.source_image FROM builds b
+                             WHERE b.job_id = n.id AND b.source_image IS NOT NULL ORDER BY b.id LIMIT 1)
+                     FROM (SELECT DISTINCT image_key FROM jobs WHERE state = 'succeeded') k
+                     CROSS JOIN LATERAL (SELECT id FROM jobs j
+                                         WHERE j.image_key = k.image_key AND j.state = 'succeeded'
+                                         ORDER BY j.id DESC LIMIT 1) n
+                     ORDER BY k.image_key",
+                    &[],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .filter_map(|r| Some((r.get(0), r.get(1), r.get::<_, Option<String>>(2)?)))
+                .collect())
+        })
+        .await
+    }
+
     /// Images whose builds, rotations or tests fail, site-wide, by key.
     pub async fn image_health(&self) -> Result<Vec<ImageHealth>> {
         self.with(async |c| {

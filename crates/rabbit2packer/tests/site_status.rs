@@ -98,6 +98,31 @@ fn a_daemon_shows_the_jobs_logs_and_failures_of_another() {
         out.contains("failing: 1\n  web-sl7x-x86_64 build failing since job #"),
         "{out}"
     );
+
+    // A new source image: d2's build is outdated on d1's status and page,
+    // and d1's `rebuild --outdated` has it built again (by either daemon).
+    site.write_images(json!({"sl7x-x86_64": "src-7x-new", "sl8x-x86_64": "src-8x-uuid"}));
+    let (code, out, err) = site.cli(&["status"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&format!(
+            "outdated: 1 (IMAGES_CONFIG names a new source image; `rabbit2packer rebuild --outdated` builds them)\n  \
+             web-sl7x-x86_64 built from src-7x-uuid by job #{first}, now src-7x-new"
+        )),
+        "{out}"
+    );
+    let images = http.json("/api/images");
+    assert_eq!(images["images"][0]["outdated"]["current"], "src-7x-new", "{images:#}");
+    std::fs::remove_file(site.out.join("fail")).unwrap();
+    let (code, out, err) = site.cli(&["rebuild", "--outdated"]);
+    assert_eq!(code, 0, "{out}{err}");
+    while jobs().len() < 3 {
+        assert!(std::time::Instant::now() < deadline, "{}{}", d1.output(), d2.output());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(jobs()[0]["state"], "succeeded", "{:#?}", jobs());
+    let last = site.starts().last().cloned().unwrap();
+    assert_eq!(last[3], "src-7x-new", "{last:?}");
     drop(d1);
     drop(d2);
 }

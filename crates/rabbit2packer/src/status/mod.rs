@@ -214,24 +214,38 @@ async fn images(State(shared): State<Arc<Shared>>) -> Response {
         let mut images = j.images()?;
         // An IMAGES_CONFIG that cannot be read marks nothing (the daemon says why).
         if let Ok(sources) = crate::outdated::read_source_images(&images_config) {
-            let mut outdated: std::collections::BTreeMap<String, crate::outdated::Outdated> =
-                crate::outdated::find(j, &sources)?
-                    .into_iter()
-                    .map(|o| (o.image_key.clone(), o))
-                    .collect();
-            for im in &mut images {
-                im.outdated = outdated.remove(&im.image_key);
-            }
+            mark_outdated(&mut images, crate::outdated::find(j, &sources)?);
         }
         Ok(images)
     };
     let found = match &shared.site {
-        Some(site) => site_read(site.journal.images()).await,
+        Some(site) => site_images(site, &shared.images_config).await,
         None => read(&shared, summaries).await,
     };
     match found {
         Ok(images) => Json(serde_json::json!({ "now": now(), "images": images })).into_response(),
         Err(r) => r,
+    }
+}
+
+/// The site's images, the outdated ones marked (see `images`).
+async fn site_images(site: &Site, images_config: &Path) -> Result<Vec<crate::journal::ImageSummary>, Response> {
+    let mut images = site_read(site.journal.images()).await?;
+    if let Ok(sources) = crate::outdated::read_source_images(images_config) {
+        mark_outdated(
+            &mut images,
+            site_read(crate::outdated::find_on_site(&site.journal, &sources)).await?,
+        );
+    }
+    Ok(images)
+}
+
+/// Each image's `outdated` from the list of outdated ones.
+fn mark_outdated(images: &mut [crate::journal::ImageSummary], outdated: Vec<crate::outdated::Outdated>) {
+    let mut outdated: std::collections::BTreeMap<String, crate::outdated::Outdated> =
+        outdated.into_iter().map(|o| (o.image_key.clone(), o)).collect();
+    for im in images {
+        im.outdated = outdated.remove(&im.image_key);
     }
 }
 
