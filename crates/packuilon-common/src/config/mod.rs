@@ -842,6 +842,10 @@ fn rotation_from(s: &Section<'_>) -> Result<RotationConfig> {
 fn site_from(s: &Section<'_>) -> Result<Option<SiteConfig>> {
     let password_file = s.optional_path("STATE_DB_PASSWORD_FILE");
     let job_lease = s.positive_duration_optional("JOB_LEASE")?;
+    if job_lease.is_some_and(|l| l < Duration::from_secs(1)) {
+        // Renewed every third of it: less than a second would be a busy loop.
+        return Err(s.err("JOB_LEASE", "must be at least 1 s"));
+    }
     let host_name = s.optional("HOST_NAME");
     if let Some(h) = &host_name {
         if h.len() > 255 || h.chars().any(|c| c.is_control() || c.is_whitespace()) {
@@ -1241,6 +1245,7 @@ CACHE_DIR = /etc/packer-utils/profiles/
             ("STATE_DB = /var/lib/packuilon/journal.db", "STATE_DB"),
             ("STATE_DB = postgres://db/p\nJOB_LEASE = 0", "JOB_LEASE"),
             ("STATE_DB = postgres://db/p\nJOB_LEASE = soon", "JOB_LEASE"),
+            ("STATE_DB = postgres://db/p\nJOB_LEASE = 200ms", "JOB_LEASE"),
             ("STATE_DB = postgres://db/p\nHOST_NAME = two words", "HOST_NAME"),
             (
                 "STATE_DB = postgres://db/p\nSTATE_DB_PASSWORD_FILE = /nonexistent/pw",
