@@ -29,6 +29,8 @@ pub struct PrivatePostgres {
     /// Run the binaries as `postgres` (we are root).
     as_postgres: bool,
     tls: Option<crate::tls::Certs>,
+    /// fsync on, as a site's database runs (tests run with it off).
+    durable: bool,
 }
 
 impl std::fmt::Debug for PrivatePostgres {
@@ -70,13 +72,20 @@ pub fn bin_dir() -> Result<PathBuf> {
 impl PrivatePostgres {
     /// A new cluster on a free loopback port, started and ready.
     pub fn start() -> Result<PrivatePostgres> {
-        PrivatePostgres::init(false)
+        PrivatePostgres::init(false, false)
+    }
+
+    /// As [`PrivatePostgres::start`], with `fsync` on (the server's
+    /// default): each commit reaches the disk, as on a site's database.
+    /// For benchmarks; tests run with it off.
+    pub fn start_durable() -> Result<PrivatePostgres> {
+        PrivatePostgres::init(false, true)
     }
 
     /// As [`PrivatePostgres::start`], with TLS on (a throw-away CA from
     /// [`crate::tls::make_certs`]; [`PrivatePostgres::ca`] names its certificate).
     pub fn start_tls() -> Result<PrivatePostgres> {
-        PrivatePostgres::init(true)
+        PrivatePostgres::init(true, false)
     }
 
     /// The cluster of this test process, started by the first test that
@@ -96,7 +105,7 @@ impl PrivatePostgres {
         Ok(pg)
     }
 
-    fn init(tls: bool) -> Result<PrivatePostgres> {
+    fn init(tls: bool, durable: bool) -> Result<PrivatePostgres> {
         let bin = bin_dir()?;
         let dir = tempfile::Builder::new()
             .prefix("packuilon-pg-")
@@ -111,6 +120,7 @@ impl PrivatePostgres {
             password,
             as_postgres,
             tls: None,
+            durable,
         };
         if tls {
             let certs = crate::tls::make_certs(pg.dir.path());
@@ -263,10 +273,13 @@ impl PrivatePostgres {
     /// Starts the cluster (after [`PrivatePostgres::stop`]): same port, same data.
     pub fn start_again(&self) -> Result<()> {
         let mut opts = format!(
-            "-c listen_addresses=127.0.0.1 -c port={} -c unix_socket_directories={} -c fsync=off",
+            "-c listen_addresses=127.0.0.1 -c port={} -c unix_socket_directories={}",
             self.port,
             self.dir.path().display()
         );
+        if !self.durable {
+            opts.push_str(" -c fsync=off");
+        }
         if let Some(c) = &self.tls {
             opts.push_str(&format!(
                 " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
