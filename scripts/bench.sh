@@ -32,8 +32,9 @@ for b in "${benches[@]}"; do
     scripts/openstack-up.sh "$os_state" "$kport" "$gport" >&2
     export PACKUILON_TEST_OPENRC="$os_state/admin-openrc.sh"
   fi
-  # rabbit2packer's status bench loads the page in headless Chromium.
-  if [ "$b" = rabbit2packer ]; then scripts/install-packages.sh chromium chromium-driver; fi
+  # rabbit2packer's status bench loads the page in headless Chromium; its
+  # site bench starts a private PostgreSQL (Debian's postgresql).
+  if [ "$b" = rabbit2packer ]; then scripts/install-packages.sh chromium chromium-driver postgresql; fi
   echo "== $b"
   cargo bench -q -p "$b"
 done
