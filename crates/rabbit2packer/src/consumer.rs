@@ -252,30 +252,14 @@ async fn consume(
                 // Acking now would lose the message at the next start: it goes
                 // back to the queue, with every other unacked one, and the
                 // daemon exits for systemd to restart it on the journal on disk.
-                let _ = delivery
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await;
-                let _ = channel.close(200, "rabbit2packer: job journal lost".into()).await;
-                let _ = conn.close(200, "rabbit2packer: job journal lost".into()).await;
+                give_back_all(&delivery, &channel, &conn, "rabbit2packer: job journal lost").await;
                 return Err(Lost::Fatal(Fatal::Journal(JournalLost(e))));
             }
             Err(NotAcked::Site(e)) if e.is_transient() => {
                 // Consuming pauses: this delivery and every unacked one go
                 // back to the queue (redelivered, a duplicate is recognised),
                 // and `run` connects again after a pause.
-                let _ = delivery
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..Default::default()
-                    })
-                    .await;
-                let _ = channel
-                    .close(200, "rabbit2packer: site journal unreachable".into())
-                    .await;
-                let _ = conn.close(200, "rabbit2packer: site journal unreachable".into()).await;
+                give_back_all(&delivery, &channel, &conn, "rabbit2packer: site journal unreachable").await;
                 tracing::debug!("{e}: message returned to the queue");
                 return Err(Lost::Database);
             }
@@ -295,6 +279,24 @@ async fn consume(
             }
         }
     }
+}
+
+/// Returns `delivery` and, by closing the channel and connection, every
+/// other unacked one to the queue (nothing is acked unjournaled).
+async fn give_back_all(
+    delivery: &lapin::message::Delivery,
+    channel: &lapin::Channel,
+    conn: &lapin::Connection,
+    why: &str,
+) {
+    let _ = delivery
+        .nack(BasicNackOptions {
+            requeue: true,
+            ..Default::default()
+        })
+        .await;
+    let _ = channel.close(200, why.into()).await;
+    let _ = conn.close(200, why.into()).await;
 }
 
 /// `<QUEUE>.rejected`: where rejected messages are published, with their
