@@ -22,6 +22,8 @@ use quick_xml::Reader;
 
 use crate::names::check_name;
 
+mod plain;
+
 /// Largest index accepted, after decompression. A 100,000-profile index is
 /// about 6 MB; this only stops a runaway or hostile document.
 pub const INDEX_LIMIT: u64 = 256 * 1024 * 1024;
@@ -158,6 +160,41 @@ enum State {
 }
 
 fn parse_xml(bytes: &[u8]) -> Result<Index, IndexError> {
+    let (mut entries, mut problems) = match plain::scan(bytes) {
+        Some(found) => found,
+        None => parse_any(bytes)?,
+    };
+    drop_duplicates(&mut entries, &mut problems);
+    drop_clashes(&mut entries, &mut problems);
+    Ok(Index { entries, problems })
+}
+
+/// A profile's entry as the document gives it (the name unescaped, the
+/// mtime attribute if any), checked and added to `entries`, or to
+/// `problems` when it cannot be used.
+fn add_entry(
+    mut name: String,
+    mtime: Option<Result<u64, String>>,
+    entries: &mut Vec<Entry>,
+    problems: &mut Vec<EntryError>,
+) {
+    if name.starts_with(char::is_whitespace) || name.ends_with(char::is_whitespace) {
+        name = name.trim().to_string();
+    }
+    if let Err(problem) = check_name(&name) {
+        problems.push(EntryError::HostileName { name, problem });
+        return;
+    }
+    match mtime {
+        None => problems.push(EntryError::NoMtime { name }),
+        Some(Ok(mtime)) => entries.push(Entry { name, mtime }),
+        Some(Err(m)) => problems.push(EntryError::BadMtime { name, mtime: m }),
+    }
+}
+
+/// The entries and the entries' problems of any well-formed index, read
+/// with an XML parser (duplicates and clashes not yet looked for).
+fn parse_any(bytes: &[u8]) -> Result<(Vec<Entry>, Vec<EntryError>), IndexError> {
     let mut reader = Reader::from_reader(bytes);
     reader.config_mut().check_end_names = true;
     let xml_err = |reader: &Reader<&[u8]>, e: &dyn std::fmt::Display| IndexError::Xml {
@@ -242,28 +279,9 @@ fn parse_xml(bytes: &[u8]) -> Result<Index, IndexError> {
                 })
             }
             (State::InProfile { mtime, name }, Event::End(_)) => {
-                let mut name = std::mem::take(name);
-                if name.starts_with(char::is_whitespace) || name.ends_with(char::is_whitespace) {
-                    name = name.trim().to_string();
-                }
-                let mtime = mtime.take();
+                let (name, mtime) = (std::mem::take(name), mtime.take());
                 state = State::InRoot;
-                if let Err(problem) = check_name(&name) {
-                    problems.push(EntryError::HostileName { name, problem });
-                    continue;
-                }
-                let mtime = match mtime {
-                    None => {
-                        problems.push(EntryError::NoMtime { name });
-                        continue;
-                    }
-                    Some(Ok(v)) => v,
-                    Some(Err(m)) => {
-                        problems.push(EntryError::BadMtime { name, mtime: m });
-                        continue;
-                    }
-                };
-                entries.push(Entry { name, mtime });
+                add_entry(name, mtime, &mut entries, &mut problems);
             }
             (State::InOther { depth }, Event::Start(_)) => *depth += 1,
             (State::InOther { depth }, Event::End(_)) => {
@@ -291,9 +309,7 @@ fn parse_xml(bytes: &[u8]) -> Result<Index, IndexError> {
     if !matches!(state, State::AfterRoot) {
         return Err(IndexError::Truncated);
     }
-    drop_duplicates(&mut entries, &mut problems);
-    drop_clashes(&mut entries, &mut problems);
-    Ok(Index { entries, problems })
+    Ok((entries, problems))
 }
 
 /// Removes every entry whose name is listed more than once (which of them

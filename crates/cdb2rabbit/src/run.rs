@@ -867,15 +867,16 @@ async fn examine(
             source,
         })?
         .and_then(|bytes| index::gunzip_if_gzip(bytes, PROFILE_LIMIT).ok());
-    // The same bytes are the same JSON: only differing copies are parsed into trees.
+    // The same bytes are the same JSON; differing ones are compared as JSON.
     let unchanged = match old {
         Some(old) if old == body => {
             is_json(&body).map_err(not_json)?;
             true
         }
-        old => {
-            let new = json::parse(&body).map_err(not_json)?;
-            old.is_some_and(|bytes| json::parse(&bytes).is_ok_and(|old| old == new))
+        Some(old) => json::same(&body, &old).map_err(not_json)?,
+        None => {
+            json::digest(&body).map_err(not_json)?;
+            false
         }
     };
     Ok(if unchanged {
