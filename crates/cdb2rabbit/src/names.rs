@@ -16,29 +16,34 @@ pub fn check_name(name: &str) -> Result<(), &'static str> {
     if name.starts_with('/') {
         return Err("absolute profile name");
     }
-    if name.contains('\0') {
+    // One pass over the bytes (this runs for every entry of the index).
+    let (mut nul, mut backslash, mut control) = (false, false, false);
+    for &b in name.as_bytes() {
+        nul |= b == 0;
+        backslash |= b == b'\\';
+        control |= b.is_ascii_control();
+    }
+    if nul {
         return Err("NUL in profile name");
     }
-    if name.contains('\\') {
+    if backslash {
         return Err("backslash in profile name");
     }
-    let control = if name.is_ascii() {
-        name.bytes().any(|b| b.is_ascii_control())
-    } else {
-        name.chars().any(char::is_control)
-    };
+    if !name.is_ascii() {
+        control = name.chars().any(char::is_control);
+    }
     if control {
         return Err("control character in profile name");
     }
-    for segment in name.split('/') {
+    for segment in name.as_bytes().split(|&b| b == b'/') {
         if segment.is_empty() {
             return Err("empty path segment in profile name");
         }
-        if segment == "." || segment == ".." {
+        if segment == b"." || segment == b".." {
             return Err("'.' or '..' segment in profile name");
         }
         // Keeps profiles clear of cdb2rabbit's own files (the lock, temp files).
-        if segment.starts_with('.') {
+        if segment.starts_with(b".") {
             return Err("path segment starting with '.' in profile name");
         }
     }
@@ -68,7 +73,19 @@ mod tests {
         ] {
             assert!(check_name(bad).is_err(), "{bad:?} accepted");
         }
-        for good in ["a.json", "ns/a.json.gz", "host-1.example.org.xml", "a..b.json"] {
+        // The first problem found, in a fixed order.
+        for (bad, problem) in [
+            ("a\\b\0/..", "NUL in profile name"),
+            ("a\x01/b\\c", "backslash in profile name"),
+            ("a/\u{85}b/..", "control character in profile name"),
+            ("a\x7f", "control character in profile name"),
+            ("a//.b", "empty path segment in profile name"),
+            ("a/./.b", "'.' or '..' segment in profile name"),
+            ("h\u{e9}/.b", "path segment starting with '.' in profile name"),
+        ] {
+            assert_eq!(check_name(bad), Err(problem), "{bad:?}");
+        }
+        for good in ["a.json", "ns/a.json.gz", "host-1.example.org.xml", "a..b.json", "h\u{e9}.json"] {
             assert!(check_name(good).is_ok(), "{good:?} refused");
         }
     }

@@ -20,38 +20,57 @@ use super::{add_entry, Entry, EntryError};
 /// The entries of a document in the broker's layout, or `None` when it is
 /// not one (the caller then parses it as XML).
 pub(super) fn scan(bytes: &[u8]) -> Option<(Vec<Entry>, Vec<EntryError>)> {
-    let mut rest = declaration(bytes)?;
-    rest = skip_space(rest).strip_prefix(b"<profiles>")?;
+    // Validated once: each name is then a slice of it.
+    let text = std::str::from_utf8(bytes).ok()?;
+    let mut at = text.len() - declaration(bytes)?.len();
+    at += skip_space(&bytes[at..]);
+    at += strip(&bytes[at..], b"<profiles>")?;
     // An entry takes some 60 bytes of the document.
     let mut entries: Vec<Entry> = Vec::with_capacity((bytes.len() / 64).min(1 << 20));
     let mut problems = Vec::new();
     loop {
-        rest = skip_space(rest);
-        if let Some(after) = rest.strip_prefix(b"</profiles>") {
-            return skip_space(after).is_empty().then_some((entries, problems));
+        at += skip_space(&bytes[at..]);
+        if let Some(n) = strip(&bytes[at..], b"</profiles>") {
+            at += n;
+            return (skip_space(&bytes[at..]) == bytes.len() - at).then_some((entries, problems));
         }
-        rest = rest.strip_prefix(b"<profile mtime=")?;
-        let (&quote, value) = rest.split_first()?;
+        at += strip(&bytes[at..], b"<profile mtime=")?;
+        let quote = *bytes.get(at)?;
         if quote != b'\'' && quote != b'"' {
             return None;
         }
-        let end = memchr(quote, value)?;
-        let digits = &value[..end];
-        if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        // Too large for a u64: the XML parser reports it as a bad mtime.
-        let mtime: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
-        rest = value[end + 1..].strip_prefix(b">")?;
-        let end = memchr(b'<', rest)?;
-        let name = &rest[..end];
+        at += 1;
+        let digits = &bytes[at..at + memchr(quote, &bytes[at..])?];
+        at += digits.len() + 1;
+        at += strip(&bytes[at..], b">")?;
+        let mtime = decimal(digits)?;
+        let start = at;
+        at += memchr(b'<', &bytes[at..])?;
+        let name = &bytes[start..at];
         if !name.iter().all(|&b| (b' '..=b'~').contains(&b) && b != b'&' && b != b']') {
             return None;
         }
-        let name = std::str::from_utf8(name).ok()?.to_string();
-        rest = rest[end..].strip_prefix(b"</profile>")?;
-        add_entry(name, Some(Ok(mtime)), &mut entries, &mut problems);
+        at += strip(&bytes[at..], b"</profile>")?;
+        add_entry(text[start..start + name.len()].to_string(), Some(Ok(mtime)), &mut entries, &mut problems);
     }
+}
+
+/// The value of a non-empty run of ASCII digits; `None` for anything else,
+/// or a value too large for a u64 (the XML parser reports it as a bad mtime).
+fn decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        d.is_ascii_digit()
+            .then(|| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+            .flatten()
+    })
+}
+
+/// The length of `prefix` when `bytes` starts with it.
+fn strip(bytes: &[u8], prefix: &[u8]) -> Option<usize> {
+    bytes.starts_with(prefix).then_some(prefix.len())
 }
 
 /// What follows the XML declaration, if there is one and it says what the
@@ -87,12 +106,12 @@ fn is_space_char(c: char) -> bool {
     matches!(c, ' ' | '\t' | '\r' | '\n')
 }
 
-fn skip_space(bytes: &[u8]) -> &[u8] {
-    let start = bytes
+/// The length of the XML white space `bytes` starts with.
+fn skip_space(bytes: &[u8]) -> usize {
+    bytes
         .iter()
         .position(|b| !matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
-        .unwrap_or(bytes.len());
-    &bytes[start..]
+        .unwrap_or(bytes.len())
 }
 
 #[cfg(test)]
