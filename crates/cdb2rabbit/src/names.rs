@@ -85,7 +85,13 @@ mod tests {
         ] {
             assert_eq!(check_name(bad), Err(problem), "{bad:?}");
         }
-        for good in ["a.json", "ns/a.json.gz", "host-1.example.org.xml", "a..b.json", "h\u{e9}.json"] {
+        for good in [
+            "a.json",
+            "ns/a.json.gz",
+            "host-1.example.org.xml",
+            "a..b.json",
+            "h\u{e9}.json",
+        ] {
             assert!(check_name(good).is_ok(), "{good:?} refused");
         }
     }

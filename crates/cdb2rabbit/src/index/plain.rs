@@ -47,11 +47,19 @@ pub(super) fn scan(bytes: &[u8]) -> Option<(Vec<Entry>, Vec<EntryError>)> {
         let start = at;
         at += memchr(b'<', &bytes[at..])?;
         let name = &bytes[start..at];
-        if !name.iter().all(|&b| (b' '..=b'~').contains(&b) && b != b'&' && b != b']') {
+        if !name
+            .iter()
+            .all(|&b| (b' '..=b'~').contains(&b) && b != b'&' && b != b']')
+        {
             return None;
         }
         at += strip(&bytes[at..], b"</profile>")?;
-        add_entry(text[start..start + name.len()].to_string(), Some(Ok(mtime)), &mut entries, &mut problems);
+        add_entry(
+            text[start..start + name.len()].to_string(),
+            Some(Ok(mtime)),
+            &mut entries,
+            &mut problems,
+        );
     }
 }
 
@@ -199,8 +207,22 @@ mod tests {
         )
         .unwrap();
         let pieces: [&[u8]; 16] = [
-            b"<", b">", b"'", b"\"", b"&", b"&amp;", b"/", b" ", b"\n", b"\r", b"]]>", b"<!--x-->", b"\0", b"\xc3",
-            b"x", b"1",
+            b"<",
+            b">",
+            b"'",
+            b"\"",
+            b"&",
+            b"&amp;",
+            b"/",
+            b" ",
+            b"\n",
+            b"\r",
+            b"]]>",
+            b"<!--x-->",
+            b"\0",
+            b"\xc3",
+            b"x",
+            b"1",
         ];
         let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
         let mut next = move |n: usize| {
