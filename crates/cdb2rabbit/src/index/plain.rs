@@ -3,9 +3,9 @@
 //! Aquilon writes `profiles-info.xml` one way only, and [`super::write_cached`]
 //! writes the cached index the same way: an XML declaration, `<profiles>`,
 //! then one `<profile mtime='N'>NAME</profile>` a line. Reading that layout
-//! with a byte scanner instead of quick-xml's event reader takes a tenth of
-//! the CPU (the two indexes of a run were a third of its CPU at 100,000
-//! profiles). [`scan`] accepts only documents in that layout whose names
+//! with a byte scanner instead of quick-xml's event reader takes about a
+//! quarter of the CPU (10 ms against 40 ms for 100,000 entries; the two
+//! indexes of a run were a third of its CPU). [`scan`] accepts only documents in that layout whose names
 //! are printable ASCII without entity or character references, for which
 //! it gives exactly what the XML parser would give; anything else (a
 //! comment, another attribute, other spacing inside a tag, a reference, a
@@ -90,11 +90,12 @@ fn declaration(bytes: &[u8]) -> Option<&[u8]> {
     };
     let end = memchr::memmem::find(rest, b"?>")?;
     let text = std::str::from_utf8(&rest[..end]).ok()?;
-    if !text.starts_with(is_space_char) {
+    let space = |c: char| c.is_ascii() && is_space(c as u8);
+    if !text.starts_with(space) {
         return None;
     }
     let mut version = false;
-    for pseudo in text.split(is_space_char).filter(|s| !s.is_empty()) {
+    for pseudo in text.split(space).filter(|s| !s.is_empty()) {
         let (key, value) = pseudo.split_once('=')?;
         let value = value
             .strip_prefix('\'')
@@ -110,16 +111,14 @@ fn declaration(bytes: &[u8]) -> Option<&[u8]> {
     version.then_some(&rest[end + 2..])
 }
 
-fn is_space_char(c: char) -> bool {
-    matches!(c, ' ' | '\t' | '\r' | '\n')
+/// XML's white space.
+fn is_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\r' | b'\n')
 }
 
 /// The length of the XML white space `bytes` starts with.
 fn skip_space(bytes: &[u8]) -> usize {
-    bytes
-        .iter()
-        .position(|b| !matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
-        .unwrap_or(bytes.len())
+    bytes.iter().position(|&b| !is_space(b)).unwrap_or(bytes.len())
 }
 
 #[cfg(test)]
