@@ -10,6 +10,14 @@
 //! DOWNLOAD_CONCURRENCY and never falls below one. One overload lowers it
 //! once: the downloads started before the cut do not cut it again.
 //!
+//! A level that overloaded the server (an error or a stalled download,
+//! not a mere latency jump) is remembered: the limit grows back quickly to
+//! just below it, and past it only after [`PROBE_AFTER`] answers there.
+//! A server whose listen backlog is shorter than the limit drops a SYN
+//! every few hundred downloads otherwise (each a stalled download, see
+//! below), as the limit halves and climbs back to the same level again and
+//! again.
+//!
 //! A download refused by an overloaded server (a 5xx, a refused or reset
 //! connection) is asked for again after the cut, at most [`ATTEMPTS`] times
 //! in all, so a busy server costs the run time, not profiles.
@@ -48,6 +56,10 @@ const WEIGHT: f64 = 0.25;
 pub const STALL_MIN: Duration = Duration::from_millis(250);
 /// See [`STALL_MIN`].
 pub const STALL_FACTOR: u32 = 8;
+/// Answers at the highest level known to be safe before the limit tries
+/// the one above it, which overloaded the server before (see the module's
+/// docs).
+pub const PROBE_AFTER: usize = 256;
 /// Tries of a download refused by an overloaded server, the first included.
 pub const ATTEMPTS: u32 = 4;
 /// Before a refused download is asked for again: this, times the tries so far.
@@ -74,6 +86,9 @@ pub struct Controller {
     /// Responses since the limit last changed.
     successes: usize,
     best: Option<Duration>,
+    /// The highest limit not known to overload the server (`max` until
+    /// one did): reached quickly, passed only after [`PROBE_AFTER`] answers.
+    ceiling: usize,
     /// Smoothed latency of the responses since the limit was last cut.
     smoothed: Option<f64>,
     /// Counts the cuts: a download started before the last cut cannot cut again.
@@ -96,6 +111,7 @@ impl Controller {
             max,
             successes: 0,
             best: None,
+            ceiling: max,
             smoothed: None,
             epoch: 0,
         }
@@ -124,8 +140,8 @@ impl Controller {
     pub fn record(&mut self, epoch: u64, outcome: Outcome) -> Option<Change> {
         match outcome {
             Outcome::Neutral => None,
-            Outcome::Overloaded => self.cut(epoch, "connect error, timeout, reset or 5xx"),
-            Outcome::Stalled => self.cut(epoch, "a download went unanswered"),
+            Outcome::Overloaded => self.cut(epoch, "connect error, timeout, reset or 5xx", true),
+            Outcome::Stalled => self.cut(epoch, "a download went unanswered", true),
             Outcome::Answered(latency) => {
                 let best = *self.best.get_or_insert(latency);
                 let best = best.min(latency);
@@ -141,11 +157,17 @@ impl Controller {
                 };
                 self.smoothed = Some(smoothed);
                 if smoothed > TOLERANCE * best.as_secs_f64() + SLACK.as_secs_f64() {
-                    return self.cut(epoch, "responses slowed down");
+                    return self.cut(epoch, "responses slowed down", false);
                 }
                 self.successes += 1;
-                if self.successes >= self.limit && self.limit < self.max {
+                let needed = if self.limit >= self.ceiling {
+                    PROBE_AFTER
+                } else {
+                    self.limit
+                };
+                if self.successes >= needed && self.limit < self.max {
                     self.limit += 1;
+                    self.ceiling = self.ceiling.max(self.limit);
                     self.successes = 0;
                     return Some(Change::Grew);
                 }
@@ -154,9 +176,14 @@ impl Controller {
         }
     }
 
-    fn cut(&mut self, epoch: u64, why: &'static str) -> Option<Change> {
+    /// Halves the limit; `overloaded`: the server refused or dropped
+    /// work at this level, which is then not reached again soon.
+    fn cut(&mut self, epoch: u64, why: &'static str, overloaded: bool) -> Option<Change> {
         if epoch != self.epoch {
             return None;
+        }
+        if overloaded {
+            self.ceiling = self.limit.saturating_sub(1).max(1);
         }
         self.epoch += 1;
         self.successes = 0;
@@ -372,9 +399,44 @@ mod tests {
         let e = c.epoch();
         assert_eq!(c.record(e, Outcome::Neutral), None);
         assert_eq!(c.limit(), 1);
-        // And it grows again.
+        // And it grows again, past the level that overloaded (2) only
+        // after PROBE_AFTER answers.
+        answer(&mut c, PROBE_AFTER - 1, 5);
+        assert_eq!(c.limit(), 1);
         answer(&mut c, 1, 5);
         assert_eq!(c.limit(), 2);
+    }
+
+    #[test]
+    fn a_level_that_overloaded_is_passed_again_only_after_probe_after_answers() {
+        let mut c = Controller::new(8);
+        answer(&mut c, 100, 1);
+        assert_eq!(c.limit(), 8);
+        // A SYN dropped by a full listen backlog at 8.
+        assert_cuts(&mut c, Outcome::Stalled, "a download went unanswered", 4);
+        // Back to just below it quickly...
+        answer(&mut c, 4 + 5 + 6, 1);
+        assert_eq!(c.limit(), 7);
+        // ... and to 8 only after PROBE_AFTER answers at 7.
+        answer(&mut c, PROBE_AFTER - 1, 1);
+        assert_eq!(c.limit(), 7);
+        answer(&mut c, 1, 1);
+        assert_eq!(c.limit(), 8);
+        // Overloaded again at 8, then at 7: 6 is the level held now.
+        assert_cuts(&mut c, Outcome::Overloaded, "connect error, timeout, reset or 5xx", 4);
+        answer(&mut c, 4 + 5 + 6, 1);
+        assert_eq!(c.limit(), 7);
+        assert_cuts(&mut c, Outcome::Overloaded, "connect error, timeout, reset or 5xx", 3);
+        answer(&mut c, 3 + 4 + 5, 1);
+        assert_eq!(c.limit(), 6);
+        answer(&mut c, PROBE_AFTER - 1, 1);
+        assert_eq!(c.limit(), 6);
+        // A latency jump halves the limit but leaves the known level alone.
+        let mut slow = Controller::new(8);
+        answer(&mut slow, 100, 2);
+        assert_cuts(&mut slow, ms(1000), "responses slowed down", 4);
+        answer(&mut slow, 4 + 5 + 6 + 7, 2);
+        assert_eq!(slow.limit(), 8);
     }
 
     #[test]
