@@ -56,8 +56,10 @@ use crate::json;
 use crate::publish::{Confirmed, PublishError, Publisher};
 
 /// Changed profiles held for publishing or awaiting their confirm (or their
-/// cached copy) at once.
-const MAX_IN_FLIGHT: usize = 256;
+/// cached copy) at once. A broker that takes 50 ms to confirm a batch (its
+/// disk sync, on a busy host) held the downloads up at 256; memory is
+/// bounded by [`MAX_BYTES_IN_FLIGHT`].
+const MAX_IN_FLIGHT: usize = 1024;
 /// The bytes of the bodies held for publishing or awaiting their confirm (or
 /// their cached copy): no download is taken in while they are over this
 /// (profiles of up to 64 MiB each, 256 at once, would be 16 GiB).
@@ -665,6 +667,10 @@ impl Pipeline<'_> {
                     break;
                 }
             }
+        }
+        if !batch.is_empty() {
+            // The broker is there: copies will follow its confirms.
+            recorder.expect_copies();
         }
         for (name, mtime, body) in batch.drain(..) {
             info!(profile = name, "Pushing message to queue for build");
