@@ -22,12 +22,15 @@
 //! connection) is asked for again after the cut, at most [`ATTEMPTS`] times
 //! in all, so a busy server costs the run time, not profiles.
 //!
-//! A download still unanswered after [`STALL_MIN`] (or [`STALL_FACTOR`]
-//! times the usual latency, if longer) cuts the limit and is asked for
-//! again, the first answer winning and the other request dropped: a SYN
-//! that a full listen backlog dropped is retransmitted by the kernel only
-//! after a second, which is most of a 1,000-profile run against such a
-//! server. The second request takes a place within the (lowered) limit, so
+//! A download the server has not answered (no status and headers yet)
+//! after [`STALL_MIN`] (or [`STALL_FACTOR`] times the usual latency, if
+//! longer) cuts the limit and is asked for again, the first answer winning
+//! and the other request dropped: a SYN that a full listen backlog dropped
+//! is retransmitted by the kernel only after a second, which is most of a
+//! 1,000-profile run against such a server (at 250 ms, the floor before,
+//! one such download was still most of a 100-profile run). A body that
+//! takes its time once the server answered (a large profile, a slow link)
+//! is waited for, however long it takes within HTTP_TIMEOUT. The second request takes a place within the (lowered) limit, so
 //! the requests under way never exceed the limit; a connection whose SYN
 //! was dropped never reached the server, and closing it costs the server
 //! nothing, so the server does the same download twice only when it did
@@ -51,9 +54,10 @@ pub const TOLERANCE: f64 = 2.0;
 pub const SLACK: Duration = Duration::from_millis(20);
 /// Weight of a new sample in the smoothed latency.
 const WEIGHT: f64 = 0.25;
-/// A download still unanswered after this long (or [`STALL_FACTOR`] times
-/// the smoothed latency, if longer) is asked for again (see the module's docs).
-pub const STALL_MIN: Duration = Duration::from_millis(250);
+/// A download the server has not answered after this long (or
+/// [`STALL_FACTOR`] times the smoothed latency, if longer) is asked for
+/// again (see the module's docs).
+pub const STALL_MIN: Duration = Duration::from_millis(50);
 /// See [`STALL_MIN`].
 pub const STALL_FACTOR: u32 = 8;
 /// Answers at the highest level known to be safe before the limit tries
@@ -278,10 +282,10 @@ impl Limiter {
         }
     }
 
-    /// One try of a download: the request, and if it stays unanswered past
-    /// [`Limiter::stall_after`], the same request again within the lowered
-    /// limit; the first answer wins and the other request is dropped.
-    /// Whether it stalled.
+    /// One try of a download: the request, and if the server has not
+    /// answered it (status and headers) within [`Limiter::stall_after`],
+    /// the same request again within the lowered limit; the first answer
+    /// wins and the other request is dropped. Whether it stalled.
     async fn ask(
         &self,
         fetcher: &Fetcher,
@@ -289,7 +293,8 @@ impl Limiter {
         limit: u64,
         permit: &Permit<'_>,
     ) -> (Result<Vec<u8>, FetchError>, bool) {
-        let first = fetcher.get(url, limit);
+        let answered = Cell::new(false);
+        let first = fetcher.get_noting(url, limit, &answered);
         tokio::pin!(first);
         if url.scheme() == "file" {
             return (first.await, false);
@@ -297,6 +302,11 @@ impl Limiter {
         tokio::select! {
             fetched = &mut first => return (fetched, false),
             () = tokio::time::sleep(self.stall_after()) => {}
+        }
+        if answered.get() {
+            // The server answered; its body takes its time (a large
+            // profile, a slow link): not a stall.
+            return (first.await, false);
         }
         self.record(permit.epoch, Outcome::Stalled);
         debug!("{url}: no answer after {:?}, asking again", permit.elapsed());

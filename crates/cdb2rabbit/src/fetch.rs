@@ -206,10 +206,21 @@ impl Fetcher {
 
     /// GETs `url` whole (at most `limit` bytes, gzip undone).
     pub async fn get(&self, url: &Url, limit: u64) -> Result<Vec<u8>, FetchError> {
+        self.get_noting(url, limit, &std::cell::Cell::new(false)).await
+    }
+
+    /// [`Fetcher::get`], setting `answered` once the server's answer
+    /// (its status and headers) is in, before the body.
+    pub async fn get_noting(
+        &self,
+        url: &Url,
+        limit: u64,
+        answered: &std::cell::Cell<bool>,
+    ) -> Result<Vec<u8>, FetchError> {
         let raw = if url.scheme() == "file" {
             self.read_file(url, limit).await?
         } else {
-            self.get_http(url, limit).await?
+            self.get_http(url, limit, answered).await?
         };
         gunzip_if_gzip(raw, limit).map_err(|e| match e {
             GunzipError::Corrupt(source) => FetchError::Gzip {
@@ -223,7 +234,7 @@ impl Fetcher {
         })
     }
 
-    async fn get_http(&self, url: &Url, limit: u64) -> Result<Vec<u8>, FetchError> {
+    async fn get_http(&self, url: &Url, limit: u64, answered: &std::cell::Cell<bool>) -> Result<Vec<u8>, FetchError> {
         let http = |source: reqwest::Error| {
             if source.is_timeout() {
                 FetchError::Timeout {
@@ -247,6 +258,7 @@ impl Fetcher {
             // the whole request again, by the client that can.
             resp = self.secure(url)?.get(url.clone()).send().await.map_err(http)?;
         }
+        answered.set(true);
         let status = resp.status();
         if !status.is_success() {
             return Err(FetchError::Status {

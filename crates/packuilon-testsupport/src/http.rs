@@ -38,6 +38,9 @@ pub enum Fault {
     Truncate(usize),
     /// Answer `301 Moved Permanently` with this `Location`.
     Redirect(String),
+    /// Send the head and half the body at once, the rest after this long:
+    /// a large profile on a slow link.
+    SlowBody(Duration),
 }
 
 /// How a server at capacity refuses a request (see [`ProfileServer::set_capacity`]).
@@ -308,6 +311,18 @@ fn respond(shared: &Shared, req: &Request, w: &mut impl Write) -> std::io::Resul
             enc.write_all(&body)?;
             let gz = enc.finish()?;
             send(w, req, 200, &[("Content-Encoding", "gzip")], &gz)
+        }
+        Some(Fault::SlowBody(pause)) => {
+            write_head(w, 200, &[], body.len(), req.keep_alive)?;
+            if !req.head {
+                let half = body.len() / 2;
+                w.write_all(&body[..half])?;
+                w.flush()?;
+                std::thread::sleep(pause);
+                w.write_all(&body[half..])?;
+            }
+            w.flush()?;
+            Ok(true)
         }
         Some(Fault::Truncate(n)) => {
             write_head(w, 200, &[], body.len(), false)?;
