@@ -30,11 +30,14 @@
 //! 1,000-profile run against such a server (at 250 ms, the floor before,
 //! one such download was still most of a 100-profile run). A body that
 //! takes its time once the server answered (a large profile, a slow link)
-//! is waited for, however long it takes within HTTP_TIMEOUT. The second request takes a place within the (lowered) limit, so
-//! the requests under way never exceed the limit; a connection whose SYN
-//! was dropped never reached the server, and closing it costs the server
-//! nothing, so the server does the same download twice only when it did
-//! answer, slowly, after all.
+//! is waited for, however long it takes within HTTP_TIMEOUT. The second
+//! request takes the stalled one's place (waiting for another place could
+//! wait for the stalled one itself, when the limit was cut to one): the
+//! requests the server sees never exceed the limit unless a stalled one
+//! did reach it after all; a connection whose SYN was dropped never
+//! reached the server, and closing it costs the server nothing, so the
+//! server does the same download twice only when it did answer, slowly,
+//! after all.
 
 use std::cell::{Cell, RefCell};
 use std::time::Duration;
@@ -60,6 +63,15 @@ const WEIGHT: f64 = 0.25;
 pub const STALL_MIN: Duration = Duration::from_millis(50);
 /// See [`STALL_MIN`].
 pub const STALL_FACTOR: u32 = 8;
+/// [`STALL_MIN`] before the server answered anything.
+pub const STALL_FIRST: Duration = Duration::from_millis(250);
+/// A raise from `L` to `L + 1` downloads at once is kept when answers
+/// come at least `1 + GAIN / L` times as fast (by Little's law, the limit
+/// over the mean latency): a quarter of what one more download at once
+/// gives a server that is not yet busy (`1 + 1 / L`), so that jitter does
+/// not stop the climb. A server already at its capacity answers no faster,
+/// only later.
+pub const GAIN: f64 = 0.25;
 /// Answers at the highest level known to be safe before the limit tries
 /// the one above it, which overloaded the server before (see the module's
 /// docs).
@@ -95,6 +107,10 @@ pub struct Controller {
     ceiling: usize,
     /// Smoothed latency of the responses since the limit was last cut.
     smoothed: Option<f64>,
+    /// Latencies (seconds) of the answers since the limit last changed: their sum.
+    level_sum: f64,
+    /// The level before the last raise and its answers' mean latency.
+    below: Option<(usize, f64)>,
     /// Counts the cuts: a download started before the last cut cannot cut again.
     epoch: u64,
 }
@@ -103,6 +119,8 @@ pub struct Controller {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
     Grew,
+    /// Back to the level below: the raise brought no faster answers.
+    Held,
     Cut(&'static str),
 }
 
@@ -116,6 +134,8 @@ impl Controller {
             successes: 0,
             best: None,
             ceiling: max,
+            level_sum: 0.0,
+            below: None,
             smoothed: None,
             epoch: 0,
         }
@@ -128,9 +148,12 @@ impl Controller {
     /// How long a download may go unanswered before it is asked for again
     /// (see [`STALL_MIN`]).
     pub fn stall_after(&self) -> Duration {
-        let usual = match self.smoothed {
-            Some(s) => Duration::from_secs_f64(s),
-            None => self.best.unwrap_or_default(),
+        let usual = match (self.smoothed, self.best) {
+            (Some(s), _) => Duration::from_secs_f64(s),
+            (None, Some(best)) => best,
+            // Nothing known of this server yet: a distant one may well
+            // take longer than STALL_MIN to answer.
+            (None, None) => return STALL_FIRST,
         };
         STALL_MIN.max(usual * STALL_FACTOR)
     }
@@ -164,15 +187,33 @@ impl Controller {
                     return self.cut(epoch, "responses slowed down", false);
                 }
                 self.successes += 1;
+                self.level_sum += secs;
                 let needed = if self.limit >= self.ceiling {
                     PROBE_AFTER
                 } else {
                     self.limit
                 };
-                if self.successes >= needed && self.limit < self.max {
+                if self.successes < needed {
+                    return None;
+                }
+                let mean = self.level_sum / self.successes as f64;
+                if let Some((below, below_mean)) = self.below.take() {
+                    // Answers per second, by Little's law: limit / latency.
+                    let gain = (self.limit as f64 / mean) / (below as f64 / below_mean);
+                    if gain < 1.0 + GAIN / below as f64 {
+                        self.limit = below;
+                        self.ceiling = below;
+                        self.successes = 0;
+                        self.level_sum = 0.0;
+                        return Some(Change::Held);
+                    }
+                }
+                if self.limit < self.max {
+                    self.below = Some((self.limit, mean));
                     self.limit += 1;
                     self.ceiling = self.ceiling.max(self.limit);
                     self.successes = 0;
+                    self.level_sum = 0.0;
                     return Some(Change::Grew);
                 }
                 None
@@ -191,6 +232,8 @@ impl Controller {
         }
         self.epoch += 1;
         self.successes = 0;
+        self.level_sum = 0.0;
+        self.below = None;
         self.smoothed = None;
         if self.limit == 1 {
             return None;
@@ -232,6 +275,7 @@ impl Limiter {
         let limit = self.limit();
         match change {
             Some(Change::Grew) => debug!("download concurrency raised to {limit}"),
+            Some(Change::Held) => debug!("download concurrency back to {limit}: one more brought no faster answers"),
             Some(Change::Cut(why)) => info!("Download concurrency lowered to {limit} ({why})"),
             None => {}
         }
@@ -284,8 +328,8 @@ impl Limiter {
 
     /// One try of a download: the request, and if the server has not
     /// answered it (status and headers) within [`Limiter::stall_after`],
-    /// the same request again within the lowered limit; the first answer
-    /// wins and the other request is dropped. Whether it stalled.
+    /// the same request again, in its place; the first answer wins and the
+    /// other request is dropped. Whether it stalled.
     async fn ask(
         &self,
         fetcher: &Fetcher,
@@ -310,10 +354,7 @@ impl Limiter {
         }
         self.record(permit.epoch, Outcome::Stalled);
         debug!("{url}: no answer after {:?}, asking again", permit.elapsed());
-        let again = async {
-            let _place = self.acquire().await;
-            fetcher.get(url, limit).await
-        };
+        let again = fetcher.get(url, limit);
         tokio::pin!(again);
         tokio::select! {
             fetched = &mut first => (fetched, true),
@@ -417,6 +458,57 @@ mod tests {
         assert_eq!(c.limit(), 2);
     }
 
+    /// Feeds `n` answers from a server at its capacity, which serves one
+    /// request at a time in `service` µs: the latency grows with the limit.
+    fn saturated(c: &mut Controller, n: usize, service: u64) {
+        for _ in 0..n {
+            let e = c.epoch();
+            let latency = Duration::from_micros(service * c.limit() as u64 + 30);
+            c.record(e, Outcome::Answered(latency));
+        }
+    }
+
+    #[test]
+    fn a_raise_that_brings_no_faster_answers_is_undone() {
+        // python3 -m http.server: one request at a time, about 0.6 ms each,
+        // well within SLACK of the best latency however many wait.
+        let mut c = Controller::new(8);
+        saturated(&mut c, 2, 600);
+        assert_eq!(c.limit(), 3);
+        assert_eq!(
+            {
+                let e = c.epoch();
+                let mut change = None;
+                for _ in 0..3 {
+                    change = c.record(e, Outcome::Answered(Duration::from_micros(600 * 3 + 30)));
+                }
+                change
+            },
+            Some(Change::Held)
+        );
+        assert_eq!(c.limit(), 2);
+        // It stays there, trying one more only after PROBE_AFTER answers.
+        saturated(&mut c, PROBE_AFTER - 1, 600);
+        assert_eq!(c.limit(), 2);
+        saturated(&mut c, 1, 600);
+        assert_eq!(c.limit(), 3);
+        saturated(&mut c, 3 * PROBE_AFTER, 600);
+        assert!(c.limit() <= 3, "{}", c.limit());
+
+        // A distant server answers as fast with more under way: up to the ceiling.
+        let mut far = Controller::new(8);
+        answer(&mut far, 100, 20);
+        assert_eq!(far.limit(), 8);
+        // One that is busy from 5 on: back to 4 when 5 brings nothing.
+        let mut busy = Controller::new(8);
+        for _ in 0..200 {
+            let e = busy.epoch();
+            let latency = Duration::from_millis(20).max(Duration::from_micros(5000 * busy.limit() as u64));
+            busy.record(e, Outcome::Answered(latency));
+        }
+        assert_eq!(busy.limit(), 4);
+    }
+
     #[test]
     fn a_level_that_overloaded_is_passed_again_only_after_probe_after_answers() {
         let mut c = Controller::new(8);
@@ -476,7 +568,8 @@ mod tests {
     #[test]
     fn a_download_is_asked_for_again_after_eight_times_the_usual_latency() {
         let mut c = Controller::new(8);
-        assert_eq!(c.stall_after(), STALL_MIN);
+        // Before any answer, the server may be a distant one.
+        assert_eq!(c.stall_after(), STALL_FIRST);
         answer(&mut c, 20, 2);
         assert_eq!(c.stall_after(), STALL_MIN);
         let mut slow = Controller::new(8);
