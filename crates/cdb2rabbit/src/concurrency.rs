@@ -18,6 +18,12 @@
 //! below), as the limit halves and climbs back to the same level again and
 //! again.
 //!
+//! A raise is kept only when it pays: one more download at once must make
+//! answers come faster (see [`GAIN`]), else the limit goes back and that
+//! level is treated as the one above: tried again after [`PROBE_AFTER`]
+//! answers. A server at its capacity (Python's `http.server`, one request
+//! at a time under its GIL) answers later, not faster, with more at once.
+//!
 //! A download refused by an overloaded server (a 5xx, a refused or reset
 //! connection) is asked for again after the cut, at most [`ATTEMPTS`] times
 //! in all, so a busy server costs the run time, not profiles.
@@ -102,8 +108,9 @@ pub struct Controller {
     /// Responses since the limit last changed.
     successes: usize,
     best: Option<Duration>,
-    /// The highest limit not known to overload the server (`max` until
-    /// one did): reached quickly, passed only after [`PROBE_AFTER`] answers.
+    /// The highest limit not known to overload the server, or to bring
+    /// no faster answers than the one below (`max` until one did): reached
+    /// quickly, passed only after [`PROBE_AFTER`] answers.
     ceiling: usize,
     /// Smoothed latency of the responses since the limit was last cut.
     smoothed: Option<f64>,
