@@ -12,6 +12,7 @@
 //! name, recognised by its magic bytes). `file://` URLs read the local disk,
 //! for sites that copy the profiles directory to the image factory.
 
+use std::cell::Cell;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -206,17 +207,12 @@ impl Fetcher {
 
     /// GETs `url` whole (at most `limit` bytes, gzip undone).
     pub async fn get(&self, url: &Url, limit: u64) -> Result<Vec<u8>, FetchError> {
-        self.get_noting(url, limit, &std::cell::Cell::new(false)).await
+        self.get_noting(url, limit, &Cell::new(false)).await
     }
 
     /// [`Fetcher::get`], setting `answered` once the server's answer
     /// (its status and headers) is in, before the body.
-    pub async fn get_noting(
-        &self,
-        url: &Url,
-        limit: u64,
-        answered: &std::cell::Cell<bool>,
-    ) -> Result<Vec<u8>, FetchError> {
+    pub async fn get_noting(&self, url: &Url, limit: u64, answered: &Cell<bool>) -> Result<Vec<u8>, FetchError> {
         let raw = if url.scheme() == "file" {
             self.read_file(url, limit).await?
         } else {
@@ -234,7 +230,7 @@ impl Fetcher {
         })
     }
 
-    async fn get_http(&self, url: &Url, limit: u64, answered: &std::cell::Cell<bool>) -> Result<Vec<u8>, FetchError> {
+    async fn get_http(&self, url: &Url, limit: u64, answered: &Cell<bool>) -> Result<Vec<u8>, FetchError> {
         let http = |source: reqwest::Error| {
             if source.is_timeout() {
                 FetchError::Timeout {
