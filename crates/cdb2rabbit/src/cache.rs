@@ -126,6 +126,25 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CacheError + '_ {
     }
 }
 
+/// The cached index as it is on disk, not yet parsed: most runs only read
+/// it in step with the broker's (see [`CachedIndex::against`]).
+#[derive(Debug)]
+pub struct CachedIndex {
+    path: PathBuf,
+    bytes: Vec<u8>,
+}
+
+impl CachedIndex {
+    /// The broker's `index` set against this one
+    /// ([`index::match_cached_document`]); `Err` when this one cannot be read.
+    pub fn against(self, index: &Index) -> Result<index::Matched<'_>, CacheError> {
+        index::match_cached_document(index, self.bytes).map_err(|source| CacheError::BadIndex {
+            path: self.path,
+            source,
+        })
+    }
+}
+
 /// The cache directory.
 #[derive(Debug, Clone)]
 pub struct CacheDir {
@@ -202,15 +221,25 @@ impl CacheDir {
 
     /// The cached index, or `None` on the first run.
     pub fn read_index(&self) -> Result<Option<Index>, CacheError> {
-        let path = self.index_path();
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io(&path)(e)),
+        let Some(cached) = self.read_index_document()? else {
+            return Ok(None);
         };
-        index::parse(bytes)
+        index::parse(cached.bytes)
             .map(Some)
-            .map_err(|source| CacheError::BadIndex { path, source })
+            .map_err(|source| CacheError::BadIndex {
+                path: cached.path,
+                source,
+            })
+    }
+
+    /// The cached index as it is on disk, or `None` on the first run.
+    fn read_index_document(&self) -> Result<Option<CachedIndex>, CacheError> {
+        let path = self.index_path();
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(Some(CachedIndex { path, bytes })),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io(&path)(e)),
+        }
     }
 
     /// Replaces the cached index with `entries`, durably.
@@ -575,12 +604,11 @@ impl Transaction {
         self.cache.index_path()
     }
 
-    /// The cached index (`None` on the first run), read and parsed on
-    /// another thread from this call on (at 100,000 profiles a parse is
-    /// some 30 ms), while the run does other things.
-    pub fn cached_index(&self) -> impl std::future::Future<Output = Result<Option<Index>, CacheError>> {
+    /// The cached index (`None` on the first run), read on another thread
+    /// from this call on, while the run does other things.
+    pub fn cached_index(&self) -> impl std::future::Future<Output = Result<Option<CachedIndex>, CacheError>> {
         let cache = self.cache.clone();
-        let task = tokio::task::spawn_blocking(move || cache.read_index());
+        let task = tokio::task::spawn_blocking(move || cache.read_index_document());
         async move {
             task.await
                 .unwrap_or_else(|e| panic!("reading the cached index panicked: {e}"))
@@ -726,7 +754,7 @@ impl Recorder {
             Ok(()) => {
                 let written = self.0.written.get() + 1;
                 self.0.written.set(written);
-                if written % SYNC_EVERY == 0 {
+                if written.is_multiple_of(SYNC_EVERY) {
                     self.start_sync();
                 }
             }

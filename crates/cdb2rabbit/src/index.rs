@@ -412,6 +412,24 @@ pub fn match_cached(index: &Index, cached: Vec<Entry>) -> Matched<'_> {
     }
 }
 
+/// [`match_cached`] against the cached index as read from disk. In the
+/// usual case it lists the broker's entries in the broker's order (the
+/// index a run records is the broker's, with a few mtimes held back), and
+/// it is then read in step with them instead of being parsed into entries
+/// of its own; otherwise it is parsed. `Err` when it has to be parsed and
+/// cannot be.
+pub fn match_cached_document(index: &Index, cached: Vec<u8>) -> Result<Matched<'_>, IndexError> {
+    if cached.len() as u64 <= INDEX_LIMIT {
+        if let Some(mtimes) = plain::mtimes_in_order(&index.entries, &cached) {
+            return Ok(Matched {
+                olds: mtimes.into_iter().map(Some).collect(),
+                ..Matched::default()
+            });
+        }
+    }
+    Ok(match_cached(index, parse(cached)?.entries))
+}
+
 /// Writes `entries` in the broker's own format (one entry a line).
 pub fn write_cached<'a, W: Write>(
     out: &mut W,
@@ -490,6 +508,44 @@ mod tests {
         let everything = match_cached(&index, entries(&[("a", 2), ("b", 1), ("new", 5), ("c", 3), ("x", 1)]));
         assert_eq!(everything.olds, vec![Some(2), Some(1), Some(5), Some(3)]);
         assert_eq!(everything.removed, vec!["x".to_string()]);
+    }
+
+    #[test]
+    fn a_cached_document_gives_what_its_entries_give() {
+        let index = Index {
+            entries: entries(&[("a", 2), ("b&c", 1), ("new", 5), ("d", 3)]),
+            problems: vec![EntryError::Duplicate { name: "dup".into() }],
+        };
+        let document = |pairs: &[(&str, u64)]| {
+            let mut doc = Vec::new();
+            write_cached(&mut doc, pairs.iter().copied()).unwrap();
+            doc
+        };
+        // In the broker's order (read in step), and every other way (parsed).
+        for cached in [
+            &[("a", 1), ("b&c", 1), ("new", 5), ("d", 3)][..],
+            &[("a", 1), ("b&c", 1), ("new", 5), ("d", 3), ("dup", 7)],
+            &[("d", 3), ("a", 1)],
+            &[("a", 1), ("b&c", 1), ("gone", 9)],
+            &[],
+        ] {
+            let want = match_cached(&index, entries(cached));
+            assert_eq!(
+                match_cached_document(&index, document(cached)).unwrap(),
+                want,
+                "{cached:?}"
+            );
+        }
+        let in_step = Index {
+            entries: entries(&[("a", 2), ("new", 5)]),
+            problems: Vec::new(),
+        };
+        let m = match_cached_document(&in_step, document(&[("a", 1), ("new", 5)])).unwrap();
+        assert_eq!(m.olds, vec![Some(1), Some(5)]);
+        assert!(matches!(
+            match_cached_document(&index, b"<profiles><profile mtime='1'>a</profile>".to_vec()),
+            Err(IndexError::Truncated)
+        ));
     }
 
     #[test]

@@ -211,19 +211,22 @@ pub async fn run(global: &GlobalConfig, config: &Cdb2RabbitConfig, options: &Opt
         cache.begin(options.lock_wait)?
     };
     // The cached index is read while the HTTP client is set up and the
-    // broker's index downloads and is parsed.
+    // broker's index downloads and is parsed (then it is matched against it).
     let cached = txn.cached_index();
     let fetcher = Fetcher::new(config).map_err(RunError::Config)?;
     let started = std::time::Instant::now();
     let index = Arc::new(fetch_index(&fetcher, config, started).await?);
     let cached = cached.await?;
-    debug!("cached index read at {:?}", started.elapsed());
     let first_run = cached.is_none();
     let index::Matched {
         olds,
         problem_olds,
         removed,
-    } = index::match_cached(&index, cached.map(|c| c.entries).unwrap_or_default());
+    } = match cached {
+        Some(cached) => cached.against(&index)?,
+        None => index::match_cached(&index, Vec::new()),
+    };
+    debug!("cached index matched at {:?}", started.elapsed());
     if index.entries.is_empty() && index.problems.is_empty() && !removed.is_empty() {
         return Err(RunError::EmptyIndex {
             url: config.profile_info_url.to_string(),
